@@ -1,0 +1,48 @@
+"""bingo: prune PyTorch networks with BINGO (Panangat, arXiv 2505.09864).
+
+A :class:`TicketSearch` learns a significance score per weight during one
+ordinary training run; :func:`prune` removes the least significant weights
+in one shot, through ``torch.nn.utils.prune``.
+"""
+
+from .errors import BingoError, CheckpointError, ConfigError, DataError
+from .io import load_scores, save_scores
+from .layers import find_layers
+from .pruning import (
+    AccuracyFloorResult,
+    apply_masks,
+    current_masks,
+    load_pruned_state_dict,
+    make_permanent,
+    model_sparsity,
+    prune,
+    prune_to_accuracy,
+)
+from .scoring import magnitude_scores, random_scores
+from .search import SearchConfig, TicketSearch
+from .selection import select_masks
+
+__all__ = [
+    "AccuracyFloorResult",
+    "BingoError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "SearchConfig",
+    "TicketSearch",
+    "apply_masks",
+    "current_masks",
+    "find_layers",
+    "load_scores",
+    "load_pruned_state_dict",
+    "magnitude_scores",
+    "make_permanent",
+    "model_sparsity",
+    "prune",
+    "prune_to_accuracy",
+    "random_scores",
+    "save_scores",
+    "select_masks",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m bingo``: the same as the ``bingo`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

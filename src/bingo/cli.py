@@ -1,0 +1,280 @@
+"""The ``bingo`` command line: ``bingo demo`` and ``bingo run``.
+
+Bad input never shows a traceback: every :class:`~bingo.errors.BingoError`
+(and every argument error) becomes one line ``bingo: error: ...`` on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data import DATASETS, load_dataset
+from .errors import BingoError, ConfigError
+from .io import save_checkpoint, write_json
+from .models import MODELS, build_model
+from .pruning import prune, prune_to_accuracy
+from .scoring import magnitude_scores, random_scores
+from .search import GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
+from .selection import SCOPES, check_sparsity
+from .training import OPTIMIZERS, TrainConfig, evaluate, train
+
+__all__ = ["main"]
+
+_CHOICES = {"mode": MODES, "metric": METRICS, "granularity": GRANULARITIES, "rule": RULES, "optimizer": OPTIMIZERS}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"bingo: error: {message}\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, names: Sequence[str]) -> None:
+    """One ``--flag`` per dataclass field in ``names``, help from the field metadata.
+
+    Values are validated by the dataclass itself, so the valid choices live in
+    one place; the ``choices`` shown in help come from the same constants.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    for name in names:
+        f = fields[name]
+        kind = type(f.default) if f.default is not None else str
+        kind = str if kind is str or name in _CHOICES else kind
+        help_text = f.metadata.get("help", "")
+        if name in _CHOICES:
+            help_text += f" ({'|'.join(_CHOICES[name])})"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=_typed(kind, name),
+            default=f.default,
+            help=f"{help_text}; default {f.default}",
+        )
+
+
+def _typed(kind: type, name: str):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects a {kind.__name__}, got {text!r}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sparsity expects numbers in [0, 1) separated by commas, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("--sparsity needs at least one value")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bingo", description="Prune PyTorch networks with BINGO (arXiv 2505.09864).")
+    parser.add_argument("--version", action="version", version=f"bingo {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="train on scikit-learn's digits with ticket search; compare BINGO, magnitude and random pruning")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs; default 30")
+    demo.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = commands.add_parser("run", help="train with ticket search, prune one-shot, write results as JSON")
+    run.add_argument("--data", required=True, help=f"{', '.join(DATASETS)}, or PATH.npz with x_train, y_train, x_test, y_test")
+    run.add_argument("--data-dir", default=None, help="folder of the IDX files (fashion-mnist, mnist)")
+    run.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=_sparsities, help="fraction(s) to prune, in [0, 1), comma-separated")
+    target.add_argument("--min-accuracy", type=float, help="prune as far as validation accuracy stays >= this")
+    target.add_argument("--max-accuracy-drop", type=float, help="prune as far as validation accuracy stays >= dense - this")
+    run.add_argument("--out", required=True, help="results JSON, written atomically")
+    run.add_argument("--scope", default="global", help="global or layer; default global")
+    _add_config_flags(run, SearchConfig, ["fraction", "mode", "metric", "granularity", "rule"])
+    _add_config_flags(run, TrainConfig, ["epochs", "batch_size", "lr", "optimizer"])
+    run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
+    run.add_argument("--save", default=None, help="save the pruned model (state dict with masks) to this .pt file")
+    run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
+    run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _accuracy_after_pruning(model, scores, sparsity, scope, data, seed) -> float:
+    pruned = copy.deepcopy(model)
+    prune(pruned, scores, sparsity, scope, seed=seed)
+    return evaluate(pruned, data.x_test, data.y_test)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data = load_dataset("digits", seed=args.seed)
+    model = build_model("mlp", data.input_shape, data.num_classes, seed=args.seed)
+    search = TicketSearch(model, fraction=0.05, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, seed=args.seed)
+    print(
+        f"BINGO demo: scikit-learn digits ({len(data.x_train)} train / {len(data.x_test)} test, 8x8), "
+        f"mlp {data.input_shape} -> 64 -> 32 -> {data.num_classes}, {config.epochs} epochs, "
+        f"ticket search on {search.config.fraction:.0%} of each layer per step"
+    )
+    result = train(model, data, config, search=search, progress=not args.no_progress)
+    dense = evaluate(model, data.x_test, data.y_test)
+    methods = {
+        "bingo": search.significance(),
+        "magnitude": magnitude_scores(model),
+        "random": random_scores(model, seed=args.seed),
+    }
+    rows = []
+    for sparsity in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95):
+        row = [f"{sparsity:.2f}"]
+        for scores in methods.values():
+            row.append(f"{_accuracy_after_pruning(model, scores, sparsity, 'global', data, args.seed):.3f}")
+        rows.append(row)
+    print(f"dense test accuracy {dense:.3f}; training {result.train_seconds:.1f} s, of which ticket search {result.search_seconds:.1f} s")
+    print("test accuracy after one-shot global pruning, no fine-tune:")
+    print(_table(rows, ["sparsity", *methods]))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Validate everything cheap before loading data or training.
+    if args.sparsity is not None:
+        sparsities = [check_sparsity(s) for s in args.sparsity]
+    if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
+        raise ConfigError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
+    if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
+        raise ConfigError(f"--max-accuracy-drop must be in [0, 1], got {args.max_accuracy_drop}")
+    if args.scope not in SCOPES:
+        raise ConfigError(f"unknown scope {args.scope!r}; valid choices: {', '.join(SCOPES)}")
+    if args.model not in MODELS:
+        raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
+    search_config = SearchConfig(
+        fraction=args.fraction, mode=args.mode, metric=args.metric, granularity=args.granularity, rule=args.rule, seed=args.seed
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed
+    )
+    data = load_dataset(args.data, args.data_dir, seed=args.seed)
+    model = build_model(args.model, data.input_shape, data.num_classes, seed=args.seed)
+    search = TicketSearch(model, config=search_config)
+    trained = train(model, data, train_config, search=search, checkpoint=args.checkpoint, progress=not args.no_progress)
+    dense_accuracy = evaluate(model, data.x_test, data.y_test)
+    scores = search.significance()
+
+    start = time.perf_counter()
+    results = []
+    pruned_model = model
+    if args.sparsity is not None:
+        for sparsity in sparsities:
+            pruned_model = copy.deepcopy(model)
+            prune(pruned_model, scores, sparsity, args.scope, seed=args.seed)
+            results.append({"sparsity": sparsity, "accuracy": evaluate(pruned_model, data.x_test, data.y_test)})
+    else:
+        if len(data.x_val) == 0:
+            raise ConfigError("--min-accuracy / --max-accuracy-drop need a validation split, and this data has none")
+        pruned_model = copy.deepcopy(model)
+        floor = prune_to_accuracy(
+            pruned_model,
+            scores,
+            lambda m: evaluate(m, data.x_val, data.y_val),
+            min_accuracy=args.min_accuracy,
+            max_drop=args.max_accuracy_drop,
+            scope=args.scope,
+            seed=args.seed,
+        )
+        results.append(
+            {
+                "sparsity": floor.sparsity,
+                "accuracy": evaluate(pruned_model, data.x_test, data.y_test),
+                "validation_accuracy": floor.accuracy,
+                "validation_floor": floor.floor,
+                "evaluations": floor.evaluations,
+            }
+        )
+    prune_seconds = time.perf_counter() - start
+
+    report = {
+        "method": "bingo",
+        "data": args.data,
+        "model": args.model,
+        "granularity": search_config.granularity,
+        "scope": args.scope,
+        "seed": args.seed,
+        "search": search_config.to_dict(),
+        "training": dataclasses.asdict(train_config),
+        "train_examples": len(data.x_train),
+        "validation_examples": len(data.x_val),
+        "test_examples": len(data.x_test),
+        "dense_accuracy": dense_accuracy,
+        "results": results,
+        "train_seconds": trained.train_seconds,
+        "search_seconds": trained.search_seconds,
+        "prune_seconds": prune_seconds,
+        "train_steps": trained.steps,
+        "version": __version__,
+    }
+    if args.scores:
+        from .io import save_scores
+
+        save_scores(scores, args.scores)
+        report["scores_file"] = args.scores
+    if args.save:
+        save_checkpoint(
+            {
+                "kind": "bingo-model",
+                "model": args.model,
+                "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes,
+                "preprocess": {"offset": data.offset, "scale": data.scale},
+                "sparsity": results[-1]["sparsity"],
+                "accuracy": results[-1]["accuracy"],
+                "state_dict": pruned_model.state_dict(),
+            },
+            args.save,
+        )
+        report["model_file"] = args.save
+    write_json(args.out, report)
+    print(_table(
+        [[f"{r['sparsity']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
+        ["sparsity", "accuracy"],
+    ))
+    print(f"dense accuracy {dense_accuracy:.4f}; train {trained.train_seconds:.1f} s (search {trained.search_seconds:.1f} s); results in {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"demo": cmd_demo, "run": cmd_run}[args.command](args)
+    except BingoError as exc:
+        print(f"bingo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bingo: interrupted; files already written are complete (written atomically)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Application: putting keep-masks on a model, and the one-shot prune.
+
+Masks go on through ``torch.nn.utils.prune.custom_from_mask``, so a pruned
+model looks exactly like one pruned with PyTorch's own utilities: the module
+holds ``weight_orig`` and a ``weight_mask`` buffer, ``prune.remove`` (or
+:func:`make_permanent`) bakes the zeros in, the masks travel in
+``state_dict``, and masked weights stay zero through further training.
+
+Two granularities, told apart by the shape of the scores:
+- weight: scores shaped like the weight, one mask entry per weight;
+- neuron: scores of shape ``(out_units,)``; pruning a unit zeroes its whole
+  row / filter and its bias entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from .errors import CheckpointError, ConfigError
+from .layers import weight_of
+from .errors import check_choice
+from .selection import SCOPES, masks_from_order, prune_count, pruning_order, select_masks
+
+__all__ = [
+    "AccuracyFloorResult",
+    "apply_masks",
+    "current_masks",
+    "load_pruned_state_dict",
+    "make_permanent",
+    "model_sparsity",
+    "prune",
+    "prune_to_accuracy",
+]
+
+
+def _module(model: nn.Module, key: str) -> nn.Module:
+    module_name, _, attr = key.rpartition(".")
+    if attr != "weight":
+        raise ConfigError(f"score key {key!r} does not name a weight (expected '<module>.weight')")
+    try:
+        return model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise ConfigError(f"score key {key!r} names no module of {type(model).__name__}") from None
+
+
+def _is_neuron(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> bool:
+    weight = weight_of(module)
+    if mask_or_scores.shape == weight.shape:
+        return False
+    if mask_or_scores.shape == weight.shape[:1]:
+        return True
+    raise ConfigError(
+        f"scores for {key!r} have shape {tuple(mask_or_scores.shape)}; expected the weight's "
+        f"{tuple(weight.shape)} (weight granularity) or ({weight.shape[0]},) (neuron granularity)"
+    )
+
+
+def _unit_mask_of(module: nn.Module) -> torch.Tensor:
+    """Units still alive: a unit is pruned when its whole weight row is masked."""
+    mask = getattr(module, "weight_mask", None)
+    if mask is None:
+        return torch.ones(weight_of(module).shape[0], dtype=torch.bool)
+    return mask.reshape(mask.shape[0], -1).bool().any(dim=1).cpu()
+
+
+def current_masks(model: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keep-masks already on ``model`` for the keys (and granularity) of ``like``."""
+    masks = {}
+    for key, ref in like.items():
+        module = _module(model, key)
+        if _is_neuron(module, ref, key):
+            masks[key] = _unit_mask_of(module)
+        else:
+            mask = getattr(module, "weight_mask", None)
+            masks[key] = torch.ones(ref.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    return masks
+
+
+def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
+    """Forward hook: after the forward, hold the masked tensors detached.
+
+    ``torch.nn.utils.prune`` recomputes ``weight = weight_orig * weight_mask``
+    before every forward and leaves that non-leaf tensor on the module, which
+    makes ``copy.deepcopy`` of a pruned model fail. The autograd graph of this
+    forward already holds the product, so swapping in a detached copy of the
+    same values changes no gradient and makes the model copyable again.
+    """
+    for name in ("weight", "bias"):
+        tensor = module.__dict__.get(name)
+        if tensor is not None and tensor.grad_fn is not None:
+            setattr(module, name, tensor.detach())
+
+
+def _ensure_copyable(module: nn.Module) -> None:
+    if not any(hook is _detach_masked for hook in module._forward_hooks.values()):
+        module.register_forward_hook(_detach_masked)
+    _detach_masked(module, None, None)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Put keep-masks on ``model`` through ``torch.nn.utils.prune.custom_from_mask``.
+
+    A mask shaped like the weight masks weights; a mask of shape ``(out_units,)``
+    masks whole units (rows/filters and their bias entries). Masks combine with
+    any already on the module (an entry once pruned stays pruned).
+    """
+    for key, mask in masks.items():
+        module = _module(model, key)
+        weight = weight_of(module)
+        mask = mask.to(device=weight.device, dtype=weight.dtype)
+        if _is_neuron(module, mask, key):
+            unit_mask = mask
+            mask = unit_mask.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).contiguous()
+            if getattr(module, "bias", None) is not None:
+                torch_prune.custom_from_mask(module, "bias", unit_mask)
+        torch_prune.custom_from_mask(module, "weight", mask)
+        _ensure_copyable(module)
+
+
+def make_permanent(model: nn.Module) -> None:
+    """Bake every mask into its parameter (``prune.remove``) and drop the masks and hooks."""
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            if hasattr(module, f"{name}_mask"):
+                torch_prune.remove(module, name)
+        for handle_id, hook in list(module._forward_hooks.items()):
+            if hook is _detach_masked:
+                del module._forward_hooks[handle_id]
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load the ``state_dict`` of a pruned model into a fresh (unpruned) one.
+
+    Every ``<module>.<name>_mask`` entry is first put on ``model`` as a mask,
+    so the keys ``weight_orig`` / ``weight_mask`` exist; then the state is
+    loaded strictly. Raises :class:`CheckpointError` if it does not fit.
+    """
+    for key, value in state_dict.items():
+        if not key.endswith("_mask"):
+            continue
+        module_name, _, attr = key.rpartition(".")
+        name = attr[: -len("_mask")]
+        try:
+            module = model.get_submodule(module_name) if module_name else model
+            target = getattr(module, name)
+        except AttributeError:
+            raise CheckpointError(f"state dict masks {key!r}, which this model does not have") from None
+        if hasattr(module, f"{name}_mask"):
+            continue
+        if not isinstance(target, torch.Tensor) or target.shape != value.shape:
+            raise CheckpointError(
+                f"state dict mask {key!r} has shape {tuple(value.shape)}, the model's {name} has "
+                f"{tuple(getattr(target, 'shape', ()))}"
+            )
+        torch_prune.custom_from_mask(module, name, value.to(target.device, dtype=torch.bool))
+        _ensure_copyable(module)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"state dict does not fit the model: {lines[-1] if lines else exc}") from None
+
+
+def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
+    """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights)."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if keys is not None and key not in keys:
+            continue
+        if keys is None and not hasattr(module, "weight_mask"):
+            continue
+        weight = module.weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else 0.0
+
+
+def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Entries already pruned go first, so masks only ever shrink and the
+    # sparsity target counts them.
+    existing = current_masks(model, scores)
+    return {
+        key: torch.where(existing[key], s.detach().float().cpu(), torch.tensor(-math.inf))
+        for key, s in scores.items()
+    }
+
+
+def _check_units_left(masks: dict[str, torch.Tensor], model: nn.Module) -> None:
+    for key, mask in masks.items():
+        if _is_neuron(_module(model, key), mask, key) and not mask.any():
+            raise ConfigError(
+                f"this sparsity would remove every unit of {key.rsplit('.', 1)[0]!r} "
+                f"({mask.numel()} units); lower the sparsity or use scope='layer'"
+            )
+
+
+def prune(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    sparsity: float,
+    scope: str = "global",
+    *,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Prune ``model`` one-shot: remove the ``sparsity`` least significant entries.
+
+    Args:
+        model: the trained model; modified in place (masks attached).
+        scores: ``{"fc1.weight": tensor}``, higher = more significant, shaped
+            like the weight (weight granularity) or ``(out_units,)`` (neuron).
+        sparsity: fraction of the scored entries to prune, in [0, 1); exact
+            to the entry (``round(sparsity * n)``).
+        scope: ``"global"`` (one ranking over all scored entries) or ``"layer"``.
+        seed: tie-breaking seed (see :mod:`bingo.selection`).
+
+    Returns:
+        The keep-masks, keyed and shaped like ``scores`` (True = kept).
+    """
+    check_choice("scope", scope, SCOPES)
+    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed)
+    _check_units_left(masks, model)
+    apply_masks(model, masks)
+    return masks
+
+
+@dataclass(frozen=True)
+class AccuracyFloorResult:
+    """Outcome of :func:`prune_to_accuracy`."""
+
+    masks: dict[str, torch.Tensor]
+    sparsity: float  #: fraction of scored entries pruned
+    accuracy: float  #: evaluate() of the pruned model
+    floor: float  #: the accuracy that had to be kept
+    dense_accuracy: float
+    evaluations: int  #: how many times evaluate() ran
+
+
+def prune_to_accuracy(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    evaluate: Callable[[nn.Module], float],
+    *,
+    min_accuracy: float | None = None,
+    max_drop: float | None = None,
+    scope: str = "global",
+    seed: int = 0,
+) -> AccuracyFloorResult:
+    """Prune as far as possible while ``evaluate(model) >= floor`` (the paper's rule).
+
+    The floor is ``min_accuracy`` (absolute) or ``dense - max_drop`` (relative to
+    the unpruned model); give exactly one. Entries are removed in score order
+    (least significant first); the largest count that keeps the floor is found
+    by bisection, about ``log2(n)`` evaluations instead of one per weight. This
+    assumes accuracy falls monotonically along the score order, which holds
+    closely but not exactly; the returned accuracy is always measured, never
+    interpolated. Use a held-out (validation) set in ``evaluate``, not the test set.
+    """
+    if (min_accuracy is None) == (max_drop is None):
+        raise ConfigError("give exactly one of min_accuracy (absolute floor) or max_drop (drop from dense)")
+    check_choice("scope", scope, SCOPES)
+    effective = _effective_scores(model, scores)
+    shapes = {key: s.shape for key, s in effective.items()}
+    gen = torch.Generator().manual_seed(seed)
+    if scope == "global":
+        flat = torch.cat([s.reshape(-1) for s in effective.values()])
+        order = pruning_order(flat, gen)
+        steps = flat.numel()
+
+        def masks_at(j: int) -> dict[str, torch.Tensor]:
+            return masks_from_order(order, shapes, j)
+
+    else:
+        orders = {key: pruning_order(s, gen) for key, s in effective.items()}
+        steps = max(s.numel() for s in effective.values())
+
+        def masks_at(j: int) -> dict[str, torch.Tensor]:
+            out = {}
+            for key, order in orders.items():
+                out.update(masks_from_order(order, {key: shapes[key]}, prune_count(j / steps, shapes[key].numel())))
+            return out
+
+    evaluations = 0
+
+    def accuracy_at(j: int) -> float:
+        nonlocal evaluations
+        trial = copy.deepcopy(model)
+        apply_masks(trial, masks_at(j))
+        evaluations += 1
+        return float(evaluate(trial))
+
+    already = int(sum((~m).sum() for m in current_masks(model, scores).values()))
+    dense = float(evaluate(model))
+    evaluations += 1
+    if min_accuracy is not None:
+        floor = float(min_accuracy)
+    else:
+        floor = dense - float(max_drop)
+    if not (0.0 <= floor <= 1.0) and min_accuracy is not None:
+        raise ConfigError(f"min_accuracy must be in [0, 1], got {min_accuracy!r}")
+    # Bisection for the largest j with accuracy >= floor; j = 0 prunes nothing new.
+    lo, lo_acc = (0, dense) if scope == "layer" else (already, dense)
+    hi = steps  # pruning everything is never allowed; treated as failing
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        acc = accuracy_at(mid)
+        if acc >= floor:
+            lo, lo_acc = mid, acc
+        else:
+            hi = mid
+    masks = masks_at(lo)
+    if any(_is_neuron(_module(model, k), m, k) for k, m in masks.items()):
+        _check_units_left(masks, model)
+    apply_masks(model, masks)
+    total = sum(math.prod(s) for s in shapes.values())
+    pruned = int(sum((~m).sum() for m in masks.values()))
+    return AccuracyFloorResult(masks, pruned / total, lo_acc, floor, dense, evaluations)

@@ -1,0 +1,367 @@
+"""Ticket searching: BINGO's significance scores, learned during one training run.
+
+After each real training step, :meth:`TicketSearch.step` runs one "fake"
+forward pass per layer on the same batch: a random subset of that layer's
+weights (``fraction`` of them) is set back to its initial value θ0
+(``mode="reset"``) or to zero (``mode="zero"``), and the change of a metric
+against the unmodified network is recorded for every weight of the subset
+(Panangat, "BINGO: A Novel Pruning Mechanism to Reduce the Size of Neural
+Networks", arXiv 2505.09864, Sec. "Ticket searching").
+
+The fake passes go through ``torch.func.functional_call`` with substitute
+tensors, so the model's own parameters are never written: the model is left
+exactly as it was. The search observes and never perturbs training: it draws
+random numbers only from its own ``torch.Generator``, runs under
+``torch.no_grad()`` in eval mode (so BatchNorm statistics are read, not
+updated, and dropout draws nothing), restores every module's train/eval flag,
+and adds nothing to the model's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .errors import CheckpointError, ConfigError, check_choice
+from .layers import find_layers, output_layer_name, weight_of, weight_parameter_name
+
+__all__ = [
+    "GRANULARITIES",
+    "METRICS",
+    "MODES",
+    "RULES",
+    "UNPROBED",
+    "SearchConfig",
+    "TicketSearch",
+]
+
+MODES = ("reset", "zero")
+METRICS = ("accuracy", "loss")
+GRANULARITIES = ("weight", "neuron")
+RULES = ("mean", "paper")
+UNPROBED = ("keep", "mean", "nan")
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of a ticket search. Field ``help`` texts become CLI help."""
+
+    fraction: float = field(default=0.01, metadata={"help": "fraction of a layer's weights (or units) reset per fake pass, in (0, 1]"})
+    mode: str = field(default="reset", metadata={"help": "what a probed weight is set to: reset (its initial value) or zero"})
+    metric: str | Metric = field(default="accuracy", metadata={"help": "what a fake pass measures: accuracy or loss (or a callable, higher = better)"})
+    granularity: str = field(default="weight", metadata={"help": "score single weights, or whole neurons / output channels"})
+    rule: str = field(default="mean", metadata={"help": "how probes add up: mean (relative drop, averaged) or paper (the author's s <- (s + |dA|) / 2)"})
+    seed: int = field(default=0, metadata={"help": "seed of the search's own random generator"})
+    include: tuple[str, ...] | None = field(default=None, metadata={"help": "glob patterns of weights to score (default: every Linear/Conv)"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
+
+    def __post_init__(self) -> None:
+        try:
+            fraction = float(self.fraction)
+        except (TypeError, ValueError):
+            raise ConfigError(f"fraction must be a number in (0, 1], got {self.fraction!r}") from None
+        if not (0.0 < fraction <= 1.0):
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction!r}")
+        check_choice("mode", self.mode, MODES)
+        if not callable(self.metric):
+            check_choice("metric", self.metric, METRICS)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("rule", self.rule, RULES)
+        object.__setattr__(self, "fraction", fraction)
+        if self.include is not None:
+            object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form; a callable metric is recorded by name only."""
+        data = asdict(self)
+        if callable(self.metric):
+            data["metric"] = f"callable:{getattr(self.metric, '__name__', type(self.metric).__name__)}"
+        data["include"] = None if self.include is None else list(self.include)
+        data["exclude"] = list(self.exclude)
+        return data
+
+
+def _batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return (outputs.argmax(dim=1) == targets).float().mean().item()
+
+
+def _negative_loss(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    # Higher is better everywhere in the search, so loss enters negated.
+    return -F.cross_entropy(outputs, targets).item()
+
+
+def probe_damage(before: float, after: float) -> float:
+    """Damage of one probe under the ``mean`` rule, in [0, 1].
+
+    ``(before - after) / |before|``, the relative drop of a higher-is-better
+    metric, clipped to [0, 1]. For accuracy this is ``1 - S`` with the paper's
+    ``S = 1 - |A_before - A_after| / A_before`` when accuracy fell, and 0 when
+    the reset did not hurt (a reset that *helps* is no sign of significance).
+    For ``metric="loss"`` it is the relative loss increase ``(L_after - L_before) / L_before``.
+    With ``before == 0`` the plain drop is used.
+    """
+    drop = before - after
+    if before != 0:
+        drop /= abs(before)
+    return min(max(drop, 0.0), 1.0)
+
+
+def paper_change(before: float, after: float) -> float:
+    """``|before - after|`` clipped to [0, 1]: the change the author's code accumulates."""
+    return min(abs(before - after), 1.0)
+
+
+class TicketSearch:
+    """BINGO's ticket search: significance of each weight from fake passes.
+
+    Shaped like a PyTorch optimizer: construct it with the model (before
+    training, so θ0 is the initialisation), call :meth:`step` after every
+    ``optimizer.step()``, checkpoint it with :meth:`state_dict`, read
+    :meth:`significance` at the end.
+
+    Significance, per weight (or unit), in [0, 1], higher = more significant:
+
+    - ``rule="mean"`` (default): the mean over the probes that included the
+      weight of :func:`probe_damage`, the relative drop of the metric when the
+      probe's subset was reset. The paper's formula
+      ``S = 1 - |A_before - A_after| / A_before`` read literally gives a *high*
+      score when resetting changes nothing, contradicting its own text (higher
+      = more significant); we keep its normalisation by ``A_before`` and flip
+      the sense, so the score is ``1 - S`` for harmful resets and 0 otherwise.
+    - ``rule="paper"``: the author's code, literally: on every probe that
+      includes the weight, ``s <- (s + |A_before - A_after|) / 2`` from
+      ``s = 0`` (an exponential average that weighs recent probes most).
+
+    Weights that were never probed have no estimate; :meth:`significance`
+    decides what they get with ``unprobed`` (default ``"keep"``: score 1, so
+    they are pruned only after every probed weight, because nothing says they
+    are safe to remove).
+
+    Granularity ``"neuron"`` probes whole units (a row of a Linear weight, a
+    Conv filter, with its bias entry) and scores one value per unit; the
+    output layer is then left out, since its units are the classes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fraction: float = 0.01,
+        mode: str = "reset",
+        metric: str | Metric = "accuracy",
+        granularity: str = "weight",
+        seed: int = 0,
+        *,
+        rule: str = "mean",
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        config: SearchConfig | None = None,
+    ) -> None:
+        if config is None:
+            config = SearchConfig(
+                fraction=fraction,
+                mode=mode,
+                metric=metric,
+                granularity=granularity,
+                rule=rule,
+                seed=seed,
+                include=None if include is None else tuple(include),
+                exclude=tuple(exclude),
+            )
+        self.config = config
+        self.model = model
+        layers = find_layers(model, config.include, config.exclude)
+        if config.granularity == "neuron":
+            output = output_layer_name(layers)
+            layers = {k: m for k, m in layers.items() if k != output}
+            if not layers:
+                raise ConfigError(f"neuron granularity needs a hidden layer; {type(model).__name__} has only its output layer {output!r}")
+        self.layers: dict[str, nn.Module] = layers
+        if callable(config.metric):
+            self._metric: Metric = config.metric
+        else:
+            self._metric = _batch_accuracy if config.metric == "accuracy" else _negative_loss
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.steps = 0
+        self.seconds = 0.0  # wall time spent inside step(): the search's overhead
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, module in layers.items():
+            weight = weight_of(module).detach()
+            unit_shape = weight.shape if config.granularity == "weight" else weight.shape[:1]
+            entry = {
+                "theta0": weight.clone(),
+                "count": torch.zeros(unit_shape, dtype=torch.int64, device=weight.device),
+                "damage_sum": torch.zeros(unit_shape, dtype=torch.float64, device=weight.device),
+                "damage_sq_sum": torch.zeros(unit_shape, dtype=torch.float64, device=weight.device),
+                "running": torch.zeros(unit_shape, dtype=torch.float64, device=weight.device),
+            }
+            bias = getattr(module, "bias", None)
+            if config.granularity == "neuron" and isinstance(bias, torch.Tensor):
+                entry["theta0_bias"] = bias.detach().clone()
+            self.state[key] = entry
+
+    # -- the fake passes ---------------------------------------------------
+
+    def _units(self, key: str) -> int:
+        return self.state[key]["count"].numel()
+
+    def _draw_subset(self, key: str) -> torch.Tensor:
+        """Indices (into the flattened unit tensor) of the next probe's subset."""
+        n = self._units(key)
+        size = max(1, int(round(self.config.fraction * n)))
+        return torch.randperm(n, generator=self.generator)[:size]
+
+    def _probe_tensors(self, key: str, subset: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Substitute tensors for the layer: the subset set to θ0 (or zero), the rest as now."""
+        module = self.layers[key]
+        prefix = key.rsplit(".", 1)[0]
+        prefix = prefix + "." if prefix else ""
+        entry = self.state[key]
+        weight = weight_of(module).detach()
+        subset = subset.to(weight.device)
+        probe = weight.clone()
+        rows = probe.view(weight.shape[0], -1) if self.config.granularity == "neuron" else probe.view(-1)
+        if self.config.mode == "reset":
+            source = entry["theta0"].view_as(rows)
+            rows[subset] = source[subset]
+        else:
+            rows[subset] = 0
+        tensors = {prefix + weight_parameter_name(module): probe}
+        if "theta0_bias" in entry:
+            bias = module.bias.detach().clone() if not hasattr(module, "bias_orig") else module.bias_orig.detach().clone()
+            bias[subset] = entry["theta0_bias"][subset] if self.config.mode == "reset" else 0
+            tensors[prefix + ("bias_orig" if hasattr(module, "bias_orig") else "bias")] = bias
+        return tensors
+
+    def _record(self, key: str, subset: torch.Tensor, before: float, after: float) -> None:
+        entry = self.state[key]
+        subset = subset.to(entry["count"].device)
+        damage = probe_damage(before, after)
+        entry["count"].view(-1)[subset] += 1
+        entry["damage_sum"].view(-1)[subset] += damage
+        entry["damage_sq_sum"].view(-1)[subset] += damage * damage
+        running = entry["running"].view(-1)
+        running[subset] = (running[subset] + paper_change(before, after)) / 2
+
+    @torch.no_grad()
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Run one fake pass per layer on this batch and accumulate scores.
+
+        Call it right after ``optimizer.step()`` with the batch just trained
+        on. Returns ``{layer key: damage}`` of this step's probes (for logging).
+        The model's parameters, buffers, train/eval flags and the global RNG
+        are exactly as before the call.
+        """
+        start = time.perf_counter()
+        modes = [(m, m.training) for m in self.model.modules()]
+        devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
+        damages = {}
+        try:
+            self.model.eval()
+            # Belt and braces: eval mode draws no random numbers in standard
+            # layers, but a custom module might, and training must not notice.
+            with torch.random.fork_rng(devices=devices):
+                before = float(self._metric(self.model(inputs), targets))
+                for key in self.layers:
+                    subset = self._draw_subset(key)
+                    outputs = functional_call(self.model, self._probe_tensors(key, subset), (inputs,))
+                    after = float(self._metric(outputs, targets))
+                    self._record(key, subset, before, after)
+                    damages[key] = probe_damage(before, after)
+        finally:
+            for module, training in modes:
+                module.training = training
+        self.steps += 1
+        self.seconds += time.perf_counter() - start
+        return damages
+
+    # -- results -----------------------------------------------------------
+
+    def probe_counts(self) -> dict[str, torch.Tensor]:
+        """``{key: int64 tensor}``: how many probes included each weight (unit)."""
+        return {key: entry["count"].clone() for key, entry in self.state.items()}
+
+    def significance(self, unprobed: str = "keep") -> dict[str, torch.Tensor]:
+        """Scores per weight (or unit), float32 in [0, 1], higher = more significant.
+
+        ``unprobed`` decides the score of a weight no probe included:
+        ``"keep"`` gives 1 (pruned last: no evidence it is safe to remove),
+        ``"mean"`` gives the mean score of the probed weights of its layer,
+        ``"nan"`` gives NaN (for callers that handle it; selection refuses NaN).
+        Keys are the weight names of ``model.named_parameters()``; shapes are the
+        weight's (``granularity="weight"``) or ``(out_units,)`` (``"neuron"``).
+        """
+        check_choice("unprobed", unprobed, UNPROBED)
+        scores = {}
+        for key, entry in self.state.items():
+            count = entry["count"]
+            probed = count > 0
+            if self.config.rule == "mean":
+                score = entry["damage_sum"] / count.clamp(min=1)
+            else:
+                score = entry["running"].clone()
+            if unprobed == "keep":
+                fill = 1.0
+            elif unprobed == "mean":
+                fill = float(score[probed].mean()) if probed.any() else 1.0
+            else:
+                fill = math.nan
+            scores[key] = torch.where(probed, score, torch.full_like(score, fill)).float()
+        return scores
+
+    # -- checkpointing -----------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: config, θ0, accumulators, step count and RNG state."""
+        return {
+            "config": self.config.to_dict(),
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "generator": self.generator.get_state(),
+            "layers": {key: {name: t.clone() for name, t in entry.items()} for key, entry in self.state.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`. Raises :class:`CheckpointError` if it does not fit."""
+        try:
+            config, layers = state["config"], state["layers"]
+            steps, generator = int(state["steps"]), state["generator"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"not a TicketSearch state dict (missing {exc})") from None
+        mine = self.config.to_dict()
+        differing = sorted(
+            k for k in mine if config.get(k) != mine[k] and not (k == "metric" and callable(self.config.metric))
+        )
+        if differing:
+            raise CheckpointError(
+                "search state was saved with different settings: "
+                + ", ".join(f"{k}={config.get(k)!r} (now {mine[k]!r})" for k in differing)
+            )
+        if set(layers) != set(self.state):
+            raise CheckpointError(
+                f"search state covers layers {sorted(layers)}, this search scores {sorted(self.state)}"
+            )
+        for key, entry in self.state.items():
+            saved = layers[key]
+            if set(saved) != set(entry):
+                raise CheckpointError(f"search state for {key!r} has entries {sorted(saved)}, expected {sorted(entry)}")
+            for name, tensor in entry.items():
+                if saved[name].shape != tensor.shape:
+                    raise CheckpointError(
+                        f"search state {key}.{name} has shape {tuple(saved[name].shape)}, expected {tuple(tensor.shape)}"
+                    )
+        for key, entry in self.state.items():
+            for name, tensor in entry.items():
+                tensor.copy_(layers[key][name])
+        self.steps = steps
+        self.seconds = float(state.get("seconds", 0.0))
+        self.generator.set_state(generator)
