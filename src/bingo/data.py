@@ -1,0 +1,547 @@
+"""Datasets: sklearn digits, Fashion-MNIST, MNIST and user ``.npz`` files.
+
+Every dataset is returned as a :class:`Dataset` holding float32 inputs that
+are already preprocessed with ``(raw - offset) / scale`` (scalar mean and
+standard deviation of the raw training values), int64 labels, and a
+validation split carved from the training data with a seeded generator.
+
+Images are N x C x H x W (C = 1 for the grey-scale sets); ``.npz`` files may
+also hold flat N x F features. Every problem with the data raises
+:class:`~bingo.errors.DataError` with a one-line message; an unknown dataset
+name raises :class:`~bingo.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bingo.errors import ConfigError, DataError
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_DIR",
+    "IDX_FILES",
+    "MNIST_FILES",
+    "MNIST_URL",
+    "Dataset",
+    "default_mnist_dir",
+    "download_mnist",
+    "load_dataset",
+    "read_idx",
+    "write_idx",
+]
+
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+#: The four IDX files of (Fashion-)MNIST, without the ``.gz`` suffix:
+#: (train images, train labels, test images, test labels).
+IDX_FILES: tuple[str, str, str, str] = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+#: Gzipped MNIST files on the mirror and their md5 checksums (torchvision's list).
+MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+DOWNLOAD_TIMEOUT = 30.0  # seconds, per request
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+# --------------------------------------------------------------------------
+# Dataset container
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Preprocessed train / validation / test splits of one dataset."""
+
+    name: str
+    x_train: torch.Tensor = field(repr=False)
+    y_train: torch.Tensor = field(repr=False)
+    x_val: torch.Tensor = field(repr=False)
+    y_val: torch.Tensor = field(repr=False)
+    x_test: torch.Tensor = field(repr=False)
+    y_test: torch.Tensor = field(repr=False)
+    num_classes: int
+    offset: float
+    scale: float
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(1, 28, 28)`` or ``(64,)``."""
+        return tuple(self.x_train.shape[1:])
+
+    def preprocess(self, raw: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Apply this dataset's preprocessing ``(raw - offset) / scale`` as float32."""
+        x = torch.as_tensor(raw).to(torch.float32)
+        return (x - self.offset) / self.scale
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes}, train={len(self.y_train)}, "
+            f"val={len(self.y_val)}, test={len(self.y_test)}, "
+            f"offset={self.offset:.6g}, scale={self.scale:.6g})"
+        )
+
+
+# --------------------------------------------------------------------------
+# IDX files
+# --------------------------------------------------------------------------
+
+_IDX_CODES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_TYPES: dict[np.dtype, int] = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
+
+
+def _reason(e: BaseException | object) -> str:
+    """An exception (or reason) as one line of text."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (plain or gzip-compressed) into a native-endian array.
+
+    Compression is detected from the file's content, not its name. Raises
+    :class:`DataError` naming the file if it is missing, cannot be
+    decompressed, has a bad magic number, or its size does not match the
+    dimensions in its header.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"no such file: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {_reason(e.strerror or e)}") from None
+
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"corrupt IDX file {path}: cannot decompress gzip data ({_reason(e)})") from None
+
+    if len(data) < 4:
+        raise DataError(f"corrupt IDX file {path}: truncated header ({len(data)} bytes)")
+    zero, code, ndim = int.from_bytes(data[0:2], "big"), data[2], data[3]
+    if zero != 0 or code not in _IDX_CODES or ndim == 0:
+        raise DataError(
+            f"corrupt IDX file {path}: bad magic number 0x{data[:4].hex()} "
+            "(expected 0x0000TTNN with a known type TT and NN >= 1 dimensions)"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(
+            f"corrupt IDX file {path}: truncated header "
+            f"({len(data)} bytes, {ndim} dimensions need {header})"
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_CODES[code]
+    expected = math.prod(dims) * dtype.itemsize
+    found = len(data) - header
+    if found < expected:
+        raise DataError(
+            f"corrupt IDX file {path}: truncated, header dims {dims} need "
+            f"{expected} bytes of data but only {found} are present"
+        )
+    if found > expected:
+        raise DataError(
+            f"corrupt IDX file {path}: size mismatch, header dims {dims} need "
+            f"{expected} bytes of data but {found} are present"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(dims), offset=header)
+    array = array.astype(dtype.newbyteorder("="), copy=False)
+    if not array.flags.writeable:  # a view of immutable bytes; torch.from_numpy would warn
+        array = array.copy()
+    return array.reshape(dims)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file, gzip-compressed if ``path`` ends with ``.gz``.
+
+    Supported dtypes: uint8, int8, int16, int32, float32, float64. The gzip
+    header carries no timestamp, so equal arrays give byte-identical files.
+    """
+    array = np.asarray(array)
+    native = array.dtype.newbyteorder("=")
+    if native not in _IDX_TYPES:
+        valid = ", ".join(str(d) for d in _IDX_TYPES)
+        raise DataError(f"cannot write dtype {array.dtype} as IDX; supported dtypes: {valid}")
+    if array.ndim == 0 or array.ndim > 255:
+        raise DataError(f"cannot write a {array.ndim}-dimensional array as IDX; need 1 to 255 dimensions")
+    header = bytes([0, 0, _IDX_TYPES[native], array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=native.newbyteorder(">")).tobytes()
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        payload = gzip.compress(payload, mtime=0)
+    path.write_bytes(payload)
+
+
+def _find_idx(directory: Path) -> tuple[list[Path], list[str]]:
+    """Locate the four IDX files (plain preferred over ``.gz``) in ``directory``."""
+    found, missing = [], []
+    for name in IDX_FILES:
+        plain, packed = directory / name, directory / (name + ".gz")
+        if plain.is_file():
+            found.append(plain)
+        elif packed.is_file():
+            found.append(packed)
+        else:
+            missing.append(name + "[.gz]")
+    return found, missing
+
+
+def _load_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(
+            f"corrupt IDX file {images_path}: expected 3-D images (N, H, W), got shape {images.shape}"
+        )
+    if labels.ndim != 1:
+        raise DataError(
+            f"corrupt IDX file {labels_path}: expected 1-D labels (N,), got shape {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise DataError(
+            f"IDX files {images_path} and {labels_path} do not match: "
+            f"{len(images)} images but {len(labels)} labels"
+        )
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"corrupt IDX file {labels_path}: labels must be integers, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"corrupt IDX file {labels_path}: negative label {int(labels.min())}")
+    return images[:, None], labels
+
+
+def _load_idx_dataset(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    found, missing = _find_idx(directory)
+    assert not missing
+    x_train, y_train = _load_idx_split(found[0], found[1])
+    x_test, y_test = _load_idx_split(found[2], found[3])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"IDX files in {directory} disagree: train images are {x_train.shape[2:]} "
+            f"but test images are {x_test.shape[2:]}"
+        )
+    if len(x_train) == 0:
+        raise DataError(f"IDX file {found[0]} holds no training images")
+    return x_train, y_train, x_test, y_test
+
+
+# --------------------------------------------------------------------------
+# MNIST download
+# --------------------------------------------------------------------------
+
+
+def default_mnist_dir() -> Path:
+    """``$BINGO_DATA_DIR/mnist`` if that variable is set, else ``~/.cache/bingo/mnist``."""
+    root = os.environ.get("BINGO_DATA_DIR")
+    if root:
+        return Path(root).expanduser() / "mnist"
+    return Path.home() / ".cache" / "bingo" / "mnist"
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_mnist(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    base_url: str = MNIST_URL,
+    files: Mapping[str, str] | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT,
+) -> Path:
+    """Download the gzipped MNIST IDX files into ``data_dir`` and return it.
+
+    ``files`` maps file names to md5 checksums and defaults to
+    :data:`MNIST_FILES` (looked up at call time). Each file is streamed into
+    a temporary file in ``data_dir`` and renamed into place only once its
+    md5 matches; a file already present with the right checksum is kept.
+    Raises :class:`DataError` on network failure or checksum mismatch; no
+    partial or bad download is left behind.
+    """
+    directory = Path(data_dir).expanduser() if data_dir is not None else default_mnist_dir()
+    files = MNIST_FILES if files is None else files
+    url_root = base_url if base_url.endswith("/") else base_url + "/"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create MNIST folder {directory}: {_reason(e.strerror or e)}") from None
+
+    for name, md5 in files.items():
+        target = directory / name
+        if target.is_file() and _md5(target) == md5:
+            continue
+        url = url_root + name
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
+        tmp = Path(tmp_name)
+        try:
+            digest = hashlib.md5(usedforsecurity=False)
+            try:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                reason = _reason(getattr(e, "reason", None) or e)
+                raise DataError(
+                    f"could not download MNIST from {url} ({reason}); "
+                    f"put the four IDX files in {directory} or pass --data-dir"
+                ) from None
+            got = digest.hexdigest()
+            if got != md5:
+                raise DataError(
+                    f"checksum mismatch for {name} downloaded from {url}: expected md5 {md5}, "
+                    f"got {got}; the download was discarded"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return directory
+
+
+# --------------------------------------------------------------------------
+# npz and digits
+# --------------------------------------------------------------------------
+
+
+def _check_labels(y: np.ndarray, key: str, source: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise DataError(f"{source}: {key} must be 1-D (N,), got shape {y.shape}")
+    if y.dtype.kind in "iub":
+        pass
+    elif y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{source}: {key} must hold integer class labels, got non-integral values")
+    else:
+        raise DataError(f"{source}: {key} must hold integer class labels, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise DataError(f"{source}: {key} has negative label {int(y.min())}; labels must be >= 0")
+    return y.astype(np.int64, copy=False)
+
+
+def _check_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
+    if x.dtype.kind not in "iubf":
+        raise DataError(f"{source}: {key} must be numeric, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim not in (2, 4):
+        raise DataError(
+            f"{source}: {key} must be N x F features, N x H x W or N x C x H x W images, "
+            f"got shape {x.shape}"
+        )
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise DataError(f"{source}: {key} contains NaN or infinite values")
+    return x
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:  # BadZipFile, bad .npy headers, pickled data, ...
+        raise DataError(f"cannot read {path} as .npz: {_reason(e)}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"cannot read {path} as .npz: it holds a single array, not an .npz archive")
+    with npz:
+        missing = [k for k in _NPZ_KEYS if k not in npz.files]
+        if missing:
+            raise DataError(
+                f"{path} is missing array(s) {', '.join(missing)}; "
+                f"an .npz dataset needs {', '.join(_NPZ_KEYS)}"
+            )
+        try:
+            arrays = {k: npz[k] for k in _NPZ_KEYS}
+        except Exception as e:  # object arrays, corrupt members
+            raise DataError(f"cannot read {path} as .npz: {_reason(e)}") from None
+    return _check_arrays(arrays, str(path))
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray], source: str):
+    x_train = _check_inputs(arrays["x_train"], "x_train", source)
+    x_test = _check_inputs(arrays["x_test"], "x_test", source)
+    y_train = _check_labels(arrays["y_train"], "y_train", source)
+    y_test = _check_labels(arrays["y_test"], "y_test", source)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y):
+            raise DataError(
+                f"{source}: x_{split} has {len(x)} samples but y_{split} has {len(y)} labels"
+            )
+    if len(x_train) == 0:
+        raise DataError(f"{source}: the training set is empty (x_train has 0 samples)")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{source}: train and test samples differ in shape: "
+            f"{tuple(x_train.shape[1:])} vs {tuple(x_test.shape[1:])}"
+        )
+    return x_train, y_train, x_test, y_test
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.data.reshape(-1, 1, 8, 8).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=_DIGITS_TEST_FRACTION, random_state=_DIGITS_SPLIT_SEED, stratify=y
+    )
+    return x_train, y_train, x_test, y_test
+
+
+# --------------------------------------------------------------------------
+# load_dataset
+# --------------------------------------------------------------------------
+
+
+def _check_fraction(validation_fraction: float) -> float:
+    try:
+        fraction = float(validation_fraction)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    return fraction
+
+
+def _build(name, x_train, y_train, x_test, y_test, fraction: float, seed: int) -> Dataset:
+    x_train_t = torch.from_numpy(np.ascontiguousarray(x_train))
+    y_train_t = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
+    x_test_t = torch.from_numpy(np.ascontiguousarray(x_test))
+    y_test_t = torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64))
+
+    n = len(y_train_t)
+    n_val = min(int(round(n * fraction)), n - 1)
+    generator = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=generator)
+    val_idx, _ = torch.sort(perm[:n_val])
+    train_idx, _ = torch.sort(perm[n_val:])
+
+    x_tr = x_train_t[train_idx].to(torch.float32)
+    std, mean = torch.std_mean(x_tr, correction=0)
+    offset, scale = float(mean), float(std)
+    if not math.isfinite(scale) or scale <= 0.0:
+        scale = 1.0
+    x_tr.sub_(offset).div_(scale)
+
+    # Indexing copies, so the in-place ops below never touch the caller's arrays;
+    # x_test_t shares memory with a numpy array, so its first op is out of place.
+    x_val = x_train_t[val_idx].to(torch.float32).sub_(offset).div_(scale)
+    x_te = x_test_t.to(torch.float32).sub(offset).div_(scale)
+    y_tr, y_val = y_train_t[train_idx], y_train_t[val_idx]
+
+    labels = [y for y in (y_tr, y_val, y_test_t) if y.numel()]
+    num_classes = max(int(y.max()) for y in labels) + 1
+    return Dataset(
+        name=name,
+        x_train=x_tr.contiguous(),
+        y_train=y_tr,
+        x_val=x_val.contiguous(),
+        y_val=y_val,
+        x_test=x_te.contiguous(),
+        y_test=y_test_t.clone(),
+        num_classes=num_classes,
+        offset=offset,
+        scale=scale,
+    )
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+) -> Dataset:
+    """Load a dataset by name (``digits``, ``fashion-mnist``, ``mnist``) or ``.npz`` path.
+
+    ``data_dir`` is where the IDX files of ``fashion-mnist`` (default
+    :data:`FASHION_MNIST_DIR`) and ``mnist`` (default
+    :func:`default_mnist_dir`) are found; it is ignored otherwise. Missing
+    MNIST files are downloaded when ``download`` is true.
+    ``validation_fraction`` of the training split, chosen with ``seed``,
+    becomes the validation split.
+    """
+    name = os.fspath(name_or_path)
+    fraction = _check_fraction(validation_fraction)
+
+    if name == "digits":
+        arrays = _load_digits()
+    elif name == "fashion-mnist":
+        directory = Path(data_dir if data_dir is not None else FASHION_MNIST_DIR).expanduser()
+        _, missing = _find_idx(directory)
+        if missing:
+            raise DataError(
+                f"Fashion-MNIST IDX files not found in {directory} (missing: {', '.join(missing)}); "
+                "install them with 'apt-get install dataset-fashion-mnist' or pass --data-dir"
+            )
+        arrays = _load_idx_dataset(directory)
+    elif name == "mnist":
+        directory = Path(data_dir).expanduser() if data_dir is not None else default_mnist_dir()
+        _, missing = _find_idx(directory)
+        if missing and download:
+            download_mnist(directory)
+            _, missing = _find_idx(directory)
+        if missing:
+            raise DataError(
+                f"MNIST IDX files not found in {directory} (missing: {', '.join(missing)}); "
+                "allow the download or put the four IDX files there or pass --data-dir"
+            )
+        arrays = _load_idx_dataset(directory)
+    elif name.lower().endswith(".npz"):
+        arrays = _load_npz(Path(name).expanduser())
+    else:
+        raise ConfigError(
+            f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}, or a PATH.npz"
+        )
+    return _build(name, *arrays, fraction=fraction, seed=seed)
