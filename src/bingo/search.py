@@ -223,8 +223,8 @@ class TicketSearch:
     def _probe_tensors(self, key: str, subset: torch.Tensor) -> dict[str, torch.Tensor]:
         """Substitute tensors for the layer: the subset set to θ0 (or zero), the rest as now."""
         module = self.layers[key]
-        prefix = key.rsplit(".", 1)[0]
-        prefix = prefix + "." if prefix else ""
+        module_name = key.rpartition(".")[0]
+        prefix = module_name + "." if module_name else ""
         entry = self.state[key]
         weight = weight_of(module).detach()
         subset = subset.to(weight.device)

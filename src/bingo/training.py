@@ -113,8 +113,12 @@ def train(
         state = load_checkpoint(checkpoint)
         if not isinstance(state, dict) or state.get("kind") != "bingo-train":
             raise CheckpointError(f"{checkpoint} is not a bingo training checkpoint")
-        if state["config"] != asdict(config):
-            raise CheckpointError(f"checkpoint {checkpoint} was written with different training settings: {state['config']}")
+        # Epochs may grow between runs (train longer from a checkpoint); the rest must match.
+        saved = {k: v for k, v in state["config"].items() if k != "epochs"}
+        wanted = {k: v for k, v in asdict(config).items() if k != "epochs"}
+        if saved != wanted:
+            differing = ", ".join(f"{k}={saved.get(k)!r} (now {wanted[k]!r})" for k in wanted if saved.get(k) != wanted[k])
+            raise CheckpointError(f"checkpoint {checkpoint} was written with different training settings: {differing}")
         load_model_state(model, state["model"], checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         if (search is None) != (state["search"] is None):
