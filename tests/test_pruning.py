@@ -156,3 +156,11 @@ def test_prune_to_accuracy_finds_the_floor_by_bisection():
 def test_prune_to_accuracy_needs_exactly_one_floor():
     with pytest.raises(ConfigError, match="exactly one of min_accuracy"):
         bingo.prune_to_accuracy(make_mlp(), {}, lambda m: 1.0)
+
+
+def test_prune_to_accuracy_never_empties_a_layer_of_units():
+    model = make_mlp()
+    scores = {"1.weight": torch.zeros(12), "3.weight": torch.ones(8)}
+    result = bingo.prune_to_accuracy(model, scores, lambda m: 1.0, min_accuracy=0.0)
+    assert result.masks["1.weight"].sum() == 1  # all but one unit of the weakest layer
+    assert result.masks["3.weight"].all()

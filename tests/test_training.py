@@ -87,3 +87,13 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
 def test_bad_training_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_checkpoint_of_other_data_or_further_along_is_refused(digits, tmp_path):
+    checkpoint = tmp_path / "train.pt"
+    _run(digits, 2, checkpoint)
+    with pytest.raises(CheckpointError, match="has 2 epochs done, more than the 1 asked for"):
+        _run(digits, 1, checkpoint)
+    other = load_dataset("digits", validation_fraction=0.2)
+    with pytest.raises(CheckpointError, match=r"was trained on digits \(1293 training examples"):
+        _run(other, 3, checkpoint)

@@ -68,7 +68,8 @@ def _typed(kind: type, name: str):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects a {kind.__name__}, got {text!r}") from None
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects {article} {kind.__name__}, got {text!r}") from None
 
     convert.__name__ = kind.__name__
     return convert
@@ -157,6 +158,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_file_path(flag: str, path: str) -> None:
+    """Refuse an output path that can never be written (a folder, or under a file) before training."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--{flag} {path} is a folder; give a file path")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"--{flag} {path} cannot be created: {ancestor} is a file, not a folder")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading data or training.
     if args.sparsity is not None:
@@ -169,6 +182,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown scope {args.scope!r}; valid choices: {', '.join(SCOPES)}")
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
+    for flag in ("out", "save", "scores", "checkpoint"):
+        if getattr(args, flag) is not None:
+            _check_file_path(flag, getattr(args, flag))
     search_config = SearchConfig(
         fraction=args.fraction, mode=args.mode, metric=args.metric, granularity=args.granularity, rule=args.rule, seed=args.seed
     )
@@ -212,6 +228,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "evaluations": floor.evaluations,
             }
         )
+        if floor.accuracy < floor.floor:
+            print(
+                f"bingo: warning: validation accuracy {floor.accuracy:.4f} of the dense model is already below "
+                f"the floor {floor.floor:.4f}; nothing was pruned",
+                file=sys.stderr,
+            )
     prune_seconds = time.perf_counter() - start
 
     report = {
@@ -270,6 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"demo": cmd_demo, "run": cmd_run}[args.command](args)
     except BingoError as exc:
         print(f"bingo: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable --out/--save/--scores/--checkpoint, a full disk, ...
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        message = f"{exc.strerror}: {where}" if exc.strerror and where else str(exc)
+        print(f"bingo: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bingo: interrupted; files already written are complete (written atomically)", file=sys.stderr)

@@ -291,8 +291,13 @@ def prune_to_accuracy(
 
     def accuracy_at(j: int) -> float:
         nonlocal evaluations
+        masks = masks_at(j)
+        try:
+            _check_units_left(masks, model)
+        except ConfigError:
+            return -math.inf  # a layer left with no units: never allowed, whatever the floor
         trial = copy.deepcopy(model)
-        apply_masks(trial, masks_at(j))
+        apply_masks(trial, masks)
         evaluations += 1
         return float(evaluate(trial))
 
@@ -316,8 +321,6 @@ def prune_to_accuracy(
         else:
             hi = mid
     masks = masks_at(lo)
-    if any(_is_neuron(_module(model, k), m, k) for k, m in masks.items()):
-        _check_units_left(masks, model)
     apply_masks(model, masks)
     total = sum(math.prod(s) for s in shapes.values())
     pruned = int(sum((~m).sum() for m in masks.values()))

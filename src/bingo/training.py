@@ -80,6 +80,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def _data_signature(data: Dataset) -> str:
+    """What a checkpoint records of its data, to refuse resuming on other data."""
+    return f"{data.name} ({len(data.x_train)} training examples of shape {tuple(data.input_shape)})"
+
+
 def load_model_state(model: nn.Module, state: dict, source: str | os.PathLike) -> None:
     """``model.load_state_dict(state)`` with a one-line :class:`CheckpointError` if it does not fit."""
     try:
@@ -119,6 +124,14 @@ def train(
         if saved != wanted:
             differing = ", ".join(f"{k}={saved.get(k)!r} (now {wanted[k]!r})" for k in wanted if saved.get(k) != wanted[k])
             raise CheckpointError(f"checkpoint {checkpoint} was written with different training settings: {differing}")
+        if state.get("data") != _data_signature(data):
+            raise CheckpointError(
+                f"checkpoint {checkpoint} was trained on {state.get('data')}, not on {_data_signature(data)}"
+            )
+        if state["epoch"] > config.epochs:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has {state['epoch']} epochs done, more than the {config.epochs} asked for"
+            )
         load_model_state(model, state["model"], checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         if (search is None) != (state["search"] is None):
@@ -161,6 +174,7 @@ def train(
                     {
                         "kind": "bingo-train",
                         "config": asdict(config),
+                        "data": _data_signature(data),
                         "epoch": epoch + 1,
                         "steps": steps,
                         "train_seconds": elapsed,
