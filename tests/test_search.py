@@ -373,3 +373,20 @@ def test_search_on_an_already_pruned_model_sees_the_mask(batch):
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     assert (model[1].weight[model[1].weight_mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("n,size", [(20, 3), (1000, 10), (10, 8)])
+def test_random_subsets_are_distinct_and_uniform(n, size):
+    from bingo.search import _random_subset
+
+    generator = torch.Generator().manual_seed(0)
+    hits = torch.zeros(n)
+    draws = 4000
+    for _ in range(draws):
+        subset = _random_subset(n, size, generator)
+        assert len(subset) == size and len(torch.unique(subset)) == size
+        assert subset.min() >= 0 and subset.max() < n
+        hits[subset] += 1
+    expected = draws * size / n
+    # every index drawn about equally often (5 standard deviations of a binomial count)
+    assert (hits - expected).abs().max() < 5 * (expected * (1 - size / n)) ** 0.5 + 1
