@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,6 +104,8 @@ def train(
     search: TicketSearch | None = None,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
+    callback: Callable[[int], None] | None = None,
+    description: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.x_train`` with cross-entropy; call ``search.step`` after every step.
 
@@ -110,6 +113,10 @@ def train(
     global RNG, elapsed time) is written atomically after every epoch, and a
     run that finds the file resumes after its last completed epoch, giving
     the same model and the same scores as an uninterrupted run.
+
+    ``callback(step)`` runs after every optimizer step (and search step), with
+    the number of steps taken so far: the place for schedules such as gradual
+    magnitude pruning or saving weights to rewind to.
     """
     optimizer = _make_optimizer(model, config)
     order = torch.Generator().manual_seed(config.seed)
@@ -147,7 +154,7 @@ def train(
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         initial=first_epoch * steps_per_epoch,
-        desc="train" + (" + ticket search" if search is not None else ""),
+        desc=description or ("train" + (" + ticket search" if search is not None else "")),
         unit="step",
         disable=not progress,
         leave=False,
@@ -167,6 +174,8 @@ def train(
                 if search is not None:
                     search.step(x, y)
                 steps += 1
+                if callback is not None:
+                    callback(steps)
                 bar.update(1)
             elapsed += time.perf_counter() - start
             if checkpoint is not None:

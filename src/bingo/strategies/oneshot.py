@@ -1,0 +1,123 @@
+"""Prune once after dense training: BINGO, one-shot magnitude, random.
+
+All three train dense from θ0, score the trained weights, prune one-shot to
+each sparsity and optionally fine-tune the pruned network
+(``finetune_epochs``, charged to the method's cost).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..pruning import prune
+from ..scoring import magnitude_scores, random_scores
+from ..search import METRICS, MODES, RULES, SearchConfig, TicketSearch
+from ..selection import SCOPES
+from ..errors import ConfigError, check_choice
+from .base import DenseRun, Experiment, Outcome, Strategy, register
+
+__all__ = ["BingoStrategy", "MagnitudeStrategy", "OneShotConfig", "RandomStrategy", "BingoConfig"]
+
+
+def _check_oneshot(finetune_epochs: int, scope: str) -> None:
+    if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
+        raise ConfigError(f"finetune epochs must be a whole number >= 0, got {finetune_epochs!r}")
+    check_choice("scope", scope, SCOPES)
+
+
+@dataclass(frozen=True)
+class OneShotConfig:
+    """Settings shared by the prune-once-after-training methods."""
+
+    finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
+    scope: str = field(default="global", metadata={"help": "global or layer"})
+
+    def __post_init__(self) -> None:
+        _check_oneshot(self.finetune_epochs, self.scope)
+
+
+class OneShotStrategy(Strategy):
+    """Dense training, scores, one-shot prune per sparsity, optional fine-tune."""
+
+    Config = OneShotConfig
+
+    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
+        """The dense run this method starts from, and its scores."""
+        raise NotImplementedError
+
+    def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
+        dense, scores = self.trained(experiment)
+        for sparsity in sparsities:
+            model = copy.deepcopy(dense.model)
+            start = time.perf_counter()
+            masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
+            seconds = dense.cost.seconds + time.perf_counter() - start
+            steps, forwards = dense.cost.steps, dense.cost.forward_passes
+            if self.config.finetune_epochs:
+                tuned = experiment.train(
+                    model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity:g}"
+                )
+                seconds += tuned.seconds
+                steps += tuned.steps
+                forwards += tuned.forward_passes
+            yield Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks)
+
+
+@register
+class MagnitudeStrategy(OneShotStrategy):
+    """One-shot global magnitude pruning of the trained network (|w|, smallest first)."""
+
+    name = "magnitude"
+
+    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
+        dense = experiment.dense()
+        return dense, magnitude_scores(dense.model)
+
+
+@register
+class RandomStrategy(OneShotStrategy):
+    """The control: prune the trained network at random (seeded)."""
+
+    name = "random"
+
+    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
+        dense = experiment.dense()
+        return dense, random_scores(dense.model, seed=experiment.seed)
+
+
+@dataclass(frozen=True)
+class BingoConfig:
+    """BINGO in ``compare``: ticket search during dense training, one-shot prune after."""
+
+    fraction: float = field(default=0.01, metadata={"help": "fraction of each layer reset per fake pass"})
+    mode: str = field(default="reset", metadata={"help": f"{'|'.join(MODES)}"})
+    metric: str = field(default="accuracy", metadata={"help": f"{'|'.join(METRICS)}"})
+    rule: str = field(default="mean", metadata={"help": f"{'|'.join(RULES)}"})
+    finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
+    scope: str = field(default="global", metadata={"help": "global or layer"})
+
+    def __post_init__(self) -> None:
+        self.search_config(0)  # validates the search fields
+        _check_oneshot(self.finetune_epochs, self.scope)
+
+    def search_config(self, seed: int) -> SearchConfig:
+        return SearchConfig(fraction=self.fraction, mode=self.mode, metric=self.metric, rule=self.rule, seed=seed)
+
+
+@register
+class BingoStrategy(OneShotStrategy):
+    """BINGO: significance from ticket search during the one dense training run."""
+
+    name = "bingo"
+    Config = BingoConfig
+
+    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
+        search_config = self.config.search_config(experiment.seed)
+        key = tuple(sorted(search_config.to_dict().items(), key=lambda kv: kv[0]).__repr__())
+        dense = experiment.dense_with_search(lambda model: TicketSearch(model, config=search_config), key)
+        return dense, dense.search.significance()
