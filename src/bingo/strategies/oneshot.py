@@ -68,28 +68,6 @@ class OneShotStrategy(Strategy):
             yield Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks)
 
 
-@register
-class MagnitudeStrategy(OneShotStrategy):
-    """One-shot global magnitude pruning of the trained network (|w|, smallest first)."""
-
-    name = "magnitude"
-
-    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
-        dense = experiment.dense()
-        return dense, magnitude_scores(dense.model)
-
-
-@register
-class RandomStrategy(OneShotStrategy):
-    """The control: prune the trained network at random (seeded)."""
-
-    name = "random"
-
-    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
-        dense = experiment.dense()
-        return dense, random_scores(dense.model, seed=experiment.seed)
-
-
 @dataclass(frozen=True)
 class BingoConfig:
     """BINGO in ``compare``: ticket search during dense training, one-shot prune after."""
@@ -121,3 +99,25 @@ class BingoStrategy(OneShotStrategy):
         key = tuple(sorted(search_config.to_dict().items(), key=lambda kv: kv[0]).__repr__())
         dense = experiment.dense_with_search(lambda model: TicketSearch(model, config=search_config), key)
         return dense, dense.search.significance()
+
+
+@register
+class MagnitudeStrategy(OneShotStrategy):
+    """One-shot global magnitude pruning of the trained network (|w|, smallest first)."""
+
+    name = "magnitude"
+
+    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
+        dense = experiment.dense()
+        return dense, magnitude_scores(dense.model)
+
+
+@register
+class RandomStrategy(OneShotStrategy):
+    """The control: prune the trained network at random (seeded)."""
+
+    name = "random"
+
+    def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
+        dense = experiment.dense()
+        return dense, random_scores(dense.model, seed=experiment.seed)

@@ -1,0 +1,245 @@
+"""``bingo compare``: every method on the same data, initial weights and data order.
+
+For each seed, an :class:`~bingo.strategies.Experiment` fixes θ0 and the data
+order; each method delivers one pruned network per sparsity and is charged
+the whole wall time it needed (dense training and fine-tune included).
+Results go to ``DIR/results.json`` after every finished network (atomically),
+masks to ``DIR/masks/``, so a run killed halfway loses at most the network in
+progress and ``resume=True`` skips everything already recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_dataset
+from .errors import CheckpointError, ConfigError
+from .io import load_scores, save_scores, write_json
+from .models import MODELS
+from .selection import check_sparsity
+from .strategies import STRATEGIES, Experiment, Strategy
+from .strategies.oneshot import BingoStrategy
+from .training import TrainConfig
+
+__all__ = ["CompareConfig", "mask_overlap", "run_compare"]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare: data, model, training recipe, methods, sparsities, seeds."""
+
+    data: str
+    model: str
+    epochs: int = 3
+    methods: tuple[str, ...] = ("bingo", "imp", "gmp", "magnitude", "snip", "random")
+    sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+    seeds: int = 1
+    batch_size: int = 128
+    lr: float = 1.2e-3
+    optimizer: str = "adam"
+    finetune_epochs: int = 0
+    data_dir: str | None = None
+    method_configs: dict = field(default_factory=dict)  #: name -> config dataclass instance
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
+        if not self.methods:
+            raise ConfigError(f"no methods given; valid choices: {', '.join(STRATEGIES)}")
+        for name in self.methods:
+            if name not in STRATEGIES:
+                raise ConfigError(f"unknown method {name!r}; valid choices: {', '.join(STRATEGIES)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"a method is listed twice: {', '.join(self.methods)}")
+        if not self.sparsities:
+            raise ConfigError("no sparsities given")
+        object.__setattr__(self, "sparsities", tuple(sorted({check_sparsity(s) for s in self.sparsities})))
+        if int(self.seeds) != self.seeds or self.seeds < 1:
+            raise ConfigError(f"seeds must be a whole number >= 1, got {self.seeds!r}")
+        self.train_config()  # validates epochs, batch size, lr, optimizer
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer)
+
+    def settings(self) -> dict:
+        """The JSON record of these settings (what a resumed run must match)."""
+        return {
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+            "methods": list(self.methods),
+            "sparsities": list(self.sparsities),
+            "seeds": list(range(self.seeds)),
+            "finetune_epochs": self.finetune_epochs,
+            "method_configs": {
+                name: dataclasses.asdict(config) for name, config in sorted(self.method_configs.items()) if name in self.methods
+            },
+        }
+
+
+def mask_overlap(pruned_by_a: dict[str, torch.Tensor], pruned_by_b: dict[str, torch.Tensor]) -> float:
+    """Fraction of the weights B pruned that A pruned too: ``|P_a ∩ P_b| / |P_b|``.
+
+    Arguments are keep-masks (True = kept). At equal sparsity the measure is
+    symmetric; two independent random prunings at sparsity ``s`` overlap by ``s``
+    in expectation.
+    """
+    both = pruned = 0
+    for key, keep_b in pruned_by_b.items():
+        cut_b = ~keep_b.bool()
+        both += int((cut_b & ~pruned_by_a[key].bool()).sum())
+        pruned += int(cut_b.sum())
+    return both / pruned if pruned else math.nan
+
+
+def _mask_path(out_dir: Path, method: str, seed: int, sparsity: float) -> Path:
+    return out_dir / "masks" / f"{method}-seed{seed}-sparsity{sparsity:g}.safetensors"
+
+
+def _load_previous(path: Path, base: dict) -> dict:
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: {exc}") from None
+    for key in ("data", "model", "epochs"):
+        if previous.get(key) != base[key]:
+            raise CheckpointError(
+                f"cannot resume: {path} was made with {key}={previous.get(key)!r}, not {base[key]!r}; use another --out"
+            )
+    old, new = previous.get("settings", {}), base["settings"]
+    for key in ("batch_size", "lr", "optimizer", "finetune_epochs"):
+        if old.get(key) != new[key]:
+            raise CheckpointError(f"cannot resume: {path} was made with {key}={old.get(key)!r}, not {new[key]!r}; use another --out")
+    for name, config in new["method_configs"].items():
+        if name in old.get("method_configs", {}) and old["method_configs"][name] != config:
+            raise CheckpointError(f"cannot resume: {path} ran {name} with other settings {old['method_configs'][name]}; use another --out")
+    previous["settings"] = {
+        **new,
+        "methods": list(dict.fromkeys(old.get("methods", []) + new["methods"])),
+        "sparsities": sorted(set(old.get("sparsities", [])) | set(new["sparsities"])),
+        "seeds": sorted(set(old.get("seeds", [])) | set(new["seeds"])),
+        "method_configs": {**old.get("method_configs", {}), **new["method_configs"]},
+    }
+    for key in ("dense", "runs", "overlap", "search_overhead"):
+        previous.setdefault(key, [])
+    return previous
+
+
+def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run the comparison, writing ``results.json`` (and masks) into ``out_dir`` as it goes.
+
+    Returns the results dict (schema in the README: ``data, model, epochs,
+    settings, dense, runs, overlap, search_overhead``).
+    """
+    out_dir = Path(out_dir)
+    results_path = out_dir / "results.json"
+    base = {
+        "data": config.data,
+        "model": config.model,
+        "epochs": config.epochs,
+        "settings": config.settings(),
+        "dense": [],
+        "runs": [],
+        "overlap": [],
+        "search_overhead": [],
+    }
+    results = _load_previous(results_path, base) if resume and results_path.exists() else base
+    strategies: dict[str, Strategy] = {
+        name: STRATEGIES[name](config.method_configs.get(name)) for name in config.methods
+    }
+    data = load_dataset(config.data, config.data_dir)
+
+    def done(method: str, seed: int, sparsity: float) -> bool:
+        return any(r["method"] == method and r["seed"] == seed and r["sparsity"] == sparsity for r in results["runs"])
+
+    todo = [(seed, name) for seed in range(config.seeds) for name in config.methods]
+    bar = tqdm(total=len(todo), desc="compare", unit="method", disable=not progress)
+    try:
+        for seed in range(config.seeds):
+            experiment = Experiment(data, config.model, config.train_config(), seed, progress=progress)
+            if not any(r["seed"] == seed for r in results["dense"]):
+                dense = experiment.dense()
+                results["dense"].append(
+                    {
+                        "seed": seed,
+                        "accuracy": experiment.evaluate(dense.model),
+                        "seconds": dense.cost.seconds,
+                        "train_steps": dense.cost.steps,
+                        "forward_passes": dense.cost.forward_passes,
+                    }
+                )
+                write_json(results_path, results)
+            for name, strategy in strategies.items():
+                bar.set_postfix_str(f"seed {seed} {name}")
+                pending = [s for s in config.sparsities if not done(name, seed, s)]
+                if pending:
+                    for outcome in strategy.run(experiment, pending):
+                        save_scores(outcome.masks, _mask_path(out_dir, name, seed, outcome.sparsity))
+                        results["runs"].append(outcome.record())
+                        write_json(results_path, results)
+                    if isinstance(strategy, BingoStrategy):
+                        _record_overhead(results, experiment, strategy)
+                        write_json(results_path, results)
+                bar.update(1)
+            if _record_overlaps(results, out_dir, seed, config.sparsities):
+                write_json(results_path, results)
+    finally:
+        bar.close()
+    results["runs"].sort(key=lambda r: (results["settings"]["methods"].index(r["method"]) if r["method"] in results["settings"]["methods"] else 99, r["seed"], r["sparsity"]))
+    write_json(results_path, results)
+    return results
+
+
+def _record_overhead(results: dict, experiment: Experiment, strategy: BingoStrategy) -> None:
+    """Ticket-search overhead: dense training time with the search / without.
+
+    Also records whether the two trainings ended bit-identical, as they must.
+    """
+    searched, _ = strategy.trained(experiment)
+    plain = experiment.dense()
+    identical = all(
+        torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), searched.model.state_dict().values())
+    )
+    results["search_overhead"] = [r for r in results["search_overhead"] if r["seed"] != experiment.seed]
+    results["search_overhead"].append(
+        {
+            "seed": experiment.seed,
+            "train_seconds": plain.cost.seconds,
+            "train_seconds_with_search": searched.cost.seconds,
+            "search_seconds": searched.search_seconds,
+            "ratio": searched.cost.seconds / plain.cost.seconds,
+            "forward_passes": plain.cost.forward_passes,
+            "forward_passes_with_search": searched.cost.forward_passes,
+            "identical_to_plain_training": identical,
+        }
+    )
+
+
+def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequence[float]) -> bool:
+    """Overlap of BINGO's and IMP's pruned weights at each sparsity both reached; True if any row was added."""
+    added = False
+    for sparsity in sparsities:
+        if any(r["seed"] == seed and r["sparsity"] == sparsity for r in results["overlap"]):
+            continue
+        bingo_path, imp_path = _mask_path(out_dir, "bingo", seed, sparsity), _mask_path(out_dir, "imp", seed, sparsity)
+        if not (bingo_path.exists() and imp_path.exists()):
+            continue
+        results["overlap"].append(
+            {
+                "seed": seed,
+                "sparsity": sparsity,
+                "bingo_vs_imp": mask_overlap(load_scores(bingo_path), load_scores(imp_path)),
+                "random_expectation": sparsity,
+            }
+        )
+        added = True
+    return added

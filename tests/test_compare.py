@@ -1,0 +1,90 @@
+"""bingo compare: shared setup, overlap, overhead, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bingo.compare import CompareConfig, mask_overlap, run_compare
+from bingo.errors import CheckpointError, ConfigError
+from bingo.strategies import STRATEGIES
+
+
+def _config(**overrides):
+    settings = dict(data="digits", model="mlp", epochs=1, methods=("bingo", "magnitude"), sparsities=(0.5, 0.9), seeds=1, batch_size=64)
+    settings.update(overrides)
+    return CompareConfig(**settings)
+
+
+def test_mask_overlap_hand_case():
+    a = {"w": torch.tensor([False, False, True, True])}  # prunes 0, 1
+    b = {"w": torch.tensor([False, True, False, True])}  # prunes 0, 2
+    assert mask_overlap(a, b) == 0.5
+    assert mask_overlap(a, a) == 1.0
+
+
+def test_compare_records_runs_dense_and_overhead(tmp_path):
+    results = run_compare(_config(seeds=2), tmp_path, progress=False)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert [(r["method"], r["seed"], r["sparsity"]) for r in results["runs"]] == [
+        (m, seed, s) for m in ("bingo", "magnitude") for seed in (0, 1) for s in (0.5, 0.9)
+    ]
+    assert [d["seed"] for d in results["dense"]] == [0, 1]
+    for row in results["runs"]:
+        assert 0 <= row["accuracy"] <= 1 and row["seconds"] > 0 and row["train_steps"] == results["dense"][0]["train_steps"]
+    bingo_rows = [r for r in results["runs"] if r["method"] == "bingo"]
+    magnitude_rows = [r for r in results["runs"] if r["method"] == "magnitude"]
+    # fake passes: one unmodified + one per layer (3) for every step
+    assert all(r["forward_passes"] == 5 * r["train_steps"] for r in bingo_rows)
+    assert all(r["forward_passes"] == r["train_steps"] for r in magnitude_rows)
+    for overhead in results["search_overhead"]:
+        assert overhead["identical_to_plain_training"] is True
+        assert overhead["ratio"] == overhead["train_seconds_with_search"] / overhead["train_seconds"]
+        assert overhead["forward_passes_with_search"] == 5 * overhead["forward_passes"]
+    masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert "bingo-seed0-sparsity0.9.safetensors" in masks and len(masks) == 8
+
+
+def test_resume_skips_finished_runs(tmp_path, monkeypatch):
+    first = run_compare(_config(methods=("magnitude",)), tmp_path, progress=False)
+    calls = []
+    original = STRATEGIES["magnitude"].run
+
+    def spy(self, experiment, sparsities):
+        calls.append(list(sparsities))
+        return original(self, experiment, sparsities)
+
+    monkeypatch.setattr(STRATEGIES["magnitude"], "run", spy)
+    second = run_compare(_config(methods=("magnitude", "random"), sparsities=(0.5, 0.8, 0.9)), tmp_path, resume=True, progress=False)
+    assert calls == [[0.8]]  # only the sparsity not yet recorded
+    kept = [r for r in second["runs"] if r["method"] == "magnitude" and r["sparsity"] in (0.5, 0.9)]
+    assert kept == [r for r in first["runs"]]  # earlier rows untouched
+    assert {r["method"] for r in second["runs"]} == {"magnitude", "random"}
+    assert second["settings"]["sparsities"] == [0.5, 0.8, 0.9]
+    assert len(second["dense"]) == 1
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    run_compare(_config(methods=("random",)), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="was made with epochs=1, not 2"):
+        run_compare(_config(methods=("random",), epochs=2), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="was made with batch_size=64, not 32"):
+        run_compare(_config(methods=("random",), batch_size=32), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"methods": ("bingo", "lasso")}, "unknown method 'lasso'; valid choices: bingo"),
+        ({"methods": ()}, "no methods given"),
+        ({"sparsities": (0.5, 1.0)}, r"sparsity must be in \[0, 1\)"),
+        ({"seeds": 0}, "seeds must be a whole number >= 1"),
+        ({"model": "vgg"}, "unknown model 'vgg'; valid choices: lenet300, mlp, conv"),
+        ({"methods": ("random", "random")}, "a method is listed twice"),
+    ],
+)
+def test_bad_compare_settings(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(**overrides)
