@@ -112,7 +112,109 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
     run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_compare_parser(commands)
     return parser
+
+
+def _comma_list(kind: type, flag: str):
+    def convert(text: str) -> list:
+        try:
+            values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects a comma-separated list, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} needs at least one value")
+        return values
+
+    return convert
+
+
+def _add_compare_parser(commands) -> None:
+    from .strategies import STRATEGIES
+
+    compare = commands.add_parser(
+        "compare", help="run BINGO and the baselines side by side; write results.json, results.csv, plots"
+    )
+    compare.add_argument("--data", required=True, help=f"{', '.join(DATASETS)}, or PATH.npz")
+    compare.add_argument("--data-dir", default=None, help="folder of the IDX files (fashion-mnist, mnist)")
+    compare.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
+    compare.add_argument("--epochs", type=int, default=3, help="training epochs of every (re)training; default 3")
+    compare.add_argument(
+        "--methods", type=_comma_list(str, "--methods"), default=list(STRATEGIES),
+        help=f"comma-separated, from {', '.join(STRATEGIES)}; default all",
+    )
+    compare.add_argument(
+        "--sparsities", type=_comma_list(float, "--sparsities"), default=[0.5, 0.8, 0.9, 0.95],
+        help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
+    )
+    compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
+    compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after one-shot pruning (bingo, magnitude, random); default 0")
+    compare.add_argument("--batch-size", type=int, default=128, help="default 128")
+    compare.add_argument("--lr", type=float, default=1.2e-3, help="default 1.2e-3")
+    compare.add_argument("--optimizer", default="adam", help="adam or sgd; default adam")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.json")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group = compare.add_argument_group("method settings (each method's config; defaults in brackets)")
+    for name, cls in STRATEGIES.items():
+        for f in dataclasses.fields(cls.Config):
+            if f.name == "finetune_epochs":
+                continue
+            flags = [f"--{name}-{f.name.replace('_', '-')}"]
+            if name == "imp" and f.name == "rewind_step":
+                flags.append("--rewind-step")
+            kind = type(f.default) if f.default is not None else str
+            group.add_argument(
+                *flags, dest=f"method__{name}__{f.name}", metavar=f.name.upper(), type=_typed(kind, f.name), default=None,
+                help=f"{name}: {f.metadata.get('help', '')} [{f.default}]",
+            )
+
+
+def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict:
+    from .strategies import STRATEGIES
+
+    configs = {}
+    for name in methods:
+        if name not in STRATEGIES:
+            continue  # CompareConfig reports it with the valid choices
+        cls = STRATEGIES[name]
+        overrides = {}
+        for f in dataclasses.fields(cls.Config):
+            if f.name == "finetune_epochs":
+                overrides[f.name] = args.finetune_epochs
+                continue
+            value = getattr(args, f"method__{name}__{f.name}", None)
+            if value is not None:
+                overrides[f.name] = value
+        configs[name] = cls.Config(**overrides)
+    return configs
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, run_compare
+    from .report import markdown_tables, write_report
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a folder")
+    config = CompareConfig(
+        data=args.data,
+        model=args.model,
+        epochs=args.epochs,
+        methods=tuple(args.methods),
+        sparsities=tuple(args.sparsities),
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        finetune_epochs=args.finetune_epochs,
+        data_dir=args.data_dir,
+        method_configs=_method_configs(args, args.methods),
+    )
+    results = run_compare(config, args.out, resume=args.resume, progress=not args.no_progress)
+    paths = write_report(results, args.out)
+    print(markdown_tables(results))
+    print("wrote " + ", ".join(str(p) for p in [Path(args.out) / "results.json", *paths.values()]))
+    return 0
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -289,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"demo": cmd_demo, "run": cmd_run}[args.command](args)
+        return {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare}[args.command](args)
     except BingoError as exc:
         print(f"bingo: error: {exc}", file=sys.stderr)
         return 2
