@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test benchmarks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Regenerates BENCHMARKS.md from a real `bingo compare` run (minutes; resumes if interrupted).
+benchmarks: $(STAMP)
+	$(PY) benchmarks/fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

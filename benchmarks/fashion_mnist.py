@@ -1,0 +1,86 @@
+"""Regenerate BENCHMARKS.md: BINGO vs the baselines on Fashion-MNIST with LeNet-300-100.
+
+    python benchmarks/fashion_mnist.py            # or: make benchmarks
+
+Runs ``bingo compare`` (resuming whatever is already in the output folder, so
+an interrupted benchmark loses nothing) and writes BENCHMARKS.md from its
+``results.json``: nothing in that file is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bingo.io import atomic_write
+from bingo.report import markdown_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path("benchmarks/results/fashion-mnist-lenet300")
+SETTINGS = [
+    "--data", "fashion-mnist",
+    "--model", "lenet300",
+    "--epochs", "3",
+    "--batch-size", "128",
+    "--lr", "1.2e-3",
+    "--optimizer", "adam",
+    "--methods", "bingo,imp,gmp,magnitude,snip,random",
+    "--sparsities", "0.5,0.8,0.9,0.95",
+    "--seeds", "3",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-run", action="store_true", help="only rewrite BENCHMARKS.md from existing results")
+    args = parser.parse_args()
+    command = [sys.executable, "-m", "bingo", "compare", *SETTINGS, "--out", str(OUT), "--resume"]
+    if not args.skip_run:
+        subprocess.run(command, cwd=ROOT, check=True)
+    import json
+
+    results = json.loads((ROOT / OUT / "results.json").read_text())
+    shown = " ".join(["bingo", "compare", *SETTINGS, "--out", str(OUT), "--resume"])
+    text = f"""# Benchmarks
+
+Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion_mnist.py`),
+which runs
+
+```sh
+{shown}
+```
+
+and rewrites this file from `{OUT}/results.json`. Machine of the last run:
+{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}.
+
+## BINGO vs IMP, GMP, SNIP, one-shot magnitude and random: Fashion-MNIST, LeNet-300-100
+
+Settings: every (re)training is {results['epochs']} epochs of Adam (lr {results['settings']['lr']}),
+batch {results['settings']['batch_size']}, on 54,000 training images (6,000 held out for
+validation); accuracy is on the 10,000 test images; seeds {results['settings']['seeds']} (each seed fixes the
+initial weights and the data order, shared by all methods). Sparsity is the fraction of
+the weights of all three layers removed (global ranking); no fine-tune after one-shot
+pruning (`--finetune-epochs {results['settings']['finetune_epochs']}`). Method settings:
+`{json.dumps(results['settings']['method_configs'])}`.
+
+`seconds` is the whole wall time a method needed to deliver its pruned network, dense
+training included; `forward passes` counts every training-batch forward, BINGO's fake
+passes included.
+
+![accuracy vs sparsity]({OUT}/accuracy.png)
+![cost]({OUT}/cost.png)
+
+{markdown_tables(results)}
+"""
+    atomic_write(ROOT / "BENCHMARKS.md", lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
