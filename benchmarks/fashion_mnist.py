@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bingo.io import atomic_write
-from bingo.report import markdown_tables
+from bingo.report import aggregate, markdown_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path("benchmarks/results/fashion-mnist-lenet300")
@@ -33,6 +33,24 @@ SETTINGS = [
     "--sparsities", "0.5,0.8,0.9,0.95",
     "--seeds", "3",
 ]
+
+
+def verdict(results: dict, method: str = "bingo") -> str:
+    """Where ``method`` wins and loses, sparsity by sparsity, in plain words (from the means)."""
+    rows = aggregate(results)
+    lines = []
+    for sparsity in sorted({r["sparsity"] for r in rows}):
+        at = {r["method"]: r for r in rows if r["sparsity"] == sparsity}
+        if method not in at:
+            continue
+        own = at[method]["accuracy_mean"]
+        better = [f"{m} ({r['accuracy_mean']:.3f})" for m, r in at.items() if m != method and r["accuracy_mean"] < own]
+        worse = [f"{m} ({r['accuracy_mean']:.3f})" for m, r in at.items() if m != method and r["accuracy_mean"] >= own]
+        lines.append(
+            f"- {sparsity:.0%} sparsity: {method} {own:.3f}; "
+            f"beats {', '.join(better) or 'nothing'}; loses to {', '.join(worse) or 'nothing'}."
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -71,6 +89,10 @@ pruning (`--finetune-epochs {results['settings']['finetune_epochs']}`). Method s
 `seconds` is the whole wall time a method needed to deliver its pruned network, dense
 training included; `forward passes` counts every training-batch forward, BINGO's fake
 passes included.
+
+### Where BINGO wins and where it loses (mean test accuracy over seeds)
+
+{verdict(results)}
 
 ![accuracy vs sparsity]({OUT}/accuracy.png)
 ![cost]({OUT}/cost.png)

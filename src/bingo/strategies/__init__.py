@@ -1,7 +1,10 @@
 """Pruning strategies behind one name -> class registry (:data:`STRATEGIES`)."""
 
 from .base import STRATEGIES, DenseRun, Experiment, ForwardCounter, Outcome, Strategy, Trained, get_strategy, register, rewind
-from .oneshot import BingoConfig, BingoStrategy, MagnitudeStrategy, OneShotConfig, RandomStrategy
+from .oneshot import BingoConfig, BingoStrategy, MagnitudeStrategy, OneShotConfig, RandomStrategy  # isort: skip (registered first)
+from .gmp import GmpConfig, GmpStrategy, gmp_sparsity
+from .imp import ImpConfig, ImpStrategy, imp_schedule
+from .snip import SnipConfig, SnipStrategy, snip_scores
 
 __all__ = [
     "STRATEGIES",
@@ -10,13 +13,22 @@ __all__ = [
     "DenseRun",
     "Experiment",
     "ForwardCounter",
+    "GmpConfig",
+    "GmpStrategy",
+    "ImpConfig",
+    "ImpStrategy",
     "MagnitudeStrategy",
     "OneShotConfig",
     "Outcome",
     "RandomStrategy",
+    "SnipConfig",
+    "SnipStrategy",
     "Strategy",
     "Trained",
     "get_strategy",
+    "gmp_sparsity",
+    "imp_schedule",
     "register",
     "rewind",
+    "snip_scores",
 ]

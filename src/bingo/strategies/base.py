@@ -128,6 +128,12 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             if target is None:
                 raise ConfigError(f"cannot rewind {key!r}: the model has no such parameter")
             target.copy_(value)
+        # Keep the masked tensors that torch's prune caches on the module in step
+        # (they are otherwise refreshed only by the next forward).
+        for module in model.modules():
+            for name in ("weight", "bias"):
+                if hasattr(module, f"{name}_mask"):
+                    setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
 
 
 class Experiment:
