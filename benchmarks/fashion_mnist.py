@@ -53,6 +53,23 @@ def verdict(results: dict, method: str = "bingo") -> str:
     return "\n".join(lines)
 
 
+def layer_table(results: dict) -> str:
+    """Per-layer sparsity of each method's masks (mean over seeds), from ``layer_sparsity`` in the runs."""
+    runs = [r for r in results["runs"] if "layer_sparsity" in r]
+    if not runs:
+        return "(no per-layer sparsity recorded)"
+    layers = list(runs[0]["layer_sparsity"])
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    lines = ["| sparsity | method | " + " | ".join(layers) + " |", "|:---|:---|" + "---:|" * len(layers)]
+    for sparsity in sorted({r["sparsity"] for r in runs}):
+        for method in methods:
+            rows = [r for r in runs if r["method"] == method and r["sparsity"] == sparsity]
+            if rows:
+                cells = [f"{sum(r['layer_sparsity'][k] for r in rows) / len(rows):.3f}" for k in layers]
+                lines.append(f"| {sparsity:g} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-run", action="store_true", help="only rewrite BENCHMARKS.md from existing results")
@@ -98,6 +115,13 @@ passes included.
 ![cost]({OUT}/cost.png)
 
 {markdown_tables(results)}
+
+### Where each method puts its cuts
+
+Fraction of each layer's weights removed (mean over seeds). All methods rank
+globally; how they share the budget between layers is part of what they learn.
+
+{layer_table(results)}
 """
     atomic_write(ROOT / "BENCHMARKS.md", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")

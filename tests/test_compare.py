@@ -88,3 +88,44 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_bad_compare_settings(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(**overrides)
+
+
+def test_cli_compare_end_to_end_all_methods(tmp_path, capsys):
+    from bingo.cli import main
+
+    out = tmp_path / "cmp"
+    code = main(
+        ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
+         "--methods", "bingo,imp,gmp,magnitude,snip,random", "--sparsities", "0.5,0.8", "--seeds", "1",
+         "--imp-rate", "0.5", "--gmp-frequency", "5", "--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["runs"]} == {"bingo", "imp", "gmp", "magnitude", "snip", "random"}
+    assert len(results["runs"]) == 12
+    assert results["settings"]["method_configs"]["imp"]["rate"] == 0.5
+    imp = [r for r in results["runs"] if r["method"] == "imp"]
+    assert imp[0]["train_steps"] < imp[1]["train_steps"]  # one trajectory: 0.8 costs more rounds than 0.5
+    assert [o["sparsity"] for o in results["overlap"]] == [0.5, 0.8]
+    for name in ("results.csv", "accuracy.png", "cost.png", "summary.md"):
+        assert (out / name).stat().st_size > 0
+    assert "bingo" in capsys.readouterr().out
+
+
+def test_cli_compare_resume_and_bad_method(tmp_path, capsys):
+    from bingo.cli import main
+
+    out = tmp_path / "cmp"
+    base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsities", "0.5", "--out", str(out), "--no-progress"]
+    assert main([*base, "--methods", "random"]) == 0
+    before = json.loads((out / "results.json").read_text())
+    assert main([*base, "--methods", "random,magnitude", "--resume"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["runs"][: len(before["runs"])] == before["runs"] or before["runs"][0] in after["runs"]
+    assert len(after["runs"]) == 2
+    capsys.readouterr()
+    assert main([*base, "--methods", "random,lasso"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bingo: error: unknown method 'lasso'; valid choices: bingo, magnitude, random")
+    assert "\n" not in err
+    assert json.loads((out / "results.json").read_text()) == after  # untouched by the failed run

@@ -184,7 +184,11 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
                 if pending:
                     for outcome in strategy.run(experiment, pending):
                         save_scores(outcome.masks, _mask_path(out_dir, name, seed, outcome.sparsity))
-                        results["runs"].append(outcome.record())
+                        row = outcome.record()
+                        row["layer_sparsity"] = {
+                            key: 1.0 - float(mask.float().mean()) for key, mask in outcome.masks.items()
+                        }
+                        results["runs"].append(row)
                         write_json(results_path, results)
                     if isinstance(strategy, BingoStrategy):
                         _record_overhead(results, experiment, strategy)

@@ -36,6 +36,7 @@ __all__ = [
     "GRANULARITIES",
     "METRICS",
     "MODES",
+    "ESTIMATORS",
     "RULES",
     "UNPROBED",
     "SearchConfig",
@@ -45,7 +46,8 @@ __all__ = [
 MODES = ("reset", "zero")
 METRICS = ("accuracy", "loss")
 GRANULARITIES = ("weight", "neuron")
-RULES = ("mean", "paper")
+RULES = ("mean", "paper", "contrast")
+ESTIMATORS = ("probe", "taylor")
 UNPROBED = ("keep", "mean", "nan")
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -59,7 +61,9 @@ class SearchConfig:
     mode: str = field(default="reset", metadata={"help": "what a probed weight is set to: reset (its initial value) or zero"})
     metric: str | Metric = field(default="accuracy", metadata={"help": "what a fake pass measures: accuracy or loss (or a callable, higher = better)"})
     granularity: str = field(default="weight", metadata={"help": "score single weights, or whole neurons / output channels"})
-    rule: str = field(default="mean", metadata={"help": "how probes add up: mean (relative drop, averaged) or paper (the author's s <- (s + |dA|) / 2)"})
+    rule: str = field(default="mean", metadata={"help": "how probes add up: mean (relative drop, averaged), paper (the author's s <- (s + |dA|) / 2) or contrast (mean drop when probed minus when not)"})
+    estimator: str = field(default="probe", metadata={"help": "probe (fake forward passes, the paper) or taylor (first-order estimate from the training gradients, no extra passes)"})
+    every: int = field(default=1, metadata={"help": "search on every k-th training step only"})
     seed: int = field(default=0, metadata={"help": "seed of the search's own random generator"})
     include: tuple[str, ...] | None = field(default=None, metadata={"help": "glob patterns of weights to score (default: every Linear/Conv)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
@@ -76,6 +80,9 @@ class SearchConfig:
             check_choice("metric", self.metric, METRICS)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("rule", self.rule, RULES)
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        if int(self.every) != self.every or self.every < 1:
+            raise ConfigError(f"every must be a whole number >= 1, got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
         if self.include is not None:
             object.__setattr__(self, "include", tuple(self.include))
@@ -179,6 +186,8 @@ class TicketSearch:
         seed: int = 0,
         *,
         rule: str = "mean",
+        estimator: str = "probe",
+        every: int = 1,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] = (),
         config: SearchConfig | None = None,
@@ -190,6 +199,8 @@ class TicketSearch:
                 metric=metric,
                 granularity=granularity,
                 rule=rule,
+                estimator=estimator,
+                every=every,
                 seed=seed,
                 include=None if include is None else tuple(include),
                 exclude=tuple(exclude),
@@ -214,13 +225,24 @@ class TicketSearch:
         for key, module in layers.items():
             weight = weight_of(module).detach()
             unit_shape = weight.shape if config.granularity == "weight" else weight.shape[:1]
-            entry = {
-                "theta0": weight.clone(),
-                "count": torch.zeros(unit_shape, dtype=torch.int64, device=weight.device),
-                "damage_sum": torch.zeros(unit_shape, dtype=torch.float64, device=weight.device),
-                "damage_sq_sum": torch.zeros(unit_shape, dtype=torch.float64, device=weight.device),
-                "running": torch.zeros(unit_shape, dtype=torch.float64, device=weight.device),
-            }
+            def zeros(shape=unit_shape, dtype=torch.float64):
+                return torch.zeros(shape, dtype=dtype, device=weight.device)
+
+            entry = {"theta0": weight.clone()}
+            if config.estimator == "probe":
+                entry.update(
+                    count=zeros(dtype=torch.int64),
+                    damage_sum=zeros(),  # clipped relative drops: rule "mean"
+                    damage_sq_sum=zeros(),
+                    running=zeros(),  # the author's running rule: rule "paper"
+                    drop_sum=zeros(),  # signed metric drops: rule "contrast"
+                    drop_sq_sum=zeros(),
+                    layer_probes=zeros((), torch.int64),  # per-layer totals, for the "not probed" side
+                    layer_drop_sum=zeros(()),
+                    layer_drop_sq_sum=zeros(()),
+                )
+            else:
+                entry.update(taylor_sum=zeros(), taylor_steps=zeros((), torch.int64))
             bias = getattr(module, "bias", None)
             if config.granularity == "neuron" and isinstance(bias, torch.Tensor):
                 entry["theta0_bias"] = bias.detach().clone()
@@ -229,7 +251,8 @@ class TicketSearch:
     # -- the fake passes ---------------------------------------------------
 
     def _units(self, key: str) -> int:
-        return self.state[key]["count"].numel()
+        weight = self.state[key]["theta0"]
+        return weight.numel() if self.config.granularity == "weight" else weight.shape[0]
 
     def _draw_subset(self, key: str) -> torch.Tensor:
         """Indices (into the flattened unit tensor) of the next probe's subset."""
@@ -268,6 +291,38 @@ class TicketSearch:
         entry["damage_sq_sum"].view(-1)[subset] += damage * damage
         running = entry["running"].view(-1)
         running[subset] = (running[subset] + paper_change(before, after)) / 2
+        drop = before - after
+        entry["drop_sum"].view(-1)[subset] += drop
+        entry["drop_sq_sum"].view(-1)[subset] += drop * drop
+        entry["layer_probes"] += 1
+        entry["layer_drop_sum"] += drop
+        entry["layer_drop_sq_sum"] += drop * drop
+
+    def _accumulate_taylor(self) -> None:
+        """First-order BINGO: the loss change of resetting each weight, from the training gradient.
+
+        Resetting weight i from w_i to θ0_i changes the loss by about
+        ``g_i (θ0_i - w_i) + ½ H_ii (θ0_i - w_i)²``. Near a minimum the first
+        term averages out over batches, and ``E[g_i²]`` (the empirical Fisher)
+        stands in for the curvature, so ``(g_i Δ_i)²`` with ``Δ = θ0 - w``
+        (``mode="reset"``) or ``Δ = -w`` (``mode="zero"``) is accumulated at
+        every searched step, per unit summed over the unit before squaring
+        (Molchanov et al. 2019's group Taylor criterion). It costs no forward pass.
+        """
+        for key, module in self.layers.items():
+            weight = weight_of(module)
+            if weight.grad is None:
+                raise ConfigError(
+                    f"estimator 'taylor' reads the gradient of {key!r}, which is None: call search.step(x, y) "
+                    "after optimizer.step() and before the next zero_grad()"
+                )
+            entry = self.state[key]
+            delta = (entry["theta0"] - weight.detach()) if self.config.mode == "reset" else -weight.detach()
+            change = weight.grad.detach() * delta
+            if self.config.granularity == "neuron":
+                change = change.reshape(change.shape[0], -1).sum(dim=1)
+            entry["taylor_sum"] += change.double().square()
+            entry["taylor_steps"] += 1
 
     @torch.no_grad()
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -279,6 +334,18 @@ class TicketSearch:
         are exactly as before the call.
         """
         start = time.perf_counter()
+        self.steps += 1
+        damages: dict[str, float] = {}
+        if (self.steps - 1) % self.config.every:
+            pass
+        elif self.config.estimator == "taylor":
+            self._accumulate_taylor()
+        else:
+            damages = self._fake_passes(inputs, targets)
+        self.seconds += time.perf_counter() - start
+        return damages
+
+    def _fake_passes(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         modes = [(m, m.training) for m in self.model.modules()]
         devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
         damages = {}
@@ -297,42 +364,95 @@ class TicketSearch:
         finally:
             for module, training in modes:
                 module.training = training
-        self.steps += 1
-        self.seconds += time.perf_counter() - start
         return damages
 
     # -- results -----------------------------------------------------------
 
     def probe_counts(self) -> dict[str, torch.Tensor]:
-        """``{key: int64 tensor}``: how many probes included each weight (unit)."""
-        return {key: entry["count"].clone() for key, entry in self.state.items()}
+        """``{key: int64 tensor}``: how many searched steps informed each weight (unit).
+
+        For the probe estimator, the number of probes that included it; for
+        ``taylor``, every weight is informed at every searched step.
+        """
+        counts = {}
+        for key, entry in self.state.items():
+            if "count" in entry:
+                counts[key] = entry["count"].clone()
+            else:
+                counts[key] = torch.full(entry["taylor_sum"].shape, int(entry["taylor_steps"]), dtype=torch.int64)
+        return counts
+
+    def _contrast(self, entry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean drop when probed minus mean drop when not, its standard error, and where both sides exist."""
+        n_in = entry["count"].double()
+        n_out = entry["layer_probes"].double() - n_in
+        known = (n_in > 0) & (n_out > 0)
+        mean_in = entry["drop_sum"] / n_in.clamp(min=1)
+        mean_out = (entry["layer_drop_sum"] - entry["drop_sum"]) / n_out.clamp(min=1)
+        var_in = (entry["drop_sq_sum"] / n_in.clamp(min=1) - mean_in.square()).clamp(min=0)
+        var_out = ((entry["layer_drop_sq_sum"] - entry["drop_sq_sum"]) / n_out.clamp(min=1) - mean_out.square()).clamp(min=0)
+        stderr = (var_in / n_in.clamp(min=1) + var_out / n_out.clamp(min=1)).sqrt()
+        return mean_in - mean_out, stderr, known
+
+    def _raw(self, entry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled scores and where they are known."""
+        if self.config.estimator == "taylor":
+            steps = int(entry["taylor_steps"])
+            return entry["taylor_sum"] / max(steps, 1), torch.full(entry["taylor_sum"].shape, steps > 0)
+        if self.config.rule == "contrast":
+            contrast, _, known = self._contrast(entry)
+            return contrast, known
+        probed = entry["count"] > 0
+        if self.config.rule == "mean":
+            return entry["damage_sum"] / entry["count"].clamp(min=1), probed
+        return entry["running"].clone(), probed
+
+    def uncertainty(self) -> dict[str, torch.Tensor]:
+        """Standard error of the ``contrast`` estimate per weight (unit), in metric units; inf where unknown.
+
+        Shrinks like ``1 / sqrt(probes)``. Only the probe estimator has it.
+        """
+        if self.config.estimator != "probe":
+            raise ConfigError("uncertainty() needs estimator='probe'")
+        out = {}
+        for key, entry in self.state.items():
+            _, stderr, known = self._contrast(entry)
+            out[key] = torch.where(known, stderr, torch.full_like(stderr, math.inf)).float()
+        return out
 
     def significance(self, unprobed: str = "keep") -> dict[str, torch.Tensor]:
         """Scores per weight (or unit), float32 in [0, 1], higher = more significant.
 
-        ``unprobed`` decides the score of a weight no probe included:
+        ``rule="mean"`` and ``"paper"`` are in [0, 1] by construction. The
+        ``contrast`` rule and the ``taylor`` estimator measure in metric (loss)
+        units, comparable across layers; they are mapped to [0, 1] by one affine
+        map over all layers, which keeps their order.
+
+        ``unprobed`` decides the score of a weight with no estimate:
         ``"keep"`` gives 1 (pruned last: no evidence it is safe to remove),
-        ``"mean"`` gives the mean score of the probed weights of its layer,
+        ``"mean"`` gives the mean score of the known weights of its layer,
         ``"nan"`` gives NaN (for callers that handle it; selection refuses NaN).
         Keys are the weight names of ``model.named_parameters()``; shapes are the
         weight's (``granularity="weight"``) or ``(out_units,)`` (``"neuron"``).
         """
         check_choice("unprobed", unprobed, UNPROBED)
+        raw = {key: self._raw(entry) for key, entry in self.state.items()}
+        if self.config.estimator == "taylor" or self.config.rule == "contrast":
+            known_values = [score[known] for score, known in raw.values() if known.any()]
+            if known_values:
+                values = torch.cat(known_values)
+                low, high = float(values.min()), float(values.max())
+                span = high - low if high > low else 1.0
+                raw = {key: ((score - low) / span, known) for key, (score, known) in raw.items()}
         scores = {}
-        for key, entry in self.state.items():
-            count = entry["count"]
-            probed = count > 0
-            if self.config.rule == "mean":
-                score = entry["damage_sum"] / count.clamp(min=1)
-            else:
-                score = entry["running"].clone()
+        for key, (score, known) in raw.items():
             if unprobed == "keep":
                 fill = 1.0
             elif unprobed == "mean":
-                fill = float(score[probed].mean()) if probed.any() else 1.0
+                fill = float(score[known].mean()) if known.any() else 1.0
             else:
                 fill = math.nan
-            scores[key] = torch.where(probed, score, torch.full_like(score, fill)).float()
+            scores[key] = torch.where(known, score, torch.full_like(score, fill)).float()
         return scores
 
     # -- checkpointing -----------------------------------------------------
