@@ -382,7 +382,7 @@ BAD_OPTIONS = [
     (("--mode", "shuffle"), r"unknown mode 'shuffle'; valid choices: reset, zero$"),
     (("--metric", "f1"), r"unknown metric 'f1'; valid choices: accuracy, loss$"),
     (("--granularity", "layer"), r"unknown granularity 'layer'; valid choices: weight, neuron$"),
-    (("--rule", "max"), r"unknown rule 'max'; valid choices: mean, paper$"),
+    (("--rule", "max"), r"unknown rule 'max'; valid choices: mean, paper, contrast$"),
     (("--optimizer", "rmsprop"), r"unknown optimizer 'rmsprop'; valid choices: adam, sgd$"),
     (("--scope", "model"), r"unknown scope 'model'; valid choices: global, layer$"),
     (("--epochs", "two"), r"--epochs expects an int, got 'two'$"),

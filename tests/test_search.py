@@ -343,7 +343,7 @@ def test_scores_survive_safetensors(tmp_path, batch):
         ({"mode": "noise"}, "unknown mode 'noise'; valid choices: reset, zero"),
         ({"metric": "f1"}, "unknown metric 'f1'; valid choices: accuracy, loss"),
         ({"granularity": "layer"}, "unknown granularity 'layer'; valid choices: weight, neuron"),
-        ({"rule": "max"}, "unknown rule 'max'; valid choices: mean, paper"),
+        ({"rule": "max"}, "unknown rule 'max'; valid choices: mean, paper, contrast"),
     ],
 )
 def test_bad_settings_name_the_problem(kwargs, message):
