@@ -26,25 +26,30 @@ def test_mask_overlap_hand_case():
 
 
 def test_compare_records_runs_dense_and_overhead(tmp_path):
-    results = run_compare(_config(seeds=2), tmp_path, progress=False)
+    methods = ("bingo-paper", "bingo", "magnitude")
+    results = run_compare(_config(seeds=2, methods=methods), tmp_path, progress=False)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert [(r["method"], r["seed"], r["sparsity"]) for r in results["runs"]] == [
-        (m, seed, s) for m in ("bingo", "magnitude") for seed in (0, 1) for s in (0.5, 0.9)
+        (m, seed, s) for m in methods for seed in (0, 1) for s in (0.5, 0.9)
     ]
     assert [d["seed"] for d in results["dense"]] == [0, 1]
     for row in results["runs"]:
         assert 0 <= row["accuracy"] <= 1 and row["seconds"] > 0 and row["train_steps"] == results["dense"][0]["train_steps"]
-    bingo_rows = [r for r in results["runs"] if r["method"] == "bingo"]
-    magnitude_rows = [r for r in results["runs"] if r["method"] == "magnitude"]
-    # fake passes: one unmodified + one per layer (3) for every step
-    assert all(r["forward_passes"] == 5 * r["train_steps"] for r in bingo_rows)
-    assert all(r["forward_passes"] == r["train_steps"] for r in magnitude_rows)
+    paper_rows = [r for r in results["runs"] if r["method"] == "bingo-paper"]
+    plain_rows = [r for r in results["runs"] if r["method"] in ("bingo", "magnitude")]
+    # faithful BINGO: one unmodified + one fake pass per layer (3) at every step; taylor needs none
+    assert all(r["forward_passes"] == 5 * r["train_steps"] for r in paper_rows)
+    assert all(r["forward_passes"] == r["train_steps"] for r in plain_rows)
+    assert sorted((o["method"], o["seed"]) for o in results["search_overhead"]) == [
+        ("bingo", 0), ("bingo", 1), ("bingo-paper", 0), ("bingo-paper", 1)
+    ]
     for overhead in results["search_overhead"]:
         assert overhead["identical_to_plain_training"] is True
         assert overhead["ratio"] == overhead["train_seconds_with_search"] / overhead["train_seconds"]
-        assert overhead["forward_passes_with_search"] == 5 * overhead["forward_passes"]
+        passes = 5 if overhead["method"] == "bingo-paper" else 1
+        assert overhead["forward_passes_with_search"] == passes * overhead["forward_passes"]
     masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
-    assert "bingo-seed0-sparsity0.9.safetensors" in masks and len(masks) == 8
+    assert "bingo-seed0-sparsity0.9.safetensors" in masks and len(masks) == 12
 
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):
@@ -126,6 +131,6 @@ def test_cli_compare_resume_and_bad_method(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--methods", "random,lasso"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("bingo: error: unknown method 'lasso'; valid choices: bingo, magnitude, random")
+    assert err.startswith("bingo: error: unknown method 'lasso'; valid choices: bingo, bingo-paper, magnitude, random")
     assert "\n" not in err
     assert json.loads((out / "results.json").read_text()) == after  # untouched by the failed run

@@ -212,9 +212,17 @@ def test_markdown_overlap_and_overhead():
     assert table_row(overlap, "sparsity") == ["sparsity", "bingo vs imp", "random masks", "seeds"]
     assert table_row(overlap, "0.8") == ["0.8", f"0.920 ± {0.04 / math.sqrt(2):.3f}", "0.800", "2"]
     overhead = text[text.index("### Search overhead"):]
-    assert "took 3.00× as long" in overhead
-    assert table_row(overhead, "2") == ["2", "2.0 s", "6.0 s", "3.00×", "2.50–3.50×"]
-    assert "bit-identical (2 of 2 seeds)" in overhead
+    assert "(mean over seeds): bingo 3.00×." in overhead
+    assert table_row(overhead, "bingo") == ["bingo", "2", "2.0 s", "6.0 s", "3.00×", "2.50–3.50×"]
+    assert "bit-identical (2 of 2 runs)" in overhead
+
+
+def test_markdown_overhead_per_method():
+    results = make_results()
+    results["search_overhead"].append(dict(results["search_overhead"][0], method="bingo-paper", ratio=5.0))
+    overhead = markdown_tables(results)[markdown_tables(results).index("### Search overhead"):]
+    assert "bingo 3.00×; bingo-paper 5.00×" in overhead
+    assert table_row(overhead, "bingo-paper")[1:2] == ["1"]
 
 
 def test_markdown_warns_when_search_changed_training():

@@ -76,7 +76,7 @@ def _record_retraining(monkeypatch, experiment: Experiment) -> list[dict[str, to
 
 def test_every_method_is_registered():
     assert {"bingo", "magnitude", "random", "imp", "gmp", "snip"} <= set(STRATEGIES)
-    assert list(STRATEGIES)[:3] == ["bingo", "magnitude", "random"]
+    assert list(STRATEGIES)[:4] == ["bingo", "bingo-paper", "magnitude", "random"]
     for name in ("imp", "gmp", "snip"):
         strategy = get_strategy(name)
         assert strategy.name == name
@@ -84,7 +84,7 @@ def test_every_method_is_registered():
 
 
 def test_unknown_method_lists_the_valid_choices():
-    with pytest.raises(ConfigError, match=r"unknown method 'foo'; valid choices: bingo, magnitude, random, .*imp.*"):
+    with pytest.raises(ConfigError, match=r"unknown method 'foo'; valid choices: bingo, bingo-paper, magnitude, random, .*imp.*"):
         get_strategy("foo")
 
 

@@ -213,9 +213,12 @@ def _record_overhead(results: dict, experiment: Experiment, strategy: BingoStrat
     identical = all(
         torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), searched.model.state_dict().values())
     )
-    results["search_overhead"] = [r for r in results["search_overhead"] if r["seed"] != experiment.seed]
+    results["search_overhead"] = [
+        r for r in results["search_overhead"] if (r.get("method", "bingo"), r["seed"]) != (strategy.name, experiment.seed)
+    ]
     results["search_overhead"].append(
         {
+            "method": strategy.name,
             "seed": experiment.seed,
             "train_seconds": plain.cost.seconds,
             "train_seconds_with_search": searched.cost.seconds,
@@ -229,21 +232,24 @@ def _record_overhead(results: dict, experiment: Experiment, strategy: BingoStrat
 
 
 def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequence[float]) -> bool:
-    """Overlap of BINGO's and IMP's pruned weights at each sparsity both reached; True if any row was added."""
+    """Overlap of each BINGO variant's pruned weights with IMP's, at each sparsity both reached.
+
+    Adds a ``"<method>_vs_imp"`` value to the seed's row per sparsity; True if anything was added.
+    """
     added = False
     for sparsity in sparsities:
-        if any(r["seed"] == seed and r["sparsity"] == sparsity for r in results["overlap"]):
+        imp_path = _mask_path(out_dir, "imp", seed, sparsity)
+        if not imp_path.exists():
             continue
-        bingo_path, imp_path = _mask_path(out_dir, "bingo", seed, sparsity), _mask_path(out_dir, "imp", seed, sparsity)
-        if not (bingo_path.exists() and imp_path.exists()):
-            continue
-        results["overlap"].append(
-            {
-                "seed": seed,
-                "sparsity": sparsity,
-                "bingo_vs_imp": mask_overlap(load_scores(bingo_path), load_scores(imp_path)),
-                "random_expectation": sparsity,
-            }
-        )
-        added = True
+        row = next((r for r in results["overlap"] if r["seed"] == seed and r["sparsity"] == sparsity), None)
+        for method in ("bingo", "bingo-paper"):
+            path = _mask_path(out_dir, method, seed, sparsity)
+            key = f"{method}_vs_imp"
+            if not path.exists() or (row is not None and key in row):
+                continue
+            if row is None:
+                row = {"seed": seed, "sparsity": sparsity, "random_expectation": sparsity}
+                results["overlap"].append(row)
+            row[key] = mask_overlap(load_scores(path), load_scores(imp_path))
+            added = True
     return added

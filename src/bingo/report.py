@@ -417,22 +417,32 @@ def _overlap_table(overlap: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _overhead_text(overhead: Sequence[Mapping[str, Any]]) -> str:
-    ratios = [float(r["ratio"]) for r in overhead]
-    plain = _mean([float(r["train_seconds"]) for r in overhead])
-    searched = _mean([float(r["train_seconds_with_search"]) for r in overhead])
-    table = _table(
-        ["seeds", "training", "training + search", "ratio (mean)", "ratio (range)"],
-        [[str(len(overhead)), _seconds(plain, None), _seconds(searched, None), f"{_mean(ratios):.2f}×", f"{min(ratios):.2f}–{max(ratios):.2f}×"]],
-        "rrrrr",
-    )
-    text = f"Training with the ticket search took {_mean(ratios):.2f}× as long as plain training (mean over seeds).\n\n{table}"
+    """One row per searching method (rows without ``method`` count as ``bingo``)."""
+    methods = list(dict.fromkeys(str(r.get("method", "bingo")) for r in overhead))
+    body = []
+    for method in methods:
+        rows = [r for r in overhead if str(r.get("method", "bingo")) == method]
+        ratios = [float(r["ratio"]) for r in rows]
+        body.append(
+            [
+                method,
+                str(len(rows)),
+                _seconds(_mean([float(r["train_seconds"]) for r in rows]), None),
+                _seconds(_mean([float(r["train_seconds_with_search"]) for r in rows]), None),
+                f"{_mean(ratios):.2f}×",
+                f"{min(ratios):.2f}–{max(ratios):.2f}×",
+            ]
+        )
+    table = _table(["method", "seeds", "training", "training + search", "ratio (mean)", "ratio (range)"], body, "lrrrrr")
+    summary = "; ".join(f"{row[0]} {row[4]}" for row in body)
+    text = f"Training time with the ticket search divided by plain training time (mean over seeds): {summary}.\n\n{table}"
     identical = [r["identical_to_plain_training"] for r in overhead if "identical_to_plain_training" in r]
     if identical:
         # the search must not perturb training; say so either way
         if all(identical):
-            text += f"\n\nWith and without the search, training ended bit-identical ({len(identical)} of {len(identical)} seeds)."
+            text += f"\n\nWith and without the search, training ended bit-identical ({len(identical)} of {len(identical)} runs)."
         else:
-            text += f"\n\n**Warning:** training with the search ended differently from plain training in {identical.count(False)} of {len(identical)} seeds."
+            text += f"\n\n**Warning:** training with the search ended differently from plain training in {identical.count(False)} of {len(identical)} runs."
     return text
 
 

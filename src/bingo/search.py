@@ -64,6 +64,7 @@ class SearchConfig:
     rule: str = field(default="mean", metadata={"help": "how probes add up: mean (relative drop, averaged), paper (the author's s <- (s + |dA|) / 2) or contrast (mean drop when probed minus when not)"})
     estimator: str = field(default="probe", metadata={"help": "probe (fake forward passes, the paper) or taylor (first-order estimate from the training gradients, no extra passes)"})
     every: int = field(default=1, metadata={"help": "search on every k-th training step only"})
+    decay: float = field(default=0.99, metadata={"help": "taylor: weight of the past in the running average over steps (1 = plain mean over all steps)"})
     seed: int = field(default=0, metadata={"help": "seed of the search's own random generator"})
     include: tuple[str, ...] | None = field(default=None, metadata={"help": "glob patterns of weights to score (default: every Linear/Conv)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
@@ -81,6 +82,8 @@ class SearchConfig:
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("rule", self.rule, RULES)
         check_choice("estimator", self.estimator, ESTIMATORS)
+        if not (0.0 <= float(self.decay) <= 1.0):
+            raise ConfigError(f"decay must be in [0, 1], got {self.decay!r}")
         if int(self.every) != self.every or self.every < 1:
             raise ConfigError(f"every must be a whole number >= 1, got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
@@ -188,6 +191,7 @@ class TicketSearch:
         rule: str = "mean",
         estimator: str = "probe",
         every: int = 1,
+        decay: float = 0.99,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] = (),
         config: SearchConfig | None = None,
@@ -201,6 +205,7 @@ class TicketSearch:
                 rule=rule,
                 estimator=estimator,
                 every=every,
+                decay=decay,
                 seed=seed,
                 include=None if include is None else tuple(include),
                 exclude=tuple(exclude),
@@ -242,7 +247,8 @@ class TicketSearch:
                     layer_drop_sq_sum=zeros(()),
                 )
             else:
-                entry.update(taylor_sum=zeros(), taylor_steps=zeros((), torch.int64))
+                # float32 is plenty for an average of squares and keeps the per-step cost low.
+                entry.update(taylor_average=zeros(dtype=torch.float32), taylor_steps=zeros((), torch.int64))
             bias = getattr(module, "bias", None)
             if config.granularity == "neuron" and isinstance(bias, torch.Tensor):
                 entry["theta0_bias"] = bias.detach().clone()
@@ -299,16 +305,22 @@ class TicketSearch:
         entry["layer_drop_sq_sum"] += drop * drop
 
     def _accumulate_taylor(self) -> None:
-        """First-order BINGO: the loss change of resetting each weight, from the training gradient.
+        """Taylor BINGO: the loss change of resetting each weight, from the training gradient.
 
         Resetting weight i from w_i to θ0_i changes the loss by about
-        ``g_i (θ0_i - w_i) + ½ H_ii (θ0_i - w_i)²``. Near a minimum the first
-        term averages out over batches, and ``E[g_i²]`` (the empirical Fisher)
-        stands in for the curvature, so ``(g_i Δ_i)²`` with ``Δ = θ0 - w``
-        (``mode="reset"``) or ``Δ = -w`` (``mode="zero"``) is accumulated at
-        every searched step, per unit summed over the unit before squaring
-        (Molchanov et al. 2019's group Taylor criterion). It costs no forward pass.
+        ``g_i Δ_i + ½ H_ii Δ_i²`` with ``Δ = θ0 - w`` (``mode="reset"``) or
+        ``Δ = -w`` (``mode="zero"``, what pruning does). Near a minimum the
+        first-order term averages out over batches (and measured, it only adds
+        noise), while ``E[g_i²]``, the empirical Fisher, stands in for the
+        curvature (Optimal Brain Damage, LeCun et al. 1990, with the Fisher of
+        Theis et al. 2018). So ``(g_i Δ_i)²`` is averaged over searched steps,
+        per unit summed over the unit before squaring (the group Taylor
+        criterion of Molchanov et al. 2019). The average is exponential with
+        weight ``decay`` on the past (bias-corrected like Adam's moments), so
+        the score reflects the trained network rather than its early steps;
+        ``decay=1`` is the plain mean over all steps. No forward pass is needed.
         """
+        decay = self.config.decay
         for key, module in self.layers.items():
             weight = weight_of(module)
             if weight.grad is None:
@@ -317,12 +329,16 @@ class TicketSearch:
                     "after optimizer.step() and before the next zero_grad()"
                 )
             entry = self.state[key]
-            delta = (entry["theta0"] - weight.detach()) if self.config.mode == "reset" else -weight.detach()
-            change = weight.grad.detach() * delta
+            if self.config.mode == "reset":
+                change = weight.grad.detach() * (entry["theta0"] - weight.detach())
+            else:  # the sign of Δ = -w does not matter once squared
+                change = weight.grad.detach() * weight.detach()
             if self.config.granularity == "neuron":
                 change = change.reshape(change.shape[0], -1).sum(dim=1)
-            entry["taylor_sum"] += change.double().square()
             entry["taylor_steps"] += 1
+            average = entry["taylor_average"]
+            weight_new = 1.0 / float(entry["taylor_steps"]) if decay == 1.0 else 1.0 - decay
+            average.mul_(1.0 - weight_new).addcmul_(change, change, value=weight_new)
 
     @torch.no_grad()
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -379,7 +395,7 @@ class TicketSearch:
             if "count" in entry:
                 counts[key] = entry["count"].clone()
             else:
-                counts[key] = torch.full(entry["taylor_sum"].shape, int(entry["taylor_steps"]), dtype=torch.int64)
+                counts[key] = torch.full(entry["taylor_average"].shape, int(entry["taylor_steps"]), dtype=torch.int64)
         return counts
 
     def _contrast(self, entry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -398,7 +414,10 @@ class TicketSearch:
         """Unscaled scores and where they are known."""
         if self.config.estimator == "taylor":
             steps = int(entry["taylor_steps"])
-            return entry["taylor_sum"] / max(steps, 1), torch.full(entry["taylor_sum"].shape, steps > 0)
+            decay = self.config.decay
+            correction = 1.0 if decay == 1.0 else 1.0 - decay**steps  # Adam-style bias correction
+            average = entry["taylor_average"].double() / max(correction, 1e-300)
+            return average, torch.full(average.shape, steps > 0)
         if self.config.rule == "contrast":
             contrast, _, known = self._contrast(entry)
             return contrast, known

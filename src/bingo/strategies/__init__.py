@@ -1,7 +1,7 @@
 """Pruning strategies behind one name -> class registry (:data:`STRATEGIES`)."""
 
 from .base import STRATEGIES, DenseRun, Experiment, ForwardCounter, Outcome, Strategy, Trained, get_strategy, register, rewind
-from .oneshot import BingoConfig, BingoStrategy, MagnitudeStrategy, OneShotConfig, RandomStrategy  # isort: skip (registered first)
+from .oneshot import BingoConfig, BingoPaperConfig, BingoPaperStrategy, BingoStrategy, MagnitudeStrategy, OneShotConfig, RandomStrategy  # isort: skip (registered first)
 from .gmp import GmpConfig, GmpStrategy, gmp_sparsity
 from .imp import ImpConfig, ImpStrategy, imp_schedule
 from .snip import SnipConfig, SnipStrategy, snip_scores
@@ -9,6 +9,8 @@ from .snip import SnipConfig, SnipStrategy, snip_scores
 __all__ = [
     "STRATEGIES",
     "BingoConfig",
+    "BingoPaperConfig",
+    "BingoPaperStrategy",
     "BingoStrategy",
     "DenseRun",
     "Experiment",
