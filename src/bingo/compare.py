@@ -247,9 +247,12 @@ def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequen
             key = f"{method}_vs_imp"
             if not path.exists() or (row is not None and key in row):
                 continue
+            mine, imp = load_scores(path), load_scores(imp_path)
+            if any(mine[k].shape != imp[k].shape for k in imp if k in mine) or set(mine) != set(imp):
+                continue  # different granularity: no weight-by-weight overlap
             if row is None:
                 row = {"seed": seed, "sparsity": sparsity, "random_expectation": sparsity}
                 results["overlap"].append(row)
-            row[key] = mask_overlap(load_scores(path), load_scores(imp_path))
+            row[key] = mask_overlap(mine, imp)
             added = True
     return added

@@ -16,7 +16,7 @@ import torch
 
 from ..pruning import prune
 from ..scoring import magnitude_scores, random_scores
-from ..search import ESTIMATORS, METRICS, MODES, RULES, SearchConfig, TicketSearch
+from ..search import ESTIMATORS, GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
 from ..selection import SCOPES
 from ..errors import ConfigError, check_choice
 from .base import DenseRun, Experiment, Outcome, Strategy, register
@@ -24,10 +24,11 @@ from .base import DenseRun, Experiment, Outcome, Strategy, register
 __all__ = ["BingoConfig", "BingoPaperConfig", "BingoPaperStrategy", "BingoStrategy", "MagnitudeStrategy", "OneShotConfig", "RandomStrategy"]
 
 
-def _check_oneshot(finetune_epochs: int, scope: str) -> None:
+def _check_oneshot(finetune_epochs: int, scope: str, granularity: str) -> None:
     if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune epochs must be a whole number >= 0, got {finetune_epochs!r}")
     check_choice("scope", scope, SCOPES)
+    check_choice("granularity", granularity, GRANULARITIES)
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,10 @@ class OneShotConfig:
 
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global or layer"})
+    granularity: str = field(default="weight", metadata={"help": "weight, or neuron (sparsity = fraction of hidden units; magnitude = L2 norm of a unit's weights)"})
 
     def __post_init__(self) -> None:
-        _check_oneshot(self.finetune_epochs, self.scope)
+        _check_oneshot(self.finetune_epochs, self.scope, self.granularity)
 
 
 class OneShotStrategy(Strategy):
@@ -86,15 +88,16 @@ class BingoConfig:
     every: int = field(default=1, metadata={"help": "search every k-th step"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global or layer"})
+    granularity: str = field(default="weight", metadata={"help": "weight, or neuron (sparsity = fraction of hidden units)"})
 
     def __post_init__(self) -> None:
         self.search_config(0)  # validates the search fields
-        _check_oneshot(self.finetune_epochs, self.scope)
+        _check_oneshot(self.finetune_epochs, self.scope, self.granularity)
 
     def search_config(self, seed: int) -> SearchConfig:
         return SearchConfig(
             fraction=self.fraction, mode=self.mode, metric=self.metric, rule=self.rule,
-            estimator=self.estimator, every=self.every, decay=self.decay, seed=seed,
+            estimator=self.estimator, every=self.every, decay=self.decay, granularity=self.granularity, seed=seed,
         )
 
 
@@ -138,7 +141,7 @@ class MagnitudeStrategy(OneShotStrategy):
 
     def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
         dense = experiment.dense()
-        return dense, magnitude_scores(dense.model)
+        return dense, magnitude_scores(dense.model, self.config.granularity)
 
 
 @register
@@ -149,4 +152,4 @@ class RandomStrategy(OneShotStrategy):
 
     def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
         dense = experiment.dense()
-        return dense, random_scores(dense.model, seed=experiment.seed)
+        return dense, random_scores(dense.model, self.config.granularity, seed=experiment.seed)
