@@ -112,8 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
     run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--export", default=None, metavar="DIR", help="export the pruned model (the last sparsity) to DIR: model.pt2 with preprocessing, weights.safetensors, model.json; shrunk first with --granularity neuron")
+    run.add_argument("--onnx", action="store_true", help="with --export: also write model.onnx if the onnx package is installed")
     _add_compare_parser(commands)
+    _add_export_parser(commands)
     return parser
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser("export", help="export a model saved by 'bingo run --save' to a self-contained folder (model.pt2, weights.safetensors, model.json)")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="the MODEL.pt file written by 'bingo run --save'")
+    export.add_argument("dir", metavar="DIR", help="output folder")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx if the onnx package is installed")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        raise ConfigError(f"export folder {args.dir} is a file; give a folder")
+    result = export_checkpoint(args.checkpoint, args.dir, onnx=args.onnx)
+    print(f"exported {'shrunk' if result.model is not None and _shrunk(result) else 'pruned'} model to {result.directory}: "
+          + ", ".join(p.name for p in (result.program, result.weights, result.metadata, result.onnx) if p is not None))
+    return 0
 
 
 def _comma_list(kind: type, flag: str):
@@ -287,6 +308,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for flag in ("out", "save", "scores", "checkpoint"):
         if getattr(args, flag) is not None:
             _check_file_path(flag, getattr(args, flag))
+    if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise ConfigError(f"--export {args.export} is a file; give a folder")
     search_config = SearchConfig(
         fraction=args.fraction, mode=args.mode, metric=args.metric, granularity=args.granularity, rule=args.rule, seed=args.seed
     )
@@ -378,6 +401,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.save,
         )
         report["model_file"] = args.save
+    if args.export:
+        from .export import export_model
+
+        export_model(
+            pruned_model, (data.offset, data.scale), data.input_shape, args.export,
+            metadata={"architecture": args.model, "data": args.data, "granularity": search_config.granularity,
+                      "num_classes": data.num_classes, "sparsity": results[-1]["sparsity"], "accuracy": results[-1]["accuracy"]},
+            shrink_units=search_config.granularity == "neuron", onnx=args.onnx,
+        )
+        report["export_dir"] = args.export
     write_json(args.out, report)
     print(_table(
         [[f"{r['sparsity']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
@@ -391,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare}[args.command](args)
+        return {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "export": cmd_export}[args.command](args)
     except BingoError as exc:
         print(f"bingo: error: {exc}", file=sys.stderr)
         return 2

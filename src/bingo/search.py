@@ -47,7 +47,7 @@ MODES = ("reset", "zero")
 METRICS = ("accuracy", "loss")
 GRANULARITIES = ("weight", "neuron")
 RULES = ("mean", "paper", "contrast")
-ESTIMATORS = ("probe", "taylor")
+ESTIMATORS = ("probe", "taylor", "hybrid")
 UNPROBED = ("keep", "mean", "nan")
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -62,8 +62,8 @@ class SearchConfig:
     metric: str | Metric = field(default="accuracy", metadata={"help": "what a fake pass measures: accuracy or loss (or a callable, higher = better)"})
     granularity: str = field(default="weight", metadata={"help": "score single weights, or whole neurons / output channels"})
     rule: str = field(default="mean", metadata={"help": "how probes add up: mean (relative drop, averaged), paper (the author's s <- (s + |dA|) / 2) or contrast (mean drop when probed minus when not)"})
-    estimator: str = field(default="probe", metadata={"help": "probe (fake forward passes, the paper) or taylor (first-order estimate from the training gradients, no extra passes)"})
-    every: int = field(default=1, metadata={"help": "search on every k-th training step only"})
+    estimator: str = field(default="probe", metadata={"help": "probe (fake forward passes, the paper), taylor (estimate from the training gradients, no extra passes) or hybrid (taylor, with each layer's scale calibrated by real probes)"})
+    every: int = field(default=1, metadata={"help": "fake passes on every k-th training step only"})
     decay: float = field(default=0.99, metadata={"help": "taylor: weight of the past in the running average over steps (1 = plain mean over all steps)"})
     seed: int = field(default=0, metadata={"help": "seed of the search's own random generator"})
     include: tuple[str, ...] | None = field(default=None, metadata={"help": "glob patterns of weights to score (default: every Linear/Conv)"})
@@ -82,6 +82,8 @@ class SearchConfig:
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("rule", self.rule, RULES)
         check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.estimator == "hybrid" and self.metric != "loss":
+            raise ConfigError(f"estimator 'hybrid' calibrates loss estimates and needs metric='loss', got {self.metric!r}")
         if not (0.0 <= float(self.decay) <= 1.0):
             raise ConfigError(f"decay must be in [0, 1], got {self.decay!r}")
         if int(self.every) != self.every or self.every < 1:
@@ -246,9 +248,12 @@ class TicketSearch:
                     layer_drop_sum=zeros(()),
                     layer_drop_sq_sum=zeros(()),
                 )
-            else:
+            if config.estimator in ("taylor", "hybrid"):
                 # float32 is plenty for an average of squares and keeps the per-step cost low.
                 entry.update(taylor_average=zeros(dtype=torch.float32), taylor_steps=zeros((), torch.int64))
+            if config.estimator == "hybrid":
+                # measured vs Taylor-predicted loss change of the same probes, summed per layer
+                entry.update(calibration_measured=zeros(()), calibration_predicted=zeros(()))
             bias = getattr(module, "bias", None)
             if config.granularity == "neuron" and isinstance(bias, torch.Tensor):
                 entry["theta0_bias"] = bias.detach().clone()
@@ -304,6 +309,40 @@ class TicketSearch:
         entry["layer_drop_sum"] += drop
         entry["layer_drop_sq_sum"] += drop * drop
 
+    def _taylor_estimate(self, entry: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bias-corrected running average of ``(g Δ)²`` per weight (unit), float64."""
+        steps = int(entry["taylor_steps"])
+        decay = self.config.decay
+        correction = 1.0 if decay == 1.0 else 1.0 - decay**steps  # Adam-style bias correction
+        return entry["taylor_average"].double() / max(correction, 1e-300)
+
+    def _calibrate(self, key: str, subset: torch.Tensor, measured_loss_increase: float) -> None:
+        """Hybrid: add one probe's measured loss change and its Taylor prediction ``½ Σ_S (gΔ)²``."""
+        entry = self.state[key]
+        if int(entry["taylor_steps"]) == 0:
+            return
+        steps, decay = int(entry["taylor_steps"]), self.config.decay
+        correction = 1.0 if decay == 1.0 else 1.0 - decay**steps
+        chosen = entry["taylor_average"].view(-1)[subset.to(entry["taylor_average"].device)]
+        predicted = 0.5 * float(chosen.double().sum()) / max(correction, 1e-300)
+        entry["calibration_measured"] += measured_loss_increase
+        entry["calibration_predicted"] += predicted
+
+    def calibration(self) -> dict[str, float]:
+        """Hybrid: per layer, measured / Taylor-predicted loss change of the probes (1 where unknown).
+
+        The factor that puts every layer's Taylor scores on the scale of the
+        loss changes real fake passes measured, so a global ranking compares
+        layers by what resetting their weights actually did.
+        """
+        if self.config.estimator != "hybrid":
+            raise ConfigError("calibration() needs estimator='hybrid'")
+        factors = {}
+        for key, entry in self.state.items():
+            measured, predicted = float(entry["calibration_measured"]), float(entry["calibration_predicted"])
+            factors[key] = measured / predicted if measured > 0 and predicted > 0 else 1.0
+        return factors
+
     def _accumulate_taylor(self) -> None:
         """Taylor BINGO: the loss change of resetting each weight, from the training gradient.
 
@@ -352,11 +391,9 @@ class TicketSearch:
         start = time.perf_counter()
         self.steps += 1
         damages: dict[str, float] = {}
-        if (self.steps - 1) % self.config.every:
-            pass
-        elif self.config.estimator == "taylor":
+        if self.config.estimator in ("taylor", "hybrid"):
             self._accumulate_taylor()
-        else:
+        if self.config.estimator in ("probe", "hybrid") and (self.steps - 1) % self.config.every == 0:
             damages = self._fake_passes(inputs, targets)
         self.seconds += time.perf_counter() - start
         return damages
@@ -375,7 +412,10 @@ class TicketSearch:
                     subset = self._draw_subset(key)
                     outputs = functional_call(self.model, self._probe_tensors(key, subset), (inputs,))
                     after = float(self._metric(outputs, targets))
-                    self._record(key, subset, before, after)
+                    if self.config.estimator == "hybrid":
+                        self._calibrate(key, subset, before - after)
+                    else:
+                        self._record(key, subset, before, after)
                     damages[key] = probe_damage(before, after)
         finally:
             for module, training in modes:
@@ -392,7 +432,7 @@ class TicketSearch:
         """
         counts = {}
         for key, entry in self.state.items():
-            if "count" in entry:
+            if "count" in entry and self.config.estimator == "probe":
                 counts[key] = entry["count"].clone()
             else:
                 counts[key] = torch.full(entry["taylor_average"].shape, int(entry["taylor_steps"]), dtype=torch.int64)
@@ -412,12 +452,13 @@ class TicketSearch:
 
     def _raw(self, entry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled scores and where they are known."""
-        if self.config.estimator == "taylor":
-            steps = int(entry["taylor_steps"])
-            decay = self.config.decay
-            correction = 1.0 if decay == 1.0 else 1.0 - decay**steps  # Adam-style bias correction
-            average = entry["taylor_average"].double() / max(correction, 1e-300)
-            return average, torch.full(average.shape, steps > 0)
+        if self.config.estimator in ("taylor", "hybrid"):
+            average = self._taylor_estimate(entry)
+            if self.config.estimator == "hybrid":
+                measured, predicted = float(entry["calibration_measured"]), float(entry["calibration_predicted"])
+                if measured > 0 and predicted > 0:
+                    average = average * (measured / predicted)
+            return average, torch.full(average.shape, int(entry["taylor_steps"]) > 0)
         if self.config.rule == "contrast":
             contrast, _, known = self._contrast(entry)
             return contrast, known
@@ -456,7 +497,7 @@ class TicketSearch:
         """
         check_choice("unprobed", unprobed, UNPROBED)
         raw = {key: self._raw(entry) for key, entry in self.state.items()}
-        if self.config.estimator == "taylor" or self.config.rule == "contrast":
+        if self.config.estimator != "probe" or self.config.rule == "contrast":
             known_values = [score[known] for score, known in raw.values() if known.any()]
             if known_values:
                 values = torch.cat(known_values)

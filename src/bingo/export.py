@@ -1,0 +1,414 @@
+"""Saving a pruned model small, and exporting it to run without bingo.
+
+Two things live here:
+
+- **Compact files for weight-level pruning.** :func:`save_compact` keeps, per
+  masked tensor, only the surviving values plus a bitmask packed eight
+  entries to a byte (``numpy.packbits``), and every other tensor dense, in one
+  safetensors file. At sparsity ``s`` a float32 weight costs about
+  ``4 (1 - s) + 1/8`` bytes per entry instead of 4 (a plain ``state_dict``)
+  or 8 (a masked ``state_dict``, which holds ``weight_orig`` and a float mask).
+  :func:`load_compact` restores it.
+- **Self-contained export.** :func:`export_model` writes a folder with
+  ``model.pt2`` (a ``torch.export`` program with a dynamic batch dimension
+  that includes the dataset's preprocessing, so it takes *raw* values),
+  ``weights.safetensors`` and ``model.json``. Loading it needs only
+  ``torch.export.load(path).module()``: no bingo, no model class.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .io import atomic_write, load_checkpoint, write_json
+from .pruning import load_pruned_state_dict, make_permanent
+from .shrink import count_parameters, shrink
+
+__all__ = [
+    "COMPACT_FORMAT",
+    "EXPORT_FORMAT",
+    "ExportResult",
+    "RawInputModel",
+    "export_checkpoint",
+    "export_model",
+    "load_compact",
+    "save_compact",
+    "state_dict_size",
+]
+
+COMPACT_FORMAT = "bingo-compact"
+EXPORT_FORMAT = "bingo-export"
+_VALUES, _BITS = ".values", ".bitmask"
+
+
+# --------------------------------------------------------------------------
+# sizes
+# --------------------------------------------------------------------------
+
+
+def state_dict_size(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: the size of the usual checkpoint file.
+
+    A masked model's state dict holds ``weight_orig`` and the mask, so it is
+    about twice the dense one; bake the masks in (:func:`bingo.make_permanent`
+    on a copy) to measure the plain dense file.
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# --------------------------------------------------------------------------
+# compact files
+# --------------------------------------------------------------------------
+
+
+def save_compact(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model``'s state with only the surviving entries of every masked tensor.
+
+    For every ``<module>.<name>_mask`` in the state dict (weights, and biases
+    under neuron granularity) the file holds ``<module>.<name>.values`` (the
+    entries the mask keeps, in row-major order) and ``<module>.<name>.bitmask``
+    (the mask, ``numpy.packbits`` of its flattened bools, uint8). Every other
+    entry (unmasked parameters, BatchNorm statistics, ...) is stored dense
+    under its own key. Shapes and dtypes go in the safetensors metadata. The
+    file is written atomically. Values at pruned positions (``weight_orig``
+    where the mask is 0) are not stored: they never reach the forward pass.
+    """
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    masked: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        if key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state:
+            continue
+        if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
+            logical = key[: -len("_orig")]
+            mask_tensor = state[logical + "_mask"]
+            mask = mask_tensor.detach().bool().cpu()
+            tensors[logical + _VALUES] = value.detach().cpu()[mask].contiguous()
+            tensors[logical + _BITS] = torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+            masked[logical] = {"shape": list(mask.shape), "mask_dtype": str(mask_tensor.dtype).removeprefix("torch.")}
+        else:
+            tensors[key] = value.detach().cpu().clone().contiguous()
+    metadata = {"format": COMPACT_FORMAT, "version": "1", "masked": json.dumps(masked)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = True) -> nn.Module:
+    """Load a file written by :func:`save_compact` into ``model`` (in place) and return it.
+
+    ``model`` is a model of the same architecture, fresh (unpruned) or pruned
+    with the same masks. With ``masks=True`` the masks are put back through
+    :func:`bingo.load_pruned_state_dict`, so the model is pruned exactly as the
+    saved one (``weight_orig`` holds the survivors and zeros elsewhere) and
+    stays so through further training. With ``masks=False`` the weights are
+    loaded plain, zeros included, into an unpruned model. Either way every
+    weight the forward pass uses is bit-identical to the saved model's.
+
+    Raises:
+        CheckpointError: the file is missing, not a compact file, or does not
+            fit ``model``.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"no such compact file: {path}") from None
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path} as safetensors: {' '.join(str(exc).split())}") from None
+    if metadata.get("format") != COMPACT_FORMAT:
+        raise CheckpointError(f"{path} is not a bingo compact file (format {metadata.get('format')!r}, expected {COMPACT_FORMAT!r})")
+    state: dict[str, torch.Tensor] = {}
+    for logical, info in json.loads(metadata["masked"]).items():
+        try:
+            values, bits = tensors.pop(logical + _VALUES), tensors.pop(logical + _BITS)
+        except KeyError:
+            raise CheckpointError(f"{path} is corrupt: {logical!r} lacks its values or bitmask") from None
+        shape = tuple(info["shape"])
+        flat = np.unpackbits(bits.numpy(), count=math.prod(shape)).astype(bool)
+        mask = torch.from_numpy(flat).reshape(shape)
+        if int(mask.sum()) != values.numel():
+            raise CheckpointError(f"{path} is corrupt: {logical!r} has {values.numel()} values for {int(mask.sum())} kept entries")
+        dense = torch.zeros(shape, dtype=values.dtype)
+        dense[mask] = values
+        if masks:
+            state[logical + "_orig"] = dense
+            state[logical + "_mask"] = mask.to(getattr(torch, info.get("mask_dtype", "bool")))
+        else:
+            state[logical] = dense
+    state.update(tensors)
+    if masks:
+        load_pruned_state_dict(model, state)
+    else:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise CheckpointError(f"compact file {path} does not fit the model: {lines[-1] if lines else exc}") from None
+    return model
+
+
+# --------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------
+
+
+class RawInputModel(nn.Module):
+    """``model`` behind the dataset's preprocessing: takes raw values, as stored in the dataset.
+
+    ``forward(raw)``: ``raw`` is float32 of shape ``(N, *raw_shape)``; it is
+    reshaped to ``(N, *input_shape)`` and standardised as
+    ``x = (raw - offset) / scale`` (the same float32 operations as
+    :meth:`bingo.data.Dataset.preprocess`, so integer raw values give inputs
+    bit-identical to the dataset's), then passed to ``model``.
+    """
+
+    def __init__(self, model: nn.Module, offset: float, scale: float, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.offset = float(offset)
+        self.scale = float(scale)
+        self.input_shape = tuple(int(d) for d in input_shape)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        x = raw.to(torch.float32).reshape(-1, *self.input_shape)
+        return self.model((x - self.offset) / self.scale)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_model` wrote, and the network it exported."""
+
+    directory: Path
+    program: Path  #: model.pt2, for torch.export.load
+    weights: Path  #: weights.safetensors, the exported network's state dict
+    metadata: Path  #: model.json
+    onnx: Path | None  #: model.onnx, when asked for and possible
+    model: nn.Module  #: the exported network: masks baked in, shrunk if it was
+
+
+def _unit_pruned(model: nn.Module) -> bool:
+    """True if some layer carries neuron-granularity masks (whole rows masked, every row all or nothing)."""
+    for module in model.modules():
+        mask = getattr(module, "weight_mask", None)
+        if mask is None or mask.dim() < 2:
+            continue
+        rows = mask.reshape(mask.shape[0], -1).bool()
+        uniform = (rows.all(dim=1) | ~rows.any(dim=1)).all()
+        if uniform and not rows.any(dim=1).all():
+            return True
+    return False
+
+
+def _weight_sparsity(model: nn.Module) -> float:
+    zeros = total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / total if total else 0.0
+
+
+def _write_program(program, path: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+
+    return atomic_write(path, write)
+
+
+def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path | None:
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        warnings.warn(f"ONNX export skipped: {', '.join(missing)} not installed (pip install {' '.join(missing)})", stacklevel=3)
+        return None
+
+    import torch.onnx
+
+    def write(tmp: str) -> None:
+        torch.onnx.export(
+            wrapper, (example,), tmp, input_names=["raw"], output_names=["logits"],
+            dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}},
+        )
+
+    return atomic_write(path, write)
+
+
+_RESERVED = {"format", "version", "input", "model_input_shape", "preprocess", "parameters", "weight_sparsity",
+             "shrunk", "layers", "files", "torch_version"}
+
+
+def export_model(
+    model: nn.Module,
+    preprocess: tuple[float, float],
+    input_shape: tuple[int, ...],
+    out_dir: str | os.PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    raw_shape: tuple[int, ...] | None = None,
+    shrink_units: bool | None = None,
+    onnx: bool = False,
+) -> ExportResult:
+    """Export ``model`` with its preprocessing as a self-contained folder.
+
+    Args:
+        model: the trained (possibly masked) model; not modified.
+        preprocess: ``(offset, scale)`` of the dataset (:class:`bingo.data.Dataset`
+            ``.offset`` / ``.scale``): the model expects ``(raw - offset) / scale``.
+        input_shape: the model's per-sample input shape (``Dataset.input_shape``).
+        out_dir: folder to write; created if needed, existing files replaced.
+        metadata: JSON-serialisable facts to record in ``model.json``, e.g.
+            ``{"architecture": "lenet300", "sparsity": 0.9, "accuracy": 0.87}``.
+        raw_shape: per-sample shape of the raw values the program takes, if
+            not ``input_shape`` (e.g. ``(28, 28)`` or ``(784,)``); same number
+            of entries.
+        shrink_units: remove dead units with :func:`bingo.shrink` first.
+            ``None`` (default): shrink when the model carries neuron-granularity
+            masks. Masks are made permanent in any case.
+        onnx: also write ``model.onnx`` (needs the ``onnx`` and ``onnxscript``
+            packages; skipped with a warning if they are not installed).
+
+    Writes (each file atomically; ``model.json`` last):
+        - ``model.pt2``: ``torch.export`` program, input ``raw`` float32 of
+          shape ``(batch, *raw_shape)`` with a dynamic batch (>= 1), output
+          the model's logits. Load with ``torch.export.load(p).module()``.
+        - ``weights.safetensors``: the exported network's state dict.
+        - ``model.json``: the caller's ``metadata`` plus input shapes,
+          preprocessing, parameter count, weight sparsity, layer shapes.
+
+    Raises:
+        ConfigError: bad preprocessing or shapes, metadata that is not JSON or
+            uses a reserved key, a model that cannot be shrunk or exported.
+    """
+    try:
+        offset, scale = (float(v) for v in preprocess)
+    except (TypeError, ValueError):
+        raise ConfigError(f"preprocess must be (offset, scale) numbers, got {preprocess!r}") from None
+    if not (math.isfinite(offset) and math.isfinite(scale)) or scale == 0:
+        raise ConfigError(f"preprocess needs a finite offset and a finite nonzero scale, got ({offset}, {scale})")
+    input_shape = tuple(int(d) for d in input_shape)
+    raw_shape = input_shape if raw_shape is None else tuple(int(d) for d in raw_shape)
+    if math.prod(raw_shape) != math.prod(input_shape):
+        raise ConfigError(f"raw_shape {raw_shape} has {math.prod(raw_shape)} entries; input_shape {input_shape} has {math.prod(input_shape)}")
+    metadata = dict(metadata or {})
+    clash = sorted(_RESERVED & set(metadata))
+    if clash:
+        raise ConfigError(f"metadata key(s) {', '.join(clash)} are reserved; reserved keys: {', '.join(sorted(_RESERVED))}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"metadata must be JSON-serialisable: {exc}") from None
+    directory = Path(out_dir)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"export folder {directory} is a file; give a folder")
+
+    if shrink_units is None:
+        shrink_units = _unit_pruned(model)
+    if shrink_units:
+        net = shrink(model, input_shape)
+    else:
+        net = copy.deepcopy(model)
+        make_permanent(net)
+    net.eval()
+    wrapper = RawInputModel(net, offset, scale, input_shape).eval()
+    example = torch.zeros((2, *raw_shape))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                wrapper, (example,), dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}}
+            )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"torch.export cannot export {type(model).__name__} for input {raw_shape}: {first}") from None
+
+    directory.mkdir(parents=True, exist_ok=True)
+    program_path = _write_program(program, directory / "model.pt2")
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+    weights_path = atomic_write(directory / "weights.safetensors", lambda tmp: save_file(state, tmp))
+    onnx_path = _export_onnx(wrapper, example, directory / "model.onnx") if onnx else None
+    record = {
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        **metadata,
+        "input": {"shape": ["batch", *raw_shape], "dtype": "float32", "values": "raw, as stored in the dataset"},
+        "model_input_shape": list(input_shape),
+        "preprocess": {"offset": offset, "scale": scale, "formula": "x = (raw - offset) / scale", "in_program": True},
+        "parameters": count_parameters(net),
+        "weight_sparsity": _weight_sparsity(net),
+        "shrunk": bool(shrink_units),
+        "layers": {
+            name: list(module.weight.shape)
+            for name, module in net.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        },
+        "files": {"program": program_path.name, "weights": weights_path.name, "onnx": onnx_path.name if onnx_path else None},
+        "torch_version": torch.__version__,
+    }
+    metadata_path = write_json(directory / "model.json", record)
+    return ExportResult(directory, program_path, weights_path, metadata_path, onnx_path, net)
+
+
+_CHECKPOINT_KEYS = ("model", "input_shape", "num_classes", "preprocess", "state_dict")
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    shrink_units: bool | None = None,
+    onnx: bool = False,
+) -> ExportResult:
+    """Export the ``--save`` file of ``bingo run`` with :func:`export_model`.
+
+    The checkpoint is a dict with ``kind: "bingo-model"``, ``model`` (a name
+    in :data:`bingo.models.MODELS`), ``input_shape``, ``num_classes``,
+    ``preprocess: {offset, scale}``, ``state_dict`` (with masks) and
+    optionally ``sparsity`` and ``accuracy``, which go to ``model.json``.
+
+    Raises:
+        CheckpointError: unreadable, not a bingo model file, or a state dict
+            that does not fit the named model.
+    """
+    from .models import build_model
+
+    ckpt = load_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "bingo-model":
+        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{checkpoint} is not a bingo model file (kind {kind!r}); expected the --save file of 'bingo run'")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{checkpoint} lacks {', '.join(missing)}; a bingo model file has {', '.join(_CHECKPOINT_KEYS)}")
+    preprocess = ckpt["preprocess"]
+    if not isinstance(preprocess, dict) or not {"offset", "scale"} <= set(preprocess):
+        raise CheckpointError(f"{checkpoint}: preprocess must be {{offset, scale}}, got {preprocess!r}")
+    input_shape = tuple(int(d) for d in ckpt["input_shape"])
+    model = build_model(ckpt["model"], input_shape, int(ckpt["num_classes"]))
+    load_pruned_state_dict(model, ckpt["state_dict"])
+    metadata = {"architecture": ckpt["model"], "num_classes": int(ckpt["num_classes"]), "source": os.fspath(checkpoint)}
+    for key in ("sparsity", "accuracy"):
+        if key in ckpt:
+            metadata[key] = ckpt[key]
+    return export_model(
+        model, (preprocess["offset"], preprocess["scale"]), input_shape, out_dir,
+        metadata=metadata, shrink_units=shrink_units, onnx=onnx,
+    )
