@@ -29,8 +29,8 @@ SETTINGS = [
     "--batch-size", "128",
     "--lr", "1.2e-3",
     "--optimizer", "adam",
-    "--methods", "bingo,imp,gmp,magnitude,snip,random",
-    "--sparsities", "0.5,0.8,0.9,0.95",
+    "--methods", "bingo,bingo-paper,imp,gmp,magnitude,snip,random",
+    "--sparsities", "0.5,0.8,0.9,0.95,0.98",
     "--seeds", "3",
 ]
 
@@ -77,6 +77,10 @@ def main() -> int:
     command = [sys.executable, "-m", "bingo", "compare", *SETTINGS, "--out", str(OUT), "--resume"]
     if not args.skip_run:
         subprocess.run(command, cwd=ROOT, check=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ablation
+
+    ablation_text = ablation.main() if not args.skip_run else (ROOT / "benchmarks/results/ablation.md").read_text()
     import json
 
     results = json.loads((ROOT / OUT / "results.json").read_text())
@@ -109,12 +113,22 @@ passes included.
 
 ### Where BINGO wins and where it loses (mean test accuracy over seeds)
 
-{verdict(results)}
+`bingo` (the default: hybrid Taylor + calibrating fake passes):
+
+{verdict(results, "bingo")}
+
+`bingo-paper` (the faithful reproduction):
+
+{verdict(results, "bingo-paper")}
 
 ![accuracy vs sparsity]({OUT}/accuracy.png)
 ![cost]({OUT}/cost.png)
 
 {markdown_tables(results)}
+
+## Ablation: what each ingredient of the new `bingo` buys
+
+{ablation_text}
 
 ### Where each method puts its cuts
 

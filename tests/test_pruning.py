@@ -164,3 +164,11 @@ def test_prune_to_accuracy_never_empties_a_layer_of_units():
     result = bingo.prune_to_accuracy(model, scores, lambda m: 1.0, min_accuracy=0.0)
     assert result.masks["1.weight"].sum() == 1  # all but one unit of the weakest layer
     assert result.masks["3.weight"].all()
+
+
+def test_loaded_pruned_weights_are_visible_before_any_forward():
+    model = make_mlp()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    fresh = make_mlp(seed=3)
+    bingo.load_pruned_state_dict(fresh, model.state_dict())
+    assert torch.equal(fresh[1].weight, model[1].weight)

@@ -6,6 +6,7 @@ in one shot, through ``torch.nn.utils.prune``.
 """
 
 from .errors import BingoError, CheckpointError, ConfigError, DataError
+from .export import ExportResult, RawInputModel, export_checkpoint, export_model, load_compact, save_compact, state_dict_size
 from .io import load_scores, save_scores
 from .layers import find_layers
 from .pruning import (
@@ -21,6 +22,7 @@ from .pruning import (
 from .scoring import magnitude_scores, random_scores
 from .search import SearchConfig, TicketSearch
 from .selection import select_masks
+from .shrink import count_flops, count_parameters, shrink
 
 __all__ = [
     "AccuracyFloorResult",
@@ -28,11 +30,18 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ExportResult",
+    "RawInputModel",
     "SearchConfig",
     "TicketSearch",
     "apply_masks",
+    "count_flops",
+    "count_parameters",
     "current_masks",
+    "export_checkpoint",
+    "export_model",
     "find_layers",
+    "load_compact",
     "load_scores",
     "load_pruned_state_dict",
     "magnitude_scores",
@@ -41,8 +50,11 @@ __all__ = [
     "prune",
     "prune_to_accuracy",
     "random_scores",
+    "save_compact",
     "save_scores",
     "select_masks",
+    "shrink",
+    "state_dict_size",
 ]
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,14 +127,23 @@ def _add_export_parser(commands) -> None:
     export.add_argument("--onnx", action="store_true", help="also write model.onnx if the onnx package is installed")
 
 
+def _print_warnings(caught: list) -> None:
+    """Library warnings from export (ONNX skipped, pruned units kept by shrink) as one line each."""
+    for warning in caught:
+        print(f"bingo: warning: {warning.message}", file=sys.stderr)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         raise ConfigError(f"export folder {args.dir} is a file; give a folder")
-    result = export_checkpoint(args.checkpoint, args.dir, onnx=args.onnx)
-    print(f"exported {'shrunk' if result.model is not None and _shrunk(result) else 'pruned'} model to {result.directory}: "
-          + ", ".join(p.name for p in (result.program, result.weights, result.metadata, result.onnx) if p is not None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = export_checkpoint(args.checkpoint, args.dir, onnx=args.onnx)
+    _print_warnings(caught)
+    files = ", ".join(p.name for p in (result.program, result.weights, result.metadata, result.onnx) if p is not None)
+    print(f"exported the {'shrunk' if result.shrunk else 'pruned'} model to {result.directory}: {files}")
     return 0
 
 
@@ -391,6 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             {
                 "kind": "bingo-model",
                 "model": args.model,
+                "granularity": search_config.granularity,
                 "input_shape": list(data.input_shape),
                 "num_classes": data.num_classes,
                 "preprocess": {"offset": data.offset, "scale": data.scale},
@@ -404,12 +415,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.export:
         from .export import export_model
 
-        export_model(
-            pruned_model, (data.offset, data.scale), data.input_shape, args.export,
-            metadata={"architecture": args.model, "data": args.data, "granularity": search_config.granularity,
-                      "num_classes": data.num_classes, "sparsity": results[-1]["sparsity"], "accuracy": results[-1]["accuracy"]},
-            shrink_units=search_config.granularity == "neuron", onnx=args.onnx,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_model(
+                pruned_model, (data.offset, data.scale), data.input_shape, args.export,
+                metadata={"architecture": args.model, "data": args.data, "granularity": search_config.granularity,
+                          "num_classes": data.num_classes, "sparsity": results[-1]["sparsity"], "accuracy": results[-1]["accuracy"]},
+                shrink_units=search_config.granularity == "neuron", onnx=args.onnx,
+            )
+        _print_warnings(caught)
         report["export_dir"] = args.export
     write_json(args.out, report)
     print(_table(

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write, load_checkpoint, write_json
@@ -156,6 +157,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
     state.update(tensors)
     if masks:
         load_pruned_state_dict(model, state)
+        _refresh_masked(model)
     else:
         try:
             model.load_state_dict(state)
@@ -163,6 +165,21 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise CheckpointError(f"compact file {path} does not fit the model: {lines[-1] if lines else exc}") from None
     return model
+
+
+def _refresh_masked(model: nn.Module) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` now rather than at the next forward.
+
+    ``torch.nn.utils.prune`` only refreshes the masked tensor in a forward
+    pre-hook, so right after ``load_state_dict`` ``module.weight`` still holds
+    the values from before the load. Stored detached, as bingo keeps it
+    (a tensor with a grad_fn would make the model impossible to deepcopy).
+    """
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                with torch.no_grad():
+                    setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
 
 
 # --------------------------------------------------------------------------
@@ -202,6 +219,7 @@ class ExportResult:
     metadata: Path  #: model.json
     onnx: Path | None  #: model.onnx, when asked for and possible
     model: nn.Module  #: the exported network: masks baked in, shrunk if it was
+    shrunk: bool  #: whether dead units were removed with :func:`bingo.shrink`
 
 
 def _unit_pruned(model: nn.Module) -> bool:
@@ -365,7 +383,7 @@ def export_model(
         "torch_version": torch.__version__,
     }
     metadata_path = write_json(directory / "model.json", record)
-    return ExportResult(directory, program_path, weights_path, metadata_path, onnx_path, net)
+    return ExportResult(directory, program_path, weights_path, metadata_path, onnx_path, net, bool(shrink_units))
 
 
 _CHECKPOINT_KEYS = ("model", "input_shape", "num_classes", "preprocess", "state_dict")
@@ -405,9 +423,11 @@ def export_checkpoint(
     model = build_model(ckpt["model"], input_shape, int(ckpt["num_classes"]))
     load_pruned_state_dict(model, ckpt["state_dict"])
     metadata = {"architecture": ckpt["model"], "num_classes": int(ckpt["num_classes"]), "source": os.fspath(checkpoint)}
-    for key in ("sparsity", "accuracy"):
+    for key in ("sparsity", "accuracy", "granularity"):
         if key in ckpt:
             metadata[key] = ckpt[key]
+    if shrink_units is None and "granularity" in ckpt:
+        shrink_units = ckpt["granularity"] == "neuron"
     return export_model(
         model, (preprocess["offset"], preprocess["scale"]), input_shape, out_dir,
         metadata=metadata, shrink_units=shrink_units, onnx=onnx,

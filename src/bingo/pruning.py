@@ -166,6 +166,13 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise CheckpointError(f"state dict does not fit the model: {lines[-1] if lines else exc}") from None
+    # torch's prune recomputes the masked tensor only at the next forward; do it now
+    # so that reading module.weight right after loading gives the loaded values.
+    with torch.no_grad():
+        for module in model.modules():
+            for name in ("weight", "bias"):
+                if hasattr(module, f"{name}_mask"):
+                    setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:

@@ -192,7 +192,7 @@ class _Step:
     def label(self) -> str:
         if self.module is not None:
             return f"{self.module_name!r} ({type(self.module).__name__})"
-        return f"node {self.node.name!r} ({_target_name(self.node)})"
+        return f"node {self.node.name!r} ({_target_name(self.node)}){_inside(self.node)}"
 
 
 def _target_name(node: fx.Node) -> str:
@@ -202,6 +202,15 @@ def _target_name(node: fx.Node) -> str:
     name = getattr(target, "__name__", str(target))
     module = getattr(target, "__module__", None)
     return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
+
+
+def _inside(node: fx.Node) -> str:
+    """`` in 'block' (Block)`` when the node comes from a submodule's forward, else ``""``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, kind = list(stack.values())[-1]
+    return f" in {path!r} ({getattr(kind, '__name__', kind)})"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -267,7 +276,7 @@ def _chain(graph: fx.Graph, model: nn.Module) -> list[fx.Node]:
         inputs = [n for n in node.all_input_nodes if not _is_shape_query(n) and n.op != "get_attr"]
         if len(inputs) != 1:
             raise ConfigError(
-                f"cannot shrink {name}: node {node.name!r} ({_target_name(node)}) takes {len(inputs)} tensor inputs; "
+                f"cannot shrink {name}: node {node.name!r} ({_target_name(node)}){_inside(node)} takes {len(inputs)} tensor inputs; "
                 "shrink follows a single chain of layers (no residual adds, concatenations or branches)"
             )
         chain.append(node)
@@ -415,7 +424,8 @@ def _fold_pair(producer: _Layer, consumer: _Layer, between: list[_Step], model_n
                     f"cannot shrink {model_name}: {step.label} {where} normalises {step.module.num_features} features, "
                     f"not the {units} units of {producer.name!r}"
                 )
-            c = _bn_eval(step.module, c, step.label)
+            if step.module.running_mean is not None or producer.dead.any():
+                c = _bn_eval(step.module, c, step.label)  # without running stats: refused only if needed
             producer.norms.append(step)
         elif step.kind == "pointwise":
             with torch.no_grad():

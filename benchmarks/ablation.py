@@ -1,0 +1,105 @@
+"""The BINGO ablation: each ingredient on and off, Fashion-MNIST, LeNet-300-100.
+
+    python benchmarks/ablation.py        # also run by `make benchmarks`
+
+Every variant is one ``bingo compare`` run into ``benchmarks/results/ablation/<name>``
+(resumed if already there); the table is built from their ``results.json``
+files and written to ``benchmarks/results/ablation.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bingo.io import atomic_write
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path("benchmarks/results/ablation")
+COMMON = ["--data", "fashion-mnist", "--model", "lenet300", "--epochs", "3", "--seeds", "3"]
+WEIGHT = ["--sparsities", "0.9,0.95"]
+NEURON = ["--sparsities", "0.5,0.7"]
+
+#: name -> (what changes, method, compare flags). In order: the paper, then one ingredient at a time.
+VARIANTS = {
+    "paper": ("faithful BINGO: 1% reset-to-θ0 probes every step, accuracy change, mean rule", "bingo-paper", WEIGHT),
+    "loss": ("+ loss change instead of accuracy change", "bingo-paper", [*WEIGHT, "--bingo-paper-metric", "loss"]),
+    "contrast": ("+ contrast estimator (mean loss change when probed − when not)", "bingo-paper",
+                 [*WEIGHT, "--bingo-paper-metric", "loss", "--bingo-paper-rule", "contrast"]),
+    "taylor-mean": ("Taylor estimate of the reset's loss change, (g·(θ0−w))² averaged over all steps; no fake passes",
+                    "bingo", [*WEIGHT, "--bingo-estimator", "taylor", "--bingo-mode", "reset", "--bingo-decay", "1"]),
+    "taylor-recent": ("+ running average weighted to recent steps (decay 0.99)", "bingo",
+                      [*WEIGHT, "--bingo-estimator", "taylor", "--bingo-mode", "reset"]),
+    "taylor-zero": ("+ estimate zeroing (what pruning does) instead of reset: (g·w)²", "bingo",
+                    [*WEIGHT, "--bingo-estimator", "taylor", "--bingo-mode", "zero"]),
+    "hybrid": ("+ real fake passes (1%, every 10th step) calibrate each layer's scale: the default `bingo`", "bingo", WEIGHT),
+    "hybrid-every-step": ("the default with fake passes on every step", "bingo", [*WEIGHT, "--bingo-every", "1"]),
+    "hybrid+finetune": ("the default + 1 epoch of masked fine-tuning", "bingo", [*WEIGHT, "--finetune-epochs", "1"]),
+    "magnitude": ("reference: one-shot magnitude", "magnitude", WEIGHT),
+    "magnitude+finetune": ("reference: one-shot magnitude + 1 epoch of fine-tuning", "magnitude", [*WEIGHT, "--finetune-epochs", "1"]),
+    "gmp": ("reference: gradual magnitude pruning (one run)", "gmp", WEIGHT),
+    "neuron-paper": ("neurons: faithful BINGO probes (1% of units, accuracy)", "bingo-paper",
+                     [*NEURON, "--bingo-paper-granularity", "neuron", "--bingo-paper-scope", "layer"]),
+    "neuron-contrast": ("neurons: probes with loss contrast", "bingo-paper",
+                        [*NEURON, "--bingo-paper-granularity", "neuron", "--bingo-paper-scope", "layer",
+                         "--bingo-paper-metric", "loss", "--bingo-paper-rule", "contrast"]),
+    "neuron-hybrid": ("neurons: the default `bingo`", "bingo", [*NEURON, "--bingo-granularity", "neuron", "--bingo-scope", "layer"]),
+    "neuron-l2": ("neurons, reference: L2 norm of each unit's weights", "magnitude",
+                  [*NEURON, "--magnitude-granularity", "neuron", "--magnitude-scope", "layer"]),
+}
+
+
+def run(name: str) -> dict:
+    _, method, flags = VARIANTS[name]
+    out = OUT / name
+    command = [sys.executable, "-m", "bingo", "compare", *COMMON, "--methods", method, *flags, "--out", str(out), "--resume", "--no-progress"]
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((ROOT / out / "results.json").read_text())
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = []
+    for title, sparsities in (("Weights", (0.9, 0.95)), ("Neurons (fraction of hidden units removed, per layer)", (0.5, 0.7))):
+        names = [n for n in VARIANTS if VARIANTS[n][2][1] == ",".join(f"{s:g}" for s in sparsities)]
+        lines += [f"#### {title}", "", "| variant | what changes | "
+                  + " | ".join(f"accuracy at {s:.0%}" for s in sparsities)
+                  + " | seconds | training × plain | forward passes |",
+                  "|:---|:---|" + "---:|" * (len(sparsities) + 3)]
+        for name in names:
+            what, method, _ = VARIANTS[name]
+            runs = [r for r in results[name]["runs"] if r["method"] == method]
+            cells = [_mean_std([r["accuracy"] for r in runs if r["sparsity"] == s]) for s in sparsities]
+            last = [r for r in runs if r["sparsity"] == sparsities[-1]]
+            seconds = sum(r["seconds"] for r in last) / len(last)
+            passes = sum(r["forward_passes"] for r in last) / len(last)
+            overhead = [o["ratio"] for o in results[name].get("search_overhead", []) if o.get("method") == method]
+            ratio = f"{sum(overhead) / len(overhead):.2f}×" if overhead else "—"
+            lines.append(f"| {name} | {what} | " + " | ".join(cells) + f" | {seconds:.1f} | {ratio} | {passes:,.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> str:
+    results = {name: run(name) for name in VARIANTS}
+    text = (
+        "Each row is `bingo compare` with the flags in `benchmarks/ablation.py`: "
+        + " ".join(COMMON)
+        + "; mean ± std over the seeds; `seconds` is the whole cost at the larger sparsity (dense "
+        "training, search, fine-tune); `training × plain` is training time with the search "
+        "divided by training time without it.\n\n"
+        + table(results)
+    )
+    atomic_write(ROOT / "benchmarks/results/ablation.md", lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
+if __name__ == "__main__":
+    print(main())

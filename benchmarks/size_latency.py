@@ -1,0 +1,163 @@
+"""Real size and speed of neuron pruning: dense vs masked vs shrunk networks.
+
+    python benchmarks/size_latency.py            # about 1-2 minutes on 2 CPU cores
+
+For ``lenet300`` and ``conv``: train briefly (1 epoch, Adam 1.2e-3, batch 128;
+``conv`` on the first 12,000 training images to keep the script short), then
+remove 50%, 70% and 90% of the hidden units by magnitude
+(``bingo.magnitude_scores(model, "neuron")``, the same fraction in every hidden
+layer, ``scope="layer"``: a global ranking by norm would empty ``fc2`` first; no fine-tune)
+and compare three forms of the same network:
+
+- dense: the trained model before pruning;
+- masked: ``bingo.prune`` masks on (``torch.nn.utils.prune``): full-size tensors;
+- shrunk: ``bingo.shrink`` of the masked model: smaller layers.
+
+Per form: stored parameters, nonzero parameters, ``torch.save(state_dict)``
+file size (and the compact file of ``bingo.save_compact`` for the masked
+form), multiply-accumulates per sample (``bingo.count_flops``) and their ratio
+to dense, CPU inference latency at batch 1 and 256 (median over repeated runs,
+``torch.inference_mode``, eval mode, thread count in the header), and test
+accuracy (masked and shrunk must agree). Data: Fashion-MNIST from
+``/usr/share/datasets/fashion-mnist`` if present, else scikit-learn digits.
+The table is printed and written atomically to
+``benchmarks/results/size_latency.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bingo
+from bingo.data import FASHION_MNIST_DIR, Dataset, load_dataset
+from bingo.io import atomic_write
+from bingo.models import build_model
+from bingo.training import TrainConfig, evaluate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "size_latency.md"
+SPARSITIES = (0.5, 0.7, 0.9)
+CONV_TRAIN_SUBSET = 12_000
+
+
+def latency(model: torch.nn.Module, x: torch.Tensor, *, budget: float = 0.6, min_runs: int = 5) -> float:
+    """Median seconds of ``model(x)`` over repeated runs (after warm-up), within about ``budget`` seconds."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        start = time.perf_counter()
+        while len(times) < min_runs or (time.perf_counter() - start < budget and len(times) < 2000):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compact_size(model: torch.nn.Module) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return bingo.save_compact(model, Path(tmp) / "m.safetensors").stat().st_size
+
+
+def measure(model: torch.nn.Module, data: Dataset, dense_macs: int, compact: bool) -> dict:
+    model.eval()
+    shape = data.input_shape
+    macs = bingo.count_flops(model, shape)
+    return {
+        "params": bingo.count_parameters(model),
+        "nonzero": bingo.count_parameters(model, nonzero=True),
+        "file": bingo.state_dict_size(model),
+        "compact": compact_size(model) if compact else None,
+        "macs": macs,
+        "ratio": macs / dense_macs,
+        "b1": latency(model, data.x_test[:1]),
+        "b256": latency(model, data.x_test[:256]),
+        "accuracy": evaluate(model, data.x_test, data.y_test),
+    }
+
+
+def subset(data: Dataset, n: int) -> Dataset:
+    return dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
+
+
+def kib(n: int | None) -> str:
+    return "" if n is None else f"{n / 1024:,.1f}"
+
+
+def table(name: str, rows: list[tuple[str, str, dict]]) -> str:
+    header = ["units removed", "form", "params", "nonzero", "state_dict KiB", "compact KiB", "MACs/sample",
+              "MAC ratio", "latency b=1 (µs)", "latency b=256 (ms)", "test acc"]
+    lines = [f"### {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for sparsity, form, r in rows:
+        lines.append("| " + " | ".join([
+            sparsity, form, f"{r['params']:,}", f"{r['nonzero']:,}", kib(r["file"]), kib(r["compact"]),
+            f"{r['macs']:,}", f"{r['ratio']:.3f}", f"{r['b1'] * 1e6:,.0f}", f"{r['b256'] * 1e3:,.2f}", f"{r['accuracy']:.4f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; default 1")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    name = "fashion-mnist" if Path(FASHION_MNIST_DIR).is_dir() else "digits"
+    data = load_dataset(name, seed=0)
+    sections = []
+    for model_name in ("lenet300", "conv"):
+        model = build_model(model_name, data.input_shape, data.num_classes, seed=0)
+        train_data = subset(data, CONV_TRAIN_SUBSET) if model_name == "conv" else data
+        train(model, train_data, TrainConfig(epochs=1, seed=0), progress=False)
+        model.eval()
+        dense_macs = bingo.count_flops(model, data.input_shape)
+        rows = [("0%", "dense", measure(model, data, dense_macs, compact=False))]
+        scores = bingo.magnitude_scores(model, "neuron")
+        for sparsity in SPARSITIES:
+            masked = copy.deepcopy(model)
+            bingo.prune(masked, scores, sparsity, scope="layer")
+            shrunk = bingo.shrink(masked, data.input_shape)
+            label = f"{sparsity:.0%}"
+            rows.append((label, "masked", measure(masked, data, dense_macs, compact=True)))
+            rows.append((label, "shrunk", measure(shrunk, data, dense_macs, compact=False)))
+            if rows[-1][2]["accuracy"] != rows[-2][2]["accuracy"]:
+                print(f"note: {model_name} at {label}: shrunk accuracy {rows[-1][2]['accuracy']} differs from masked {rows[-2][2]['accuracy']}")
+        trained_on = f"{len(train_data.x_train):,} training images" + (" (a subset, to keep the script short)" if train_data is not data else "")
+        sections.append(table(f"{model_name} ({trained_on}, 1 epoch)", rows))
+        print(sections[-1] + "\n", flush=True)
+
+    header = "\n".join([
+        "# Size and latency of neuron pruning: dense vs masked vs shrunk",
+        "",
+        "Generated by `python benchmarks/size_latency.py`; nothing typed by hand.",
+        f"Data: {name} ({len(data.x_test):,} test images). Short training: 1 epoch, Adam 1.2e-3, batch 128, seed 0.",
+        "Hidden units removed by magnitude (L2 norm of each unit's weights), the same fraction in every hidden layer (`scope='layer'`), no fine-tune.",
+        f"CPU inference, eval mode, `torch.inference_mode()`, `torch.set_num_threads({args.threads})`, "
+        "median over repeated runs after warm-up.",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} logical CPUs. Latencies vary between machines and runs.",
+        "",
+        "- params: stored parameter entries (a masked layer stores its full-size `weight_orig`, plus a mask buffer);"
+        " nonzero: entries the forward pass actually uses.",
+        "- state_dict KiB: `torch.save(model.state_dict())`; compact KiB: `bingo.save_compact`"
+        " (survivors + 1-bit masks) of the masked model.",
+        "- MACs/sample: multiply-accumulates of Linear/Conv layers (`bingo.count_flops`); MAC ratio = form / dense.",
+    ])
+    text = header + "\n\n" + "\n\n".join(sections) + "\n"
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
