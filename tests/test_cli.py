@@ -137,17 +137,17 @@ def test_demo_prints_table_of_methods_by_sparsity(capsys):
     assert code == 0, err
     assert "Traceback" not in err
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split() == ["sparsity", "bingo", "magnitude", "random"])
+    header = next(i for i, line in enumerate(lines) if line.split() == ["sparsity", "bingo", "bingo-paper", "magnitude", "random"])
     assert set(lines[header + 1].replace(" ", "")) == {"-"}
     rows = [line.split() for line in lines[header + 2 :] if line.strip()]
     assert [row[0] for row in rows] == ["0.00", "0.50", "0.70", "0.80", "0.90", "0.95"]
     for row in rows:
-        assert len(row) == 4
+        assert len(row) == 5
         for value in row[1:]:
             assert 0.0 <= float(value) <= 1.0
     # Nothing is pruned at sparsity 0, so every method shows the dense accuracy.
     dense = re.search(r"dense test accuracy (\d\.\d{3})", out).group(1)
-    assert rows[0][1:] == [dense, dense, dense]
+    assert rows[0][1:] == [dense] * 4
     assert "2 epochs" in out
 
 
@@ -607,3 +607,23 @@ def test_real_process_help_and_bad_input(tmp_path):
     assert "Traceback" not in failed.stderr
     assert failed.stderr.splitlines() == ["bingo: error: unknown model 'resnet'; valid choices: lenet300, mlp, conv"]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_run_method_presets_and_overrides(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    base = ["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.5", "--out", str(out), "--no-progress"]
+    code, _, err = call(capsys, *base)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["method"] == "bingo"
+    assert (report["search"]["estimator"], report["search"]["mode"], report["search"]["every"]) == ("hybrid", "zero", 10)
+    code, _, err = call(capsys, *base, "--method", "bingo-paper", "--fraction", "0.2", "--finetune-epochs", "1")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["method"] == "bingo-paper" and report["finetune_epochs"] == 1 and report["finetune_seconds"] > 0
+    assert (report["search"]["estimator"], report["search"]["metric"], report["search"]["fraction"]) == ("probe", "accuracy", 0.2)
+    code, _, err = call(capsys, *base, "--granularity", "neuron")
+    assert code == 0, err
+    assert json.loads(out.read_text())["scope"] == "layer"  # neurons rank per layer unless told otherwise
+    code, _, err = call(capsys, *base, "--method", "imp")
+    assert code == 2 and "unknown method 'imp'; valid choices: bingo, bingo-paper" in err

@@ -25,13 +25,17 @@ from .io import save_checkpoint, write_json
 from .models import MODELS, build_model
 from .pruning import prune, prune_to_accuracy
 from .scoring import magnitude_scores, random_scores
-from .search import GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
+from .search import ESTIMATORS, GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
+from .strategies.oneshot import BingoConfig, BingoPaperConfig
 from .selection import SCOPES, check_sparsity
 from .training import OPTIMIZERS, TrainConfig, evaluate, train
 
 __all__ = ["main"]
 
-_CHOICES = {"mode": MODES, "metric": METRICS, "granularity": GRANULARITIES, "rule": RULES, "optimizer": OPTIMIZERS}
+_CHOICES = {
+    "mode": MODES, "metric": METRICS, "granularity": GRANULARITIES, "rule": RULES, "optimizer": OPTIMIZERS,
+    "estimator": ESTIMATORS, "scope": SCOPES,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +66,37 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, names:
             default=f.default,
             help=f"{help_text}; default {f.default}",
         )
+
+
+#: bingo run --method NAME -> the config dataclass holding that variant's defaults
+_RUN_PRESETS = {"bingo": BingoConfig, "bingo-paper": BingoPaperConfig}
+
+
+def _add_preset_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for every BINGO setting; unset ones (None) fall back to the ``--method`` preset."""
+    group = parser.add_argument_group("BINGO settings (defaults: bingo / bingo-paper)")
+    paper = BingoPaperConfig()
+    for f in dataclasses.fields(BingoConfig):
+        kind = type(f.default)
+        kind = str if kind is str or f.name in _CHOICES else kind
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_typed(kind, f.name),
+            default=None,
+            help=f"{f.metadata.get('help', '')}; default {f.default} / {getattr(paper, f.name)}",
+        )
+
+
+def _run_config(args: argparse.Namespace) -> BingoConfig:
+    if args.method not in _RUN_PRESETS:
+        raise ConfigError(f"unknown method {args.method!r}; valid choices: {', '.join(_RUN_PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BingoConfig) if getattr(args, f.name) is not None}
+    if overrides.get("granularity") == "neuron" and "scope" not in overrides:
+        # A global ranking of units across layers of different widths can empty
+        # a layer; the same fraction per layer is the safe default for neurons.
+        overrides["scope"] = "layer"
+    return dataclasses.replace(_RUN_PRESETS[args.method](), **overrides)
 
 
 def _typed(kind: type, name: str):
@@ -105,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--min-accuracy", type=float, help="prune as far as validation accuracy stays >= this")
     target.add_argument("--max-accuracy-drop", type=float, help="prune as far as validation accuracy stays >= dense - this")
     run.add_argument("--out", required=True, help="results JSON, written atomically")
-    run.add_argument("--scope", default="global", help="global or layer; default global")
-    _add_config_flags(run, SearchConfig, ["fraction", "mode", "metric", "granularity", "rule"])
+    run.add_argument(
+        "--method", default="bingo",
+        help="bingo (the best variant measured: hybrid Taylor + calibrating fake passes) or bingo-paper "
+        "(the faithful reproduction); the flags below override its settings; default bingo",
+    )
+    _add_preset_flags(run)
     _add_config_flags(run, TrainConfig, ["epochs", "batch_size", "lr", "optimizer"])
     run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
     run.add_argument("--save", default=None, help="save the pruned model (state dict with masks) to this .pt file")
@@ -265,17 +304,21 @@ def _accuracy_after_pruning(model, scores, sparsity, scope, data, seed) -> float
 def cmd_demo(args: argparse.Namespace) -> int:
     data = load_dataset("digits", seed=args.seed)
     model = build_model("mlp", data.input_shape, data.num_classes, seed=args.seed)
-    search = TicketSearch(model, fraction=0.05, seed=args.seed)
+    # Searches never perturb training, so both variants can watch the same run.
+    improved = TicketSearch(model, config=BingoConfig().search_config(args.seed))
+    faithful = TicketSearch(model, config=dataclasses.replace(BingoPaperConfig(), fraction=0.05).search_config(args.seed))
     config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, seed=args.seed)
     print(
         f"BINGO demo: scikit-learn digits ({len(data.x_train)} train / {len(data.x_test)} test, 8x8), "
-        f"mlp {data.input_shape} -> 64 -> 32 -> {data.num_classes}, {config.epochs} epochs, "
-        f"ticket search on {search.config.fraction:.0%} of each layer per step"
+        f"mlp {data.input_shape} -> 64 -> 32 -> {data.num_classes}, {config.epochs} epochs.\n"
+        "bingo: Taylor estimate of each weight's loss change, layers calibrated by fake passes every 10th step; "
+        "bingo-paper: 5% reset-to-init probes every step, scored by accuracy change"
     )
-    result = train(model, data, config, search=search, progress=not args.no_progress)
+    result = train(model, data, config, search=[improved, faithful], progress=not args.no_progress)
     dense = evaluate(model, data.x_test, data.y_test)
     methods = {
-        "bingo": search.significance(),
+        "bingo": improved.significance(),
+        "bingo-paper": faithful.significance(),
         "magnitude": magnitude_scores(model),
         "random": random_scores(model, seed=args.seed),
     }
@@ -285,7 +328,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for scores in methods.values():
             row.append(f"{_accuracy_after_pruning(model, scores, sparsity, 'global', data, args.seed):.3f}")
         rows.append(row)
-    print(f"dense test accuracy {dense:.3f}; training {result.train_seconds:.1f} s, of which ticket search {result.search_seconds:.1f} s")
+    plain = result.train_seconds - result.search_seconds
+    print(
+        f"dense test accuracy {dense:.3f}; training {plain:.1f} s, ticket search bingo {improved.seconds:.1f} s, "
+        f"bingo-paper {faithful.seconds:.1f} s"
+    )
     print("test accuracy after one-shot global pruning, no fine-tune:")
     print(_table(rows, ["sparsity", *methods]))
     return 0
@@ -303,6 +350,14 @@ def _check_file_path(flag: str, path: str) -> None:
         raise ConfigError(f"--{flag} {path} cannot be created: {ancestor} is a file, not a folder")
 
 
+def _finetune(model, data, train_config: TrainConfig, epochs: int, args: argparse.Namespace) -> float:
+    """Masked recovery fine-tune of a pruned model; returns its wall time (0 when epochs is 0)."""
+    if not epochs:
+        return 0.0
+    result = train(model, data, dataclasses.replace(train_config, epochs=epochs), progress=not args.no_progress, description="fine-tune")
+    return result.train_seconds
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading data or training.
     if args.sparsity is not None:
@@ -311,8 +366,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
         raise ConfigError(f"--max-accuracy-drop must be in [0, 1], got {args.max_accuracy_drop}")
-    if args.scope not in SCOPES:
-        raise ConfigError(f"unknown scope {args.scope!r}; valid choices: {', '.join(SCOPES)}")
+    method = _run_config(args)
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
     for flag in ("out", "save", "scores", "checkpoint"):
@@ -320,9 +374,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             _check_file_path(flag, getattr(args, flag))
     if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
         raise ConfigError(f"--export {args.export} is a file; give a folder")
-    search_config = SearchConfig(
-        fraction=args.fraction, mode=args.mode, metric=args.metric, granularity=args.granularity, rule=args.rule, seed=args.seed
-    )
+    search_config = method.search_config(args.seed)
+    scope = method.scope
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed
     )
@@ -335,11 +388,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     results = []
+    finetune_seconds = 0.0
     pruned_model = model
     if args.sparsity is not None:
         for sparsity in sparsities:
             pruned_model = copy.deepcopy(model)
-            prune(pruned_model, scores, sparsity, args.scope, seed=args.seed)
+            prune(pruned_model, scores, sparsity, scope, seed=args.seed)
+            finetune_seconds += _finetune(pruned_model, data, train_config, method.finetune_epochs, args)
             results.append({"sparsity": sparsity, "accuracy": evaluate(pruned_model, data.x_test, data.y_test)})
     else:
         if len(data.x_val) == 0:
@@ -351,9 +406,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             lambda m: evaluate(m, data.x_val, data.y_val),
             min_accuracy=args.min_accuracy,
             max_drop=args.max_accuracy_drop,
-            scope=args.scope,
+            scope=scope,
             seed=args.seed,
         )
+        finetune_seconds += _finetune(pruned_model, data, train_config, method.finetune_epochs, args)
         results.append(
             {
                 "sparsity": floor.sparsity,
@@ -369,14 +425,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"the floor {floor.floor:.4f}; nothing was pruned",
                 file=sys.stderr,
             )
-    prune_seconds = time.perf_counter() - start
+    prune_seconds = time.perf_counter() - start - finetune_seconds
 
     report = {
-        "method": "bingo",
+        "method": args.method,
         "data": args.data,
         "model": args.model,
         "granularity": search_config.granularity,
-        "scope": args.scope,
+        "scope": scope,
+        "finetune_epochs": method.finetune_epochs,
         "seed": args.seed,
         "search": search_config.to_dict(),
         "training": dataclasses.asdict(train_config),
@@ -388,6 +445,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "train_seconds": trained.train_seconds,
         "search_seconds": trained.search_seconds,
         "prune_seconds": prune_seconds,
+        "finetune_seconds": finetune_seconds,
         "train_steps": trained.steps,
         "version": __version__,
     }

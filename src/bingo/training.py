@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -101,13 +101,16 @@ def train(
     data: Dataset,
     config: TrainConfig,
     *,
-    search: TicketSearch | None = None,
+    search: TicketSearch | Sequence[TicketSearch] | None = None,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     callback: Callable[[int], None] | None = None,
     description: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.x_train`` with cross-entropy; call ``search.step`` after every step.
+
+    ``search`` may also be a list of searches (they never perturb training,
+    so several can watch the same run, e.g. to compare estimators).
 
     With ``checkpoint``, the whole state (model, optimizer, search, data order,
     global RNG, elapsed time) is written atomically after every epoch, and a
@@ -118,6 +121,7 @@ def train(
     the number of steps taken so far: the place for schedules such as gradual
     magnitude pruning or saving weights to rewind to.
     """
+    searches = [] if search is None else (list(search) if isinstance(search, (list, tuple)) else [search])
     optimizer = _make_optimizer(model, config)
     order = torch.Generator().manual_seed(config.seed)
     first_epoch, steps, elapsed = 0, 0, 0.0
@@ -141,10 +145,14 @@ def train(
             )
         load_model_state(model, state["model"], checkpoint)
         optimizer.load_state_dict(state["optimizer"])
-        if (search is None) != (state["search"] is None):
-            raise CheckpointError(f"checkpoint {checkpoint} was written {'with' if search is None else 'without'} a ticket search")
-        if search is not None:
-            search.load_state_dict(state["search"])
+        saved = state["search"]
+        saved = [] if saved is None else (saved if isinstance(saved, list) else [saved])
+        if len(saved) != len(searches):
+            raise CheckpointError(
+                f"checkpoint {checkpoint} was written with {len(saved)} ticket search(es), this run has {len(searches)}"
+            )
+        for one, one_state in zip(searches, saved):
+            one.load_state_dict(one_state)
         order.set_state(state["order"])
         torch.set_rng_state(state["rng"])
         first_epoch, steps, elapsed = state["epoch"], state["steps"], state["train_seconds"]
@@ -154,7 +162,7 @@ def train(
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         initial=first_epoch * steps_per_epoch,
-        desc=description or ("train" + (" + ticket search" if search is not None else "")),
+        desc=description or ("train" + (" + ticket search" if searches else "")),
         unit="step",
         disable=not progress,
         leave=False,
@@ -171,8 +179,8 @@ def train(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                if search is not None:
-                    search.step(x, y)
+                for one in searches:
+                    one.step(x, y)
                 steps += 1
                 if callback is not None:
                     callback(steps)
@@ -189,7 +197,7 @@ def train(
                         "train_seconds": elapsed,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
-                        "search": None if search is None else search.state_dict(),
+                        "search": [one.state_dict() for one in searches] or None,
                         "order": order.get_state(),
                         "rng": torch.get_rng_state(),
                     },
@@ -199,7 +207,7 @@ def train(
         bar.close()
     return TrainResult(
         train_seconds=elapsed,
-        search_seconds=0.0 if search is None else search.seconds,
+        search_seconds=sum(one.seconds for one in searches),
         steps=steps,
         epochs=config.epochs,
     )
