@@ -656,3 +656,131 @@ def test_state_dict_of_another_estimator_is_refused():
     other_decay = bingo.TicketSearch(make_mlp(), estimator="taylor", metric="loss", decay=0.5)
     with pytest.raises(CheckpointError, match=r"different settings: decay=0\.99 \(now 0\.5\)$"):
         other_decay.load_state_dict(taylor.state_dict())
+
+
+# -- targeted ticket searching ------------------------------------------------------------
+
+
+def _hand_hybrid(target: float, band: float, fraction: float = 0.01) -> bingo.TicketSearch:
+    """A hybrid search on one 10x10 layer whose Taylor scores are set by hand to 1..100."""
+    layer = nn.Linear(10, 10, bias=False)
+    search = bingo.TicketSearch(
+        layer, fraction=fraction, estimator="hybrid", metric="loss", decay=1.0, target=target, band=band
+    )
+    entry = search.state["weight"]
+    entry["taylor_average"].copy_(torch.arange(1, 101, dtype=torch.float32).view(10, 10))
+    entry["taylor_steps"].fill_(1)
+    return search
+
+
+def test_focus_is_everything_until_there_are_estimates():
+    search = bingo.TicketSearch(make_mlp(), fraction=0.1, metric="loss", rule="contrast", target=0.5)
+    assert all(f.all() for f in search.focus().values())
+    search._refocus()  # nothing probed yet: nothing known, nothing leaves
+    assert all(f.all() for f in search.focus().values())
+
+
+@pytest.mark.parametrize("target, band, low, high", [(0.5, 0.1, 40, 60), (0.9, 0.05, 85, 95), (0.05, 0.1, 1, 15)])
+def test_focus_band_hand_computed(target, band, low, high):
+    # Scores 1..100: the threshold at sparsity s is the score ranked round(s·100); the band
+    # keeps the scores ranked within band·100 of it (clipped at the ends).
+    search = _hand_hybrid(target, band)
+    search._refocus()
+    scores = torch.arange(1, 101).view(10, 10)
+    assert torch.equal(search.focus()["weight"], (scores >= low) & (scores <= high))
+
+
+def test_targeted_probes_draw_only_from_the_focus(batch):
+    x, y = batch
+    model = make_mlp()
+    search = bingo.TicketSearch(model, fraction=0.1, metric="loss", rule="mean", target=0.5, seed=4)
+    search.step(x, y)  # round 0 refocuses (nothing known yet); rounds 1..9 keep the focus set below
+    generator = torch.Generator().manual_seed(0)
+    chosen = {}
+    for key, entry in search.state.items():
+        chosen[key] = torch.rand(entry["focus"].shape, generator=generator) < 0.3
+        entry["focus"].copy_(chosen[key])
+    before = search.probe_counts()
+    for _ in range(9):
+        search.step(x, y)
+    for key, counts in search.probe_counts().items():
+        grown = counts - before[key]
+        assert grown.sum() > 0
+        assert (grown[~chosen[key]] == 0).all(), key  # never outside the focus
+        size = max(1, round(0.1 * counts.numel()))
+        assert grown.sum() == 9 * size  # full-sized probes while the focus is large enough
+
+
+def test_a_focus_smaller_than_a_probe_is_probed_whole():
+    search = _hand_hybrid(0.5, 0.1, fraction=0.05)
+    entry = search.state["weight"]
+    entry["focus"].zero_()
+    entry["focus"].view(-1)[[3, 7]] = True
+    assert sorted(search._draw_subset("weight").tolist()) == [3, 7]  # a probe holds 5 of 100: both go
+    entry["focus"].view(-1)[:20] = True
+    drawn = search._draw_subset("weight")
+    assert drawn.numel() == 5 and (drawn < 20).all() and len(set(drawn.tolist())) == 5
+    entry["focus"].zero_()  # an empty focus falls back to the whole layer
+    assert search._draw_subset("weight").numel() == 5
+
+
+def test_targeted_search_concentrates_probes_near_the_threshold():
+    # End to end: after training with a targeted probe search, the weights in the final
+    # focus (near the threshold at 70% sparsity) have been probed more than the others.
+    model = make_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    search = bingo.TicketSearch(model, fraction=0.05, metric="loss", rule="mean", target=0.7, band=0.1, seed=2)
+    for x, y in _varying_batches(200, seed=5, size=32):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        search.step(x, y)
+    counts = torch.cat([c.flatten() for c in search.probe_counts().values()]).double()
+    focus = torch.cat([f.flatten() for f in search.focus().values()])
+    assert 0 < focus.sum() < 0.5 * focus.numel()
+    assert counts[focus].mean() > 2 * counts[~focus].mean()
+    uniform = bingo.TicketSearch(make_mlp(), fraction=0.05, metric="loss", rule="mean", seed=2)
+    assert sum(int(c.sum()) for c in search.probe_counts().values()) >= 0.8 * 200 * sum(
+        max(1, round(0.05 * e["theta0"].numel())) for e in uniform.state.values()
+    )
+
+
+def test_contrast_focus_keeps_weights_within_two_standard_errors():
+    search = _contrast_search(CONTRAST_THETA0, 200, target=0.5)
+    search._refocus()
+    contrast, stderr, _ = search._contrast(search.state["weight"])
+    threshold = contrast.flatten().sort().values[1]  # rank round(0.5 · 4) = 2
+    expected = (contrast - threshold).abs() <= 2 * stderr
+    assert torch.equal(search.focus()["weight"], expected)
+    assert expected.view(-1)[contrast.view(-1).argsort()[1]]  # the threshold weight itself stays
+
+
+def test_targeted_state_dict_resumes_identically():
+    batches = _varying_batches(30, seed=8, size=32)
+    settings = dict(fraction=0.1, metric="loss", rule="contrast", target=0.6, seed=1)
+
+    def run(search, steps):
+        for x, y in steps:
+            search.step(x, y)
+
+    straight = bingo.TicketSearch(make_mlp(), **settings)
+    run(straight, batches)
+    first = bingo.TicketSearch(make_mlp(), **settings)
+    run(first, batches[:15])  # stops between two refocusing rounds
+    resumed = bingo.TicketSearch(make_mlp(), **settings)
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, batches[15:])
+    for key, value in straight.significance().items():
+        assert torch.equal(resumed.significance()[key], value), key
+        assert torch.equal(resumed.focus()[key], straight.focus()[key]), key
+
+
+def test_target_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"^target must be a sparsity in \[0, 1\) \(0 = untargeted\), got 1\.0$"):
+        bingo.TicketSearch(make_mlp(), target=1.0)
+    with pytest.raises(ConfigError, match=r"^band must be in \(0, 0\.5\], got 0\.0$"):
+        bingo.TicketSearch(make_mlp(), target=0.5, band=0.0)
+    with pytest.raises(ConfigError, match=r"^target needs fake passes to concentrate; estimator 'taylor' runs none"):
+        bingo.TicketSearch(make_mlp(), estimator="taylor", metric="loss", target=0.5)
+    with pytest.raises(ConfigError, match=r"^focus\(\) needs a targeted search"):
+        bingo.TicketSearch(make_mlp()).focus()

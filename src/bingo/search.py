@@ -65,6 +65,8 @@ class SearchConfig:
     estimator: str = field(default="probe", metadata={"help": "probe (fake forward passes, the paper), taylor (estimate from the training gradients, no extra passes) or hybrid (taylor, with each layer's scale calibrated by real probes)"})
     every: int = field(default=1, metadata={"help": "fake passes on every k-th training step only"})
     decay: float = field(default=0.99, metadata={"help": "taylor: weight of the past in the running average over steps (1 = plain mean over all steps)"})
+    target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate probes on the weights whose fate at this global sparsity is still uncertain (0 = uniform probes)"})
+    band: float = field(default=0.1, metadata={"help": "targeted: probe the weights ranked within this fraction either side of the target's threshold (contrast rule: within 2 standard errors of it)"})
     seed: int = field(default=0, metadata={"help": "seed of the search's own random generator"})
     include: tuple[str, ...] | None = field(default=None, metadata={"help": "glob patterns of weights to score (default: every Linear/Conv)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
@@ -86,6 +88,12 @@ class SearchConfig:
             raise ConfigError(f"estimator 'hybrid' calibrates loss estimates and needs metric='loss', got {self.metric!r}")
         if not (0.0 <= float(self.decay) <= 1.0):
             raise ConfigError(f"decay must be in [0, 1], got {self.decay!r}")
+        if not (0.0 <= float(self.target) < 1.0):
+            raise ConfigError(f"target must be a sparsity in [0, 1) (0 = untargeted), got {self.target!r}")
+        if not (0.0 < float(self.band) <= 0.5):
+            raise ConfigError(f"band must be in (0, 0.5], got {self.band!r}")
+        if self.target and self.estimator == "taylor":
+            raise ConfigError("target needs fake passes to concentrate; estimator 'taylor' runs none (use probe or hybrid)")
         if int(self.every) != self.every or self.every < 1:
             raise ConfigError(f"every must be a whole number >= 1, got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
@@ -176,6 +184,11 @@ class TicketSearch:
     they are pruned only after every probed weight, because nothing says they
     are safe to remove).
 
+    Targeted ticket searching (``target=s``): every ``FOCUS_REFRESH`` rounds
+    of fake passes, the weights whose pruning decision at global sparsity
+    ``s`` is already clear leave the probes' pool, so the probes concentrate
+    where the decision is uncertain (:meth:`_refocus`, :meth:`focus`).
+
     Granularity ``"neuron"`` probes whole units (a row of a Linear weight, a
     Conv filter, with its bias entry) and scores one value per unit; the
     output layer is then left out, since its units are the classes.
@@ -194,6 +207,8 @@ class TicketSearch:
         estimator: str = "probe",
         every: int = 1,
         decay: float = 0.99,
+        target: float = 0.0,
+        band: float = 0.1,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] = (),
         config: SearchConfig | None = None,
@@ -208,6 +223,8 @@ class TicketSearch:
                 estimator=estimator,
                 every=every,
                 decay=decay,
+                target=target,
+                band=band,
                 seed=seed,
                 include=None if include is None else tuple(include),
                 exclude=tuple(exclude),
@@ -254,6 +271,9 @@ class TicketSearch:
             if config.estimator == "hybrid":
                 # measured vs Taylor-predicted loss change of the same probes, summed per layer
                 entry.update(calibration_measured=zeros(()), calibration_predicted=zeros(()))
+            if config.target:
+                # targeted search: which units the next probes may draw from (all, until estimates exist)
+                entry["focus"] = torch.ones(unit_shape, dtype=torch.bool, device=weight.device)
             bias = getattr(module, "bias", None)
             if config.granularity == "neuron" and isinstance(bias, torch.Tensor):
                 entry["theta0_bias"] = bias.detach().clone()
@@ -266,10 +286,60 @@ class TicketSearch:
         return weight.numel() if self.config.granularity == "weight" else weight.shape[0]
 
     def _draw_subset(self, key: str) -> torch.Tensor:
-        """Indices (into the flattened unit tensor) of the next probe's subset."""
+        """Indices (into the flattened unit tensor) of the next probe's subset.
+
+        Uniform over the layer; with a ``target``, uniform over the layer's
+        units in focus (all of them if fewer than a probe's size remain; the
+        whole layer if none does).
+        """
         n = self._units(key)
         size = max(1, int(round(self.config.fraction * n)))
+        focus = self.state[key].get("focus")
+        if focus is not None:
+            candidates = focus.view(-1).nonzero().squeeze(1).cpu()
+            if 0 < len(candidates) <= size:
+                return candidates
+            if len(candidates) > size:
+                return candidates[_random_subset(len(candidates), size, self.generator)]
         return _random_subset(n, size, self.generator)
+
+    #: targeted search re-decides its focus every this many fake-pass rounds
+    FOCUS_REFRESH = 10
+    #: contrast rule: a weight leaves the focus once its estimate is this many standard errors from the threshold
+    FOCUS_Z = 2.0
+
+    def _refocus(self) -> None:
+        """Targeted ticket searching: keep probing only where the pruning decision is uncertain.
+
+        The proposal's "more targeted ticket searching ... slowly focusing on
+        finding truly unproductive subsets" as successive elimination: the
+        global threshold is the score below which a fraction ``target`` of the
+        scored weights lies. With the ``contrast`` rule a weight stays in focus
+        while the threshold lies within ``FOCUS_Z`` standard errors of its
+        estimate (or it has fewer than 2 probes); otherwise while its score
+        ranks within ``band`` (a fraction of all scored weights) either side of
+        the threshold. Weights without an estimate stay in focus.
+        """
+        raw = {key: self._raw(entry) for key, entry in self.state.items()}
+        known = torch.cat([score[mask].flatten() for score, mask in raw.values()])
+        if known.numel() == 0:
+            return
+        n = known.numel()
+
+        def quantile(q: float) -> float:
+            return float(known.kthvalue(min(max(int(round(q * n)), 1), n)).values)
+
+        target, band = self.config.target, self.config.band
+        contrast = self.config.estimator == "probe" and self.config.rule == "contrast"
+        threshold, low, high = quantile(target), quantile(target - band), quantile(target + band)
+        for key, entry in self.state.items():
+            score, mask = raw[key]
+            if contrast:
+                _, stderr, _ = self._contrast(entry)
+                uncertain = ((score - threshold).abs() <= self.FOCUS_Z * stderr) | (entry["count"] < 2)
+            else:
+                uncertain = (score >= low) & (score <= high)
+            entry["focus"].copy_(uncertain | ~mask)
 
     def _probe_tensors(self, key: str, subset: torch.Tensor) -> dict[str, torch.Tensor]:
         """Substitute tensors for the layer: the subset set to θ0 (or zero), the rest as now."""
@@ -408,6 +478,8 @@ class TicketSearch:
             # layers, but a custom module might, and training must not notice.
             with torch.random.fork_rng(devices=devices):
                 before = float(self._metric(self.model(inputs), targets))
+                if self.config.target and ((self.steps - 1) // self.config.every) % self.FOCUS_REFRESH == 0:
+                    self._refocus()
                 for key in self.layers:
                     subset = self._draw_subset(key)
                     outputs = functional_call(self.model, self._probe_tensors(key, subset), (inputs,))
@@ -423,6 +495,12 @@ class TicketSearch:
         return damages
 
     # -- results -----------------------------------------------------------
+
+    def focus(self) -> dict[str, torch.Tensor]:
+        """Targeted search: ``{key: bool tensor}``, the units the next probes may draw from."""
+        if not self.config.target:
+            raise ConfigError("focus() needs a targeted search (target > 0)")
+        return {key: entry["focus"].clone() for key, entry in self.state.items()}
 
     def probe_counts(self) -> dict[str, torch.Tensor]:
         """``{key: int64 tensor}``: how many searched steps informed each weight (unit).
