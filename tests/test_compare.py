@@ -139,3 +139,49 @@ def test_cli_compare_resume_and_bad_method(tmp_path, capsys):
     assert err.startswith("bingo: error: unknown method 'lasso'; valid choices: bingo, bingo-paper, magnitude, random")
     assert "\n" not in err
     assert json.loads((out / "results.json").read_text()) == after  # untouched by the failed run
+
+
+def test_cli_compare_finetune_budget_is_charged_to_every_method_that_takes_it(tmp_path):
+    from bingo.cli import main
+
+    base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
+            "--methods", "bingo,magnitude,gmp,snip", "--sparsities", "0.8", "--gmp-frequency", "5", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--finetune-epochs", "2", "--out", str(tmp_path / "tuned")]) == 0
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    tuned = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    epoch = plain["dense"][0]["train_steps"]
+    steps = {name: {r["method"]: r["train_steps"] for r in res["runs"]} for name, res in (("plain", plain), ("tuned", tuned))}
+    assert steps["plain"] == {"bingo": epoch, "magnitude": epoch, "gmp": epoch, "snip": epoch}
+    assert steps["tuned"] == {"bingo": 3 * epoch, "magnitude": 3 * epoch, "gmp": 3 * epoch, "snip": epoch}
+    for method in ("bingo", "magnitude", "gmp"):
+        assert tuned["settings"]["method_configs"][method]["finetune_epochs"] == 2
+        row = {r["method"]: r for r in tuned["runs"]}[method]
+        assert row["seconds"] > {r["method"]: r for r in plain["runs"]}[method]["seconds"]
+
+
+def test_cli_compare_on_an_npz_dataset(tmp_path):
+    import numpy as np
+
+    from bingo.cli import main
+
+    generator = np.random.default_rng(0)
+    centres = generator.normal(size=(3, 1, 6, 6)) * 3
+    def images(n):
+        labels = generator.integers(0, 3, n)
+        return (centres[labels] + generator.normal(size=(n, 1, 6, 6))).astype(np.float32), labels
+
+    x_train, y_train = images(300)
+    x_test, y_test = images(90)
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--data", str(path), "--model", "conv", "--epochs", "2", "--batch-size", "32",
+                 "--methods", "bingo,imp,gmp,magnitude,snip,random", "--sparsities", "0.5", "--imp-rate", "0.5",
+                 "--gmp-frequency", "5", "--out", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == str(path)
+    assert {r["method"] for r in results["runs"]} == {"bingo", "imp", "gmp", "magnitude", "snip", "random"}
+    assert results["dense"][0]["accuracy"] > 0.9  # well-separated blobs: the CNN really learned them
+    assert all(r["sparsity"] == 0.5 and 0 <= r["accuracy"] <= 1 for r in results["runs"])

@@ -297,6 +297,18 @@ def test_gmp_end_to_end(experiment, monkeypatch):
     assert pruned_after[end - 1] < pruned_after[end] == prune_count(0.8, n)
 
 
+def test_gmp_finetune_adds_masked_epochs_and_their_cost(experiment):
+    experiment.train_config = TrainConfig(epochs=1, batch_size=64, seed=0)
+    (plain,) = get_strategy("gmp").run(experiment, [0.7])
+    (tuned,) = get_strategy("gmp", GmpConfig(finetune_epochs=2)).run(experiment, [0.7])
+    steps = _steps_per_epoch(experiment)
+    assert plain.train_steps == steps and tuned.train_steps == tuned.forward_passes == 3 * steps
+    assert {k: torch.equal(m, tuned.masks[k]) for k, m in plain.masks.items()} == {k: True for k in plain.masks}
+    assert tuned.seconds > plain.seconds
+    with pytest.raises(ConfigError, match=r"^finetune epochs must be a whole number >= 0, got -1$"):
+        GmpConfig(finetune_epochs=-1)
+
+
 def test_gmp_refuses_a_target_below_its_initial_sparsity(experiment):
     with pytest.raises(ConfigError, match=r"GMP target sparsity 0.3 is below its initial sparsity 0.5"):
         list(get_strategy("gmp", GmpConfig(initial_sparsity=0.5)).run(experiment, [0.3]))

@@ -218,7 +218,7 @@ def _add_compare_parser(commands) -> None:
         help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
     )
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
-    compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after one-shot pruning (bingo, magnitude, random); default 0")
+    compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after pruning, charged to the method (bingo, bingo-paper, magnitude, random; gmp: extra epochs at its final masks); default 0")
     compare.add_argument("--batch-size", type=int, default=128, help="default 128")
     compare.add_argument("--lr", type=float, default=1.2e-3, help="default 1.2e-3")
     compare.add_argument("--optimizer", default="adam", help="adam or sgd; default adam")

@@ -162,6 +162,8 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
         return any(r["method"] == method and r["seed"] == seed and r["sparsity"] == sparsity for r in results["runs"])
 
     todo = [(seed, name) for seed in range(config.seeds) for name in config.methods]
+    if any(not done(name, seed, s) for seed, name in todo for s in config.sparsities):
+        _warm_up(Experiment(data, config.model, config.train_config(), 0, progress=False))
     bar = tqdm(total=len(todo), desc="compare", unit="method", disable=not progress)
     try:
         for seed in range(config.seeds):
@@ -201,6 +203,25 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
     results["runs"].sort(key=lambda r: (results["settings"]["methods"].index(r["method"]) if r["method"] in results["settings"]["methods"] else 99, r["seed"], r["sparsity"]))
     write_json(results_path, results)
     return results
+
+
+def _warm_up(experiment: Experiment, steps: int = 20) -> None:
+    """A few untimed training steps before anything is timed.
+
+    One-time start-up costs (thread pools, allocator, kernel choice) would
+    otherwise be charged to whichever run comes first, the dense training of
+    seed 0, and skew the search-overhead ratio and the cost table.
+    """
+    with torch.random.fork_rng():
+        model = experiment.new_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=experiment.train_config.lr)
+        size = experiment.train_config.batch_size
+        x, y = experiment.data.x_train[:size], experiment.data.y_train[:size]
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        experiment.evaluate(model)
 
 
 def _record_overhead(results: dict, experiment: Experiment, strategy: BingoStrategy) -> None:

@@ -60,6 +60,7 @@ class GmpConfig:
     start_fraction: float = field(default=0.1, metadata={"help": "first mask update t0, as a fraction of all training steps"})
     end_fraction: float = field(default=0.7, metadata={"help": "last mask update t0 + nΔt, as a fraction of all training steps"})
     frequency: int = field(default=50, metadata={"help": "steps Δt between mask updates"})
+    finetune_epochs: int = field(default=0, metadata={"help": "extra epochs at the final sparsity after the schedule (the one-shot methods' fine-tune budget)"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.initial_sparsity < 1.0:
@@ -71,6 +72,8 @@ class GmpConfig:
             )
         if int(self.frequency) != self.frequency or self.frequency < 1:
             raise ConfigError(f"GMP frequency must be a whole number of steps >= 1, got {self.frequency!r}")
+        if int(self.finetune_epochs) != self.finetune_epochs or self.finetune_epochs < 0:
+            raise ConfigError(f"finetune epochs must be a whole number >= 0, got {self.finetune_epochs!r}")
 
 
 @register
@@ -85,7 +88,10 @@ class GmpStrategy(Strategy):
     count first, so masks only grow. (The paper prunes each layer to ``s_t``;
     one global ranking keeps the sparsity exact and matches the other
     baselines.) The delivered network has exactly the target sparsity; its
-    cost is that one training run, mask updates included.
+    cost is that one training run, mask updates included, plus
+    ``finetune_epochs`` more epochs at the final masks when ``compare`` gives
+    the one-shot methods a fine-tune budget (so every method gets as many
+    epochs after its last mask change as the others).
     """
 
     name = "gmp"
@@ -120,6 +126,8 @@ class GmpStrategy(Strategy):
                 start = time.perf_counter()
                 masks = prune(model, scores, target, "global", seed=experiment.seed)
                 seconds += time.perf_counter() - start
-            yield Outcome(
-                self.name, experiment.seed, target, experiment.evaluate(model), seconds, trained.steps, trained.forward_passes, masks
-            )
+            steps, forwards = trained.steps, trained.forward_passes
+            if config.finetune_epochs:
+                tuned = experiment.train(model, epochs=config.finetune_epochs, description=f"gmp fine-tune {target:g}")
+                seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
+            yield Outcome(self.name, experiment.seed, target, experiment.evaluate(model), seconds, steps, forwards, masks)
