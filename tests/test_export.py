@@ -224,8 +224,51 @@ def test_export_argument_errors(tmp_path):
         export_model(model, (0.0, 1.0), (64,), tmp_path / "file")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is not None, reason="onnx is installed")
-def test_onnx_is_skipped_cleanly_when_not_installed(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch.onnx internals
+def test_onnx_is_a_single_self_contained_file(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+
+    model = build_model("mlp", (64,), 10, seed=0)
+    bingo.prune(model, magnitude_scores(model), 0.5)
+    result = export_model(model, (3.0, 2.0), (64,), tmp_path / "out", raw_shape=(8, 8), onnx=True)
+    # No external-data sidecar (hidden or not) next to it: the four files and nothing else.
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.json", "model.onnx", "model.pt2", "weights.safetensors"]
+    alone = tmp_path / "elsewhere" / "model.onnx"
+    alone.parent.mkdir()
+    alone.write_bytes(result.onnx.read_bytes())
+    proto = onnx.load(str(alone))
+    onnx.checker.check_model(proto)
+    session = ReferenceEvaluator(proto)
+    for batch in (1, 5):
+        raw = torch.randint(0, 17, (batch, 8, 8)).float()
+        (logits,) = session.run(None, {"raw": raw.numpy()})
+        with torch.no_grad():
+            expected = model((raw.reshape(batch, 64) - 3.0) / 2.0)
+        torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch.onnx internals
+def test_failed_onnx_write_leaves_no_files(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "model.onnx":
+            raise OSError("disk full")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(build_model("mlp", (64,), 10), (0.0, 1.0), (64,), tmp_path, onnx=True)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "weights.safetensors"]
+
+
+def test_onnx_is_skipped_cleanly_when_not_installed(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "onnx" else find_spec(name, *args))
     with pytest.warns(UserWarning, match=r"ONNX export skipped: onnx.* not installed"):
         result = export_model(build_model("mlp", (64,), 10), (0.0, 1.0), (64,), tmp_path, onnx=True)
     assert result.onnx is None and not (tmp_path / "model.onnx").exists()

@@ -263,11 +263,22 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path 
 
     import torch.onnx
 
+    # Export in memory and write the protobuf ourselves: given a file, torch.onnx.export
+    # puts the weights in a sidecar named after it (here atomic_write's temporary file),
+    # and model.onnx is useless without that file.
+    program = torch.onnx.export(
+        wrapper, (example,), input_names=["raw"], output_names=["logits"],
+        dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}}, verbose=False,
+    )
+    proto = program.model_proto
+    size = proto.ByteSize()
+    if size >= 2**31:  # protobuf's limit: weights this large cannot be embedded
+        raise ConfigError(f"model.onnx would be {size / 2**30:.1f} GiB, over ONNX's 2 GiB limit for one file; use model.pt2")
+    data = proto.SerializeToString()
+
     def write(tmp: str) -> None:
-        torch.onnx.export(
-            wrapper, (example,), tmp, input_names=["raw"], output_names=["logits"],
-            dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}},
-        )
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     return atomic_write(path, write)
 
@@ -311,6 +322,8 @@ def export_model(
           shape ``(batch, *raw_shape)`` with a dynamic batch (>= 1), output
           the model's logits. Load with ``torch.export.load(p).module()``.
         - ``weights.safetensors``: the exported network's state dict.
+        - ``model.onnx`` (with ``onnx=True``): the same program as ONNX, weights
+          embedded, so the file works on its own (no external-data sidecar).
         - ``model.json``: the caller's ``metadata`` plus input shapes,
           preprocessing, parameter count, weight sparsity, layer shapes.
 
