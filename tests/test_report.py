@@ -1,4 +1,4 @@
-"""Report: hand-checked aggregates, CSV round trip, PNGs, markdown cells, atomic failure."""
+"""Report: hand-checked aggregates, CSV round trip, PNGs, markdown cells, atomic failure, file permissions."""
 
 from __future__ import annotations
 
@@ -304,6 +304,34 @@ def test_failing_plot_write_keeps_old_file(tmp_path, monkeypatch):
         plot_accuracy(results, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_every_file_gets_the_umask_permissions(tmp_path, umask):
+    """Like open(): 0o666 less the umask, whichever library wrote the temporary file."""
+    import torch
+
+    from bingo import export_model, magnitude_scores, prune, save_compact
+    from bingo.io import save_checkpoint, save_scores, write_json
+    from bingo.models import build_model
+
+    model = build_model("mlp", (16,), 3)
+    prune(model, magnitude_scores(model), 0.5)
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"a": 1})
+        save_scores({"w": torch.ones(3)}, tmp_path / "scores.safetensors")
+        save_checkpoint({"w": torch.ones(3)}, tmp_path / "ckpt.pt")
+        save_compact(model, tmp_path / "compact.safetensors")
+        write_csv(make_results(), tmp_path / "results.csv")
+        export_model(model, (0.0, 1.0), (16,), tmp_path / "export")
+    finally:
+        os.umask(old)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 8
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tmp_path).as_posix(): oct(0o666 & ~umask) for p in files
+    }
 
 
 def test_bad_results_write_nothing(tmp_path):

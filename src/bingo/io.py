@@ -23,17 +23,22 @@ __all__ = ["atomic_write", "load_checkpoint", "load_scores", "save_checkpoint", 
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
+
+    The file ends up with the permissions an ordinary ``open()`` gives
+    (``0o666`` less the umask), whatever ``write`` did to the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp creates 0600; give the file the permissions an ordinary open() would.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # After writing, not before: mkstemp makes 0600, and writers that recreate
+        # the file (safetensors' save_file) make their own 0600.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
