@@ -323,13 +323,29 @@ def test_npz_missing_file(tmp_path):
 def test_npz_not_an_archive(tmp_path):
     path = tmp_path / "text.npz"
     path.write_text("hello\n")
-    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(path))} as \.npz: "):
+    not_npz = rf"^cannot read {re.escape(str(path))} as \.npz: not a NumPy \.npz archive \(a zip of \.npy arrays\)$"
+    with pytest.raises(DataError, match=not_npz):
+        load_dataset(str(path))
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=not_npz):
+        load_dataset(str(path))
+    path.write_bytes(b"PK\x03\x04 but no zip after it")
+    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(path))} as \.npz: File is not a zip file$"):
         load_dataset(str(path))
     single = tmp_path / "single.npz"
     with open(single, "wb") as f:
         np.save(f, np.zeros(3))
     with pytest.raises(DataError, match=r"as \.npz: it holds a single array"):
         load_dataset(str(single))
+
+
+def test_npz_object_arrays_are_not_unpickled(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_train"] = np.array([str(v) for v in arrays["y_train"]], dtype=object)
+    path = save_npz(tmp_path / "objects.npz", **arrays)
+    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(path))} as \.npz: y_train is an array of Python objects, "
+                                         r"which would need unpickling; store numbers \(e\.g\. np\.asarray\(x, dtype=np\.float32\)\)$"):
+        load_dataset(str(path))
 
 
 def test_npz_missing_arrays(tmp_path):

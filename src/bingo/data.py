@@ -70,6 +70,8 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds, per request
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# np.load reads a zip (.npz) or an .npy by these first bytes and takes anything else for a pickle.
+_NPZ_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")
 
 
 # --------------------------------------------------------------------------
@@ -386,9 +388,13 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as e:  # BadZipFile, bad .npy headers, pickled data, ...
+        with open(path, "rb") as f:
+            head = f.read(6)
+        npz = np.load(path, allow_pickle=False) if head.startswith(_NPZ_MAGICS) else None
+    except Exception as e:  # unreadable, BadZipFile, bad .npy headers, ...
         raise DataError(f"cannot read {path} as .npz: {_reason(e)}") from None
+    if npz is None:  # else np.load says the file "contains pickled (object) data"
+        raise DataError(f"cannot read {path} as .npz: not a NumPy .npz archive (a zip of .npy arrays)")
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"cannot read {path} as .npz: it holds a single array, not an .npz archive")
     with npz:
@@ -398,10 +404,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
                 f"{path} is missing array(s) {', '.join(missing)}; "
                 f"an .npz dataset needs {', '.join(_NPZ_KEYS)}"
             )
-        try:
-            arrays = {k: npz[k] for k in _NPZ_KEYS}
-        except Exception as e:  # object arrays, corrupt members
-            raise DataError(f"cannot read {path} as .npz: {_reason(e)}") from None
+        arrays = {}
+        for key in _NPZ_KEYS:
+            try:
+                arrays[key] = npz[key]
+            except Exception as e:  # object arrays, corrupt members
+                if isinstance(e, ValueError) and "allow_pickle" in str(e):  # numpy's only way to say "object array"
+                    raise DataError(
+                        f"cannot read {path} as .npz: {key} is an array of Python objects, which would need "
+                        "unpickling; store numbers (e.g. np.asarray(x, dtype=np.float32))"
+                    ) from None
+                raise DataError(f"cannot read {path} as .npz: {key}: {_reason(e)}") from None
     return _check_arrays(arrays, str(path))
 
 
