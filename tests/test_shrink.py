@@ -331,6 +331,12 @@ class Block(nn.Module):
         return x + self.fc(x)
 
 
+class Split(Residual):
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.out(nn.functional.relu(h) + torch.sigmoid(h))
+
+
 class Scaled(Residual):
     def forward(self, x):
         return self.out(self.fc2(self.fc1(x) * 2))
@@ -338,20 +344,24 @@ class Scaled(Residual):
 
 def test_refuses_a_residual_connection():
     model = neuron_pruned(Residual(), 0.3)
-    with pytest.raises(ConfigError, match=r"^cannot shrink Residual: node 'add' \(add\) takes 2 tensor inputs; shrink follows a single "
-                                          r"chain of layers \(no residual adds, concatenations or branches\)$"):
+    with pytest.raises(ConfigError, match=r"^cannot shrink Residual: the outputs of 'fc1' and 'fc2' meet at node 'add' \(add\); shrink follows "
+                                          r"a single chain of layers \(no residual adds, concatenations or branches\)$"):
         shrink(model)
 
 
 def test_refuses_concatenation_reuse_and_unknown_ops():
-    with pytest.raises(ConfigError, match=r"node 'cat' \(torch\.cat\) takes 2 tensor inputs"):
+    with pytest.raises(ConfigError, match=r"^cannot shrink Concat: the outputs of 'fc1' and 'fc2' meet at node 'cat' \(torch\.cat\); "):
         shrink(Concat())
     with pytest.raises(ConfigError, match=r"'fc1' \(Linear\) is used more than once in forward"):
         shrink(Twice())
     with pytest.raises(ConfigError, match=r"node 'mul' \(mul\) between 'fc1' and 'fc2' is not supported"):
         shrink(Scaled())
-    with pytest.raises(ConfigError, match=r"^cannot shrink Sequential: node 'add' \(add\) in '1' \(Block\) takes 2 tensor inputs"):
+    with pytest.raises(ConfigError, match=r"^cannot shrink Sequential: the outputs of '0' and '1\.fc' meet at node 'add' \(add\) in '1' \(Block\); "):
         shrink(nn.Sequential(nn.Linear(4, 8), Block(), nn.Linear(8, 2)))
+    with pytest.raises(ConfigError, match=r"^cannot shrink Block: the input and the output of 'fc' meet at node 'add' \(add\); "):
+        shrink(Block())
+    with pytest.raises(ConfigError, match=r"^cannot shrink Split: node 'add' \(add\) takes 2 tensor inputs, all branching from the output of 'fc1'; "):
+        shrink(Split())
 
 
 def test_refuses_grouped_conv_and_norm_without_running_stats():

@@ -55,8 +55,8 @@ flatten (``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``,
 single-input operation is fine, since the input and the output keep their
 sizes. Anything else (residual adds, concatenations, a layer or BatchNorm used
 twice, grouped convs, an unknown op between layers) raises a
-:class:`~bingo.errors.ConfigError` that names the node: never a silently
-wrong model.
+:class:`~bingo.errors.ConfigError` that names the node (and, where branches
+join, the layers whose outputs meet there): never a silently wrong model.
 
 The result is a deep copy of the model (same class, same ``forward``) whose
 layers are replaced by plain, smaller modules: no ``weight_orig`` / mask, no
@@ -259,6 +259,42 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...] | None) -> fx.Graph:
         ) from None
 
 
+def _sources(node: fx.Node, model: nn.Module) -> list[fx.Node]:
+    """The nearest layers (submodules with parameters) or model input upstream of each of ``node``'s inputs, in graph order."""
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        here = stack.pop()
+        if here in seen or here.op == "get_attr" or _is_shape_query(here):
+            continue
+        seen.add(here)
+        # Past parameter-free modules (nn.ReLU, nn.Dropout): the layer before them is the one to name.
+        if here.op == "placeholder" or here.op == "call_module" and any(True for _ in model.get_submodule(here.target).parameters()):
+            found.add(here)
+        else:
+            stack.extend(here.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
+
+
+def _meeting(node: fx.Node, inputs: list[fx.Node], model: nn.Module) -> str:
+    """``the outputs of 'fc1' and 'fc2' meet at node 'add' (add)``: what joins at ``node``, for refusals."""
+    where = f"node {node.name!r} ({_target_name(node)}){_inside(node)}"
+    sources = _sources(node, model)
+    layers = [repr(n.target) for n in sources if n.op == "call_module"]
+    if not sources:
+        return f"{where} takes {len(inputs)} tensor inputs"
+    if len(sources) == 1:  # the branches split after one layer (or at the input)
+        start = f"the output of {layers[0]}" if layers else "the input"
+        return f"{where} takes {len(inputs)} tensor inputs, all branching from {start}"
+    parts = ["the input"] if len(layers) < len(sources) else []
+    if layers:
+        listed = layers[0] if len(layers) == 1 else f"{', '.join(layers[:-1])} and {layers[-1]}"
+        parts.append(f"the output{'s' if len(layers) > 1 else ''} of {listed}")
+    return f"{' and '.join(parts)} meet at {where}"
+
+
 def _chain(graph: fx.Graph, model: nn.Module) -> list[fx.Node]:
     """The nodes from the input to the output, checked to form a single path."""
     name = type(model).__name__
@@ -276,7 +312,7 @@ def _chain(graph: fx.Graph, model: nn.Module) -> list[fx.Node]:
         inputs = [n for n in node.all_input_nodes if not _is_shape_query(n) and n.op != "get_attr"]
         if len(inputs) != 1:
             raise ConfigError(
-                f"cannot shrink {name}: node {node.name!r} ({_target_name(node)}){_inside(node)} takes {len(inputs)} tensor inputs; "
+                f"cannot shrink {name}: {_meeting(node, inputs, model)}; "
                 "shrink follows a single chain of layers (no residual adds, concatenations or branches)"
             )
         chain.append(node)
