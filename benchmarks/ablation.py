@@ -25,6 +25,8 @@ NEURON = ["--sparsities", "0.5,0.7"]
 #: name -> (what changes, method, compare flags). In order: the paper, then one ingredient at a time.
 VARIANTS = {
     "paper": ("faithful BINGO: 1% reset-to-θ0 probes every step, accuracy change, mean rule", "bingo-paper", WEIGHT),
+    "paper-batched": ("the same fake passes, all layers' in one vmap-ed forward (speed only)", "bingo-paper",
+                      [*WEIGHT, "--bingo-paper-batched"]),
     "loss": ("+ loss change instead of accuracy change", "bingo-paper", [*WEIGHT, "--bingo-paper-metric", "loss"]),
     "contrast": ("+ contrast estimator (mean loss change when probed − when not)", "bingo-paper",
                  [*WEIGHT, "--bingo-paper-metric", "loss", "--bingo-paper-rule", "contrast"]),

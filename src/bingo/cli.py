@@ -62,7 +62,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, names:
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=_typed(kind, name),
+            **_value(kind, name),
             default=f.default,
             help=f"{help_text}; default {f.default}",
         )
@@ -82,7 +82,7 @@ def _add_preset_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_typed(kind, f.name),
+            **_value(kind, f.name),
             default=None,
             help=f"{f.metadata.get('help', '')}; default {f.default} / {getattr(paper, f.name)}",
         )
@@ -97,6 +97,13 @@ def _run_config(args: argparse.Namespace) -> BingoConfig:
         # a layer; the same fraction per layer is the safe default for neurons.
         overrides["scope"] = "layer"
     return dataclasses.replace(_RUN_PRESETS[args.method](), **overrides)
+
+
+def _value(kind: type, name: str, **extra) -> dict:
+    """argparse keywords for a config field: ``--flag/--no-flag`` for a bool, a typed value otherwise."""
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": _typed(kind, name), **extra}
 
 
 def _typed(kind: type, name: str):
@@ -235,7 +242,7 @@ def _add_compare_parser(commands) -> None:
                 flags.append("--rewind-step")
             kind = type(f.default) if f.default is not None else str
             group.add_argument(
-                *flags, dest=f"method__{name}__{f.name}", metavar=f.name.upper(), type=_typed(kind, f.name), default=None,
+                *flags, dest=f"method__{name}__{f.name}", **_value(kind, f.name, metavar=f.name.upper()), default=None,
                 help=f"{name}: {f.metadata.get('help', '')} [{f.default}]",
             )
 

@@ -67,6 +67,7 @@ class SearchConfig:
     decay: float = field(default=0.99, metadata={"help": "taylor: weight of the past in the running average over steps (1 = plain mean over all steps)"})
     target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate probes on the weights whose fate at this global sparsity is still uncertain (0 = uniform probes)"})
     band: float = field(default=0.1, metadata={"help": "targeted: probe the weights ranked within this fraction either side of the target's threshold (contrast rule: within 2 standard errors of it)"})
+    batched: bool = field(default=False, metadata={"help": "run one step's fake passes (one per layer) as a single batched forward with torch.func.vmap"})
     seed: int = field(default=0, metadata={"help": "seed of the search's own random generator"})
     include: tuple[str, ...] | None = field(default=None, metadata={"help": "glob patterns of weights to score (default: every Linear/Conv)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
@@ -209,6 +210,7 @@ class TicketSearch:
         decay: float = 0.99,
         target: float = 0.0,
         band: float = 0.1,
+        batched: bool = False,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] = (),
         config: SearchConfig | None = None,
@@ -225,6 +227,7 @@ class TicketSearch:
                 decay=decay,
                 target=target,
                 band=band,
+                batched=batched,
                 seed=seed,
                 include=None if include is None else tuple(include),
                 exclude=tuple(exclude),
@@ -480,10 +483,15 @@ class TicketSearch:
                 before = float(self._metric(self.model(inputs), targets))
                 if self.config.target and ((self.steps - 1) // self.config.every) % self.FOCUS_REFRESH == 0:
                     self._refocus()
-                for key in self.layers:
-                    subset = self._draw_subset(key)
-                    outputs = functional_call(self.model, self._probe_tensors(key, subset), (inputs,))
-                    after = float(self._metric(outputs, targets))
+                # All subsets first: the generator is consumed in the same order either way.
+                subsets = {key: self._draw_subset(key) for key in self.layers}
+                probes = {key: self._probe_tensors(key, subset) for key, subset in subsets.items()}
+                if self.config.batched:
+                    outputs_of = self._batched_outputs(probes, inputs)
+                else:
+                    outputs_of = {key: functional_call(self.model, tensors, (inputs,)) for key, tensors in probes.items()}
+                for key, subset in subsets.items():
+                    after = float(self._metric(outputs_of[key], targets))
                     if self.config.estimator == "hybrid":
                         self._calibrate(key, subset, before - after)
                     else:
@@ -493,6 +501,24 @@ class TicketSearch:
             for module, training in modes:
                 module.training = training
         return damages
+
+    def _batched_outputs(self, probes: dict[str, dict[str, torch.Tensor]], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs of every layer's fake pass from one ``vmap``-ed forward.
+
+        Probe ``k`` substitutes its own layer's tensors and the current values
+        everywhere else, so stacking one full set of substituted tensors per
+        probe and mapping ``functional_call`` over the stack computes exactly
+        the separate fake passes (up to float rounding of batched kernels), with
+        one Python-level forward instead of one per layer.
+        """
+        current = dict(self.model.named_parameters())
+        names = sorted({name for tensors in probes.values() for name in tensors})
+        stacked = {
+            name: torch.stack([tensors.get(name, current[name].detach()) for tensors in probes.values()])
+            for name in names
+        }
+        outputs = torch.func.vmap(lambda params: functional_call(self.model, params, (inputs,)))(stacked)
+        return dict(zip(probes, outputs.unbind(0)))
 
     # -- results -----------------------------------------------------------
 

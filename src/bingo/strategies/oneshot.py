@@ -91,6 +91,7 @@ class BingoConfig:
     every: int = field(default=10, metadata={"help": "fake passes on every k-th step"})
     target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate fake passes where the decision at this sparsity is uncertain (0 = uniform)"})
     band: float = field(default=0.1, metadata={"help": "targeted: rank band either side of the threshold kept in focus"})
+    batched: bool = field(default=False, metadata={"help": "one vmap-ed forward for all of a step's fake passes"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global or layer"})
     granularity: str = field(default="weight", metadata={"help": "weight, or neuron (sparsity = fraction of hidden units)"})
@@ -102,7 +103,7 @@ class BingoConfig:
     def search_config(self, seed: int) -> SearchConfig:
         return SearchConfig(
             fraction=self.fraction, mode=self.mode, metric=self.metric, rule=self.rule,
-            estimator=self.estimator, every=self.every, decay=self.decay, target=self.target, band=self.band, granularity=self.granularity, seed=seed,
+            estimator=self.estimator, every=self.every, decay=self.decay, target=self.target, band=self.band, batched=self.batched, granularity=self.granularity, seed=seed,
         )
 
 
