@@ -822,3 +822,17 @@ def test_batched_fake_passes_on_a_pruned_model(batch):
     batched = bingo.TicketSearch(model, fraction=0.3, metric="loss", seed=1, batched=True)
     for _ in range(3):
         assert separate.step(x, y) == pytest.approx(batched.step(x, y), abs=1e-6)
+
+
+def test_forward_counter_counts_each_batched_fake_pass(batch):
+    from bingo.strategies import ForwardCounter
+
+    x, y = batch
+    counts = {}
+    for batched in (False, True):
+        model = make_mlp()
+        search = bingo.TicketSearch(model, fraction=0.3, metric="loss", batched=batched)
+        with ForwardCounter(model) as counter:
+            search.step(x, y)
+        counts[batched] = counter.count
+    assert counts == {False: 4, True: 4}  # the unmodified pass + one fake pass per layer (3)

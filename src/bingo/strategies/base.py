@@ -40,6 +40,23 @@ __all__ = [
 ]
 
 
+def _vmapped_calls(output: object) -> int:
+    """How many forwards one call stands for: the vmap batch size(s) when it ran under ``torch.func.vmap``.
+
+    The batched fake passes (``TicketSearch(batched=True)``) evaluate one
+    probe per layer in a single vmap-ed call; each probe is still a forward
+    of the whole network and is counted as one.
+    """
+    from torch._C._functorch import get_unwrapped, is_batchedtensor, maybe_get_bdim
+
+    calls = 1
+    while isinstance(output, torch.Tensor) and is_batchedtensor(output):
+        dim = maybe_get_bdim(output)
+        output = get_unwrapped(output)
+        calls *= output.shape[dim]
+    return calls
+
+
 class ForwardCounter:
     """Counts forward calls of a module (fake passes through ``functional_call`` included).
 
@@ -55,7 +72,7 @@ class ForwardCounter:
         self._handle = None
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
-        self.count += 1
+        self.count += _vmapped_calls(output)
 
     def __enter__(self) -> ForwardCounter:
         self._handle = self.module.register_forward_hook(self._hook)
