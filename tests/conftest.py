@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,6 +28,34 @@ def make_cnn(seed: int = 0) -> nn.Module:
         nn.Dropout(0.5),
         nn.Linear(16, 3),
     )
+
+
+def train_tiny(factory, data, search_factory=None, steps=12):
+    """Train ``factory()`` for ``steps`` Adam steps on slices of ``data``, optionally with a search.
+
+    Returns ``(model, search)``. The search's ``step`` runs right after each
+    optimizer step, and the gradients it could read must come out of it
+    exactly as they went in. Same seed, same data: with and without a search
+    the training must end bit-identical.
+    """
+    model = factory()
+    torch.manual_seed(123)  # dropout draws from the global RNG
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    search = search_factory(model) if search_factory else None
+    model.train()
+    x_all, y_all = data
+    for step in range(steps):
+        x, y = x_all[step % 4 :: 4], y_all[step % 4 :: 4]
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if search:
+            grads = [p.grad.clone() for p in model.parameters()]
+            search.step(x, y)
+            # taylor/hybrid read .grad; it must be left exactly as it was
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    return model, search
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import bingo
 from bingo.errors import CheckpointError, ConfigError
-from conftest import make_cnn, make_mlp
+from conftest import make_cnn, make_mlp, train_tiny
 
 LN3 = math.log(3.0)
 
@@ -559,27 +559,6 @@ def test_taylor_without_gradient_says_when_to_call_step(batch, estimator):
 # -- training is untouched ----------------------------------------------------------------
 
 
-def _train(factory, data, search_factory=None, steps=12):
-    model = factory()
-    torch.manual_seed(123)  # dropout draws from the global RNG
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    search = search_factory(model) if search_factory else None
-    model.train()
-    x_all, y_all = data
-    for step in range(steps):
-        x, y = x_all[step % 4 :: 4], y_all[step % 4 :: 4]
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if search:
-            grads = [p.grad.clone() for p in model.parameters()]
-            search.step(x, y)
-            # taylor reads .grad; it must leave it exactly as it was
-            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-    return model, search
-
-
 @pytest.mark.parametrize(
     "factory,shape,classes",
     [(make_mlp, (64, 16), 4), (make_cnn, (64, 1, 4, 4), 3)],
@@ -590,8 +569,8 @@ def _train(factory, data, search_factory=None, steps=12):
 def test_training_is_bit_identical_with_and_without_gradient_search(factory, shape, classes, estimator, granularity):
     generator = torch.Generator().manual_seed(5)
     data = torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
-    plain, _ = _train(factory, data)
-    searched, search = _train(
+    plain, _ = train_tiny(factory, data)
+    searched, search = train_tiny(
         factory,
         data,
         lambda m: bingo.TicketSearch(m, fraction=0.2, estimator=estimator, metric="loss", granularity=granularity, every=2),
@@ -801,9 +780,9 @@ def test_batched_fake_passes_measure_what_separate_ones_do(factory, shape, class
     generator = torch.Generator().manual_seed(5)
     data = torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
     settings = dict(fraction=0.2, metric="loss", rule="contrast", granularity=granularity, seed=3)
-    plain, _ = _train(factory, data)
-    separate_model, separate = _train(factory, data, lambda m: bingo.TicketSearch(m, **settings))
-    batched_model, batched = _train(factory, data, lambda m: bingo.TicketSearch(m, batched=True, **settings))
+    plain, _ = train_tiny(factory, data)
+    separate_model, separate = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, **settings))
+    batched_model, batched = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, batched=True, **settings))
     for key, value in plain.state_dict().items():
         assert torch.equal(batched_model.state_dict()[key], value), key
     for key in separate.state:

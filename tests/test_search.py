@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bingo
 from bingo.errors import CheckpointError, ConfigError
-from conftest import make_cnn, make_mlp
+from conftest import make_cnn, make_mlp, train_tiny
 
 
 # -- a 2x2 layer whose every single-weight reset can be worked out by hand --------------
@@ -200,24 +199,6 @@ def test_step_consumes_no_global_rng(image_batch):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def _train(factory, data, search_factory=None, steps=12):
-    model = factory()
-    torch.manual_seed(123)  # dropout draws from the global RNG
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    search = search_factory(model) if search_factory else None
-    model.train()
-    x_all, y_all = data
-    for step in range(steps):
-        x, y = x_all[step % 4 :: 4], y_all[step % 4 :: 4]
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if search:
-            search.step(x, y)
-    return model, search
-
-
 @pytest.mark.parametrize(
     "factory,shape,classes",
     [(make_mlp, (64, 16), 4), (make_cnn, (64, 1, 4, 4), 3)],
@@ -227,8 +208,8 @@ def _train(factory, data, search_factory=None, steps=12):
 def test_training_is_bit_identical_with_and_without_search(factory, shape, classes, granularity):
     generator = torch.Generator().manual_seed(5)
     data = torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
-    plain, _ = _train(factory, data)
-    searched, search = _train(factory, data, lambda m: bingo.TicketSearch(m, fraction=0.2, granularity=granularity))
+    plain, _ = train_tiny(factory, data)
+    searched, search = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, fraction=0.2, granularity=granularity))
     assert search.steps == 12
     plain_state, searched_state = plain.state_dict(), searched.state_dict()
     assert list(plain_state) == list(searched_state)
