@@ -210,6 +210,7 @@ def digits() -> Dataset:
 def test_digits_shapes_and_types(digits):
     assert digits.name == "digits"
     assert digits.input_shape == (1, 8, 8)
+    assert digits.raw_shape == (64,)  # as load_digits(return_X_y=True) gives it
     assert digits.num_classes == 10
     # 1797 samples: 360 test (20%, stratified), 1437 train of which 144 (10%) validation
     assert len(digits.x_test) == len(digits.y_test) == 360
@@ -284,7 +285,7 @@ def test_npz_images_nhw_get_a_channel(tmp_path):
     path = save_npz(tmp_path / "d.npz", **arrays)
     d = load_dataset(str(path), validation_fraction=0.25, seed=3)
     assert d.name == str(path)
-    assert d.input_shape == (1, 6, 5)
+    assert d.input_shape == (1, 6, 5) and d.raw_shape == (6, 5)  # an export takes N x 6 x 5, as stored
     assert len(d.x_train) == 30 and len(d.x_val) == 10 and len(d.x_test) == 12
     assert d.num_classes == 4
     assert d.y_train.dtype == torch.int64
@@ -296,7 +297,7 @@ def test_npz_images_nhw_get_a_channel(tmp_path):
 def test_npz_images_nchw_are_kept(tmp_path):
     path = save_npz(tmp_path / "d.npz", **npz_arrays((20, 3, 4, 4)))
     d = load_dataset(path, validation_fraction=0.0)
-    assert d.input_shape == (3, 4, 4)
+    assert d.input_shape == (3, 4, 4) and d.raw_shape == (3, 4, 4)
     assert d.x_train.shape == (20, 3, 4, 4) and d.x_val.shape == (0, 3, 4, 4)
 
 
@@ -307,7 +308,7 @@ def test_npz_flat_features_and_integral_float_labels(tmp_path):
     arrays["x_test"] = (np.arange(12 * 7) % 256).astype(np.uint8).reshape(12, 7)
     path = save_npz(tmp_path / "flat.npz", **arrays)
     d = load_dataset(path, validation_fraction=0.1)
-    assert d.input_shape == (7,)
+    assert d.input_shape == (7,) and d.raw_shape == (7,)
     assert d.x_test.dtype == torch.float32 and d.x_train.dtype == torch.float32
     assert d.y_train.dtype == torch.int64
     assert d.num_classes == 5
@@ -426,7 +427,7 @@ def test_fashion_mnist_from_generated_files(tmp_path):
     arrays = make_idx_dir(tmp_path, gz=(True, False, False, True))
     d = load_dataset("fashion-mnist", tmp_path, validation_fraction=0.2, seed=0)
     assert d.name == "fashion-mnist"
-    assert d.input_shape == (1, 28, 28)
+    assert d.input_shape == (1, 28, 28) and d.raw_shape == (28, 28)  # IDX stores N x 28 x 28
     assert d.x_train.shape == (40, 1, 28, 28) and d.x_val.shape == (10, 1, 28, 28)
     assert d.x_test.shape == (20, 1, 28, 28)
     assert d.num_classes == 10

@@ -282,6 +282,12 @@ def test_export_checkpoint_refuses_other_files(tmp_path):
     torch.save({"kind": "bingo-model", "model": "mlp"}, tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match=r"y\.pt lacks input_shape, num_classes, preprocess, state_dict"):
         export_checkpoint(tmp_path / "y.pt", tmp_path / "out")
+    model = build_model("mlp", (64,), 10)
+    torch.save({"kind": "bingo-model", "model": "mlp", "input_shape": [64], "raw_shape": [8, 9], "num_classes": 10,
+                "preprocess": {"offset": 0.0, "scale": 1.0}, "state_dict": model.state_dict()}, tmp_path / "z.pt")
+    with pytest.raises(CheckpointError, match=r"z\.pt: raw_shape \[8, 9\] does not hold the 64 values of input_shape \[64\]"):
+        export_checkpoint(tmp_path / "z.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +313,10 @@ def test_cli_run_export_reproduces_the_reported_accuracy(tmp_path, digits, capsy
     bingo.load_pruned_state_dict(masked, ckpt["state_dict"])
     with torch.no_grad():
         expected = masked.eval()(digits.x_test)
-    got = run_torch_only(export_dir / "model.pt2", raw_digits(digits.x_test, digits), digits.y_test, expected, tmp_path)
+    # The program takes the digits as scikit-learn stores them: 64 raw 0..16 values per row.
+    assert record["input"]["shape"] == ["batch", 64] and ckpt["raw_shape"] == [64]
+    raw = raw_digits(digits.x_test, digits).reshape(-1, 64)
+    got = run_torch_only(export_dir / "model.pt2", raw, digits.y_test, expected, tmp_path)
     assert got["accuracy"] == report["results"][-1]["accuracy"]
     assert got["max_diff"] < 1e-4
 
@@ -318,7 +327,6 @@ def test_cli_run_export_reproduces_the_reported_accuracy(tmp_path, digits, capsy
     if importlib.util.find_spec("onnx") is None:
         assert captured.err.startswith("bingo: warning: ONNX export skipped: onnx") and captured.err.count("\n") == 1
     again = torch.export.load(str(tmp_path / "again" / "model.pt2")).module()
-    raw = raw_digits(digits.x_test, digits)
     torch.testing.assert_close(again(raw), expected, atol=1e-4, rtol=1e-4)
 
 

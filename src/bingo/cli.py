@@ -468,6 +468,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "model": args.model,
                 "granularity": search_config.granularity,
                 "input_shape": list(data.input_shape),
+                "raw_shape": list(data.raw_shape),
                 "num_classes": data.num_classes,
                 "preprocess": {"offset": data.offset, "scale": data.scale},
                 "sparsity": results[-1]["sparsity"],
@@ -486,7 +487,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pruned_model, (data.offset, data.scale), data.input_shape, args.export,
                 metadata={"architecture": args.model, "data": args.data, "granularity": search_config.granularity,
                           "num_classes": data.num_classes, "sparsity": results[-1]["sparsity"], "accuracy": results[-1]["accuracy"]},
-                shrink_units=search_config.granularity == "neuron", onnx=args.onnx,
+                raw_shape=data.raw_shape, shrink_units=search_config.granularity == "neuron", onnx=args.onnx,
             )
         _print_warnings(caught)
         report["export_dir"] = args.export

@@ -93,11 +93,21 @@ class Dataset:
     num_classes: int
     offset: float
     scale: float
+    #: Shape of one sample as the source stores it, before a channel axis is
+    #: added: ``(28, 28)`` for IDX files and N×H×W arrays, ``(64,)`` for digits
+    #: (as ``sklearn.datasets.load_digits(return_X_y=True)`` gives it).
+    #: ``None``: the same as :attr:`input_shape`.
+    stored_shape: tuple[int, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. ``(1, 28, 28)`` or ``(64,)``."""
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def raw_shape(self) -> tuple[int, ...]:
+        """Shape of one raw sample in the dataset's own layout (what an export takes)."""
+        return self.input_shape if self.stored_shape is None else tuple(self.stored_shape)
 
     def preprocess(self, raw: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Apply this dataset's preprocessing ``(raw - offset) / scale`` as float32."""
@@ -257,7 +267,7 @@ def _load_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, n
     return images[:, None], labels
 
 
-def _load_idx_dataset(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _load_idx_dataset(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
     found, missing = _find_idx(directory)
     assert not missing
     x_train, y_train = _load_idx_split(found[0], found[1])
@@ -269,7 +279,7 @@ def _load_idx_dataset(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
         )
     if len(x_train) == 0:
         raise DataError(f"IDX file {found[0]} holds no training images")
-    return x_train, y_train, x_test, y_test
+    return x_train, y_train, x_test, y_test, x_train.shape[2:]  # stored as N x H x W
 
 
 # --------------------------------------------------------------------------
@@ -419,6 +429,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray], source: str):
+    stored_shape = tuple(np.shape(arrays["x_train"])[1:])
     x_train = _check_inputs(arrays["x_train"], "x_train", source)
     x_test = _check_inputs(arrays["x_test"], "x_test", source)
     y_train = _check_labels(arrays["y_train"], "y_train", source)
@@ -435,7 +446,7 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], source: str):
             f"{source}: train and test samples differ in shape: "
             f"{tuple(x_train.shape[1:])} vs {tuple(x_test.shape[1:])}"
         )
-    return x_train, y_train, x_test, y_test
+    return x_train, y_train, x_test, y_test, stored_shape
 
 
 def _load_digits():
@@ -448,7 +459,7 @@ def _load_digits():
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=_DIGITS_TEST_FRACTION, random_state=_DIGITS_SPLIT_SEED, stratify=y
     )
-    return x_train, y_train, x_test, y_test
+    return x_train, y_train, x_test, y_test, digits.data.shape[1:]
 
 
 # --------------------------------------------------------------------------
@@ -466,7 +477,7 @@ def _check_fraction(validation_fraction: float) -> float:
     return fraction
 
 
-def _build(name, x_train, y_train, x_test, y_test, fraction: float, seed: int) -> Dataset:
+def _build(name, x_train, y_train, x_test, y_test, stored_shape, fraction: float, seed: int) -> Dataset:
     x_train_t = torch.from_numpy(np.ascontiguousarray(x_train))
     y_train_t = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
     x_test_t = torch.from_numpy(np.ascontiguousarray(x_test))
@@ -505,6 +516,7 @@ def _build(name, x_train, y_train, x_test, y_test, fraction: float, seed: int) -
         num_classes=num_classes,
         offset=offset,
         scale=scale,
+        stored_shape=tuple(int(d) for d in stored_shape),
     )
 
 

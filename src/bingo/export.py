@@ -414,7 +414,9 @@ def export_checkpoint(
     The checkpoint is a dict with ``kind: "bingo-model"``, ``model`` (a name
     in :data:`bingo.models.MODELS`), ``input_shape``, ``num_classes``,
     ``preprocess: {offset, scale}``, ``state_dict`` (with masks) and
-    optionally ``sparsity`` and ``accuracy``, which go to ``model.json``.
+    optionally ``sparsity`` and ``accuracy``, which go to ``model.json``, and
+    ``raw_shape``, the per-sample shape of the dataset's own layout that the
+    exported program takes (default: ``input_shape``).
 
     Raises:
         CheckpointError: unreadable, not a bingo model file, or a state dict
@@ -433,6 +435,9 @@ def export_checkpoint(
     if not isinstance(preprocess, dict) or not {"offset", "scale"} <= set(preprocess):
         raise CheckpointError(f"{checkpoint}: preprocess must be {{offset, scale}}, got {preprocess!r}")
     input_shape = tuple(int(d) for d in ckpt["input_shape"])
+    raw_shape = tuple(int(d) for d in ckpt.get("raw_shape", input_shape))
+    if math.prod(raw_shape) != math.prod(input_shape):
+        raise CheckpointError(f"{checkpoint}: raw_shape {list(raw_shape)} does not hold the {math.prod(input_shape)} values of input_shape {list(input_shape)}")
     model = build_model(ckpt["model"], input_shape, int(ckpt["num_classes"]))
     load_pruned_state_dict(model, ckpt["state_dict"])
     metadata = {"architecture": ckpt["model"], "num_classes": int(ckpt["num_classes"]), "source": os.fspath(checkpoint)}
@@ -443,5 +448,5 @@ def export_checkpoint(
         shrink_units = ckpt["granularity"] == "neuron"
     return export_model(
         model, (preprocess["offset"], preprocess["scale"]), input_shape, out_dir,
-        metadata=metadata, shrink_units=shrink_units, onnx=onnx,
+        metadata=metadata, raw_shape=raw_shape, shrink_units=shrink_units, onnx=onnx,
     )
