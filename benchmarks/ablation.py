@@ -21,6 +21,8 @@ OUT = Path("benchmarks/results/ablation")
 COMMON = ["--data", "fashion-mnist", "--model", "lenet300", "--epochs", "3", "--seeds", "3"]
 WEIGHT = ["--sparsities", "0.9,0.95"]
 NEURON = ["--sparsities", "0.5,0.7"]
+#: The search's own significance, without the default's blend with weight magnitude.
+ALONE = ["--bingo-magnitude-weight", "0"]
 
 #: name -> (what changes, method, compare flags). In order: the paper, then one ingredient at a time.
 VARIANTS = {
@@ -34,16 +36,19 @@ VARIANTS = {
                           "bingo-paper", [*WEIGHT, "--bingo-paper-metric", "loss", "--bingo-paper-rule", "contrast",
                                           "--bingo-paper-target", "0.9"]),
     "taylor-mean": ("Taylor estimate of the reset's loss change, (g·(θ0−w))² averaged over all steps; no fake passes",
-                    "bingo", [*WEIGHT, "--bingo-estimator", "taylor", "--bingo-mode", "reset", "--bingo-decay", "1"]),
+                    "bingo", [*WEIGHT, *ALONE, "--bingo-estimator", "taylor", "--bingo-mode", "reset", "--bingo-decay", "1"]),
     "taylor-recent": ("+ running average weighted to recent steps (decay 0.99)", "bingo",
-                      [*WEIGHT, "--bingo-estimator", "taylor", "--bingo-mode", "reset"]),
+                      [*WEIGHT, *ALONE, "--bingo-estimator", "taylor", "--bingo-mode", "reset"]),
     "taylor-zero": ("+ estimate zeroing (what pruning does) instead of reset: (g·w)²", "bingo",
-                    [*WEIGHT, "--bingo-estimator", "taylor", "--bingo-mode", "zero"]),
-    "hybrid": ("+ real fake passes (1%, every 10th step) calibrate each layer's scale: the default `bingo`", "bingo", WEIGHT),
-    "hybrid+targeted": ("the default + targeted fake passes: drawn from the weights ranked within 10% of the 90% threshold",
-                        "bingo", [*WEIGHT, "--bingo-target", "0.9"]),
-    "hybrid-every-step": ("the default with fake passes on every step", "bingo", [*WEIGHT, "--bingo-every", "1"]),
-    "hybrid+finetune": ("the default + 1 epoch of masked fine-tuning", "bingo", [*WEIGHT, "--finetune-epochs", "1"]),
+                    [*WEIGHT, *ALONE, "--bingo-estimator", "taylor", "--bingo-mode", "zero"]),
+    "hybrid": ("+ real fake passes (1%, every 10th step) calibrate each layer's scale: the search's significance alone",
+               "bingo", [*WEIGHT, *ALONE]),
+    "hybrid+blend": ("+ ranked together with the weights' magnitude (equal rank blend): the default `bingo`", "bingo", WEIGHT),
+    "hybrid+targeted": ("the search alone + targeted fake passes: drawn from the weights ranked within 10% of the 90% threshold",
+                        "bingo", [*WEIGHT, *ALONE, "--bingo-target", "0.9"]),
+    "hybrid-every-step": ("the search alone with fake passes on every step", "bingo", [*WEIGHT, *ALONE, "--bingo-every", "1"]),
+    "hybrid+finetune": ("the search alone + 1 epoch of masked fine-tuning", "bingo", [*WEIGHT, *ALONE, "--finetune-epochs", "1"]),
+    "hybrid+blend+finetune": ("the default + 1 epoch of masked fine-tuning", "bingo", [*WEIGHT, "--finetune-epochs", "1"]),
     "magnitude": ("reference: one-shot magnitude", "magnitude", WEIGHT),
     "magnitude+finetune": ("reference: one-shot magnitude + 1 epoch of fine-tuning", "magnitude", [*WEIGHT, "--finetune-epochs", "1"]),
     "gmp": ("reference: gradual magnitude pruning (one run)", "gmp", WEIGHT),
@@ -52,7 +57,10 @@ VARIANTS = {
     "neuron-contrast": ("neurons: probes with loss contrast", "bingo-paper",
                         [*NEURON, "--bingo-paper-granularity", "neuron", "--bingo-paper-scope", "layer",
                          "--bingo-paper-metric", "loss", "--bingo-paper-rule", "contrast"]),
-    "neuron-hybrid": ("neurons: the default `bingo`", "bingo", [*NEURON, "--bingo-granularity", "neuron", "--bingo-scope", "layer"]),
+    "neuron-hybrid": ("neurons: the hybrid search's significance alone", "bingo",
+                      [*NEURON, *ALONE, "--bingo-granularity", "neuron", "--bingo-scope", "layer"]),
+    "neuron-hybrid+blend": ("neurons: the default `bingo` (ranked with each unit's L2 norm)", "bingo",
+                            [*NEURON, "--bingo-granularity", "neuron", "--bingo-scope", "layer"]),
     "neuron-l2": ("neurons, reference: L2 norm of each unit's weights", "magnitude",
                   [*NEURON, "--magnitude-granularity", "neuron", "--magnitude-scope", "layer"]),
 }

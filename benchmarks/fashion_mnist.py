@@ -180,7 +180,7 @@ passes included.
 
 ### Where BINGO wins and where it loses (mean test accuracy over seeds)
 
-`bingo` (the default: hybrid Taylor + calibrating fake passes):
+`bingo` (the default: hybrid Taylor + calibrating fake passes, ranked together with weight magnitude):
 
 {verdict(results, "bingo")}
 

@@ -385,6 +385,7 @@ BAD_OPTIONS = [
     (("--rule", "max"), r"unknown rule 'max'; valid choices: mean, paper, contrast$"),
     (("--optimizer", "rmsprop"), r"unknown optimizer 'rmsprop'; valid choices: adam, sgd$"),
     (("--scope", "model"), r"unknown scope 'model'; valid choices: global, layer$"),
+    (("--magnitude-weight", "1.5"), r"magnitude weight must be in \[0, 1\], got 1\.5$"),
     (("--epochs", "two"), r"--epochs expects an int, got 'two'$"),
     (("--epochs", "-1"), r"epochs must be a whole number >= 0, got -1$"),
     (("--batch-size", "0"), r"batch size must be a whole number >= 1, got 0$"),

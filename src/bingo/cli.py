@@ -318,13 +318,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"BINGO demo: scikit-learn digits ({len(data.x_train)} train / {len(data.x_test)} test, 8x8), "
         f"mlp {data.input_shape} -> 64 -> 32 -> {data.num_classes}, {config.epochs} epochs.\n"
-        "bingo: Taylor estimate of each weight's loss change, layers calibrated by fake passes every 10th step; "
+        "bingo: Taylor estimate of each weight's loss change, layers calibrated by fake passes every 10th step, "
+        "ranked together with weight magnitude; "
         "bingo-paper: 5% reset-to-init probes every step, scored by accuracy change"
     )
     result = train(model, data, config, search=[improved, faithful], progress=not args.no_progress)
     dense = evaluate(model, data.x_test, data.y_test)
     methods = {
-        "bingo": improved.significance(),
+        "bingo": BingoConfig().final_scores(improved, model),
         "bingo-paper": faithful.significance(),
         "magnitude": magnitude_scores(model),
         "random": random_scores(model, seed=args.seed),
@@ -391,7 +392,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     search = TicketSearch(model, config=search_config)
     trained = train(model, data, train_config, search=search, checkpoint=args.checkpoint, progress=not args.no_progress)
     dense_accuracy = evaluate(model, data.x_test, data.y_test)
-    scores = search.significance()
+    scores = method.final_scores(search, model)
 
     start = time.perf_counter()
     results = []

@@ -1,4 +1,4 @@
-"""Reference scores that need no search: magnitude and random.
+"""Reference scores that need no search (magnitude, random), and rank blending.
 
 Same contract as :meth:`bingo.TicketSearch.significance`: ``{weight key:
 tensor}``, higher = more significant, shaped like the weight (granularity
@@ -7,16 +7,16 @@ tensor}``, higher = more significant, shaped like the weight (granularity
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import check_choice
+from .errors import ConfigError, check_choice
 from .layers import find_layers, output_layer_name, weight_of
 from .search import GRANULARITIES
 
-__all__ = ["magnitude_scores", "random_scores"]
+__all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scores"]
 
 
 def _layers(model: nn.Module, granularity: str, include: Iterable[str] | None, exclude: Iterable[str]) -> dict[str, nn.Module]:
@@ -65,3 +65,72 @@ def random_scores(
         shape = weight.shape if granularity == "weight" else weight.shape[:1]
         scores[key] = torch.rand(shape, generator=generator)
     return scores
+
+
+def normalised_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks of ``values`` (any shape) scaled to [0, 1]: 0 = smallest, 1 = largest.
+
+    Ties share their average rank, so equal values stay equal. A single
+    value gets rank 0. Float64, shaped like ``values``. NaN is refused.
+    """
+    flat = values.detach().reshape(-1).double().cpu()
+    if torch.isnan(flat).any():
+        raise ConfigError("cannot rank scores that contain NaN; decide how to score never-probed weights (significance(unprobed=...))")
+    n = flat.numel()
+    sorted_values, order = torch.sort(flat, stable=True)
+    _, counts = torch.unique_consecutive(sorted_values, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    average = ((ends - counts) + (ends - 1)).double() / 2  # mean of the positions start..end-1 of each tie group
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = torch.repeat_interleave(average, counts)
+    return (ranks / max(n - 1, 1)).reshape(values.shape)
+
+
+def combine_ranks(
+    scores: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Blend several sets of scores by their global ranks.
+
+    Each set is ranked over all its entries jointly (every layer in one
+    ranking, as global pruning compares them) with :func:`normalised_ranks`;
+    the result is the weighted mean of those ranks, in [0, 1], higher = more
+    significant, with the keys and shapes of the inputs. Ranks rather than
+    values, because the sets live on unrelated scales (a loss change, a
+    weight magnitude); a weight that every set ranks low stays low.
+
+    Why: BINGO's estimate of the loss change measures the damage a cut does
+    at once and is the better ranking without fine-tuning; magnitude ranks
+    better for what a network recovers after fine-tuning (BENCHMARKS.md,
+    ablation). ``combine_ranks([search.significance(), magnitude_scores(model)])``
+    is the default ``bingo`` score.
+
+    Args:
+        scores: two or more ``{key: tensor}`` dicts with the same keys and shapes.
+        weights: one non-negative weight per set (summing to more than 0);
+            default equal weights.
+    """
+    scores = list(scores)
+    if not scores:
+        raise ConfigError("combine_ranks needs at least one set of scores")
+    weights = [1.0] * len(scores) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(scores):
+        raise ConfigError(f"combine_ranks got {len(scores)} sets of scores but {len(weights)} weights")
+    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"combine_ranks weights must be >= 0 with a positive sum, got {weights}")
+    keys = list(scores[0])
+    for other in scores[1:]:
+        if list(other) != keys or any(other[k].shape != scores[0][k].shape for k in keys):
+            raise ConfigError("combine_ranks needs score sets with the same keys and shapes: "
+                              f"{ {k: tuple(v.shape) for k, v in scores[0].items()} } vs { {k: tuple(v.shape) for k, v in other.items()} }")
+    total = sum(weights)
+    blended = None
+    for weight, one in zip(weights, scores):
+        flat = normalised_ranks(torch.cat([one[k].detach().reshape(-1).double().cpu() for k in keys]))
+        blended = flat * (weight / total) if blended is None else blended + flat * (weight / total)
+    out, start = {}, 0
+    for key in keys:
+        n = scores[0][key].numel()
+        out[key] = blended[start : start + n].float().reshape(scores[0][key].shape)
+        start += n
+    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pruning import prune
-from ..scoring import magnitude_scores, random_scores
+from ..scoring import combine_ranks, magnitude_scores, random_scores
 from ..search import ESTIMATORS, GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
 from ..selection import SCOPES
 from ..errors import ConfigError, check_choice
@@ -92,6 +92,7 @@ class BingoConfig:
     target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate fake passes where the decision at this sparsity is uncertain (0 = uniform)"})
     band: float = field(default=0.1, metadata={"help": "targeted: rank band either side of the threshold kept in focus"})
     batched: bool = field(default=False, metadata={"help": "one vmap-ed forward for all of a step's fake passes"})
+    magnitude_weight: float = field(default=0.5, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global or layer"})
     granularity: str = field(default="weight", metadata={"help": "weight, or neuron (sparsity = fraction of hidden units)"})
@@ -99,6 +100,25 @@ class BingoConfig:
     def __post_init__(self) -> None:
         self.search_config(0)  # validates the search fields
         _check_oneshot(self.finetune_epochs, self.scope, self.granularity)
+        if not 0.0 <= self.magnitude_weight <= 1.0:
+            raise ConfigError(f"magnitude weight must be in [0, 1], got {self.magnitude_weight!r}")
+
+    def final_scores(self, search: TicketSearch, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The scores the one-shot prune ranks by, after training.
+
+        ``search.significance()`` alone when ``magnitude_weight`` is 0;
+        otherwise its global rank blended with the rank of the trained
+        weights' magnitude (L2 norm per unit for neurons) by
+        :func:`bingo.scoring.combine_ranks`, weights ``1 − m`` and ``m``.
+        """
+        significance = search.significance()
+        if self.magnitude_weight == 0.0:
+            return significance
+        # Per weight first, for exactly the searched layers (a neuron search leaves the output layer out).
+        magnitude = magnitude_scores(model, "weight", include=list(significance))
+        if self.granularity == "neuron":
+            magnitude = {k: w.reshape(w.shape[0], -1).norm(dim=1) for k, w in magnitude.items()}
+        return combine_ranks([significance, magnitude], [1.0 - self.magnitude_weight, self.magnitude_weight])
 
     def search_config(self, seed: int) -> SearchConfig:
         return SearchConfig(
@@ -116,6 +136,7 @@ class BingoPaperConfig(BingoConfig):
     metric: str = field(default="accuracy", metadata={"help": f"probe: {'|'.join(METRICS)}"})
     rule: str = field(default="mean", metadata={"help": f"probe: {'|'.join(RULES)}"})
     every: int = field(default=1, metadata={"help": "fake passes on every k-th step"})
+    magnitude_weight: float = field(default=0.0, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone"})
 
 
 @register
@@ -129,7 +150,7 @@ class BingoStrategy(OneShotStrategy):
         search_config = self.config.search_config(experiment.seed)
         key = repr(sorted(search_config.to_dict().items()))
         dense = experiment.dense_with_search(lambda model: TicketSearch(model, config=search_config), key)
-        return dense, dense.search.significance()
+        return dense, self.config.final_scores(dense.search, dense.model)
 
 
 @register
