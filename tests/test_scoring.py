@@ -55,7 +55,7 @@ def test_combine_ranks_by_hand():
 
 def test_combine_ranks_of_one_set_prunes_like_the_set(mlp):
     scores = bingo.magnitude_scores(mlp)
-    alone = combine_ranks([scores, bingo.random_scores(mlp)], weights=[1.0, 0.0])
+    alone = bingo.combine_ranks([scores, bingo.random_scores(mlp)], weights=[1.0, 0.0])  # public API
     first, second = make_mlp(), make_mlp()
     assert all(torch.equal(bingo.prune(first, scores, 0.7)[k], m) for k, m in bingo.prune(second, alone, 0.7).items())
 

@@ -19,7 +19,7 @@ from .pruning import (
     prune,
     prune_to_accuracy,
 )
-from .scoring import magnitude_scores, random_scores
+from .scoring import combine_ranks, magnitude_scores, random_scores
 from .search import SearchConfig, TicketSearch
 from .selection import select_masks
 from .shrink import count_flops, count_parameters, shrink
@@ -35,6 +35,7 @@ __all__ = [
     "SearchConfig",
     "TicketSearch",
     "apply_masks",
+    "combine_ranks",
     "count_flops",
     "count_parameters",
     "current_masks",
