@@ -124,13 +124,9 @@ def combine_ranks(
             raise ConfigError("combine_ranks needs score sets with the same keys and shapes: "
                               f"{ {k: tuple(v.shape) for k, v in scores[0].items()} } vs { {k: tuple(v.shape) for k, v in other.items()} }")
     total = sum(weights)
-    blended = None
-    for weight, one in zip(weights, scores):
-        flat = normalised_ranks(torch.cat([one[k].detach().reshape(-1).double().cpu() for k in keys]))
-        blended = flat * (weight / total) if blended is None else blended + flat * (weight / total)
-    out, start = {}, 0
-    for key in keys:
-        n = scores[0][key].numel()
-        out[key] = blended[start : start + n].float().reshape(scores[0][key].shape)
-        start += n
-    return out
+    blended = sum(
+        normalised_ranks(torch.cat([one[k].detach().reshape(-1).cpu() for k in keys])) * (weight / total)
+        for weight, one in zip(weights, scores)
+    )
+    pieces = torch.split(blended, [scores[0][k].numel() for k in keys])
+    return {k: piece.float().reshape(scores[0][k].shape) for k, piece in zip(keys, pieces)}
