@@ -284,6 +284,25 @@ def test_run_save_and_scores_files(capsys, run_args, out, tmp_path):
         assert torch.all((scores[f"{layer}.weight"] >= 0) & (scores[f"{layer}.weight"] <= 1))
 
 
+def test_run_default_scores_blend_the_search_with_magnitude(capsys, run_args, tmp_path):
+    """The default bingo prunes by combine_ranks(significance, magnitude); --magnitude-weight 0 by significance alone."""
+    blended_file, alone_file, model_file = tmp_path / "blend.safetensors", tmp_path / "alone.safetensors", tmp_path / "m.pt"
+    code, _, err = call(capsys, *run_args("--sparsity", "0", "--scores", blended_file, "--save", model_file))
+    assert code == 0, err
+    alone_args = run_args("--sparsity", "0", "--scores", alone_file, "--magnitude-weight", "0")
+    alone_args[alone_args.index("--out") + 1] = str(tmp_path / "alone.json")
+    code, _, err = call(capsys, *alone_args)
+    assert code == 0, err
+    model = build_model("mlp", (1, 8, 8), 10)
+    load_pruned_state_dict(model, torch.load(model_file, weights_only=True)["state_dict"])  # sparsity 0: every weight kept
+    alone, blended = load_scores(alone_file), load_scores(blended_file)
+    expected = bingo.combine_ranks([alone, bingo.magnitude_scores(model)])
+    assert blended.keys() == alone.keys()
+    for key in blended:
+        torch.testing.assert_close(blended[key], expected[key])
+        assert not torch.equal(blended[key], alone[key])
+
+
 # --------------------------------------------------------------------------
 # bingo run: checkpoints
 # --------------------------------------------------------------------------
