@@ -30,6 +30,21 @@ def make_cnn(seed: int = 0) -> nn.Module:
     )
 
 
+def tiny_data(shape: tuple[int, ...], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random inputs of ``shape`` and labels in ``[0, classes)`` for :func:`train_tiny`."""
+    generator = torch.Generator().manual_seed(5)
+    return torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
+
+
+#: Parametrizes a test over ``factory, data``: an MLP, and a CNN with BatchNorm and Dropout
+#: (the layers that could betray a search that perturbs training), each with its tiny data set.
+on_tiny_models = pytest.mark.parametrize(
+    "factory,data",
+    [(make_mlp, tiny_data((64, 16), 4)), (make_cnn, tiny_data((64, 1, 4, 4), 3))],
+    ids=["mlp", "cnn-batchnorm-dropout"],
+)
+
+
 def train_tiny(factory, data, search_factory=None, steps=12):
     """Train ``factory()`` for ``steps`` Adam steps on slices of ``data``, optionally with a search.
 

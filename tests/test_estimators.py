@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import bingo
 from bingo.errors import CheckpointError, ConfigError
-from conftest import make_cnn, make_mlp, train_tiny
+from conftest import make_cnn, make_mlp, on_tiny_models, train_tiny
 
 LN3 = math.log(3.0)
 
@@ -559,16 +559,10 @@ def test_taylor_without_gradient_says_when_to_call_step(batch, estimator):
 # -- training is untouched ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "factory,shape,classes",
-    [(make_mlp, (64, 16), 4), (make_cnn, (64, 1, 4, 4), 3)],
-    ids=["mlp", "cnn-batchnorm-dropout"],
-)
+@on_tiny_models
 @pytest.mark.parametrize("estimator", ["taylor", "hybrid"])
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
-def test_training_is_bit_identical_with_and_without_gradient_search(factory, shape, classes, estimator, granularity):
-    generator = torch.Generator().manual_seed(5)
-    data = torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
+def test_training_is_bit_identical_with_and_without_gradient_search(factory, data, estimator, granularity):
     plain, _ = train_tiny(factory, data)
     searched, search = train_tiny(
         factory,
@@ -768,17 +762,11 @@ def test_target_settings_are_checked():
 # -- batched fake passes --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "factory,shape,classes",
-    [(make_mlp, (64, 16), 4), (make_cnn, (64, 1, 4, 4), 3)],
-    ids=["mlp", "cnn-batchnorm-dropout"],
-)
+@on_tiny_models
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
-def test_batched_fake_passes_measure_what_separate_ones_do(factory, shape, classes, granularity):
+def test_batched_fake_passes_measure_what_separate_ones_do(factory, data, granularity):
     # Same subsets (same generator order), same measurements up to float rounding of the
     # batched kernels, and training stays bit-identical to training without a search.
-    generator = torch.Generator().manual_seed(5)
-    data = torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
     settings = dict(fraction=0.2, metric="loss", rule="contrast", granularity=granularity, seed=3)
     plain, _ = train_tiny(factory, data)
     separate_model, separate = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, **settings))

@@ -11,7 +11,7 @@ from torch import nn
 
 import bingo
 from bingo.errors import CheckpointError, ConfigError
-from conftest import make_cnn, make_mlp, train_tiny
+from conftest import make_cnn, make_mlp, on_tiny_models, train_tiny
 
 
 # -- a 2x2 layer whose every single-weight reset can be worked out by hand --------------
@@ -199,15 +199,9 @@ def test_step_consumes_no_global_rng(image_batch):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.parametrize(
-    "factory,shape,classes",
-    [(make_mlp, (64, 16), 4), (make_cnn, (64, 1, 4, 4), 3)],
-    ids=["mlp", "cnn-batchnorm-dropout"],
-)
+@on_tiny_models
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
-def test_training_is_bit_identical_with_and_without_search(factory, shape, classes, granularity):
-    generator = torch.Generator().manual_seed(5)
-    data = torch.randn(*shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
+def test_training_is_bit_identical_with_and_without_search(factory, data, granularity):
     plain, _ = train_tiny(factory, data)
     searched, search = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, fraction=0.2, granularity=granularity))
     assert search.steps == 12
