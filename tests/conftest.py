@@ -93,3 +93,14 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def image_batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     return torch.randn(16, 1, 4, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+
+
+@pytest.fixture
+def estimator_registry():
+    """``bingo.ESTIMATORS``, restored after the test: what a test registers leaves no trace."""
+    from bingo.estimators import ESTIMATORS
+
+    saved = dict(ESTIMATORS)
+    yield ESTIMATORS
+    ESTIMATORS.clear()
+    ESTIMATORS.update(saved)

@@ -17,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import bingo
 import bingo.cli as cli
+import bingo.export
+import bingo.strategies
 import bingo.io as bingo_io
 from bingo import load_pruned_state_dict, load_scores
 from bingo.cli import main
@@ -41,7 +44,6 @@ REPORT_KEYS = {
     "results",
     "train_seconds",
     "search_seconds",
-    "prune_seconds",
 }
 
 
@@ -171,7 +173,7 @@ def test_run_writes_json_report(capsys, run_args, out):
     for result in report["results"]:
         assert set(result) == {"sparsity", "accuracy"}
         check_accuracy(result["accuracy"])
-    for key in ("train_seconds", "search_seconds", "prune_seconds"):
+    for key in ("train_seconds", "search_seconds"):
         assert isinstance(report[key], float) and report[key] >= 0.0
     assert report["search_seconds"] <= report["train_seconds"]
     assert report["training"]["epochs"] == 1
@@ -296,10 +298,18 @@ def test_run_default_scores_blend_the_search_with_magnitude(capsys, run_args, tm
     model = build_model("mlp", (1, 8, 8), 10)
     load_pruned_state_dict(model, torch.load(model_file, weights_only=True)["state_dict"])  # sparsity 0: every weight kept
     alone, blended = load_scores(alone_file), load_scores(blended_file)
-    expected = bingo.combine_ranks([alone, bingo.magnitude_scores(model)])
-    assert blended.keys() == alone.keys()
+    magnitude = bingo.magnitude_scores(model)
+    assert blended.keys() == alone.keys() == magnitude.keys()
+
+    # Reference: scipy's average ranks over all layers at once, scaled to [0, 1], averaged with equal weights.
+    def global_ranks(scores):
+        flat = np.concatenate([scores[k].double().flatten().numpy() for k in blended])
+        return (scipy.stats.rankdata(flat, method="average") - 1) / (flat.size - 1)
+
+    expected = torch.from_numpy((global_ranks(alone) + global_ranks(magnitude)) / 2).float()
+    got = torch.cat([blended[k].flatten() for k in blended])
+    torch.testing.assert_close(got, expected)
     for key in blended:
-        torch.testing.assert_close(blended[key], expected[key])
         assert not torch.equal(blended[key], alone[key])
 
 
@@ -398,12 +408,12 @@ BAD_OPTIONS = [
     (("--fraction", "0"), r"fraction must be in \(0, 1\], got 0\.0$"),
     (("--fraction", "1.5"), r"fraction must be in \(0, 1\], got 1\.5$"),
     (("--fraction", "lots"), r"--fraction expects a float, got 'lots'$"),
-    (("--mode", "shuffle"), r"unknown mode 'shuffle'; valid choices: reset, zero$"),
-    (("--metric", "f1"), r"unknown metric 'f1'; valid choices: accuracy, loss$"),
-    (("--granularity", "layer"), r"unknown granularity 'layer'; valid choices: weight, neuron$"),
-    (("--rule", "max"), r"unknown rule 'max'; valid choices: mean, paper, contrast$"),
-    (("--optimizer", "rmsprop"), r"unknown optimizer 'rmsprop'; valid choices: adam, sgd$"),
-    (("--scope", "model"), r"unknown scope 'model'; valid choices: global, layer$"),
+    (("--mode", "shuffle"), r"argument --mode: invalid choice: 'shuffle' \(choose from 'reset', 'zero'\)$"),
+    (("--metric", "f1"), r"argument --metric: invalid choice: 'f1' \(choose from 'accuracy', 'loss'\)$"),
+    (("--granularity", "layer"), r"argument --granularity: invalid choice: 'layer' \(choose from 'weight', 'neuron'\)$"),
+    (("--rule", "max"), r"argument --rule: invalid choice: 'max' \(choose from 'mean', 'paper', 'contrast'\)$"),
+    (("--optimizer", "rmsprop"), r"argument --optimizer: invalid choice: 'rmsprop' \(choose from 'adam', 'sgd'\)$"),
+    (("--scope", "model"), r"argument --scope: invalid choice: 'model' \(choose from 'global', 'layer'\)$"),
     (("--magnitude-weight", "1.5"), r"magnitude weight must be in \[0, 1\], got 1\.5$"),
     (("--epochs", "two"), r"--epochs expects an int, got 'two'$"),
     (("--epochs", "-1"), r"epochs must be a whole number >= 0, got -1$"),
@@ -550,7 +560,7 @@ def test_failed_run_leaves_existing_output_unchanged(capsys, run_args, out, exis
     def full_disk(obj, path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(cli, "save_checkpoint", full_disk)
+    monkeypatch.setattr(bingo.export, "save_checkpoint", full_disk)
     code, _, err = call(capsys, *run_args("--sparsity", "0.5", "--save", tmp_path / "model.pt"))
     assert_user_error(code, err, r"No space left on device: .*model\.pt$")
     assert out.read_bytes() == existing_out
@@ -559,7 +569,7 @@ def test_failed_run_leaves_existing_output_unchanged(capsys, run_args, out, exis
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "train", interrupted)
+    monkeypatch.setattr(bingo.strategies.Experiment, "train", interrupted)
     code, _, err = call(capsys, *run_args("--sparsity", "0.5"))
     assert code == 130
     assert err.startswith("bingo: interrupted")
@@ -640,10 +650,28 @@ def test_run_method_presets_and_overrides(capsys, tmp_path):
     code, _, err = call(capsys, *base, "--method", "bingo-paper", "--fraction", "0.2", "--finetune-epochs", "1")
     assert code == 0, err
     report = json.loads(out.read_text())
-    assert report["method"] == "bingo-paper" and report["finetune_epochs"] == 1 and report["finetune_seconds"] > 0
+    assert report["method"] == "bingo-paper" and report["finetune_epochs"] == 1
+    assert report["config"]["finetune_epochs"] == 1 and report["config"]["magnitude_weight"] == 0.0
     assert (report["search"]["estimator"], report["search"]["metric"], report["search"]["fraction"]) == ("probe", "accuracy", 0.2)
     code, _, err = call(capsys, *base, "--granularity", "neuron")
     assert code == 0, err
     assert json.loads(out.read_text())["scope"] == "layer"  # neurons rank per layer unless told otherwise
-    code, _, err = call(capsys, *base, "--method", "imp")
-    assert code == 2 and "unknown method 'imp'; valid choices: bingo, bingo-paper" in err
+    code, _, err = call(capsys, *base, "--method", "lottery")
+    assert code == 2 and "argument --method: invalid choice: 'lottery' (choose from 'bingo', 'bingo-paper', 'magnitude'" in err
+
+
+def test_run_takes_every_registered_method(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    base = ["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.5", "--out", str(out), "--no-progress"]
+    for method in ("magnitude", "random", "gmp", "imp", "snip"):
+        code, _, err = call(capsys, *base, "--method", method)
+        assert code == 0, (method, err)
+        [result] = json.loads(out.read_text())["results"]
+        assert result["sparsity"] == 0.5 and 0.0 <= result["accuracy"] <= 1.0
+    code, _, err = call(capsys, *base, "--method", "imp", "--rate", "0.5")
+    assert code == 0, err
+    assert json.loads(out.read_text())["config"]["rate"] == 0.5
+    code, _, err = call(capsys, *base, "--method", "magnitude", "--fraction", "0.2")
+    assert code == 2 and err.startswith("bingo: error: --fraction does not apply to method 'magnitude'; its settings: --finetune-epochs")
+    code, _, err = call(capsys, *base[:-5], "--min-accuracy", "0.5", "--out", str(out), "--no-progress", "--method", "imp")
+    assert code == 2 and "--min-accuracy needs a method that prunes once after training (bingo, bingo-paper, magnitude, random); 'imp' does not" in err

@@ -1,8 +1,9 @@
-"""TicketSearch estimators: taylor, hybrid, the contrast rule, every-k; hand-computed where possible.
+"""TicketSearch estimators: taylor, hybrid, contrast, targeting, every-k, your own; hand-computed where possible.
 
-test_search.py covers the probe estimator with the mean and paper rules; this file covers
-the estimators that read the training gradient (taylor, hybrid), the contrast rule with its
-standard error, and searching on every k-th step only.
+test_search.py covers the search shell and the probe estimator with the mean and paper rules;
+this file covers the estimators that read the training gradient (taylor, hybrid), the contrast
+rule with its standard error, targeted searching, searching on every k-th step only, and an
+estimator written by a user as a subclass of ``bingo.Estimator``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _taylor(search: bingo.TicketSearch, key: str) -> torch.Tensor:
     """The search's bias-corrected running average of (gΔ)², before any rescaling."""
-    return search._taylor_estimate(search.state[key])
+    return search.estimator.estimate(key)
 
 
 # -- taylor on a 2x2 layer, by hand ------------------------------------------------------
@@ -292,15 +293,15 @@ def test_contrast_rule_hand_computed():
     counts = search.probe_counts()["weight"]
     assert counts.sum() == 200 and (counts > 0).all()
     contrast, stderr = _expected_contrast(d, counts)
-    raw, known = search._contrast(search.state["weight"])[0], search._contrast(search.state["weight"])[2]
-    assert known.all()
+    raw = search.estimator.raw_scores("contrast")["weight"]
+    assert not raw.isnan().any()  # every weight has both a probed and an unprobed side
     assert torch.allclose(raw, contrast, atol=1e-6)
     # significance: the affine map of contrasts with min -> 0, max -> 1
     expected = (contrast - contrast.min()) / (contrast.max() - contrast.min())
     scores = search.significance()["weight"]
     assert torch.allclose(scores.double(), expected, atol=1e-5)
     assert scores[0, 0] == 1 and scores[1, 0] == 0
-    assert torch.allclose(search.uncertainty()["weight"].double(), stderr, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(search.estimator.uncertainty()["weight"].double(), stderr, rtol=1e-4, atol=1e-6)
 
 
 def test_contrast_uncertainty_shrinks_like_one_over_sqrt_probes():
@@ -311,10 +312,10 @@ def test_contrast_uncertainty_shrinks_like_one_over_sqrt_probes():
     batches = _varying_batches(400, seed=11, size=32)
     for x, y in batches[:40]:
         search.step(x, y)
-    early = search.uncertainty()
+    early = search.estimator.uncertainty()
     for x, y in batches[40:]:
         search.step(x, y)
-    late = search.uncertainty()
+    late = search.estimator.uncertainty()
     ratios = []
     for key in early:
         finite = early[key].isfinite()
@@ -331,23 +332,26 @@ def test_uncertainty_is_inf_where_there_is_no_contrast():
     x, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
     for _ in range(3):
         search.step(x, y)
-    counts, stderr = search.probe_counts()["weight"], search.uncertainty()["weight"]
+    counts, stderr = search.probe_counts()["weight"], search.estimator.uncertainty()["weight"]
     assert counts.sum() == 3
     assert torch.equal(stderr.isinf(), counts == 0)
     assert (stderr[counts > 0] >= 0).all()
     # fraction 1: every probe has every weight, so there is no "not probed" side either.
     everything = bingo.TicketSearch(layer, fraction=1.0, metric="loss", rule="contrast")
     everything.step(x, y)
-    assert everything.uncertainty()["weight"].isinf().all()
+    assert everything.estimator.uncertainty()["weight"].isinf().all()
     assert (everything.significance()["weight"] == 1).all()  # unprobed="keep"
     assert everything.significance(unprobed="nan")["weight"].isnan().all()
 
 
 @pytest.mark.parametrize("estimator", ["taylor", "hybrid"])
-def test_uncertainty_needs_the_probe_estimator(estimator):
+def test_gradient_estimators_have_a_single_read_out(estimator):
     search = bingo.TicketSearch(make_mlp(), estimator=estimator, metric="loss")
-    with pytest.raises(ConfigError, match=r"^uncertainty\(\) needs estimator='probe'$"):
-        search.uncertainty()
+    message = rf"^unknown rule 'contrast' for estimator '{estimator}'; valid choices: none \(it has a single read-out\)"
+    with pytest.raises(ConfigError, match=message):
+        search.significance(rule="contrast")
+    with pytest.raises(ConfigError, match=message):
+        bingo.TicketSearch(make_mlp(), estimator=estimator, metric="loss", rule="contrast")
 
 
 # -- hybrid -------------------------------------------------------------------------------
@@ -408,7 +412,7 @@ def test_hybrid_calibration_is_measured_over_predicted_of_the_drawn_probes():
             measured[k] += loss_increase(k, i)
             predicted[k] += 0.5 * float(v[k].view(-1)[i])
     assert all(len(drawn[k]) > 1 for k in keys)
-    calibration = search.calibration()
+    calibration = search.estimator.calibration()
     expected = {k: measured[k] / predicted[k] for k in keys}
     assert all(measured[k] > 0 and predicted[k] > 0 for k in keys)
     for k in keys:
@@ -432,16 +436,9 @@ def test_hybrid_calibration_is_measured_over_predicted_of_the_drawn_probes():
     )
 
 
-def test_calibration_needs_the_hybrid_estimator():
-    for estimator in ("probe", "taylor"):
-        search = bingo.TicketSearch(make_mlp(), estimator=estimator)
-        with pytest.raises(ConfigError, match=r"^calibration\(\) needs estimator='hybrid'$"):
-            search.calibration()
-
-
 def test_calibration_is_one_before_any_probe():
     search = bingo.TicketSearch(make_mlp(), estimator="hybrid", metric="loss")
-    assert search.calibration() == {"1.weight": 1.0, "3.weight": 1.0, "5.weight": 1.0}
+    assert search.estimator.calibration() == {"1.weight": 1.0, "3.weight": 1.0, "5.weight": 1.0}
 
 
 def test_hybrid_needs_the_loss_metric():
@@ -481,8 +478,9 @@ def test_hybrid_every_k_probes_on_steps_1_4_7_and_accumulates_taylor_every_step(
     search = bingo.TicketSearch(model, fraction=0.2, mode="zero", metric="loss", estimator="hybrid", every=3)
     calls = _count_forwards(model)
 
-    def sums():
-        return [(float(e["calibration_measured"]), float(e["calibration_predicted"])) for e in search.state.values()]
+    def sums():  # the calibration sums, as checkpointed
+        state = search.state_dict()["estimator"]
+        return [(float(e["calibration_measured"]), float(e["calibration_predicted"])) for e in state.values()]
 
     added, calibration_sums = [], [sums()]
     for _ in range(7):
@@ -499,7 +497,6 @@ def test_hybrid_every_k_probes_on_steps_1_4_7_and_accumulates_taylor_every_step(
     # Taylor accumulates on every step
     for key, counts in search.probe_counts().items():
         assert torch.equal(counts, torch.full_like(counts, 7)), key
-        assert int(search.state[key]["taylor_steps"]) == 7
 
 
 def test_taylor_runs_no_forward_pass(batch):
@@ -545,7 +542,7 @@ def test_taylor_without_gradient_says_when_to_call_step(batch, estimator):
     model = make_mlp()
     search = bingo.TicketSearch(model, estimator=estimator, metric="loss")
     message = (
-        r"^estimator 'taylor' reads the gradient of '1\.weight', which is None: "
+        rf"^estimator '{estimator}' reads the gradient of '1\.weight', which is None: "
         r"call search\.step\(x, y\) after optimizer\.step\(\) and before the next zero_grad\(\)$"
     )
     with pytest.raises(ConfigError, match=message):
@@ -614,11 +611,15 @@ def test_state_dict_round_trip_resumes_identically(estimator):
     for key, value in straight.significance().items():
         assert torch.equal(resumed.significance()[key], value), key
         assert torch.equal(resumed.probe_counts()[key], straight.probe_counts()[key]), key
-        for name, tensor in straight.state[key].items():
-            assert torch.equal(resumed.state[key][name], tensor), (key, name)
+    saved, resumed_state = straight.state_dict()["estimator"], resumed.state_dict()["estimator"]
+    assert saved.keys() == resumed_state.keys() == straight.theta0.keys()
+    for key, entry in saved.items():
+        assert entry.keys() == resumed_state[key].keys()
+        for name, tensor in entry.items():
+            assert torch.equal(resumed_state[key][name], tensor), (key, name)
     if estimator == "hybrid":
-        assert resumed.calibration() == straight.calibration()
-        assert resumed.calibration() != {key: 1.0 for key in straight.state}
+        assert resumed.estimator.calibration() == straight.estimator.calibration()
+        assert resumed.estimator.calibration() != {key: 1.0 for key in straight.theta0}
 
 
 def test_state_dict_of_another_estimator_is_refused():
@@ -634,33 +635,52 @@ def test_state_dict_of_another_estimator_is_refused():
 # -- targeted ticket searching ------------------------------------------------------------
 
 
-def _hand_hybrid(target: float, band: float, fraction: float = 0.01) -> bingo.TicketSearch:
-    """A hybrid search on one 10x10 layer whose Taylor scores are set by hand to 1..100."""
+def _hand_hybrid(target: float, band: float) -> tuple[nn.Module, bingo.TicketSearch]:
+    """A hybrid search on one 10x10 layer whose Taylor scores are set by hand to 1..100.
+
+    The scores go in through the checkpoint: the state a search saved after one step.
+    """
     layer = nn.Linear(10, 10, bias=False)
     search = bingo.TicketSearch(
-        layer, fraction=fraction, estimator="hybrid", metric="loss", decay=1.0, target=target, band=band
+        layer, fraction=0.01, estimator="hybrid", metric="loss", decay=1.0, target=target, band=band
     )
-    entry = search.state["weight"]
-    entry["taylor_average"].copy_(torch.arange(1, 101, dtype=torch.float32).view(10, 10))
-    entry["taylor_steps"].fill_(1)
-    return search
+    state = search.state_dict()
+    state["estimator"]["weight"]["taylor_average"] = torch.arange(1, 101, dtype=torch.float32).view(10, 10)
+    state["estimator"]["weight"]["taylor_steps"] = torch.tensor(1)
+    search.load_state_dict(state)
+    return layer, search
 
 
 def test_focus_is_everything_until_there_are_estimates():
     search = bingo.TicketSearch(make_mlp(), fraction=0.1, metric="loss", rule="contrast", target=0.5)
-    assert all(f.all() for f in search.focus().values())
-    search._refocus()  # nothing probed yet: nothing known, nothing leaves
-    assert all(f.all() for f in search.focus().values())
+    assert all(f.all() for f in search.estimator.focus_masks().values())
+    search.estimator.refocus()  # nothing probed yet: nothing known, nothing leaves
+    assert all(f.all() for f in search.estimator.focus_masks().values())
 
 
 @pytest.mark.parametrize("target, band, low, high", [(0.5, 0.1, 40, 60), (0.9, 0.05, 85, 95), (0.05, 0.1, 1, 15)])
 def test_focus_band_hand_computed(target, band, low, high):
     # Scores 1..100: the threshold at sparsity s is the score ranked round(s·100); the band
     # keeps the scores ranked within band·100 of it (clipped at the ends).
-    search = _hand_hybrid(target, band)
-    search._refocus()
+    focus = {"weight": bingo.estimators.Focus.initial(torch.Size([10, 10]))}
     scores = torch.arange(1, 101).view(10, 10)
-    assert torch.equal(search.focus()["weight"], (scores >= low) & (scores <= high))
+    bingo.estimators.Focus(target, band).refocus(focus, {"weight": scores.double()})
+    assert torch.equal(focus["weight"], (scores >= low) & (scores <= high))
+
+
+def test_hybrid_refocuses_on_its_taylor_scores_and_probes_the_focus():
+    # End to end through the hybrid estimator: its first probing step re-decides the focus
+    # from the Taylor scores (here 1..100 by hand) before drawing. A zero gradient keeps the
+    # ranking (decay 1: the average halves to 1/2..50).
+    layer, search = _hand_hybrid(0.5, 0.1)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    search.step(torch.randn(4, 10), torch.randint(0, 10, (4,)))
+    scores = torch.arange(1, 101).view(10, 10)
+    assert torch.equal(search.estimator.focus_masks()["weight"], (scores >= 40) & (scores <= 60))
+    assert torch.allclose(search.estimator.estimate("weight"), scores.double() / 2)
+    # The probe (1 weight of 100) predicted ½ · its average, so its score is 4x that: in the band.
+    predicted = float(search.state_dict()["estimator"]["weight"]["calibration_predicted"])
+    assert 40 <= 4 * predicted <= 60
 
 
 def test_targeted_probes_draw_only_from_the_focus(batch):
@@ -669,10 +689,13 @@ def test_targeted_probes_draw_only_from_the_focus(batch):
     search = bingo.TicketSearch(model, fraction=0.1, metric="loss", rule="mean", target=0.5, seed=4)
     search.step(x, y)  # round 0 refocuses (nothing known yet); rounds 1..9 keep the focus set below
     generator = torch.Generator().manual_seed(0)
-    chosen = {}
-    for key, entry in search.state.items():
-        chosen[key] = torch.rand(entry["focus"].shape, generator=generator) < 0.3
-        entry["focus"].copy_(chosen[key])
+    chosen = {key: torch.rand(f.shape, generator=generator) < 0.3 for key, f in search.estimator.focus_masks().items()}
+    # A focus set by hand: written into the checkpoint, which is the estimator's public state.
+    state = search.state_dict()
+    for key, focus in chosen.items():
+        state["estimator"][key]["focus"] = focus
+    search.load_state_dict(state)
+    assert all(torch.equal(search.estimator.focus_masks()[key], focus) for key, focus in chosen.items())
     before = search.probe_counts()
     for _ in range(9):
         search.step(x, y)
@@ -685,16 +708,18 @@ def test_targeted_probes_draw_only_from_the_focus(batch):
 
 
 def test_a_focus_smaller_than_a_probe_is_probed_whole():
-    search = _hand_hybrid(0.5, 0.1, fraction=0.05)
-    entry = search.state["weight"]
-    entry["focus"].zero_()
-    entry["focus"].view(-1)[[3, 7]] = True
-    assert sorted(search._draw_subset("weight").tolist()) == [3, 7]  # a probe holds 5 of 100: both go
-    entry["focus"].view(-1)[:20] = True
-    drawn = search._draw_subset("weight")
+    from bingo.estimators.targeted import draw_subset
+
+    search = bingo.TicketSearch(nn.Linear(10, 10, bias=False), fraction=0.05)  # a probe holds 5 of 100
+    focus = torch.zeros(10, 10, dtype=torch.bool)
+    focus.view(-1)[[3, 7]] = True
+    assert sorted(draw_subset(search, "weight", focus).tolist()) == [3, 7]  # both go
+    focus.view(-1)[:20] = True
+    drawn = draw_subset(search, "weight", focus)
     assert drawn.numel() == 5 and (drawn < 20).all() and len(set(drawn.tolist())) == 5
-    entry["focus"].zero_()  # an empty focus falls back to the whole layer
-    assert search._draw_subset("weight").numel() == 5
+    focus.zero_()  # an empty focus falls back to the whole layer
+    assert draw_subset(search, "weight", focus).numel() == 5
+    assert draw_subset(search, "weight").numel() == 5  # no focus: untargeted
 
 
 def test_targeted_search_concentrates_probes_near_the_threshold():
@@ -709,22 +734,22 @@ def test_targeted_search_concentrates_probes_near_the_threshold():
         optimizer.step()
         search.step(x, y)
     counts = torch.cat([c.flatten() for c in search.probe_counts().values()]).double()
-    focus = torch.cat([f.flatten() for f in search.focus().values()])
+    focus = torch.cat([f.flatten() for f in search.estimator.focus_masks().values()])
     assert 0 < focus.sum() < 0.5 * focus.numel()
     assert counts[focus].mean() > 2 * counts[~focus].mean()
-    uniform = bingo.TicketSearch(make_mlp(), fraction=0.05, metric="loss", rule="mean", seed=2)
     assert sum(int(c.sum()) for c in search.probe_counts().values()) >= 0.8 * 200 * sum(
-        max(1, round(0.05 * e["theta0"].numel())) for e in uniform.state.values()
+        max(1, round(0.05 * theta0.numel())) for theta0 in search.theta0.values()
     )
 
 
 def test_contrast_focus_keeps_weights_within_two_standard_errors():
     search = _contrast_search(CONTRAST_THETA0, 200, target=0.5)
-    search._refocus()
-    contrast, stderr, _ = search._contrast(search.state["weight"])
+    search.estimator.refocus()
+    contrast = search.estimator.raw_scores("contrast")["weight"]
+    stderr = search.estimator.uncertainty()["weight"].double()
     threshold = contrast.flatten().sort().values[1]  # rank round(0.5 · 4) = 2
     expected = (contrast - threshold).abs() <= 2 * stderr
-    assert torch.equal(search.focus()["weight"], expected)
+    assert torch.equal(search.estimator.focus_masks()["weight"], expected)
     assert expected.view(-1)[contrast.view(-1).argsort()[1]]  # the threshold weight itself stays
 
 
@@ -745,7 +770,7 @@ def test_targeted_state_dict_resumes_identically():
     run(resumed, batches[15:])
     for key, value in straight.significance().items():
         assert torch.equal(resumed.significance()[key], value), key
-        assert torch.equal(resumed.focus()[key], straight.focus()[key]), key
+        assert torch.equal(resumed.estimator.focus_masks()[key], straight.estimator.focus_masks()[key]), key
 
 
 def test_target_settings_are_checked():
@@ -755,51 +780,140 @@ def test_target_settings_are_checked():
         bingo.TicketSearch(make_mlp(), target=0.5, band=0.0)
     with pytest.raises(ConfigError, match=r"^target needs fake passes to concentrate; estimator 'taylor' runs none"):
         bingo.TicketSearch(make_mlp(), estimator="taylor", metric="loss", target=0.5)
-    with pytest.raises(ConfigError, match=r"^focus\(\) needs a targeted search"):
-        bingo.TicketSearch(make_mlp()).focus()
+    with pytest.raises(ConfigError, match=r"^focus needs a targeted search \(target > 0\)$"):
+        bingo.TicketSearch(make_mlp()).estimator.focus_masks()
 
 
-# -- batched fake passes --------------------------------------------------------------------
+# -- a user's own estimator ------------------------------------------------------------------
+
+
+class MeanGradWeight(bingo.Estimator):
+    """Mean |g · w| per weight over the steps observed: an estimator as a user writes one."""
+
+    name = "mean-grad-weight"
+
+    def attach(self, search):
+        super().attach(search)
+        for key, theta0 in search.theta0.items():  # in self.state, so checkpoints need no code
+            self.state[key] = {"sum": torch.zeros_like(theta0, dtype=torch.float64), "steps": torch.tensor(0)}
+
+    def observe(self, inputs, targets):
+        for key, module in self.search.layers.items():
+            self.state[key]["sum"] += (module.weight.grad * module.weight).abs()
+            self.state[key]["steps"] += 1
+        return {}
+
+    def raw_scores(self, rule):
+        scores = {}
+        for key, entry in self.state.items():  # NaN: nothing observed yet
+            steps = entry["steps"]
+            scores[key] = entry["sum"] / steps if steps else torch.full_like(entry["sum"], math.nan)
+        return scores
+
+
+def _train_with(search_factory, batches) -> tuple[nn.Module, bingo.TicketSearch, dict[str, torch.Tensor]]:
+    """SGD on make_mlp() with a search; also returns the sum of |g · w| each step showed the search."""
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = search_factory(model)
+    sums = {key: torch.zeros_like(m.weight, dtype=torch.float64) for key, m in search.layers.items()}
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        search.step(x, y)
+        for key, m in search.layers.items():
+            sums[key] += (m.weight.grad * m.weight).detach().abs()
+    return model, search, sums
+
+
+def test_custom_estimator_scores_and_prunes():
+    batches = _varying_batches(4, seed=3)
+    model, search, sums = _train_with(lambda m: bingo.TicketSearch(m, estimator=MeanGradWeight()), batches)
+    raw = search.estimator.raw_scores(None)
+    for key, total in sums.items():
+        assert torch.allclose(raw[key], total / 4, rtol=1e-6, atol=0), key
+    # significance: one affine map of all layers' raw scores onto [0, 1]
+    low = min(float(r.min()) for r in raw.values())
+    high = max(float(r.max()) for r in raw.values())
+    scores = search.significance()
+    for key, score in scores.items():
+        assert torch.allclose(score.double(), (raw[key] - low) / (high - low), atol=1e-6), key
+    assert search.config.to_dict()["estimator"] == "mean-grad-weight"
+    with pytest.raises(ConfigError, match="^unknown rule 'mean' for estimator 'mean-grad-weight'; valid choices: none"):
+        search.significance(rule="mean")
+    with pytest.raises(ConfigError, match="^estimator 'mean-grad-weight' does not count observations per weight$"):
+        search.probe_counts()
+
+    masks = bingo.prune(model, scores, 0.5)
+    total = sum(mask.numel() for mask in masks.values())
+    assert sum(int((~mask).sum()) for mask in masks.values()) == round(0.5 * total)  # exact sparsity
+    assert bingo.model_sparsity(model) == round(0.5 * total) / total
+    pruned = torch.cat([score[~masks[key]] for key, score in scores.items()])
+    kept = torch.cat([score[masks[key]] for key, score in scores.items()])
+    assert pruned.max() <= kept.min()  # the least significant went
+
+
+def test_custom_estimator_checkpoint_resumes_identically():
+    batches = _varying_batches(6, seed=5)
+    _, straight, _ = _train_with(lambda m: bingo.TicketSearch(m, estimator=MeanGradWeight()), batches)
+
+    def resume(model):
+        first_model, first, _ = _train_with(lambda m: bingo.TicketSearch(m, estimator=MeanGradWeight()), batches[:3])
+        model.load_state_dict(first_model.state_dict())
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)
+        buffer.seek(0)
+        search = bingo.TicketSearch(model, estimator=MeanGradWeight())
+        search.load_state_dict(torch.load(buffer, weights_only=True))
+        assert search.steps == 3
+        return search
+
+    _, resumed, _ = _train_with(resume, batches[3:])  # the SGD optimizer has no state to carry over
+    assert resumed.steps == straight.steps == 6
+    for key, score in straight.significance().items():
+        assert torch.equal(resumed.significance()[key], score), key
 
 
 @on_tiny_models
-@pytest.mark.parametrize("granularity", ["weight", "neuron"])
-def test_batched_fake_passes_measure_what_separate_ones_do(factory, data, granularity):
-    # Same subsets (same generator order), same measurements up to float rounding of the
-    # batched kernels, and training stays bit-identical to training without a search.
-    settings = dict(fraction=0.2, metric="loss", rule="contrast", granularity=granularity, seed=3)
+def test_training_is_bit_identical_with_a_custom_estimator(factory, data):
     plain, _ = train_tiny(factory, data)
-    separate_model, separate = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, **settings))
-    batched_model, batched = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, batched=True, **settings))
-    for key, value in plain.state_dict().items():
-        assert torch.equal(batched_model.state_dict()[key], value), key
-    for key in separate.state:
-        assert torch.equal(batched.state[key]["count"], separate.state[key]["count"]), key
-        assert torch.allclose(batched.state[key]["drop_sum"], separate.state[key]["drop_sum"], atol=1e-5), key
-    for key, score in separate.significance().items():
-        assert torch.allclose(batched.significance()[key], score, atol=1e-4), key
+    searched, search = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, estimator=MeanGradWeight()))
+    assert search.steps == 12
+    plain_state, searched_state = plain.state_dict(), searched.state_dict()
+    assert list(plain_state) == list(searched_state)
+    for key in plain_state:
+        assert torch.equal(plain_state[key], searched_state[key]), key
 
 
-def test_batched_fake_passes_on_a_pruned_model(batch):
-    # Masked layers are probed through weight_orig; the batched path must see the masks too.
-    x, y = batch
+def test_registered_estimator_is_available_by_name(estimator_registry, batch):
+    assert "mean-grad-weight" not in estimator_registry
+    assert bingo.register_estimator(MeanGradWeight) is MeanGradWeight
+    assert estimator_registry["mean-grad-weight"] is MeanGradWeight
     model = make_mlp()
-    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
-    separate = bingo.TicketSearch(model, fraction=0.3, metric="loss", seed=1)
-    batched = bingo.TicketSearch(model, fraction=0.3, metric="loss", seed=1, batched=True)
-    for _ in range(3):
-        assert separate.step(x, y) == pytest.approx(batched.step(x, y), abs=1e-6)
+    search = bingo.TicketSearch(model, estimator="mean-grad-weight")
+    assert type(search.estimator) is MeanGradWeight and search.estimator.search is search
+    _backward(model, *batch)
+    search.step(*batch)
+    # by name or by instance, it is the same estimator to a checkpoint
+    by_instance = bingo.TicketSearch(model, estimator=MeanGradWeight())
+    by_instance.load_state_dict(search.state_dict())
+    assert all(torch.equal(by_instance.significance()[key], s) for key, s in search.significance().items())
+    message = "^unknown estimator 'fisher'; valid choices: probe, taylor, hybrid, mean-grad-weight, or an Estimator"
+    with pytest.raises(ConfigError, match=message):
+        bingo.TicketSearch(model, estimator="fisher")
+
+    class Nameless(MeanGradWeight):
+        name = ""
+
+    with pytest.raises(ConfigError, match="^Nameless needs a class attribute 'name' to be registered$"):
+        bingo.register_estimator(Nameless)
 
 
-def test_forward_counter_counts_each_batched_fake_pass(batch):
-    from bingo.strategies import ForwardCounter
-
-    x, y = batch
-    counts = {}
-    for batched in (False, True):
-        model = make_mlp()
-        search = bingo.TicketSearch(model, fraction=0.3, metric="loss", batched=batched)
-        with ForwardCounter(model) as counter:
-            search.step(x, y)
-        counts[batched] = counter.count
-    assert counts == {False: 4, True: 4}  # the unmodified pass + one fake pass per layer (3)
+def test_an_estimator_instance_serves_one_search():
+    estimator = MeanGradWeight()
+    first = bingo.TicketSearch(make_mlp(), estimator=estimator)
+    message = "^this MeanGradWeight already serves another TicketSearch; give each search its own instance$"
+    with pytest.raises(ConfigError, match=message):
+        bingo.TicketSearch(make_mlp(), estimator=estimator)
+    assert estimator.search is first

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,8 +12,8 @@ from hypothesis import strategies as st
 import bingo
 from bingo.errors import ConfigError
 from bingo.scoring import combine_ranks, normalised_ranks
-from bingo.search import TicketSearch
-from bingo.strategies.oneshot import BingoConfig, BingoPaperConfig
+from bingo.search import SearchConfig, TicketSearch
+from bingo.strategies.oneshot import BINGO, BINGO_PAPER, BingoConfig
 from conftest import make_mlp, train_tiny
 
 
@@ -51,6 +53,10 @@ def test_combine_ranks_by_hand():
     weighted = combine_ranks([a, b], weights=[3.0, 1.0])  # 0.75 * rank_a + 0.25 * rank_b
     torch.testing.assert_close(weighted["x"], torch.tensor([0.75, 0.25]))
     torch.testing.assert_close(weighted["y"], torch.tensor([[0.5 + 1 / 12], [0.25 + 1 / 6]]))
+    # the key order of later sets does not matter; the result follows the first set's
+    swapped = combine_ranks([a, {"y": b["y"], "x": b["x"]}], weights=[3.0, 1.0])
+    assert list(swapped) == ["x", "y"]
+    torch.testing.assert_close(swapped, weighted)
 
 
 def test_combine_ranks_of_one_set_prunes_like_the_set(mlp):
@@ -71,27 +77,89 @@ def test_combine_ranks_bad_weights(weights, pattern):
 
 
 def test_combine_ranks_needs_matching_sets():
-    with pytest.raises(ConfigError, match=r"same keys and shapes"):
+    with pytest.raises(ConfigError, match=r"^combine_ranks needs score sets with the same shapes: 'x' is \(2,\) in set 0 and \(3,\) in set 1$"):
         combine_ranks([{"x": torch.zeros(2)}, {"x": torch.zeros(3)}])
-    with pytest.raises(ConfigError, match=r"same keys and shapes"):
-        combine_ranks([{"x": torch.zeros(2)}, {"z": torch.zeros(2)}])
+    with pytest.raises(ConfigError, match=r"^combine_ranks needs score sets with the same keys: set 2 lacks 'y' and has extra 'z' compared with set 0; "
+                       r"score every set over the same layers \(the same include/exclude\)$"):
+        combine_ranks([{"x": torch.zeros(2), "y": torch.zeros(1)}, {"y": torch.zeros(1), "x": torch.zeros(2)}, {"x": torch.zeros(2), "z": torch.zeros(1)}])
+    with pytest.raises(ConfigError, match=r"^combine_ranks needs score sets with the same keys: set 1 lacks 'y' compared with set 0"):
+        combine_ranks([{"x": torch.zeros(2), "y": torch.zeros(1)}, {"x": torch.zeros(2)}])
     with pytest.raises(ConfigError, match=r"at least one set"):
         combine_ranks([])
 
 
+def test_combine_ranks_names_a_granularity_mismatch_and_the_fix(mlp):
+    # A neuron-granularity significance (one score per unit, no output layer) blended with
+    # weight-level magnitude: the keys differ too, but the granularity is what to fix.
+    per_unit = bingo.magnitude_scores(mlp, "neuron")
+    per_weight = bingo.magnitude_scores(mlp)
+    fix = r"; pass granularity 'neuron' to magnitude_scores/random_scores \(and the same include\) so every set scores the same units$"
+    with pytest.raises(ConfigError, match=r"^combine_ranks: score sets mix granularities: '1\.weight' is per neuron \(12,\) in set 0 and per weight \(12, 16\) in set 1" + fix):
+        combine_ranks([per_unit, per_weight])
+    with pytest.raises(ConfigError, match=r"'1\.weight' is per neuron \(12,\) in set 1 and per weight \(12, 16\) in set 0" + fix):
+        combine_ranks([per_weight, per_unit])
+    # the fix works
+    assert list(combine_ranks([per_unit, bingo.magnitude_scores(mlp, "neuron")])) == ["1.weight", "3.weight"]
+
+
+class FinishedSearch:
+    """Stands in for a trained search: ``final_scores`` reads only ``significance()``."""
+
+    def __init__(self, significance: dict[str, torch.Tensor]) -> None:
+        self._significance = significance
+
+    def significance(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._significance.items()}
+
+
+def two_linear(first: list[list[float]], second: list[list[float]]) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(2, len(first), bias=False), torch.nn.ReLU(), torch.nn.Linear(len(first), 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(first))
+        model[2].weight.copy_(torch.tensor(second))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("magnitude_weight", "expected_first", "expected_second"),
+    [
+        # significance [.1 .4 .3 .6 | .2 .5] ranks [0 3 2 5 | 1 4] / 5; |w| [6 1 2 5 | 3 4] ranks [5 0 1 4 | 2 3] / 5
+        (0.5, [[0.5, 0.3], [0.3, 0.9]], [[0.3, 0.7]]),  # (rank_s + rank_m) / 2
+        (0.25, [[0.25, 0.45], [0.35, 0.95]], [[0.25, 0.75]]),  # 0.75 rank_s + 0.25 rank_m
+    ],
+)
+def test_bingo_final_scores_by_hand_per_weight(magnitude_weight, expected_first, expected_second):
+    model = two_linear([[-6.0, 1.0], [2.0, -5.0]], [[3.0, -4.0]])
+    search = FinishedSearch({"0.weight": torch.tensor([[0.1, 0.4], [0.3, 0.6]]), "2.weight": torch.tensor([[0.2, 0.5]])})
+    final = BingoConfig(search=SearchConfig(granularity="weight"), magnitude_weight=magnitude_weight).final_scores(search, model)
+    assert list(final) == ["0.weight", "2.weight"]
+    torch.testing.assert_close(final["0.weight"], torch.tensor(expected_first))
+    torch.testing.assert_close(final["2.weight"], torch.tensor(expected_second))
+
+
+@pytest.mark.parametrize(("magnitude_weight", "expected"), [(0.5, [0.25, 1.0, 0.25]), (0.25, [0.125, 1.0, 0.375])])
+def test_bingo_final_scores_by_hand_per_neuron(magnitude_weight, expected):
+    # significance [.2 .9 .5] ranks [0 2 1] / 2; row L2 norms [5 6 1.41] rank [1 2 0] / 2 (L1 norms or
+    # signed sums [7 6 2], [1 6 2] would rank differently); the output layer is not scored
+    model = two_linear([[-3.0, 4.0], [0.0, 6.0], [1.0, 1.0]], [[1.0, 1.0, 1.0]])
+    search = FinishedSearch({"0.weight": torch.tensor([0.2, 0.9, 0.5])})
+    final = BingoConfig(search=SearchConfig(granularity="neuron"), magnitude_weight=magnitude_weight).final_scores(search, model)
+    assert list(final) == ["0.weight"]
+    torch.testing.assert_close(final["0.weight"], torch.tensor(expected))
+
+
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
-def test_bingo_final_scores_blend_significance_with_magnitude(granularity):
+def test_bingo_final_scores_of_a_real_search(granularity):
     data = torch.randn(64, 16, generator=torch.Generator().manual_seed(5)), torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(6))
-    config = BingoConfig(granularity=granularity)
-    model, search = train_tiny(make_mlp, data, lambda m: TicketSearch(m, config=config.search_config(0)))
+    config = dataclasses.replace(BINGO, search=dataclasses.replace(BINGO.search, granularity=granularity))
+    model, search = train_tiny(make_mlp, data, lambda m: TicketSearch(m, config=config.search))
     significance = search.significance()
     final = config.final_scores(search, model)
-    magnitude = bingo.magnitude_scores(model, granularity)
     assert list(final) == list(significance)  # neurons: the output layer stays out
-    torch.testing.assert_close(final, combine_ranks([significance, magnitude]))
+    assert all(final[k].shape == significance[k].shape and bool(((final[k] >= 0) & (final[k] <= 1)).all()) for k in final)
     # the search's own significance, untouched, when the magnitude weight is 0 (and in the paper's preset)
-    assert BingoPaperConfig().magnitude_weight == 0.0
-    plain = BingoConfig(granularity=granularity, magnitude_weight=0.0).final_scores(search, model)
+    assert BINGO_PAPER.magnitude_weight == 0.0
+    plain = dataclasses.replace(config, magnitude_weight=0.0).final_scores(search, model)
     assert all(torch.equal(plain[k], significance[k]) for k in significance)
 
 

@@ -88,6 +88,70 @@ def test_paper_rule_is_the_authors_running_average():
     assert torch.allclose(search.significance()["weight"], expected)
 
 
+def _batches(steps: int, seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        x = torch.randn(16, 16, generator=generator)
+        batches.append((x, torch.randint(0, 4, (16,), generator=generator)))
+    return batches
+
+
+def _probe_search(steps: int, **settings) -> bingo.TicketSearch:
+    # mode "zero": the search starts at θ0 and nothing trains, so resets would change nothing
+    search = bingo.TicketSearch(make_mlp(), fraction=0.3, mode="zero", metric="loss", seed=3, **settings)
+    for x, y in _batches(steps):
+        search.step(x, y)
+    return search
+
+
+def test_rule_is_a_read_out_of_the_same_sums():
+    # One search read three ways gives what three searches configured with each rule give,
+    # and a checkpoint saved under one rule loads under another.
+    one = _probe_search(8)
+    read = {rule: one.significance(rule=rule) for rule in ("mean", "paper", "contrast")}
+    for rule, scores in read.items():
+        alone = _probe_search(8, rule=rule)
+        for key, score in alone.significance().items():
+            assert torch.equal(scores[key], score), (rule, key)
+    for a, b in (("mean", "paper"), ("mean", "contrast"), ("paper", "contrast")):
+        assert not all(torch.equal(read[a][key], read[b][key]) for key in read[a]), (a, b)  # three read-outs
+    assert all(torch.equal(one.significance()[key], score) for key, score in read["mean"].items())  # the default
+
+    contrast = bingo.TicketSearch(make_mlp(), fraction=0.3, mode="zero", metric="loss", seed=3, rule="contrast")
+    contrast.load_state_dict(_probe_search(8, rule="mean").state_dict())
+    for key, score in contrast.significance().items():
+        assert torch.equal(score, read["contrast"][key]), key
+    message = "^unknown rule 'max' for estimator 'probe'; valid choices: mean, paper, contrast$"
+    with pytest.raises(ConfigError, match=message):
+        one.significance(rule="max")
+
+
+def test_mean_rule_sums_the_damage_of_every_probe_across_steps():
+    # The anchors' bug was an accumulator that overwrote instead of summing. Each step
+    # returns its probes' damage per layer, and the growth of the counts says which units
+    # that step probed: the mean read-out must be their sum over the count, unit by unit.
+    search = bingo.TicketSearch(make_mlp(), fraction=0.3, mode="zero", metric="loss", seed=1)
+    total = {key: torch.zeros(search.unit_shape(key), dtype=torch.float64) for key in search.layers}
+    counts = search.probe_counts()
+    seen = set()
+    for x, y in _batches(8, seed=4):
+        damages = search.step(x, y)
+        now = search.probe_counts()
+        for key, count in now.items():
+            probed = count - counts[key]
+            assert probed.sum() == max(1, round(0.3 * count.numel())) and probed.max() == 1
+            total[key] += probed * damages[key]
+            seen.add(damages[key])
+        counts = now
+    assert len(seen) > 12  # damages vary from step to step, so overwriting would show
+    for key, score in search.significance(unprobed="nan").items():
+        count = counts[key]
+        assert count.max() > 1  # some units were probed on several steps
+        assert torch.allclose(score[count > 0].double(), total[key][count > 0] / count[count > 0], atol=1e-6), key
+        assert score[count == 0].isnan().all()
+
+
 def test_callable_metric_higher_is_better():
     calls = []
 
@@ -276,8 +340,8 @@ def test_state_dict_round_trip_resumes_identically(batch):
     for key, value in straight.significance().items():
         assert torch.equal(resumed.significance()[key], value)
         assert torch.equal(resumed.probe_counts()[key], straight.probe_counts()[key])
-    for key in straight.state:
-        assert torch.equal(resumed.state[key]["theta0"], straight.state[key]["theta0"])
+    for key, theta0 in straight.theta0.items():
+        assert torch.equal(resumed.theta0[key], theta0)
 
 
 def test_theta0_is_the_weights_at_attach_time(batch):
@@ -286,7 +350,8 @@ def test_theta0_is_the_weights_at_attach_time(batch):
     search = bingo.TicketSearch(model)
     with torch.no_grad():
         model[1].weight.mul_(3)
-    assert torch.equal(search.state_dict()["layers"]["1.weight"]["theta0"], initial)
+    assert torch.equal(search.theta0["1.weight"], initial)
+    assert torch.equal(search.state_dict()["theta0"]["1.weight"], initial)
 
 
 def test_load_state_dict_rejects_other_model(batch):
@@ -295,7 +360,7 @@ def test_load_state_dict_rejects_other_model(batch):
     with pytest.raises(CheckpointError, match="covers layers"):
         other.load_state_dict(search.state_dict())
     bigger = bingo.TicketSearch(nn.Sequential(nn.Flatten(), nn.Linear(16, 13), nn.ReLU(), nn.Linear(13, 8), nn.ReLU(), nn.Linear(8, 4)))
-    with pytest.raises(CheckpointError, match=r"1\.weight\.theta0 has shape \(12, 16\), expected \(13, 16\)"):
+    with pytest.raises(CheckpointError, match=r"θ0 of '1\.weight' does not match the layer's shape \(13, 16\)"):
         bigger.load_state_dict(search.state_dict())
     with pytest.raises(CheckpointError, match="not a TicketSearch state dict"):
         search.load_state_dict({"steps": 1})
@@ -318,7 +383,9 @@ def test_scores_survive_safetensors(tmp_path, batch):
         ({"mode": "noise"}, "unknown mode 'noise'; valid choices: reset, zero"),
         ({"metric": "f1"}, "unknown metric 'f1'; valid choices: accuracy, loss"),
         ({"granularity": "layer"}, "unknown granularity 'layer'; valid choices: weight, neuron"),
-        ({"rule": "max"}, "unknown rule 'max'; valid choices: mean, paper, contrast"),
+        ({"rule": "max"}, "unknown rule 'max' for estimator 'probe'; valid choices: mean, paper, contrast"),
+        ({"estimator": "taylor", "rule": "mean"}, "unknown rule 'mean' for estimator 'taylor'; valid choices: none"),
+        ({"fractoin": 0.1}, r"unknown search setting 'fractoin'; valid choices: estimator, fraction, mode, metric, "),
     ],
 )
 def test_bad_settings_name_the_problem(kwargs, message):
@@ -340,25 +407,62 @@ def test_include_and_exclude_by_name():
 
 
 def test_search_on_an_already_pruned_model_sees_the_mask(batch):
+    # On a pruned layer the fake pass must substitute weight_orig, so that the mask
+    # still applies: pruned weights stay 0 in the probe and only the kept weights of the
+    # subset go back to θ0. Substituting "weight" instead is overwritten by the pruning
+    # pre-hook (the probe changes nothing, every damage is 0); substituting the unmasked
+    # probe would bring pruned weights back.
     model = make_mlp()
     bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    layer = model[1]
+    mask = layer.weight_mask.bool().clone()
+    theta0 = layer.weight_orig.detach().clone()
     search = bingo.TicketSearch(model, fraction=0.5)
+    with torch.no_grad():  # "training" moved every weight away from θ0
+        for module in search.layers.values():
+            module.weight_orig.add_(1.0)
+    current = (layer.weight_orig * layer.weight_mask).detach().clone()
+    seen = []  # what the forward computed with, after the pruning pre-hook
+    layer.register_forward_hook(lambda module, args, output: seen.append(module.weight.detach().clone()))
     before = _snapshot(model)
     search.step(*batch)
     for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key])
-    assert (model[1].weight[model[1].weight_mask == 0] == 0).all()
+        assert torch.equal(value, before[key]), key
+    # passes: unmodified, probe of layer 1, probe of layer 3, probe of layer 5
+    assert len(seen) == 4 and torch.equal(seen[0], current)
+    probe = seen[1]
+    assert (probe[~mask] == 0).all()  # the mask still applies in the fake pass
+    probed = search.probe_counts()["1.weight"] == 1
+    assert probed.sum() == round(0.5 * mask.numel())
+    changed = probe != current
+    assert torch.equal(changed, probed & mask)  # exactly the kept weights of the subset ...
+    assert changed.any() and torch.equal(probe[changed], theta0[changed])  # ... went back to θ0
+
+
+def test_step_leaves_the_masked_weight_of_a_pruned_model_as_it_was(batch):
+    # torch.nn.utils.prune recomputes module.weight = weight_orig * mask in a pre-hook and
+    # leaves it on the module, so a fake pass leaves the probe's value there unless the
+    # search refreshes it (model_sparsity reads module.weight).
+    model = make_mlp()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    model(batch[0])
+    weights = {key: module.weight.clone() for key, module in bingo.find_layers(model).items()}
+    sparsity = bingo.model_sparsity(model)
+    bingo.TicketSearch(model, fraction=0.5, mode="zero").step(*batch)
+    for key, module in bingo.find_layers(model).items():
+        assert torch.equal(module.weight, weights[key]), key
+    assert bingo.model_sparsity(model) == sparsity
 
 
 @pytest.mark.parametrize("n,size", [(20, 3), (1000, 10), (10, 8)])
 def test_random_subsets_are_distinct_and_uniform(n, size):
-    from bingo.search import _random_subset
+    from bingo.estimators.fake_pass import random_subset
 
     generator = torch.Generator().manual_seed(0)
     hits = torch.zeros(n)
     draws = 4000
     for _ in range(draws):
-        subset = _random_subset(n, size, generator)
+        subset = random_subset(n, size, generator)
         assert len(subset) == size and len(torch.unique(subset)) == size
         assert subset.min() >= 0 and subset.max() < n
         hits[subset] += 1

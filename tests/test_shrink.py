@@ -277,11 +277,32 @@ def test_twice_is_the_same_as_once():
     assert_same_outputs(masked, twice, (1, 4, 4))
 
 
-def test_shrunk_model_trains():
-    shrunk = shrink(neuron_pruned(randomise_norms(make_cnn()), 0.5)).train()
-    loss = F.cross_entropy(shrunk(torch.randn(8, 1, 4, 4)), torch.randint(0, 3, (8,)))
-    loss.backward()
-    assert all(p.grad is not None for p in shrunk.parameters())
+def test_shrunk_model_is_smaller_and_trains():
+    masked = neuron_pruned(randomise_norms(make_cnn()), 0.5)
+    channels, hidden = kept_units(masked[0]), kept_units(masked[5])
+    assert channels < 4 and hidden < 16
+    shrunk = shrink(masked).train()
+    # Really smaller: plain parameters cut to the surviving units, the next layer's input with them.
+    assert {name: tuple(p.shape) for name, p in shrunk.named_parameters()} == {
+        "0.weight": (channels, 1, 3, 3), "0.bias": (channels,), "1.weight": (channels,), "1.bias": (channels,),
+        "5.weight": (hidden, channels * 4 * 4), "5.bias": (hidden,), "6.weight": (hidden,), "6.bias": (hidden,),
+        "9.weight": (3, hidden), "9.bias": (3,),
+    }
+    assert count_parameters(shrunk) < count_parameters(masked)
+    # Still trains: a gradient reaches every parameter, and a step on the batch lowers its loss.
+    x, y = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same dropout masks before and after the step
+        return F.cross_entropy(shrunk(x), y)
+
+    before = loss()
+    before.backward()
+    for name, p in shrunk.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+    torch.optim.SGD(shrunk.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        assert float(loss()) < float(before.detach())
 
 
 def test_avg_pool_counting_padding_keeps_nonconstant_units_with_a_warning():

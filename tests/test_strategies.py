@@ -80,7 +80,7 @@ def test_every_method_is_registered():
     for name in ("imp", "gmp", "snip"):
         strategy = get_strategy(name)
         assert strategy.name == name
-        assert isinstance(strategy.config, strategy.Config)
+        assert strategy.config is type(strategy).default_config
 
 
 def test_unknown_method_lists_the_valid_choices():

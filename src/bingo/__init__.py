@@ -7,6 +7,7 @@ in one shot, through ``torch.nn.utils.prune``.
 
 from .errors import BingoError, CheckpointError, ConfigError, DataError
 from .export import ExportResult, RawInputModel, export_checkpoint, export_model, load_compact, save_compact, state_dict_size
+from .estimators import ESTIMATORS, Estimator, register_estimator
 from .io import load_scores, save_scores
 from .layers import find_layers
 from .pruning import (
@@ -30,6 +31,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ESTIMATORS",
+    "Estimator",
     "ExportResult",
     "RawInputModel",
     "SearchConfig",
@@ -51,6 +54,7 @@ __all__ = [
     "prune",
     "prune_to_accuracy",
     "random_scores",
+    "register_estimator",
     "save_compact",
     "save_scores",
     "select_masks",

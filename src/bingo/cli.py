@@ -11,32 +11,25 @@ import argparse
 import copy
 import dataclasses
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
 from . import __version__
 from .data import DATASETS, load_dataset
+from .configs import add_config_flags, apply_flags, config_record
 from .errors import BingoError, ConfigError
-from .io import save_checkpoint, write_json
+from .io import write_json
 from .models import MODELS, build_model
-from .pruning import prune, prune_to_accuracy
+from .pruning import prune
 from .scoring import magnitude_scores, random_scores
-from .search import ESTIMATORS, GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
-from .strategies.oneshot import BingoConfig, BingoPaperConfig
-from .selection import SCOPES, check_sparsity
-from .training import OPTIMIZERS, TrainConfig, evaluate, train
+from .search import TicketSearch
+from .selection import check_sparsity
+from .strategies import BINGO, BINGO_PAPER, STRATEGIES, Experiment, OneShotStrategy, get_strategy
+from .training import TrainConfig, evaluate, train
 
 __all__ = ["main"]
-
-_CHOICES = {
-    "mode": MODES, "metric": METRICS, "granularity": GRANULARITIES, "rule": RULES, "optimizer": OPTIMIZERS,
-    "estimator": ESTIMATORS, "scope": SCOPES,
-}
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit 2."""
@@ -45,77 +38,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"bingo: error: {message}\n")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, names: Sequence[str]) -> None:
-    """One ``--flag`` per dataclass field in ``names``, help from the field metadata.
-
-    Values are validated by the dataclass itself, so the valid choices live in
-    one place; the ``choices`` shown in help come from the same constants.
-    """
-    fields = {f.name: f for f in dataclasses.fields(config_type)}
-    for name in names:
-        f = fields[name]
-        kind = type(f.default) if f.default is not None else str
-        kind = str if kind is str or name in _CHOICES else kind
-        help_text = f.metadata.get("help", "")
-        if name in _CHOICES:
-            help_text += f" ({'|'.join(_CHOICES[name])})"
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            **_value(kind, name),
-            default=f.default,
-            help=f"{help_text}; default {f.default}",
-        )
-
-
-#: bingo run --method NAME -> the config dataclass holding that variant's defaults
-_RUN_PRESETS = {"bingo": BingoConfig, "bingo-paper": BingoPaperConfig}
-
-
-def _add_preset_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for every BINGO setting; unset ones (None) fall back to the ``--method`` preset."""
-    group = parser.add_argument_group("BINGO settings (defaults: bingo / bingo-paper)")
-    paper = BingoPaperConfig()
-    for f in dataclasses.fields(BingoConfig):
-        kind = type(f.default)
-        kind = str if kind is str or f.name in _CHOICES else kind
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            **_value(kind, f.name),
-            default=None,
-            help=f"{f.metadata.get('help', '')}; default {f.default} / {getattr(paper, f.name)}",
-        )
-
-
-def _run_config(args: argparse.Namespace) -> BingoConfig:
-    if args.method not in _RUN_PRESETS:
-        raise ConfigError(f"unknown method {args.method!r}; valid choices: {', '.join(_RUN_PRESETS)}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BingoConfig) if getattr(args, f.name) is not None}
-    if overrides.get("granularity") == "neuron" and "scope" not in overrides:
-        # A global ranking of units across layers of different widths can empty
-        # a layer; the same fraction per layer is the safe default for neurons.
-        overrides["scope"] = "layer"
-    return dataclasses.replace(_RUN_PRESETS[args.method](), **overrides)
-
-
-def _value(kind: type, name: str, **extra) -> dict:
-    """argparse keywords for a config field: ``--flag/--no-flag`` for a bool, a typed value otherwise."""
-    if kind is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    return {"type": _typed(kind, name), **extra}
-
-
-def _typed(kind: type, name: str):
-    def convert(text: str):
-        try:
-            return kind(text)
-        except ValueError:
-            article = "an" if kind.__name__[0] in "aeiou" else "a"
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects {article} {kind.__name__}, got {text!r}") from None
-
-    convert.__name__ = kind.__name__
-    return convert
+def _train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig = TrainConfig()) -> None:
+    """The training recipe's flags, from :class:`TrainConfig`'s fields."""
+    add_config_flags(parser, {"training": defaults}, dest="train")
 
 
 def _sparsities(text: str) -> list[float]:
@@ -138,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    run = commands.add_parser("run", help="train with ticket search, prune one-shot, write results as JSON")
+    run = commands.add_parser("run", help="train and prune one network with any method (default bingo); write results as JSON")
     run.add_argument("--data", required=True, help=f"{', '.join(DATASETS)}, or PATH.npz with x_train, y_train, x_test, y_test")
     run.add_argument("--data-dir", default=None, help="folder of the IDX files (fashion-mnist, mnist)")
     run.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
@@ -148,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-accuracy-drop", type=float, help="prune as far as validation accuracy stays >= dense - this")
     run.add_argument("--out", required=True, help="results JSON, written atomically")
     run.add_argument(
-        "--method", default="bingo",
-        help="bingo (the best variant measured: hybrid Taylor + calibrating fake passes) or bingo-paper "
-        "(the faithful reproduction); the flags below override its settings; default bingo",
+        "--method", default="bingo", choices=tuple(STRATEGIES),
+        help="bingo is the best variant measured (hybrid Taylor + calibrating fake passes, blended with magnitude), "
+        "bingo-paper the faithful reproduction; the method settings below override its preset; default bingo",
     )
-    _add_preset_flags(run)
-    _add_config_flags(run, TrainConfig, ["epochs", "batch_size", "lr", "optimizer"])
+    _train_flags(run.add_argument_group("training"))
+    add_config_flags(
+        run.add_argument_group("method settings (each method's preset in brackets)"),
+        {name: cls.default_config for name, cls in STRATEGIES.items()}, dest="method",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
     run.add_argument("--save", default=None, help="save the pruned model (state dict with masks) to this .pt file")
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
@@ -215,7 +143,6 @@ def _add_compare_parser(commands) -> None:
     compare.add_argument("--data", required=True, help=f"{', '.join(DATASETS)}, or PATH.npz")
     compare.add_argument("--data-dir", default=None, help="folder of the IDX files (fashion-mnist, mnist)")
     compare.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
-    compare.add_argument("--epochs", type=int, default=3, help="training epochs of every (re)training; default 3")
     compare.add_argument(
         "--methods", type=_comma_list(str, "--methods"), default=list(STRATEGIES),
         help=f"comma-separated, from {', '.join(STRATEGIES)}; default all",
@@ -225,45 +152,27 @@ def _add_compare_parser(commands) -> None:
         help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
     )
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
-    compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after pruning, charged to the method (bingo, bingo-paper, magnitude, random; gmp: extra epochs at its final masks); default 0")
-    compare.add_argument("--batch-size", type=int, default=128, help="default 128")
-    compare.add_argument("--lr", type=float, default=1.2e-3, help="default 1.2e-3")
-    compare.add_argument("--optimizer", default="adam", help="adam or sgd; default adam")
+    _train_flags(compare)
+    compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after pruning, charged to the method (every method with a finetune_epochs setting; gmp: extra epochs at its final masks); default 0")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.json")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group = compare.add_argument_group("method settings (each method's config; defaults in brackets)")
+    group = compare.add_argument_group("method settings (each method's preset in brackets)")
     for name, cls in STRATEGIES.items():
-        for f in dataclasses.fields(cls.Config):
-            if f.name == "finetune_epochs":
-                continue
-            flags = [f"--{name}-{f.name.replace('_', '-')}"]
-            if name == "imp" and f.name == "rewind_step":
-                flags.append("--rewind-step")
-            kind = type(f.default) if f.default is not None else str
-            group.add_argument(
-                *flags, dest=f"method__{name}__{f.name}", **_value(kind, f.name, metavar=f.name.upper()), default=None,
-                help=f"{name}: {f.metadata.get('help', '')} [{f.default}]",
-            )
+        add_config_flags(group, {name: cls.default_config}, prefix=name, dest=f"method_{name}", skip=("finetune_epochs",))
+    group.add_argument("--rewind-step", dest="method_imp__rewind_step", type=int, default=None, help="the same as --imp-rewind-step")
 
 
 def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict:
-    from .strategies import STRATEGIES
-
+    """Each named method's preset with its ``--<method>-<setting>`` flags and ``--finetune-epochs`` applied."""
     configs = {}
     for name in methods:
         if name not in STRATEGIES:
             continue  # CompareConfig reports it with the valid choices
-        cls = STRATEGIES[name]
-        overrides = {}
-        for f in dataclasses.fields(cls.Config):
-            if f.name == "finetune_epochs":
-                overrides[f.name] = args.finetune_epochs
-                continue
-            value = getattr(args, f"method__{name}__{f.name}", None)
-            if value is not None:
-                overrides[f.name] = value
-        configs[name] = cls.Config(**overrides)
+        config = apply_flags(args, STRATEGIES[name].default_config, prefix=name, dest=f"method_{name}", method=name)
+        if any(f.name == "finetune_epochs" for f in dataclasses.fields(config)):
+            config = dataclasses.replace(config, finetune_epochs=args.finetune_epochs)
+        configs[name] = config
     return configs
 
 
@@ -273,16 +182,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder")
+    training = apply_flags(args, TrainConfig(), dest="train")
     config = CompareConfig(
         data=args.data,
         model=args.model,
-        epochs=args.epochs,
+        epochs=training.epochs,
         methods=tuple(args.methods),
         sparsities=tuple(args.sparsities),
         seeds=args.seeds,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
+        batch_size=training.batch_size,
+        lr=training.lr,
+        optimizer=training.optimizer,
         finetune_epochs=args.finetune_epochs,
         data_dir=args.data_dir,
         method_configs=_method_configs(args, args.methods),
@@ -312,8 +222,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = load_dataset("digits", seed=args.seed)
     model = build_model("mlp", data.input_shape, data.num_classes, seed=args.seed)
     # Searches never perturb training, so both variants can watch the same run.
-    improved = TicketSearch(model, config=BingoConfig().search_config(args.seed))
-    faithful = TicketSearch(model, config=dataclasses.replace(BingoPaperConfig(), fraction=0.05).search_config(args.seed))
+    improved = TicketSearch(model, config=BINGO.search, seed=args.seed)
+    faithful = TicketSearch(model, config=BINGO_PAPER.search, fraction=0.05, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, seed=args.seed)
     print(
         f"BINGO demo: scikit-learn digits ({len(data.x_train)} train / {len(data.x_test)} test, 8x8), "
@@ -325,7 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = train(model, data, config, search=[improved, faithful], progress=not args.no_progress)
     dense = evaluate(model, data.x_test, data.y_test)
     methods = {
-        "bingo": BingoConfig().final_scores(improved, model),
+        "bingo": BINGO.final_scores(improved, model),
         "bingo-paper": faithful.significance(),
         "magnitude": magnitude_scores(model),
         "random": random_scores(model, seed=args.seed),
@@ -358,23 +268,32 @@ def _check_file_path(flag: str, path: str) -> None:
         raise ConfigError(f"--{flag} {path} cannot be created: {ancestor} is a file, not a folder")
 
 
-def _finetune(model, data, train_config: TrainConfig, epochs: int, args: argparse.Namespace) -> float:
-    """Masked recovery fine-tune of a pruned model; returns its wall time (0 when epochs is 0)."""
-    if not epochs:
-        return 0.0
-    result = train(model, data, dataclasses.replace(train_config, epochs=epochs), progress=not args.no_progress, description="fine-tune")
-    return result.train_seconds
+def _run_config(args: argparse.Namespace) -> object:
+    """The ``--method`` preset with the method-setting flags given applied."""
+    preset = STRATEGIES[args.method].default_config
+    config = apply_flags(args, preset, dest="method", method=args.method)
+    if getattr(config, "granularity", None) == "neuron" and getattr(args, "method__scope", None) is None and hasattr(config, "scope"):
+        # A global ranking of units across layers of different widths can empty
+        # a layer; the same fraction per layer is the safe default for neurons.
+        config = dataclasses.replace(config, scope="layer")
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading data or training.
     if args.sparsity is not None:
-        sparsities = [check_sparsity(s) for s in args.sparsity]
+        sparsities = sorted({check_sparsity(s) for s in args.sparsity})
     if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
         raise ConfigError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
         raise ConfigError(f"--max-accuracy-drop must be in [0, 1], got {args.max_accuracy_drop}")
-    method = _run_config(args)
+    strategy = get_strategy(args.method, _run_config(args))
+    one_shot = isinstance(strategy, OneShotStrategy)
+    needs_one_shot = [flag for flag, value in (("--min-accuracy", args.min_accuracy), ("--max-accuracy-drop", args.max_accuracy_drop),
+                                               ("--scores", args.scores), ("--checkpoint", args.checkpoint)) if value is not None]
+    if needs_one_shot and not one_shot:
+        valid = ", ".join(name for name, cls in STRATEGIES.items() if issubclass(cls, OneShotStrategy))
+        raise ConfigError(f"{needs_one_shot[0]} needs a method that prunes once after training ({valid}); {args.method!r} does not")
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
     for flag in ("out", "save", "scores", "checkpoint"):
@@ -382,79 +301,59 @@ def cmd_run(args: argparse.Namespace) -> int:
             _check_file_path(flag, getattr(args, flag))
     if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
         raise ConfigError(f"--export {args.export} is a file; give a folder")
-    search_config = method.search_config(args.seed)
-    scope = method.scope
-    train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed
-    )
-    data = load_dataset(args.data, args.data_dir, seed=args.seed)
-    model = build_model(args.model, data.input_shape, data.num_classes, seed=args.seed)
-    search = TicketSearch(model, config=search_config)
-    trained = train(model, data, train_config, search=search, checkpoint=args.checkpoint, progress=not args.no_progress)
-    dense_accuracy = evaluate(model, data.x_test, data.y_test)
-    scores = method.final_scores(search, model)
+    train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
+    granularity = getattr(strategy.config, "granularity", "weight")
 
-    start = time.perf_counter()
+    data = load_dataset(args.data, args.data_dir, seed=args.seed)
+    experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
     results = []
-    finetune_seconds = 0.0
-    pruned_model = model
     if args.sparsity is not None:
-        for sparsity in sparsities:
-            pruned_model = copy.deepcopy(model)
-            prune(pruned_model, scores, sparsity, scope, seed=args.seed)
-            finetune_seconds += _finetune(pruned_model, data, train_config, method.finetune_epochs, args)
-            results.append({"sparsity": sparsity, "accuracy": evaluate(pruned_model, data.x_test, data.y_test)})
+        outcomes = list(strategy.run(experiment, sparsities))
+        results = [{"sparsity": o.sparsity, "accuracy": o.accuracy} for o in outcomes]
     else:
-        if len(data.x_val) == 0:
-            raise ConfigError("--min-accuracy / --max-accuracy-drop need a validation split, and this data has none")
-        pruned_model = copy.deepcopy(model)
-        floor = prune_to_accuracy(
-            pruned_model,
-            scores,
-            lambda m: evaluate(m, data.x_val, data.y_val),
-            min_accuracy=args.min_accuracy,
-            max_drop=args.max_accuracy_drop,
-            scope=scope,
-            seed=args.seed,
-        )
-        finetune_seconds += _finetune(pruned_model, data, train_config, method.finetune_epochs, args)
-        results.append(
-            {
-                "sparsity": floor.sparsity,
-                "accuracy": evaluate(pruned_model, data.x_test, data.y_test),
-                "validation_accuracy": floor.accuracy,
-                "validation_floor": floor.floor,
-                "evaluations": floor.evaluations,
-            }
-        )
+        outcome, floor = strategy.prune_to_floor(experiment, min_accuracy=args.min_accuracy, max_drop=args.max_accuracy_drop)
+        outcomes = [outcome]
+        results = [{
+            "sparsity": floor.sparsity,
+            "accuracy": outcome.accuracy,
+            "validation_accuracy": floor.accuracy,
+            "validation_floor": floor.floor,
+            "evaluations": floor.evaluations,
+        }]
         if floor.accuracy < floor.floor:
             print(
                 f"bingo: warning: validation accuracy {floor.accuracy:.4f} of the dense model is already below "
                 f"the floor {floor.floor:.4f}; nothing was pruned",
                 file=sys.stderr,
             )
-    prune_seconds = time.perf_counter() - start - finetune_seconds
-
+    pruned_model = outcomes[-1].model
+    if one_shot:  # the dense run every sparsity started from (cached: not trained again)
+        dense, scores = strategy.trained(experiment)
+        dense_accuracy = experiment.evaluate(dense.model)
+        train_seconds, search_seconds, train_steps = dense.cost.seconds, dense.search_seconds, dense.cost.steps
+    else:
+        dense_accuracy, scores = None, None
+        train_seconds, search_seconds, train_steps = outcomes[-1].seconds, 0.0, outcomes[-1].train_steps
+    config = config_record(strategy.config)
     report = {
         "method": args.method,
         "data": args.data,
         "model": args.model,
-        "granularity": search_config.granularity,
-        "scope": scope,
-        "finetune_epochs": method.finetune_epochs,
+        "granularity": granularity,
+        "scope": getattr(strategy.config, "scope", None),
+        "finetune_epochs": getattr(strategy.config, "finetune_epochs", 0),
         "seed": args.seed,
-        "search": search_config.to_dict(),
+        "config": config,
+        "search": config.get("search") if isinstance(config, dict) else None,
         "training": dataclasses.asdict(train_config),
         "train_examples": len(data.x_train),
         "validation_examples": len(data.x_val),
         "test_examples": len(data.x_test),
         "dense_accuracy": dense_accuracy,
         "results": results,
-        "train_seconds": trained.train_seconds,
-        "search_seconds": trained.search_seconds,
-        "prune_seconds": prune_seconds,
-        "finetune_seconds": finetune_seconds,
-        "train_steps": trained.steps,
+        "train_seconds": train_seconds,
+        "search_seconds": search_seconds,
+        "train_steps": train_steps,
         "version": __version__,
     }
     if args.scores:
@@ -463,20 +362,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         save_scores(scores, args.scores)
         report["scores_file"] = args.scores
     if args.save:
-        save_checkpoint(
-            {
-                "kind": "bingo-model",
-                "model": args.model,
-                "granularity": search_config.granularity,
-                "input_shape": list(data.input_shape),
-                "raw_shape": list(data.raw_shape),
-                "num_classes": data.num_classes,
-                "preprocess": {"offset": data.offset, "scale": data.scale},
-                "sparsity": results[-1]["sparsity"],
-                "accuracy": results[-1]["accuracy"],
-                "state_dict": pruned_model.state_dict(),
-            },
-            args.save,
+        from .export import save_model_file
+
+        save_model_file(
+            args.save, pruned_model, architecture=args.model, data=data, granularity=granularity,
+            sparsity=results[-1]["sparsity"], accuracy=results[-1]["accuracy"],
         )
         report["model_file"] = args.save
     if args.export:
@@ -486,9 +376,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             warnings.simplefilter("always")
             export_model(
                 pruned_model, (data.offset, data.scale), data.input_shape, args.export,
-                metadata={"architecture": args.model, "data": args.data, "granularity": search_config.granularity,
+                metadata={"architecture": args.model, "data": args.data, "granularity": granularity,
                           "num_classes": data.num_classes, "sparsity": results[-1]["sparsity"], "accuracy": results[-1]["accuracy"]},
-                raw_shape=data.raw_shape, shrink_units=search_config.granularity == "neuron", onnx=args.onnx,
+                raw_shape=data.raw_shape, shrink_units=granularity == "neuron", onnx=args.onnx,
             )
         _print_warnings(caught)
         report["export_dir"] = args.export
@@ -497,7 +387,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         [[f"{r['sparsity']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
         ["sparsity", "accuracy"],
     ))
-    print(f"dense accuracy {dense_accuracy:.4f}; train {trained.train_seconds:.1f} s (search {trained.search_seconds:.1f} s); results in {args.out}")
+    dense_text = "" if dense_accuracy is None else f"dense accuracy {dense_accuracy:.4f}; "
+    print(f"{dense_text}train {train_seconds:.1f} s (search {search_seconds:.1f} s); results in {args.out}")
     return 0
 
 

@@ -10,7 +10,6 @@ progress and ``resume=True`` skips everything already recorded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,8 +25,8 @@ from .errors import CheckpointError, ConfigError
 from .io import load_scores, save_scores, write_json
 from .models import MODELS
 from .selection import check_sparsity
+from .configs import config_record
 from .strategies import STRATEGIES, Experiment, Strategy
-from .strategies.oneshot import BingoStrategy
 from .training import TrainConfig
 
 __all__ = ["CompareConfig", "mask_overlap", "run_compare"]
@@ -81,7 +80,7 @@ class CompareConfig:
             "seeds": list(range(self.seeds)),
             "finetune_epochs": self.finetune_epochs,
             "method_configs": {
-                name: dataclasses.asdict(config) for name, config in sorted(self.method_configs.items()) if name in self.methods
+                name: config_record(config) for name, config in sorted(self.method_configs.items()) if name in self.methods
             },
         }
 
@@ -192,11 +191,13 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
                         }
                         results["runs"].append(row)
                         write_json(results_path, results)
-                    if isinstance(strategy, BingoStrategy):
-                        _record_overhead(results, experiment, strategy)
+                    extras = strategy.extras(experiment)
+                    for section, row in extras.items():
+                        _replace_row(results, section, row)
+                    if extras:
                         write_json(results_path, results)
                 bar.update(1)
-            if _record_overlaps(results, out_dir, seed, config.sparsities):
+            if _record_overlaps(results, out_dir, seed, config.sparsities, config.methods):
                 write_json(results_path, results)
     finally:
         bar.close()
@@ -224,38 +225,19 @@ def _warm_up(experiment: Experiment, steps: int = 20) -> None:
         experiment.evaluate(model)
 
 
-def _record_overhead(results: dict, experiment: Experiment, strategy: BingoStrategy) -> None:
-    """Ticket-search overhead: dense training time with the search / without.
-
-    Also records whether the two trainings ended bit-identical, as they must.
-    """
-    searched, _ = strategy.trained(experiment)
-    plain = experiment.dense()
-    identical = all(
-        torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), searched.model.state_dict().values())
-    )
-    results["search_overhead"] = [
-        r for r in results["search_overhead"] if (r.get("method", "bingo"), r["seed"]) != (strategy.name, experiment.seed)
-    ]
-    results["search_overhead"].append(
-        {
-            "method": strategy.name,
-            "seed": experiment.seed,
-            "train_seconds": plain.cost.seconds,
-            "train_seconds_with_search": searched.cost.seconds,
-            "search_seconds": searched.search_seconds,
-            "ratio": searched.cost.seconds / plain.cost.seconds,
-            "forward_passes": plain.cost.forward_passes,
-            "forward_passes_with_search": searched.cost.forward_passes,
-            "identical_to_plain_training": identical,
-        }
-    )
+def _replace_row(results: dict, section: str, row: dict) -> None:
+    """Put a strategy's extra ``row`` into ``results[section]``, replacing its earlier row for the same method and seed."""
+    rows = results.setdefault(section, [])
+    rows[:] = [r for r in rows if (r.get("method"), r.get("seed")) != (row.get("method"), row.get("seed"))]
+    rows.append(row)
 
 
-def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequence[float]) -> bool:
-    """Overlap of each BINGO variant's pruned weights with IMP's, at each sparsity both reached.
+def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequence[float], methods: Sequence[str]) -> bool:
+    """Overlap of every other method's pruned weights with IMP's (the lottery ticket), at each sparsity both reached.
 
-    Adds a ``"<method>_vs_imp"`` value to the seed's row per sparsity; True if anything was added.
+    Adds a ``"<method>_vs_imp"`` value to the seed's row per sparsity, for
+    the methods of this run whose masks score the same weights as IMP's;
+    True if anything was added.
     """
     added = False
     for sparsity in sparsities:
@@ -263,7 +245,9 @@ def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequen
         if not imp_path.exists():
             continue
         row = next((r for r in results["overlap"] if r["seed"] == seed and r["sparsity"] == sparsity), None)
-        for method in ("bingo", "bingo-paper"):
+        for method in methods:
+            if method == "imp":
+                continue
             path = _mask_path(out_dir, method, seed, sparsity)
             key = f"{method}_vs_imp"
             if not path.exists() or (row is not None and key in row):

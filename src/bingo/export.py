@@ -34,10 +34,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write, load_checkpoint, write_json
+from .data import Dataset
+from .io import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .pruning import load_pruned_state_dict, make_permanent
 from .shrink import count_parameters, shrink
 
@@ -156,8 +156,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
             state[logical] = dense
     state.update(tensors)
     if masks:
-        load_pruned_state_dict(model, state)
-        _refresh_masked(model)
+        load_pruned_state_dict(model, state)  # refreshes module.weight from the loaded values too
     else:
         try:
             model.load_state_dict(state)
@@ -165,21 +164,6 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise CheckpointError(f"compact file {path} does not fit the model: {lines[-1] if lines else exc}") from None
     return model
-
-
-def _refresh_masked(model: nn.Module) -> None:
-    """Recompute ``weight = weight_orig * weight_mask`` now rather than at the next forward.
-
-    ``torch.nn.utils.prune`` only refreshes the masked tensor in a forward
-    pre-hook, so right after ``load_state_dict`` ``module.weight`` still holds
-    the values from before the load. Stored detached, as bingo keeps it
-    (a tensor with a grad_fn would make the model impossible to deepcopy).
-    """
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                with torch.no_grad():
-                    setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
 
 
 # --------------------------------------------------------------------------
@@ -400,6 +384,39 @@ def export_model(
 
 
 _CHECKPOINT_KEYS = ("model", "input_shape", "num_classes", "preprocess", "state_dict")
+
+
+def save_model_file(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    architecture: str,
+    data: Dataset,
+    granularity: str,
+    sparsity: float,
+    accuracy: float,
+) -> None:
+    """Write the ``--save`` file of ``bingo run`` (atomically): what :func:`export_checkpoint` reads.
+
+    A dict with ``kind: "bingo-model"``, the architecture name, granularity,
+    the data's input and raw shapes, number of classes and preprocessing,
+    sparsity, accuracy and the pruned ``state_dict`` (with masks).
+    """
+    save_checkpoint(
+        {
+            "kind": "bingo-model",
+            "model": architecture,
+            "granularity": granularity,
+            "input_shape": list(data.input_shape),
+            "raw_shape": list(data.raw_shape),
+            "num_classes": data.num_classes,
+            "preprocess": {"offset": data.offset, "scale": data.scale},
+            "sparsity": sparsity,
+            "accuracy": accuracy,
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
 
 
 def export_checkpoint(

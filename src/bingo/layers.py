@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = [
+    "GRANULARITIES",
     "PRUNABLE_TYPES",
     "find_layers",
     "output_layer_name",
@@ -29,6 +30,10 @@ __all__ = [
 
 #: Module types whose ``weight`` is scored and pruned by default.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+#: What one score stands for: a single weight, or a whole unit (a row of a
+#: Linear weight, a filter of a Conv) with its bias entry.
+GRANULARITIES = ("weight", "neuron")
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -75,12 +80,29 @@ def find_layers(
     return layers
 
 
-def output_layer_name(layers: dict[str, nn.Module]) -> str:
-    """The key of the last layer in model order: the network's output layer.
+def output_layer_name(model: nn.Module) -> str:
+    """The key (``"<module>.weight"``) of ``model``'s output layer.
 
-    Neuron granularity never probes or prunes its units (they are the classes).
+    Assumed to be the last module of :data:`PRUNABLE_TYPES` in
+    ``model.named_modules()`` order, i.e. the last layer that
+    :func:`find_layers` finds by default. That is registration order, not the
+    order of ``forward``: a model that registers its head before its body
+    must leave the head out of the scored layers by hand (``exclude``).
+
+    Found from the whole model, never from the layers a caller included:
+    neuron granularity never probes or prunes the output layer's units (they
+    are the model's outputs), and a selection that does not include the
+    output layer simply has nothing dropped. Raises :class:`ConfigError` when
+    ``model`` has no such layer.
     """
-    return next(reversed(layers))
+    output = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            output = f"{module_name}.weight" if module_name else "weight"
+    if output is None:
+        kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
+        raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no {kinds}")
+    return output
 
 
 def weight_parameter_name(module: nn.Module) -> str:

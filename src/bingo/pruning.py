@@ -23,10 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, check_choice
 from .layers import weight_of
-from .errors import check_choice
-from .selection import SCOPES, masks_from_order, prune_count, pruning_order, select_masks
+from .selection import SCOPES, select_masks
 
 __all__ = [
     "AccuracyFloorResult",
@@ -34,9 +33,11 @@ __all__ = [
     "current_masks",
     "load_pruned_state_dict",
     "make_permanent",
+    "masked_value",
     "model_sparsity",
     "prune",
     "prune_to_accuracy",
+    "refresh_masked",
 ]
 
 
@@ -81,6 +82,35 @@ def current_masks(model: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, 
             mask = getattr(module, "weight_mask", None)
             masks[key] = torch.ones(ref.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
     return masks
+
+
+def masked_value(module: nn.Module, name: str) -> torch.Tensor:
+    """``<name>_orig * <name>_mask``: the value of a masked tensor that the forward pass uses.
+
+    The same product (mask cast to the parameter's dtype) that
+    ``torch.nn.utils.prune`` computes before every forward; with autograd
+    history unless called under ``torch.no_grad()``. ``AttributeError`` if
+    ``name`` is not masked on ``module``.
+    """
+    orig = getattr(module, f"{name}_orig")
+    return getattr(module, f"{name}_mask").to(dtype=orig.dtype) * orig
+
+
+def refresh_masked(model: nn.Module) -> None:
+    """Set every masked tensor of ``model`` to :func:`masked_value` now.
+
+    ``torch.nn.utils.prune`` refreshes ``module.weight`` only in a forward
+    pre-hook, so after writing into ``weight_orig`` or the mask (loading a
+    state dict, rewinding to θ0) ``module.weight`` holds the old values until
+    the next forward. Stored without autograd history, as bingo keeps it: a
+    tensor with a grad_fn on the module makes ``copy.deepcopy`` fail.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for buffer_name, _ in list(module.named_buffers(recurse=False)):
+                name = buffer_name[: -len("_mask")]
+                if buffer_name.endswith("_mask") and hasattr(module, f"{name}_orig"):
+                    setattr(module, name, masked_value(module, name))
 
 
 def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
@@ -166,13 +196,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise CheckpointError(f"state dict does not fit the model: {lines[-1] if lines else exc}") from None
-    # torch's prune recomputes the masked tensor only at the next forward; do it now
-    # so that reading module.weight right after loading gives the loaded values.
-    with torch.no_grad():
-        for module in model.modules():
-            for name in ("weight", "bias"):
-                if hasattr(module, f"{name}_mask"):
-                    setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
+    refresh_masked(model)  # so that module.weight right after loading holds the loaded values
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
@@ -275,24 +299,16 @@ def prune_to_accuracy(
     check_choice("scope", scope, SCOPES)
     effective = _effective_scores(model, scores)
     shapes = {key: s.shape for key, s in effective.items()}
-    gen = torch.Generator().manual_seed(seed)
+    # Step j of the bisection is sparsity j / steps. Globally steps is the number of
+    # entries, so select_masks prunes round(j / steps * steps) = j of them; per layer
+    # it prunes round(j / steps * n_l) of each layer's n_l.
     if scope == "global":
-        flat = torch.cat([s.reshape(-1) for s in effective.values()])
-        order = pruning_order(flat, gen)
-        steps = flat.numel()
-
-        def masks_at(j: int) -> dict[str, torch.Tensor]:
-            return masks_from_order(order, shapes, j)
-
+        steps = sum(s.numel() for s in effective.values())
     else:
-        orders = {key: pruning_order(s, gen) for key, s in effective.items()}
         steps = max(s.numel() for s in effective.values())
 
-        def masks_at(j: int) -> dict[str, torch.Tensor]:
-            out = {}
-            for key, order in orders.items():
-                out.update(masks_from_order(order, {key: shapes[key]}, prune_count(j / steps, shapes[key].numel())))
-            return out
+    def masks_at(j: int) -> dict[str, torch.Tensor]:
+        return select_masks(effective, j / steps, scope, seed)
 
     evaluations = 0
 

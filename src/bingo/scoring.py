@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, check_choice
-from .layers import find_layers, output_layer_name, weight_of
-from .search import GRANULARITIES
+from .layers import GRANULARITIES, find_layers, output_layer_name, weight_of
 
 __all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scores"]
 
@@ -23,8 +22,10 @@ def _layers(model: nn.Module, granularity: str, include: Iterable[str] | None, e
     check_choice("granularity", granularity, GRANULARITIES)
     layers = find_layers(model, include, exclude)
     if granularity == "neuron":
-        output = output_layer_name(layers)
+        output = output_layer_name(model)
         layers = {k: m for k, m in layers.items() if k != output}
+        if not layers:
+            raise ConfigError(f"neuron granularity needs a hidden layer; the only layer selected is the output layer {output!r}, whose units are the model's outputs")
     return layers
 
 
@@ -86,6 +87,43 @@ def normalised_ranks(values: torch.Tensor) -> torch.Tensor:
     return (ranks / max(n - 1, 1)).reshape(values.shape)
 
 
+def _is_per_unit(unit_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> bool:
+    return len(unit_shape) == 1 and len(weight_shape) >= 2 and unit_shape[0] == weight_shape[0]
+
+
+def _check_same_entries(scores: list[Mapping[str, torch.Tensor]]) -> None:
+    """Raise :class:`ConfigError` unless every set scores the same entries as set 0.
+
+    A granularity mismatch is reported first: blending a neuron significance
+    with weight-level magnitude also differs in keys (only the weight level
+    scores the output layer), but the keys are not what the caller must fix.
+    """
+    first = scores[0]
+    for i, other in enumerate(scores[1:], start=1):
+        for key in (k for k in first if k in other):
+            a, b = tuple(first[key].shape), tuple(other[key].shape)
+            if _is_per_unit(a, b) or _is_per_unit(b, a):
+                (unit, unit_set), (weight, weight_set) = ((a, 0), (b, i)) if _is_per_unit(a, b) else ((b, i), (a, 0))
+                raise ConfigError(
+                    f"combine_ranks: score sets mix granularities: {key!r} is per neuron {unit} in set {unit_set} "
+                    f"and per weight {weight} in set {weight_set}; pass granularity 'neuron' to "
+                    "magnitude_scores/random_scores (and the same include) so every set scores the same units"
+                )
+        missing, extra = [k for k in first if k not in other], [k for k in other if k not in first]
+        if missing or extra:
+            parts = ([f"lacks {', '.join(map(repr, missing))}"] if missing else []) + (
+                [f"has extra {', '.join(map(repr, extra))}"] if extra else []
+            )
+            raise ConfigError(
+                f"combine_ranks needs score sets with the same keys: set {i} {' and '.join(parts)} compared with set 0; "
+                "score every set over the same layers (the same include/exclude)"
+            )
+        for key in first:
+            a, b = tuple(first[key].shape), tuple(other[key].shape)
+            if a != b:
+                raise ConfigError(f"combine_ranks needs score sets with the same shapes: {key!r} is {a} in set 0 and {b} in set {i}")
+
+
 def combine_ranks(
     scores: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float] | None = None,
@@ -106,7 +144,10 @@ def combine_ranks(
     is the default ``bingo`` score.
 
     Args:
-        scores: two or more ``{key: tensor}`` dicts with the same keys and shapes.
+        scores: two or more ``{key: tensor}`` dicts with the same keys and
+            shapes (in any key order); the result follows the first's order.
+            :class:`ConfigError` otherwise, naming the keys or the
+            granularity that differ.
         weights: one non-negative weight per set (summing to more than 0);
             default equal weights.
     """
@@ -118,11 +159,8 @@ def combine_ranks(
         raise ConfigError(f"combine_ranks got {len(scores)} sets of scores but {len(weights)} weights")
     if any(not w >= 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError(f"combine_ranks weights must be >= 0 with a positive sum, got {weights}")
+    _check_same_entries(scores)
     keys = list(scores[0])
-    for other in scores[1:]:
-        if list(other) != keys or any(other[k].shape != scores[0][k].shape for k in keys):
-            raise ConfigError("combine_ranks needs score sets with the same keys and shapes: "
-                              f"{ {k: tuple(v.shape) for k, v in scores[0].items()} } vs { {k: tuple(v.shape) for k, v in other.items()} }")
     total = sum(weights)
     blended = sum(
         normalised_ranks(torch.cat([one[k].detach().reshape(-1).cpu() for k in keys])) * (weight / total)

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .pruning import make_permanent
+from .pruning import make_permanent, masked_value
 
 __all__ = ["count_flops", "count_parameters", "shrink"]
 
@@ -131,8 +131,7 @@ def count_parameters(model: nn.Module, *, nonzero: bool = False) -> int:
                 total += param.numel()
                 continue
             if name.endswith("_orig") and hasattr(module, name[: -len("_orig")] + "_mask"):
-                base = name[: -len("_orig")]
-                param = param * getattr(module, base + "_mask")
+                param = masked_value(module, name[: -len("_orig")])
             total += int(torch.count_nonzero(param.detach()))
     return total
 

@@ -35,8 +35,8 @@ class TrainConfig:
     epochs: int = field(default=3, metadata={"help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     lr: float = field(default=1.2e-3, metadata={"help": "learning rate (Adam 1.2e-3 as in the Lottery Ticket paper's LeNet)"})
-    optimizer: str = field(default="adam", metadata={"help": "adam or sgd (momentum 0.9)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order"})
+    optimizer: str = field(default="adam", metadata={"help": "adam, or sgd (momentum 0.9)", "choices": OPTIMIZERS})
+    seed: int = field(default=0, metadata={"help": "seed for data order", "cli": False})
 
     def __post_init__(self) -> None:
         if int(self.epochs) != self.epochs or self.epochs < 0:

@@ -1,15 +1,16 @@
 """Pruning strategies behind one name -> class registry (:data:`STRATEGIES`)."""
 
 from .base import STRATEGIES, DenseRun, Experiment, ForwardCounter, Outcome, Strategy, Trained, get_strategy, register, rewind
-from .oneshot import BingoConfig, BingoPaperConfig, BingoPaperStrategy, BingoStrategy, MagnitudeStrategy, OneShotConfig, RandomStrategy  # isort: skip (registered first)
+from .oneshot import BINGO, BINGO_PAPER, BingoConfig, BingoPaperStrategy, BingoStrategy, MagnitudeStrategy, OneShotConfig, OneShotStrategy, RandomStrategy  # isort: skip (registered first)
 from .gmp import GmpConfig, GmpStrategy, gmp_sparsity
 from .imp import ImpConfig, ImpStrategy, imp_schedule
 from .snip import SnipConfig, SnipStrategy, snip_scores
 
 __all__ = [
+    "BINGO",
+    "BINGO_PAPER",
     "STRATEGIES",
     "BingoConfig",
-    "BingoPaperConfig",
     "BingoPaperStrategy",
     "BingoStrategy",
     "DenseRun",
@@ -21,6 +22,7 @@ __all__ = [
     "ImpStrategy",
     "MagnitudeStrategy",
     "OneShotConfig",
+    "OneShotStrategy",
     "Outcome",
     "RandomStrategy",
     "SnipConfig",

@@ -11,11 +11,10 @@ its sparsity exactly.
 from __future__ import annotations
 
 import copy
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from torch import nn
 from ..data import Dataset
 from ..errors import ConfigError
 from ..models import build_model
+from ..pruning import refresh_masked
 from ..search import TicketSearch
 from ..training import TrainConfig, evaluate, train
 
@@ -40,23 +40,6 @@ __all__ = [
 ]
 
 
-def _vmapped_calls(output: object) -> int:
-    """How many forwards one call stands for: the vmap batch size(s) when it ran under ``torch.func.vmap``.
-
-    The batched fake passes (``TicketSearch(batched=True)``) evaluate one
-    probe per layer in a single vmap-ed call; each probe is still a forward
-    of the whole network and is counted as one.
-    """
-    from torch._C._functorch import get_unwrapped, is_batchedtensor, maybe_get_bdim
-
-    calls = 1
-    while isinstance(output, torch.Tensor) and is_batchedtensor(output):
-        dim = maybe_get_bdim(output)
-        output = get_unwrapped(output)
-        calls *= output.shape[dim]
-    return calls
-
-
 class ForwardCounter:
     """Counts forward calls of a module (fake passes through ``functional_call`` included).
 
@@ -72,7 +55,7 @@ class ForwardCounter:
         self._handle = None
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
-        self.count += _vmapped_calls(output)
+        self.count += 1
 
     def __enter__(self) -> ForwardCounter:
         self._handle = self.module.register_forward_hook(self._hook)
@@ -114,6 +97,7 @@ class Outcome:
     train_steps: int  #: optimizer steps, all phases
     forward_passes: int  #: training-batch forward calls, all phases, fake ones included
     masks: dict[str, torch.Tensor] = field(repr=False, compare=False)  #: keep-masks (True = kept)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  #: the delivered network itself
 
     def record(self) -> dict:
         """The JSON row (masks left out)."""
@@ -147,10 +131,7 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             target.copy_(value)
         # Keep the masked tensors that torch's prune caches on the module in step
         # (they are otherwise refreshed only by the next forward).
-        for module in model.modules():
-            for name in ("weight", "bias"):
-                if hasattr(module, f"{name}_mask"):
-                    setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
+        refresh_masked(model)
 
 
 class Experiment:
@@ -160,8 +141,12 @@ class Experiment:
     from it (each still charges its cost to itself).
     """
 
-    def __init__(self, data: Dataset, model_name: str, train_config: TrainConfig, seed: int, *, progress: bool = True) -> None:
+    def __init__(
+        self, data: Dataset, model_name: str, train_config: TrainConfig, seed: int, *, progress: bool = True,
+        checkpoint: str | None = None,
+    ) -> None:
         self.data = data
+        self.checkpoint = checkpoint  #: resumable per-epoch checkpoint of the dense training (bingo run)
         self.model_name = model_name
         self.train_config = replace(train_config, seed=seed)
         self.seed = seed
@@ -189,12 +174,14 @@ class Experiment:
         search: TicketSearch | None = None,
         callback: Callable[[int], None] | None = None,
         description: str | None = None,
+        checkpoint: str | None = None,
     ) -> Trained:
         """Train ``model`` (masks, if any, stay on) with this experiment's recipe; return its cost."""
         config = self.train_config if epochs is None else replace(self.train_config, epochs=epochs)
         with ForwardCounter(model) as counter:
             result = train(
-                model, self.data, config, search=search, callback=callback, progress=self.progress, description=description
+                model, self.data, config, search=search, callback=callback, progress=self.progress,
+                description=description, checkpoint=checkpoint,
             )
         return Trained(result.train_seconds, result.steps, counter.count)
 
@@ -210,7 +197,7 @@ class Experiment:
                 if step in snapshot_steps:
                     snapshots[step] = copy.deepcopy(model.state_dict())
 
-            cost = self.train(model, callback=keep, description=f"dense (seed {self.seed})")
+            cost = self.train(model, callback=keep, description=f"dense (seed {self.seed})", checkpoint=self.checkpoint)
             missing = set(snapshot_steps) - set(snapshots)
             if missing:
                 raise ConfigError(f"rewind step {min(missing)} is beyond the {cost.steps} steps of training")
@@ -222,23 +209,41 @@ class Experiment:
         if key not in self._searched:
             model = self.new_model()
             search = make_search(model)
-            cost = self.train(model, search=search, description=f"dense + ticket search (seed {self.seed})")
+            cost = self.train(
+                model, search=search, description=f"dense + ticket search (seed {self.seed})", checkpoint=self.checkpoint
+            )
             self._searched[key] = DenseRun(model, cost, search=search, search_seconds=search.seconds)
         return self._searched[key]
 
 
 class Strategy(ABC):
-    """A pruning method: ``run(experiment, sparsities)`` yields one :class:`Outcome` per sparsity."""
+    """A pruning method: ``run(experiment, sparsities)`` yields one :class:`Outcome` per sparsity.
+
+    ``default_config`` is a frozen dataclass instance: the method's preset.
+    Its fields (nested dataclasses included) become CLI flags.
+    """
 
     name: ClassVar[str]
-    Config: ClassVar[type]
+    default_config: ClassVar[Any]
 
     def __init__(self, config: object | None = None) -> None:
-        self.config = self.Config() if config is None else config
+        if config is not None and type(config) is not type(self.default_config):
+            raise ConfigError(
+                f"method {self.name!r} takes a {type(self.default_config).__name__}, got {type(config).__name__}"
+            )
+        self.config = self.default_config if config is None else config
 
     @abstractmethod
     def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
         """Deliver a pruned network per sparsity (ascending), measuring its whole cost."""
+
+    def extras(self, experiment: Experiment) -> dict[str, dict]:
+        """Rows this method adds to the comparison beyond its outcomes, ``{section: row}``, after :meth:`run`.
+
+        E.g. ``{"search_overhead": {...}}`` for a method that searches during
+        training. Default: none.
+        """
+        return {}
 
 
 #: name -> strategy class, filled by :func:`register`.

@@ -95,7 +95,7 @@ class GmpStrategy(Strategy):
     """
 
     name = "gmp"
-    Config = GmpConfig
+    default_config = GmpConfig()
 
     def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
         config = self.config

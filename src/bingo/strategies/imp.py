@@ -177,7 +177,7 @@ class ImpStrategy(Strategy):
     """
 
     name = "imp"
-    Config = ImpConfig
+    default_config = ImpConfig()
 
     def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
         config = self.config
@@ -191,7 +191,7 @@ class ImpStrategy(Strategy):
         seconds, steps, forwards = dense.cost.seconds, dense.cost.steps, dense.cost.forward_passes
 
         sizes = {key: scores.numel() for key, scores in magnitude_scores(model).items()}
-        output = output_layer_name(sizes)
+        output = output_layer_name(model)
         rates = {key: config.rate * (config.output_rate_factor if key == output else 1.0) for key in sizes}
         reached, position, pruned = 0.0, 0.0, dict.fromkeys(sizes, 0)
 

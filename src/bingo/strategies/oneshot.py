@@ -1,34 +1,47 @@
 """Prune once after dense training: BINGO, one-shot magnitude, random.
 
-All three train dense from θ0, score the trained weights, prune one-shot to
-each sparsity and optionally fine-tune the pruned network
+All of them train dense from θ0, score the trained weights, prune one-shot
+to each sparsity (or, :meth:`OneShotStrategy.prune_to_floor`, as far as
+validation accuracy allows) and optionally fine-tune the pruned network
 (``finetune_epochs``, charged to the method's cost).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from ..pruning import prune
-from ..scoring import combine_ranks, magnitude_scores, random_scores
-from ..search import ESTIMATORS, GRANULARITIES, METRICS, MODES, RULES, SearchConfig, TicketSearch
-from ..selection import SCOPES
 from ..errors import ConfigError, check_choice
+from ..layers import GRANULARITIES
+from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
+from ..scoring import combine_ranks, magnitude_scores, random_scores
+from ..search import SearchConfig, TicketSearch
+from ..selection import SCOPES
+from ..training import evaluate
 from .base import DenseRun, Experiment, Outcome, Strategy, register
 
-__all__ = ["BingoConfig", "BingoPaperConfig", "BingoPaperStrategy", "BingoStrategy", "MagnitudeStrategy", "OneShotConfig", "RandomStrategy"]
+__all__ = [
+    "BINGO",
+    "BINGO_PAPER",
+    "BingoConfig",
+    "BingoPaperStrategy",
+    "BingoStrategy",
+    "MagnitudeStrategy",
+    "OneShotConfig",
+    "OneShotStrategy",
+    "RandomStrategy",
+]
 
 
-def _check_oneshot(finetune_epochs: int, scope: str, granularity: str) -> None:
+def _check_finetune(finetune_epochs: int) -> None:
     if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune epochs must be a whole number >= 0, got {finetune_epochs!r}")
-    check_choice("scope", scope, SCOPES)
-    check_choice("granularity", granularity, GRANULARITIES)
 
 
 @dataclass(frozen=True)
@@ -36,20 +49,22 @@ class OneShotConfig:
     """Settings shared by the prune-once-after-training methods."""
 
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
-    scope: str = field(default="global", metadata={"help": "global or layer"})
-    granularity: str = field(default="weight", metadata={"help": "weight, or neuron (sparsity = fraction of hidden units; magnitude = L2 norm of a unit's weights)"})
+    scope: str = field(default="global", metadata={"help": "rank all layers together, or prune each layer to the sparsity", "choices": SCOPES})
+    granularity: str = field(default="weight", metadata={"help": "prune single weights, or whole neurons / output channels (sparsity = fraction of hidden units)", "choices": GRANULARITIES})
 
     def __post_init__(self) -> None:
-        _check_oneshot(self.finetune_epochs, self.scope, self.granularity)
+        _check_finetune(self.finetune_epochs)
+        check_choice("scope", self.scope, SCOPES)
+        check_choice("granularity", self.granularity, GRANULARITIES)
 
 
 class OneShotStrategy(Strategy):
     """Dense training, scores, one-shot prune per sparsity, optional fine-tune."""
 
-    Config = OneShotConfig
+    default_config = OneShotConfig()
 
     def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
-        """The dense run this method starts from, and its scores."""
+        """The dense run this method starts from, and its scores (cached by the experiment)."""
         raise NotImplementedError
 
     def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
@@ -58,58 +73,78 @@ class OneShotStrategy(Strategy):
             model = copy.deepcopy(dense.model)
             start = time.perf_counter()
             masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
-            seconds = dense.cost.seconds + time.perf_counter() - start
-            steps, forwards = dense.cost.steps, dense.cost.forward_passes
-            if self.config.finetune_epochs:
-                tuned = experiment.train(
-                    model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity:g}"
-                )
-                seconds += tuned.seconds
-                steps += tuned.steps
-                forwards += tuned.forward_passes
-            yield Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks)
+            yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start)
+
+    def prune_to_floor(
+        self, experiment: Experiment, *, min_accuracy: float | None = None, max_drop: float | None = None
+    ) -> tuple[Outcome, AccuracyFloorResult]:
+        """The paper's rule: prune as far as validation accuracy stays at the floor, then fine-tune.
+
+        See :func:`bingo.prune_to_accuracy`; needs a validation split.
+        """
+        data = experiment.data
+        if len(data.x_val) == 0:
+            raise ConfigError("pruning to an accuracy floor needs a validation split, and this data has none")
+        dense, scores = self.trained(experiment)
+        model = copy.deepcopy(dense.model)
+        start = time.perf_counter()
+        floor = prune_to_accuracy(
+            model, scores, lambda m: evaluate(m, data.x_val, data.y_val),
+            min_accuracy=min_accuracy, max_drop=max_drop, scope=self.config.scope, seed=experiment.seed,
+        )
+        masks = {key: mask.bool() for key, mask in floor.masks.items()}
+        return self._deliver(experiment, dense, model, masks, floor.sparsity, time.perf_counter() - start), floor
+
+    def _deliver(
+        self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float, prune_seconds: float
+    ) -> Outcome:
+        """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`."""
+        seconds = dense.cost.seconds + prune_seconds
+        steps, forwards = dense.cost.steps, dense.cost.forward_passes
+        if self.config.finetune_epochs:
+            tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity:g}")
+            seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
+        return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model)
 
 
 @dataclass(frozen=True)
 class BingoConfig:
-    """BINGO in ``compare``, the best variant measured (BENCHMARKS.md, ablation).
+    """BINGO as a method: a ticket search during the dense run, then a one-shot prune.
 
-    The search runs during the one dense training run; the prune is one-shot
-    after it. Default: the hybrid estimator. Every weight gets the Taylor
-    estimate of the loss change of zeroing it, from the gradients training
-    computes anyway; real fake passes (1% of a layer zeroed, every 10th step)
-    measure the actual loss change and calibrate each layer's scale, so the
-    global ranking compares layers by measured damage.
+    ``search`` holds the search's settings (its ``seed`` is the experiment's);
+    the final score blends the search's significance with weight magnitude
+    by rank (``magnitude_weight``). The presets are instances:
+    :data:`BINGO` and :data:`BINGO_PAPER`.
     """
 
-    estimator: str = field(default="hybrid", metadata={"help": f"{'|'.join(ESTIMATORS)}"})
-    mode: str = field(default="zero", metadata={"help": f"{'|'.join(MODES)}"})
-    decay: float = field(default=0.99, metadata={"help": "taylor/hybrid: running-average weight of the past (1 = mean over all steps)"})
-    fraction: float = field(default=0.01, metadata={"help": "fraction of each layer reset per fake pass"})
-    metric: str = field(default="loss", metadata={"help": f"fake-pass metric: {'|'.join(METRICS)}"})
-    rule: str = field(default="contrast", metadata={"help": f"probe: {'|'.join(RULES)}"})
-    every: int = field(default=10, metadata={"help": "fake passes on every k-th step"})
-    target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate fake passes where the decision at this sparsity is uncertain (0 = uniform)"})
-    band: float = field(default=0.1, metadata={"help": "targeted: rank band either side of the threshold kept in focus"})
-    batched: bool = field(default=False, metadata={"help": "one vmap-ed forward for all of a step's fake passes"})
+    search: SearchConfig = field(
+        default=SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=10),
+        metadata={"help": "ticket search settings"},
+    )
     magnitude_weight: float = field(default=0.5, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
-    scope: str = field(default="global", metadata={"help": "global or layer"})
-    granularity: str = field(default="weight", metadata={"help": "weight, or neuron (sparsity = fraction of hidden units)"})
+    scope: str = field(default="global", metadata={"help": "rank all layers together, or prune each layer to the sparsity", "choices": SCOPES})
 
     def __post_init__(self) -> None:
-        self.search_config(0)  # validates the search fields
-        _check_oneshot(self.finetune_epochs, self.scope, self.granularity)
+        if not isinstance(self.search, SearchConfig):
+            raise ConfigError(f"BingoConfig.search must be a SearchConfig, got {type(self.search).__name__}")
+        _check_finetune(self.finetune_epochs)
+        check_choice("scope", self.scope, SCOPES)
         if not 0.0 <= self.magnitude_weight <= 1.0:
             raise ConfigError(f"magnitude weight must be in [0, 1], got {self.magnitude_weight!r}")
 
-    def final_scores(self, search: TicketSearch, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    @property
+    def granularity(self) -> str:
+        """The search's granularity: what is scored is what is pruned."""
+        return self.search.granularity
+
+    def final_scores(self, search: TicketSearch, model: nn.Module) -> dict[str, torch.Tensor]:
         """The scores the one-shot prune ranks by, after training.
 
         ``search.significance()`` alone when ``magnitude_weight`` is 0;
         otherwise its global rank blended with the rank of the trained
         weights' magnitude (L2 norm per unit for neurons) by
-        :func:`bingo.scoring.combine_ranks`, weights ``1 − m`` and ``m``.
+        :func:`bingo.combine_ranks`, weights ``1 − m`` and ``m``.
         """
         significance = search.significance()
         if self.magnitude_weight == 0.0:
@@ -120,23 +155,11 @@ class BingoConfig:
             magnitude = {k: w.reshape(w.shape[0], -1).norm(dim=1) for k, w in magnitude.items()}
         return combine_ranks([significance, magnitude], [1.0 - self.magnitude_weight, self.magnitude_weight])
 
-    def search_config(self, seed: int) -> SearchConfig:
-        return SearchConfig(
-            fraction=self.fraction, mode=self.mode, metric=self.metric, rule=self.rule,
-            estimator=self.estimator, every=self.every, decay=self.decay, target=self.target, band=self.band, batched=self.batched, granularity=self.granularity, seed=seed,
-        )
 
-
-@dataclass(frozen=True)
-class BingoPaperConfig(BingoConfig):
-    """BINGO as the paper describes it: 1% reset-to-θ0 probes scored by accuracy change."""
-
-    estimator: str = field(default="probe", metadata={"help": f"{'|'.join(ESTIMATORS)}"})
-    mode: str = field(default="reset", metadata={"help": f"{'|'.join(MODES)}"})
-    metric: str = field(default="accuracy", metadata={"help": f"probe: {'|'.join(METRICS)}"})
-    rule: str = field(default="mean", metadata={"help": f"probe: {'|'.join(RULES)}"})
-    every: int = field(default=1, metadata={"help": "fake passes on every k-th step"})
-    magnitude_weight: float = field(default=0.0, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone"})
+#: the default ``bingo``: hybrid Taylor + calibrating fake passes, blended with magnitude
+BINGO = BingoConfig()
+#: the faithful ``bingo-paper``: 1% reset-to-θ0 probes every step, scored by accuracy change, nothing blended
+BINGO_PAPER = BingoConfig(search=SearchConfig(estimator="probe", metric="accuracy", mode="reset", rule="mean"), magnitude_weight=0.0)
 
 
 @register
@@ -144,13 +167,38 @@ class BingoStrategy(OneShotStrategy):
     """BINGO: significance from ticket search during the one dense training run."""
 
     name = "bingo"
-    Config = BingoConfig
+    default_config = BINGO
+
+    def search_config(self, experiment: Experiment) -> SearchConfig:
+        """This method's search settings with the experiment's seed."""
+        return dataclasses.replace(self.config.search, seed=experiment.seed)
 
     def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
-        search_config = self.config.search_config(experiment.seed)
-        key = repr(sorted(search_config.to_dict().items()))
-        dense = experiment.dense_with_search(lambda model: TicketSearch(model, config=search_config), key)
+        config = self.search_config(experiment)
+        key = repr(sorted(config.to_dict().items()))
+        dense = experiment.dense_with_search(lambda model: TicketSearch(model, config=config), key)
         return dense, self.config.final_scores(dense.search, dense.model)
+
+    def extras(self, experiment: Experiment) -> dict[str, dict]:
+        """The search's overhead: dense training time with the search / without, and whether both ended bit-identical."""
+        searched, _ = self.trained(experiment)
+        plain = experiment.dense()
+        identical = all(
+            torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), searched.model.state_dict().values())
+        )
+        return {
+            "search_overhead": {
+                "method": self.name,
+                "seed": experiment.seed,
+                "train_seconds": plain.cost.seconds,
+                "train_seconds_with_search": searched.cost.seconds,
+                "search_seconds": searched.search_seconds,
+                "ratio": searched.cost.seconds / plain.cost.seconds,
+                "forward_passes": plain.cost.forward_passes,
+                "forward_passes_with_search": searched.cost.forward_passes,
+                "identical_to_plain_training": identical,
+            }
+        }
 
 
 @register
@@ -158,7 +206,7 @@ class BingoPaperStrategy(BingoStrategy):
     """The faithful reproduction of the paper's BINGO, to run beside the improved default."""
 
     name = "bingo-paper"
-    Config = BingoPaperConfig
+    default_config = BINGO_PAPER
 
 
 @register

@@ -85,7 +85,7 @@ class SnipStrategy(Strategy):
     """
 
     name = "snip"
-    Config = SnipConfig
+    default_config = SnipConfig()
 
     def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
         data, recipe = experiment.data, experiment.train_config

@@ -1,0 +1,156 @@
+"""Fake passes: forwards with part of one layer reset, that leave the model exactly as it was.
+
+BINGO's ticket searching (Panangat, arXiv 2505.09864, Sec. "Ticket
+searching"): after a real training step, a forward on the same batch with a
+random subset of one layer's weights set back to θ0 (``mode="reset"``) or to
+zero (``mode="zero"``), and the change of a metric against the unmodified
+network. Every estimator that probes goes through :func:`measure`, the one
+place that guarantees the search observes and never perturbs: substitute
+tensors through ``torch.func.functional_call`` (the model's parameters are
+never written), eval mode (BatchNorm statistics read, not updated; dropout
+draws nothing) with every module's train/eval flag restored, and
+``torch.random.fork_rng`` so the global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..layers import weight_of, weight_parameter_name
+from ..pruning import refresh_masked
+
+if TYPE_CHECKING:
+    from ..search import TicketSearch
+
+__all__ = ["METRICS", "Metric", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of the batch classified right."""
+    return (outputs.argmax(dim=1) == targets).float().mean().item()
+
+
+def negative_loss(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """``-cross_entropy``: higher is better everywhere in the search, so loss enters negated."""
+    return -F.cross_entropy(outputs, targets).item()
+
+
+#: metric name -> ``metric(outputs, targets) -> float``, higher = better
+METRICS: dict[str, Metric] = {"accuracy": batch_accuracy, "loss": negative_loss}
+
+
+def resolve_metric(metric: str | Metric) -> Metric:
+    """The callable for a metric name (:data:`METRICS`), or the callable itself."""
+    return metric if callable(metric) else METRICS[metric]
+
+
+def probe_damage(before: float, after: float) -> float:
+    """Damage of one probe, in [0, 1]: the relative drop of a higher-is-better metric.
+
+    ``(before - after) / |before|`` clipped to [0, 1]. For accuracy this is
+    ``1 - S`` with the paper's ``S = 1 - |A_before - A_after| / A_before`` when
+    accuracy fell, and 0 when the reset did not hurt (a reset that *helps* is
+    no sign of significance). For ``metric="loss"`` it is the relative loss
+    increase ``(L_after - L_before) / L_before``. With ``before == 0`` the
+    plain drop is used.
+    """
+    drop = before - after
+    if before != 0:
+        drop /= abs(before)
+    return min(max(drop, 0.0), 1.0)
+
+
+def paper_change(before: float, after: float) -> float:
+    """``|before - after|`` clipped to [0, 1]: the change the author's code accumulates."""
+    return min(abs(before - after), 1.0)
+
+
+def random_subset(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct indices in ``range(n)``, every subset equally likely.
+
+    ``randperm(n)`` costs O(n) per probe (1.6 ms for LeNet's 235k first-layer
+    weights, more than the fake pass itself), so small subsets are drawn with
+    replacement and deduplicated: the distinct values of i.i.d. draws form a
+    uniformly random subset of their count, and a uniform choice of ``size``
+    of them is again uniform.
+    """
+    if size * 4 > n:
+        return torch.randperm(n, generator=generator)[:size]
+    while True:
+        distinct = torch.unique(torch.randint(n, (size + size // 4 + 8,), generator=generator))
+        if len(distinct) >= size:
+            return distinct[torch.randperm(len(distinct), generator=generator)[:size]]
+
+
+def subset_size(search: TicketSearch, key: str) -> int:
+    """Units per probe of layer ``key``: ``round(fraction × units)``, at least 1."""
+    return max(1, int(round(search.config.fraction * search.unit_shape(key).numel())))
+
+
+def due(search: TicketSearch) -> bool:
+    """True on the steps that run fake passes: the 1st, then every ``every``-th."""
+    return (search.steps - 1) % search.config.every == 0
+
+
+def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Substitute tensors for layer ``key``: the subset's units set to θ0 (or zero), the rest as now.
+
+    Units are weights (``granularity="weight"``, indices into the flattened
+    weight) or whole rows / filters with their bias entry (``"neuron"``). On a
+    pruned module the substitute replaces ``weight_orig``, so the mask still
+    applies.
+    """
+    module = search.layers[key]
+    module_name = key.rpartition(".")[0]
+    prefix = module_name + "." if module_name else ""
+    reset = search.config.mode == "reset"
+    weight = weight_of(module).detach()
+    subset = subset.to(weight.device)
+    probe = weight.clone()
+    rows = probe.view(weight.shape[0], -1) if search.config.granularity == "neuron" else probe.view(-1)
+    rows[subset] = search.theta0[key].view_as(rows)[subset] if reset else 0
+    tensors = {prefix + weight_parameter_name(module): probe}
+    if key in search.theta0_bias:
+        name = "bias_orig" if hasattr(module, "bias_orig") else "bias"
+        bias = getattr(module, name).detach().clone()
+        bias[subset] = search.theta0_bias[key][subset] if reset else 0
+        tensors[prefix + name] = bias
+    return tensors
+
+
+def measure(
+    search: TicketSearch, inputs: torch.Tensor, targets: torch.Tensor, subsets: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, float]]:
+    """The metric on this batch before any reset, and after resetting each layer's subset alone.
+
+    ``subsets`` maps layer keys to unit indices (see :func:`_substitutes`).
+    One forward of the intact model, then one fake pass per layer. The
+    model's parameters, buffers, train/eval flags and the global RNG are
+    exactly as before the call.
+    """
+    model, metric = search.model, search.metric
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
+    try:
+        model.eval()
+        # Belt and braces: eval mode draws no random numbers in standard
+        # layers, but a custom module might, and training must not notice.
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            before = float(metric(model(inputs), targets))
+            probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
+            after = {key: float(metric(functional_call(model, tensors, (inputs,)), targets)) for key, tensors in probes.items()}
+    finally:
+        for module, training in modes:
+            module.training = training
+        # torch's prune recomputes ``weight = weight_orig * mask`` in a forward
+        # pre-hook and leaves it on the module: after a fake pass that is the
+        # probe's value, until the next real forward. Put the real one back.
+        refresh_masked(model)
+    return before, after

@@ -1,0 +1,96 @@
+"""Hybrid BINGO: Taylor estimates for every weight, each layer's scale calibrated by real fake passes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError
+from .base import register_estimator
+from .fake_pass import due, measure, probe_damage
+from .targeted import Focus, draw_subset, focus_of
+from .taylor import TaylorEstimator
+
+if TYPE_CHECKING:
+    from ..search import SearchConfig, TicketSearch
+
+__all__ = ["HybridEstimator"]
+
+
+@register_estimator
+class HybridEstimator(TaylorEstimator):
+    """The Taylor estimate of every weight, rescaled per layer by what fake passes measured.
+
+    On every ``every``-th step one fake pass per layer zeroes (or resets) a
+    random ``fraction`` of its units and measures the loss change
+    (:mod:`bingo.estimators.fake_pass`); beside it the Taylor prediction of the
+    same probe, ``½ Σ_S (gΔ)²``, is summed. A layer's score is its Taylor
+    estimate times ``measured / predicted`` (:meth:`calibration`), so one global
+    ranking compares layers by the damage resets actually did. Needs
+    ``metric="loss"``. With ``target=s`` the probes are targeted
+    (:class:`~bingo.estimators.targeted.Focus`, rank band around the threshold).
+    """
+
+    name = "hybrid"
+
+    def __init__(self, decay: float = 0.99, target: float = 0.0, band: float = 0.1) -> None:
+        super().__init__(decay)
+        self.focus = Focus(target, band) if target else None
+
+    @classmethod
+    def from_config(cls, config: SearchConfig) -> HybridEstimator:
+        if config.metric != "loss":
+            raise ConfigError(f"estimator {cls.name!r} calibrates loss estimates and needs metric='loss', got {config.metric!r}")
+        return cls(decay=config.decay, target=config.target, band=config.band)
+
+    def attach(self, search: TicketSearch) -> None:
+        if search.config.metric != "loss":
+            raise ConfigError(f"estimator {self.name!r} calibrates loss estimates and needs metric='loss', got {search.config.metric!r}")
+        super().attach(search)
+        for key, entry in self.state.items():
+            device = entry["taylor_steps"].device
+            # measured vs Taylor-predicted loss change of the same probes, summed per layer
+            entry["calibration_measured"] = torch.zeros((), dtype=torch.float64, device=device)
+            entry["calibration_predicted"] = torch.zeros((), dtype=torch.float64, device=device)
+            if self.focus:
+                entry["focus"] = Focus.initial(search.unit_shape(key), device)
+
+    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        super().observe(inputs, targets)
+        search = self.search
+        if not due(search):
+            return {}
+        if self.focus and self.focus.due((search.steps - 1) // search.config.every):
+            self.focus.refocus({key: entry["focus"] for key, entry in self.state.items()}, self.raw_scores(None))
+        # All draws first, so the generator is consumed in one fixed order.
+        subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}
+        before, after = measure(search, inputs, targets, subsets)
+        for key, subset in subsets.items():
+            self._calibrate(key, subset, before - after[key])
+        return {key: probe_damage(before, value) for key, value in after.items()}
+
+    def _calibrate(self, key: str, subset: torch.Tensor, measured_loss_increase: float) -> None:
+        """Add one probe's measured loss change and its Taylor prediction ``½ Σ_S (gΔ)²``."""
+        entry = self.state[key]
+        if int(entry["taylor_steps"]) == 0:
+            return
+        chosen = entry["taylor_average"].view(-1)[subset.to(entry["taylor_average"].device)]
+        entry["calibration_measured"] += measured_loss_increase
+        entry["calibration_predicted"] += 0.5 * float(chosen.double().sum()) / self.bias_correction(key)
+
+    def calibration(self) -> dict[str, float]:
+        """Per layer, measured / Taylor-predicted loss change of the probes (1 where unknown)."""
+        factors = {}
+        for key, entry in self.state.items():
+            measured, predicted = float(entry["calibration_measured"]), float(entry["calibration_predicted"])
+            factors[key] = measured / predicted if measured > 0 and predicted > 0 else 1.0
+        return factors
+
+    def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
+        factors = self.calibration()
+        return {key: score * factors[key] if factors[key] != 1.0 else score for key, score in super().raw_scores(rule).items()}
+
+    def focus_masks(self) -> dict[str, torch.Tensor]:
+        """Targeted search: ``{key: bool tensor}``, the units the next probes may draw from."""
+        return focus_of(self.state)

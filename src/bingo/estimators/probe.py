@@ -1,0 +1,158 @@
+"""The paper's estimator: significance from fake passes alone."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import Estimator, register_estimator
+from .fake_pass import due, measure, paper_change, probe_damage
+from .targeted import Focus, draw_subset, focus_of
+
+if TYPE_CHECKING:
+    from ..search import SearchConfig, TicketSearch
+
+__all__ = ["ProbeEstimator"]
+
+
+@register_estimator
+class ProbeEstimator(Estimator):
+    """BINGO's ticket search as the paper describes it: every weight scored by the fake passes it took part in.
+
+    On every ``every``-th step, one fake pass per layer resets a random
+    ``fraction`` of its units (:mod:`bingo.estimators.fake_pass`); each unit
+    of the subset records the metric's change. The sums support three
+    read-outs (``significance(rule=...)``), higher = more significant:
+
+    - ``"mean"`` (default): the mean over the probes that included the unit of
+      :func:`~bingo.estimators.fake_pass.probe_damage`, the relative drop of the
+      metric, in [0, 1]. The paper's ``S = 1 - |A_before - A_after| / A_before``
+      read literally scores a weight whose reset changes nothing *highest*,
+      contradicting its own text; this keeps its normalisation and flips the sense.
+    - ``"paper"``: the author's code, literally: ``s <- (s + |A_before - A_after|) / 2``
+      from ``s = 0`` on every probe that includes the unit, in [0, 1].
+    - ``"contrast"``: the mean drop when the unit was probed minus the mean drop
+      of the layer's probes that left it out, in metric units, with its
+      standard error from :meth:`uncertainty`.
+
+    With ``target=s`` the probes are targeted (:class:`~bingo.estimators.targeted.Focus`),
+    deciding by ``rule``'s scores (and, for ``"contrast"``, standard errors).
+    """
+
+    name = "probe"
+    rules = ("mean", "paper", "contrast")
+
+    def __init__(self, rule: str = "mean", target: float = 0.0, band: float = 0.1) -> None:
+        super().__init__()
+        self.rule = self.resolve_rule(rule)
+        self.focus = Focus(target, band) if target else None
+
+    @classmethod
+    def from_config(cls, config: SearchConfig) -> ProbeEstimator:
+        return cls(rule=config.rule or "mean", target=config.target, band=config.band)
+
+    def attach(self, search: TicketSearch) -> None:
+        super().attach(search)
+        for key in search.layers:
+            shape, device = search.unit_shape(key), search.theta0[key].device
+            zeros = lambda shape=shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+            self.state[key] = {
+                "count": zeros(dtype=torch.int64),
+                "damage_sum": zeros(),  # clipped relative drops: rule "mean"
+                "running": zeros(),  # the author's running average: rule "paper"
+                "drop_sum": zeros(),  # signed drops when probed: rule "contrast"
+                "drop_sq_sum": zeros(),
+                "layer_probes": zeros((), torch.int64),  # the layer's totals, for the "not probed" side
+                "layer_drop_sum": zeros(()),
+                "layer_drop_sq_sum": zeros(()),
+            }
+            if self.focus:
+                self.state[key]["focus"] = Focus.initial(shape, device)
+
+    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        search = self.search
+        if not due(search):
+            return {}
+        if self.focus and self.focus.due((search.steps - 1) // search.config.every):
+            self.refocus()
+        # All draws first, so the generator is consumed in one fixed order.
+        subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}
+        before, after = measure(search, inputs, targets, subsets)
+        for key, subset in subsets.items():
+            self.record(key, subset, before, after[key])
+        return {key: probe_damage(before, value) for key, value in after.items()}
+
+    def record(self, key: str, subset: torch.Tensor, before: float, after: float) -> None:
+        """Add one probe of ``subset`` that moved the metric from ``before`` to ``after``."""
+        entry = self.state[key]
+        subset = subset.to(entry["count"].device)
+        entry["count"].view(-1)[subset] += 1
+        entry["damage_sum"].view(-1)[subset] += probe_damage(before, after)
+        running = entry["running"].view(-1)
+        running[subset] = (running[subset] + paper_change(before, after)) / 2
+        drop = before - after
+        entry["drop_sum"].view(-1)[subset] += drop
+        entry["drop_sq_sum"].view(-1)[subset] += drop * drop
+        entry["layer_probes"] += 1
+        entry["layer_drop_sum"] += drop
+        entry["layer_drop_sq_sum"] += drop * drop
+
+    def refocus(self) -> None:
+        """Re-decide which units stay in the targeted search's focus."""
+        raw = self.raw_scores(self.rule)
+        live = {key: entry["focus"] for key, entry in self.state.items()}
+        if self.rule == "contrast":
+            stderr = {key: self._contrast(key)[1] for key in self.state}
+            probes = {key: entry["count"] for key, entry in self.state.items()}
+            self.focus.refocus(live, raw, stderr, probes)
+        else:
+            self.focus.refocus(live, raw)
+
+    def focus_masks(self) -> dict[str, torch.Tensor]:
+        """Targeted search: ``{key: bool tensor}``, the units the next probes may draw from."""
+        return focus_of(self.state)
+
+    def _contrast(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean drop when probed minus mean drop when not, its standard error, and where both sides exist."""
+        entry = self.state[key]
+        n_in = entry["count"].double()
+        n_out = entry["layer_probes"].double() - n_in
+        known = (n_in > 0) & (n_out > 0)
+        mean_in = entry["drop_sum"] / n_in.clamp(min=1)
+        mean_out = (entry["layer_drop_sum"] - entry["drop_sum"]) / n_out.clamp(min=1)
+        var_in = (entry["drop_sq_sum"] / n_in.clamp(min=1) - mean_in.square()).clamp(min=0)
+        var_out = ((entry["layer_drop_sq_sum"] - entry["drop_sq_sum"]) / n_out.clamp(min=1) - mean_out.square()).clamp(min=0)
+        stderr = (var_in / n_in.clamp(min=1) + var_out / n_out.clamp(min=1)).sqrt()
+        return mean_in - mean_out, stderr, known
+
+    def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
+        rule = self.resolve_rule(rule)
+        scores = {}
+        for key, entry in self.state.items():
+            if rule == "contrast":
+                score, _, known = self._contrast(key)
+            else:
+                known = entry["count"] > 0
+                score = entry["damage_sum"] / entry["count"].clamp(min=1) if rule == "mean" else entry["running"].clone()
+            scores[key] = torch.where(known, score, torch.full_like(score, math.nan))
+        return scores
+
+    def in_unit_range(self, rule: str | None) -> bool:
+        return self.resolve_rule(rule) != "contrast"
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        """How many probes included each unit."""
+        return {key: entry["count"].clone() for key, entry in self.state.items()}
+
+    def uncertainty(self) -> dict[str, torch.Tensor]:
+        """Standard error of the ``contrast`` estimate per unit, in metric units; inf where unknown.
+
+        Shrinks like ``1 / sqrt(probes)``.
+        """
+        out = {}
+        for key in self.state:
+            _, stderr, known = self._contrast(key)
+            out[key] = torch.where(known, stderr, torch.full_like(stderr, math.inf)).float()
+        return out

@@ -1,0 +1,107 @@
+"""Taylor BINGO: the loss change of resetting each weight, from the gradients training computed anyway."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError
+from ..layers import weight_of
+from .base import Estimator, register_estimator
+
+if TYPE_CHECKING:
+    from ..search import SearchConfig, TicketSearch
+
+__all__ = ["TaylorEstimator"]
+
+
+@register_estimator
+class TaylorEstimator(Estimator):
+    """Every weight scored at every step by a second-order Taylor estimate; no forward passes.
+
+    Resetting weight i from w_i to θ0_i changes the loss by about
+    ``g_i Δ_i + ½ H_ii Δ_i²`` with ``Δ = θ0 - w`` (``mode="reset"``) or
+    ``Δ = -w`` (``mode="zero"``, what pruning does). Near a minimum the
+    first-order term averages out over batches (and measured, it only adds
+    noise), while ``E[g_i²]``, the empirical Fisher, stands in for the
+    curvature (Optimal Brain Damage, LeCun et al. 1990, with the Fisher of
+    Theis et al. 2018). So ``(g_i Δ_i)²`` is averaged over steps, per unit
+    summed over the unit before squaring (the group Taylor criterion of
+    Molchanov et al. 2019). The average is exponential with weight ``decay``
+    on the past, bias-corrected like Adam's moments, so the score reflects the
+    trained network rather than its early steps; ``decay=1`` is the plain mean.
+
+    Reads ``.grad``: call ``search.step`` after ``optimizer.step()`` and
+    before the next ``zero_grad()``. Scores are in loss units (higher = more
+    significant), mapped to [0, 1] by the search.
+    """
+
+    name = "taylor"
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ConfigError(f"decay must be in [0, 1], got {decay!r}")
+        self.decay = float(decay)
+
+    @classmethod
+    def from_config(cls, config: SearchConfig) -> TaylorEstimator:
+        if config.target:
+            raise ConfigError(f"target needs fake passes to concentrate; estimator {cls.name!r} runs none (use probe or hybrid)")
+        return cls(decay=config.decay)
+
+    def attach(self, search: TicketSearch) -> None:
+        super().attach(search)
+        for key in search.layers:
+            device = search.theta0[key].device
+            # float32 is plenty for an average of squares and keeps the per-step cost low.
+            self.state[key] = {
+                "taylor_average": torch.zeros(search.unit_shape(key), dtype=torch.float32, device=device),
+                "taylor_steps": torch.zeros((), dtype=torch.int64, device=device),
+            }
+
+    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        search = self.search
+        for key, module in search.layers.items():
+            weight = weight_of(module)
+            if weight.grad is None:
+                raise ConfigError(
+                    f"estimator {self.name!r} reads the gradient of {key!r}, which is None: call search.step(x, y) "
+                    "after optimizer.step() and before the next zero_grad()"
+                )
+            entry = self.state[key]
+            if search.config.mode == "reset":
+                change = weight.grad.detach() * (search.theta0[key] - weight.detach())
+            else:  # the sign of Δ = -w does not matter once squared
+                change = weight.grad.detach() * weight.detach()
+            if search.config.granularity == "neuron":
+                change = change.reshape(change.shape[0], -1).sum(dim=1)
+            entry["taylor_steps"] += 1
+            new_weight = 1.0 / float(entry["taylor_steps"]) if self.decay == 1.0 else 1.0 - self.decay
+            entry["taylor_average"].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
+        return {}
+
+    def bias_correction(self, key: str) -> float:
+        """``1 - decay^steps`` (Adam's bias correction of a zero-started average); 1 for the plain mean."""
+        steps = int(self.state[key]["taylor_steps"])
+        return max(1.0 if self.decay == 1.0 else 1.0 - self.decay**steps, 1e-300)
+
+    def estimate(self, key: str) -> torch.Tensor:
+        """Bias-corrected running average of ``(g Δ)²`` for layer ``key``, float64."""
+        return self.state[key]["taylor_average"].double() / self.bias_correction(key)
+
+    def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
+        self.resolve_rule(rule)
+        return {key: self._known(key, self.estimate(key)) for key in self.state}
+
+    def _known(self, key: str, score: torch.Tensor) -> torch.Tensor:
+        return score if int(self.state[key]["taylor_steps"]) > 0 else torch.full_like(score, math.nan)
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        """Every unit is informed at every step."""
+        return {
+            key: torch.full(entry["taylor_average"].shape, int(entry["taylor_steps"]), dtype=torch.int64)
+            for key, entry in self.state.items()
+        }
