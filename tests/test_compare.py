@@ -157,7 +157,8 @@ def test_cli_compare_finetune_budget_is_charged_to_every_method_that_takes_it(tm
     for method in ("bingo", "magnitude", "gmp"):
         assert tuned["settings"]["method_configs"][method]["finetune_epochs"] == 2
         row = {r["method"]: r for r in tuned["runs"]}[method]
-        assert row["seconds"] > {r["method"]: r for r in plain["runs"]}[method]["seconds"]
+        # Counted work, not wall time (which swings on a shared machine): the fine-tune's forwards are charged.
+        assert row["forward_passes"] > {r["method"]: r for r in plain["runs"]}[method]["forward_passes"]
 
 
 def test_cli_compare_on_an_npz_dataset(tmp_path):

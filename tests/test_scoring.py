@@ -26,7 +26,7 @@ def test_normalised_ranks_by_hand():
 
 
 def test_normalised_ranks_refuse_nan():
-    with pytest.raises(ConfigError, match=r"cannot rank scores that contain NaN; decide how to score never-probed weights"):
+    with pytest.raises(ConfigError, match=r"cannot rank scores that contain NaN: never-scored weights .* or a diverged training"):
         normalised_ranks(torch.tensor([1.0, float("nan")]))
 
 

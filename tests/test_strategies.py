@@ -304,7 +304,7 @@ def test_gmp_finetune_adds_masked_epochs_and_their_cost(experiment):
     steps = _steps_per_epoch(experiment)
     assert plain.train_steps == steps and tuned.train_steps == tuned.forward_passes == 3 * steps
     assert {k: torch.equal(m, tuned.masks[k]) for k, m in plain.masks.items()} == {k: True for k in plain.masks}
-    assert tuned.seconds > plain.seconds
+    assert tuned.seconds > 0 and plain.seconds > 0  # wall time is reported; its size is noise here (counted work above)
     with pytest.raises(ConfigError, match=r"^finetune epochs must be a whole number >= 0, got -1$"):
         GmpConfig(finetune_epochs=-1)
 

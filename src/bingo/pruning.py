@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,9 +47,12 @@ def _module(model: nn.Module, key: str) -> nn.Module:
     if attr != "weight":
         raise ConfigError(f"score key {key!r} does not name a weight (expected '<module>.weight')")
     try:
-        return model.get_submodule(module_name) if module_name else model
+        module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
         raise ConfigError(f"score key {key!r} names no module of {type(model).__name__}") from None
+    if not isinstance(getattr(module, "weight_orig", getattr(module, "weight", None)), torch.Tensor):
+        raise ConfigError(f"score key {key!r} names {module_name or 'the model'} ({type(module).__name__}), which has no weight")
+    return module
 
 
 def _is_neuron(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> bool:
@@ -253,13 +257,25 @@ def prune(
         seed: tie-breaking seed (see :mod:`bingo.selection`).
 
     Returns:
-        The keep-masks, keyed and shaped like ``scores`` (True = kept).
+        The keep-masks the model has now, keyed and shaped like ``scores``
+        (True = kept). Masks only shrink: on a model already pruned beyond
+        ``sparsity`` nothing more is removed, the masks returned are the
+        model's (sparser than asked), and a warning says so.
     """
     check_choice("scope", scope, SCOPES)
     masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed)
     _check_units_left(masks, model)
     apply_masks(model, masks)
-    return masks
+    applied = current_masks(model, scores)
+    pruned = sum(int((~m).sum()) for m in applied.values())
+    total = sum(m.numel() for m in applied.values())
+    if total and pruned > sum(int((~m.bool()).sum()) for m in masks.values()):
+        warnings.warn(
+            f"the model already had {pruned / total:.4g} of these entries pruned, more than the requested "
+            f"{sparsity:g}; masks only shrink, so it stays at {pruned / total:.4g}",
+            stacklevel=2,
+        )
+    return applied
 
 
 @dataclass(frozen=True)
@@ -296,6 +312,9 @@ def prune_to_accuracy(
     """
     if (min_accuracy is None) == (max_drop is None):
         raise ConfigError("give exactly one of min_accuracy (absolute floor) or max_drop (drop from dense)")
+    for name, value in (("min_accuracy", min_accuracy), ("max_drop", max_drop)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)
     effective = _effective_scores(model, scores)
     shapes = {key: s.shape for key, s in effective.items()}

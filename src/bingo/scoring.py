@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import ConfigError, check_choice
 from .layers import GRANULARITIES, find_layers, output_layer_name, weight_of
+from .selection import NAN_CAUSES, check_scores_finite
 
 __all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scores"]
 
@@ -76,7 +77,7 @@ def normalised_ranks(values: torch.Tensor) -> torch.Tensor:
     """
     flat = values.detach().reshape(-1).double().cpu()
     if torch.isnan(flat).any():
-        raise ConfigError("cannot rank scores that contain NaN; decide how to score never-probed weights (significance(unprobed=...))")
+        raise ConfigError(f"cannot rank scores that contain NaN: {NAN_CAUSES}")
     n = flat.numel()
     sorted_values, order = torch.sort(flat, stable=True)
     _, counts = torch.unique_consecutive(sorted_values, return_counts=True)
@@ -161,6 +162,8 @@ def combine_ranks(
         raise ConfigError(f"combine_ranks weights must be >= 0 with a positive sum, got {weights}")
     _check_same_entries(scores)
     keys = list(scores[0])
+    for one in scores:
+        check_scores_finite(one)
     total = sum(weights)
     blended = sum(
         normalised_ranks(torch.cat([one[k].detach().reshape(-1).cpu() for k in keys])) * (weight / total)

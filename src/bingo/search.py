@@ -104,6 +104,17 @@ class SearchConfig:
         return data
 
 
+def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """:class:`ConfigError` for a batch no estimator can learn from: empty, or inputs and targets that do not pair up."""
+    sizes = [len(t) if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in (inputs, targets)]
+    if None in sizes:
+        raise ConfigError("search.step(inputs, targets) needs a batch: tensors whose first dimension is the batch")
+    if sizes[0] == 0:
+        raise ConfigError("search.step got an empty batch; skip the call (an empty batch has no loss to measure)")
+    if sizes[0] != sizes[1]:
+        raise ConfigError(f"search.step got {sizes[0]} inputs but {sizes[1]} targets; pass the batch just trained on")
+
+
 class TicketSearch:
     """BINGO's ticket search, shaped like a PyTorch optimizer.
 
@@ -162,6 +173,7 @@ class TicketSearch:
         gradients, buffers, train/eval flags and the global RNG are exactly as
         before the call.
         """
+        _check_batch(inputs, targets)
         start = time.perf_counter()
         self.steps += 1
         damages = self.estimator.observe(inputs, targets)

@@ -48,6 +48,18 @@ def _generator(seed_or_generator: int | torch.Generator | None) -> torch.Generat
     return torch.Generator().manual_seed(0 if seed_or_generator is None else int(seed_or_generator))
 
 
+#: what NaN in a score usually means, for the errors that refuse it
+NAN_CAUSES = "never-scored weights (significance(unprobed='nan'); use 'keep' or 'mean') or a diverged training (non-finite weights; try a lower learning rate)"
+
+
+def check_scores_finite(scores: dict[str, torch.Tensor]) -> None:
+    """:class:`ConfigError` naming the first tensor with NaN scores and what usually causes it."""
+    for key, values in scores.items():
+        nans = int(torch.isnan(values.detach()).sum())
+        if nans:
+            raise ConfigError(f"scores of {key!r} contain NaN ({nans} of {values.numel()}): {NAN_CAUSES}")
+
+
 def pruning_order(scores: torch.Tensor, generator: int | torch.Generator | None = None) -> torch.Tensor:
     """Flat indices of ``scores``, least significant first, ties in random order.
 
@@ -55,7 +67,7 @@ def pruning_order(scores: torch.Tensor, generator: int | torch.Generator | None 
     """
     flat = scores.detach().reshape(-1).float().cpu()
     if torch.isnan(flat).any():
-        raise ConfigError("scores contain NaN; decide how to score never-probed weights (significance(unprobed=...))")
+        raise ConfigError(f"scores contain NaN: {NAN_CAUSES}")
     shuffle = torch.randperm(flat.numel(), generator=_generator(generator))
     return shuffle[torch.argsort(flat[shuffle], stable=True)]
 
@@ -103,6 +115,7 @@ def select_masks(
     check_choice("scope", scope, SCOPES)
     if not scores:
         raise ConfigError("no scores to select from")
+    check_scores_finite(scores)
     gen = _generator(generator)
     if scope == "layer":
         masks = {}

@@ -14,6 +14,7 @@ draws nothing) with every module's train/eval flag restored, and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -21,24 +22,47 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..errors import BingoError, ConfigError
 from ..layers import weight_of, weight_parameter_name
 from ..pruning import refresh_masked
 
 if TYPE_CHECKING:
     from ..search import TicketSearch
 
-__all__ = ["METRICS", "Metric", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
+__all__ = ["METRICS", "Metric", "check_class_targets", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
 
+def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """:class:`ConfigError` unless ``outputs`` are ``(batch, classes)`` logits and ``targets`` their class labels.
+
+    Out-of-range labels would otherwise make every accuracy probe measure
+    nothing (damage 0) without a word.
+    """
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise ConfigError(f"metrics 'accuracy' and 'loss' need model outputs of shape (batch, classes), got {shape}; pass a callable metric")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        what = f"{targets.dtype} of shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ConfigError(f"metrics 'accuracy' and 'loss' need targets that are integer class labels of shape (batch,), got {what}")
+    if len(targets) != len(outputs):
+        raise ConfigError(f"the model gave {len(outputs)} outputs for {len(targets)} targets")
+    classes = outputs.shape[1]
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= classes:
+        raise ConfigError(f"targets must be class labels in [0, {classes}) for this model's {classes} outputs, got labels from {low} to {high}")
+
+
 def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of the batch classified right."""
+    check_class_targets(outputs, targets)
     return (outputs.argmax(dim=1) == targets).float().mean().item()
 
 
 def negative_loss(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """``-cross_entropy``: higher is better everywhere in the search, so loss enters negated."""
+    check_class_targets(outputs, targets)
     return -F.cross_entropy(outputs, targets).item()
 
 
@@ -143,7 +167,18 @@ def measure(
         # Belt and braces: eval mode draws no random numbers in standard
         # layers, but a custom module might, and training must not notice.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            before = float(metric(model(inputs), targets))
+            try:
+                outputs = model(inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"search.step: the model cannot take these inputs (shape {shape}): {reason}") from exc
+            before = float(metric(outputs, targets))
+            if not math.isfinite(before):
+                raise BingoError(
+                    f"search.step: the metric is {before} on this batch before any reset, so the model's outputs are not "
+                    "finite: training diverged (try a lower learning rate)"
+                )
             probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
             after = {key: float(metric(functional_call(model, tensors, (inputs,)), targets)) for key, tensors in probes.items()}
     finally:

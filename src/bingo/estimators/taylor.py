@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import BingoError, ConfigError
 from ..layers import weight_of
 from .base import Estimator, register_estimator
 
@@ -78,6 +78,11 @@ class TaylorEstimator(Estimator):
                 change = weight.grad.detach() * weight.detach()
             if search.config.granularity == "neuron":
                 change = change.reshape(change.shape[0], -1).sum(dim=1)
+            if not bool(torch.isfinite(change).all()):
+                raise BingoError(
+                    f"estimator {self.name!r}: the gradient or weight of {key!r} is not finite at step {search.steps}: "
+                    "training diverged (try a lower learning rate)"
+                )
             entry["taylor_steps"] += 1
             new_weight = 1.0 / float(entry["taylor_steps"]) if self.decay == 1.0 else 1.0 - self.decay
             entry["taylor_average"].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
