@@ -110,7 +110,7 @@ def test_single_seed_has_zero_std():
     rows = aggregate(results)
     assert all(r["n"] == 1 and r["accuracy_std"] == 0.0 for r in rows)
     text = markdown_tables(results)
-    assert text.startswith("## fashion-mnist / lenet300, 3 epochs, 1 seed\n") and table_row(text, "0.5")[2:] == ["**0.910 ± 0.000**", "0.900 ± 0.000"]
+    assert text.startswith("## fashion-mnist / lenet300, 3 epochs, 1 seed\n") and table_row(text, "0.5")[2:] == ["**0.910 ± n/a**", "0.900 ± n/a"]
 
 
 def test_methods_missing_from_settings_follow_in_order_of_appearance():
@@ -362,3 +362,49 @@ def test_unplottable_results_write_nothing(tmp_path):
     with pytest.raises(DataError, match="sparsities must be in"):
         write_report(results, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def _drawn_figure(monkeypatch, plot, results, path):
+    """The matplotlib Figure ``plot`` saves (captured at ``Figure.savefig``), drawn so tick labels exist."""
+    from matplotlib.figure import Figure
+
+    captured = []
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        captured.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    plot(results, path)
+    [figure] = captured
+    figure.canvas.draw()
+    return figure
+
+
+def test_cost_plot_shows_counted_work_and_readable_ticks(tmp_path, monkeypatch):
+    results = make_results()
+    figure = _drawn_figure(monkeypatch, plot_cost, results, tmp_path / "cost.png")
+    work, wall = figure.axes[:2]
+    assert "counted work" in work.get_title() and "forward passes" in work.get_ylabel()
+    for ax in (work, wall):
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and t.get_visible()]
+        lo, hi = ax.get_ylim()
+        shown = [t for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if t.get_text() and lo <= v <= hi]
+        assert len(shown) >= 2, (ax.get_title(), labels)  # never a single labelled tick
+    # the left panel is in units of dense training: the dense line sits at 1
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in work.get_lines())
+
+
+def test_cost_plot_says_when_timings_are_noise(tmp_path, monkeypatch):
+    results = make_results()
+    for row in results["runs"] + results["dense"]:
+        row["seconds"] = row["seconds"] / 100  # sub-second toy runs
+    figure = _drawn_figure(monkeypatch, plot_cost, results, tmp_path / "cost.png")
+    texts = [t.get_text() for ax in figure.axes for t in ax.texts]
+    assert any("differences are mostly noise" in t for t in texts)
+    results = make_results()
+    for row in results["runs"] + results["dense"]:
+        row["seconds"] = row["seconds"] * 10
+    figure = _drawn_figure(monkeypatch, plot_cost, results, tmp_path / "cost2.png")
+    assert not any("noise" in t.get_text() for ax in figure.axes for t in ax.texts)
