@@ -177,6 +177,7 @@ def test_run_writes_json_report(capsys, run_args, out):
         assert isinstance(report[key], float) and report[key] >= 0.0
     assert report["search_seconds"] <= report["train_seconds"]
     assert report["training"]["epochs"] == 1
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["threads"] == torch.get_num_threads()
     # The table on stdout shows the same numbers as the file.
     assert f"{report['results'][1]['accuracy']:.4f}" in stdout
     assert str(out) in stdout
@@ -388,7 +389,7 @@ def test_checkpoint_that_is_not_a_training_checkpoint(capsys, run_args, tmp_path
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a torch file")
     code, _, err = call(capsys, *run_args("--sparsity", "0.5", "--checkpoint", garbage))
-    assert_user_error(code, err, rf"cannot read checkpoint {re.escape(str(garbage))}")
+    assert_user_error(code, err, rf"{re.escape(str(garbage))} is not a bingo checkpoint \(corrupt or from another program\)$")
 
 
 # --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch
 
 from bingo.compare import CompareConfig, mask_overlap, run_compare
 from bingo.errors import CheckpointError, ConfigError
-from bingo.strategies import STRATEGIES
+from bingo.strategies import STRATEGIES, ImpConfig
 
 
 def _config(**overrides):
@@ -113,6 +114,7 @@ def test_cli_compare_end_to_end_all_methods(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == {"bingo", "imp", "gmp", "magnitude", "snip", "random"}
     assert len(results["runs"]) == 12
+    assert [m["torch"] for m in results["machines"]] == [torch.__version__]
     assert results["settings"]["method_configs"]["imp"]["rate"] == 0.5
     imp = [r for r in results["runs"] if r["method"] == "imp"]
     assert imp[0]["train_steps"] < imp[1]["train_steps"]  # one trajectory: 0.8 costs more rounds than 0.5
@@ -186,3 +188,155 @@ def test_cli_compare_on_an_npz_dataset(tmp_path):
     assert {r["method"] for r in results["runs"]} == {"bingo", "imp", "gmp", "magnitude", "snip", "random"}
     assert results["dense"][0]["accuracy"] > 0.9  # well-separated blobs: the CNN really learned them
     assert all(r["sparsity"] == 0.5 and 0 <= r["accuracy"] <= 1 for r in results["runs"])
+
+
+# ---------------------------------------------------------------- nothing lost, nothing stale
+
+
+def _no_training(monkeypatch):
+    """Make any training fail the test: a refusal must come before the first step."""
+    from bingo.strategies import Experiment
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(Experiment, "train", refuse)
+
+
+def test_compare_refuses_a_folder_holding_results_without_resume_or_overwrite(tmp_path, monkeypatch):
+    run_compare(_config(methods=("random",), sparsities=(0.5,)), tmp_path, progress=False)
+    before = (tmp_path / "results.json").read_bytes()
+    masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    _no_training(monkeypatch)
+    message = rf"{tmp_path} holds the results of an earlier comparison.*--resume.*--overwrite"
+    with pytest.raises(ConfigError, match=message):
+        run_compare(_config(methods=("magnitude",), sparsities=(0.5,)), tmp_path, progress=False)
+    assert (tmp_path / "results.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == masks
+    (tmp_path / "results.json").unlink()  # masks/ alone is another run's results too
+    with pytest.raises(ConfigError, match=message):
+        run_compare(_config(methods=("magnitude",), sparsities=(0.5,)), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="--resume and --overwrite"):
+        run_compare(_config(methods=("magnitude",), sparsities=(0.5,)), tmp_path, resume=True, overwrite=True, progress=False)
+
+
+def test_cli_compare_overwrite_moves_the_earlier_results_aside(tmp_path, capsys):
+    from bingo.cli import main
+
+    out = tmp_path / "cmp"
+    base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsities", "0.5", "--out", str(out), "--no-progress"]
+    assert main([*base, "--methods", "random"]) == 0
+    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*base, "--methods", "magnitude"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bingo: error: {out} holds the results of an earlier comparison") and err.count("\n") == 1
+    assert "--resume" in err and "--overwrite" in err
+    assert main([*base, "--methods", "magnitude", "--resume", "--overwrite"]) == 2
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+
+    assert main([*base, "--methods", "magnitude", "--overwrite"]) == 0
+    (aside,) = out.glob("previous-*")
+    assert "moved the earlier results to" in capsys.readouterr().out
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == earlier  # nothing deleted
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["magnitude"]  # a fresh start, not a resume
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["magnitude-seed0-sparsity0.5.safetensors"]
+
+
+#: IMP in one round to 0.5: the cheapest run that has an IMP mask
+_IMP_ONE_ROUND = {"imp": ImpConfig(rate=0.5)}
+
+
+def _overlap_keys(results):
+    return {key for row in results["overlap"] for key in row if key.endswith("_vs_imp")}
+
+
+def test_overlap_ignores_mask_files_no_recorded_run_wrote(tmp_path):
+    import shutil
+
+    earlier, later = tmp_path / "earlier", tmp_path / "later"
+    run_compare(_config(methods=("bingo", "imp"), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND), earlier, progress=False)
+    run_compare(_config(methods=("magnitude",), sparsities=(0.5,)), later, progress=False)
+    for path in (earlier / "masks").glob("*"):
+        shutil.copy(path, later / "masks" / path.name)  # an earlier comparison's files, lying in masks/
+    resumed = run_compare(_config(methods=("magnitude", "bingo"), sparsities=(0.5,)), later, resume=True, progress=False)
+    assert "imp" not in {r["method"] for r in resumed["runs"]}
+    assert resumed["overlap"] == []
+
+
+def test_overlap_after_overwrite_is_between_the_methods_run_now(tmp_path):
+    """The issue's case: a folder of a bingo+imp comparison, then imp and magnitude afresh: no bingo_vs_imp."""
+    run_compare(_config(methods=("bingo", "imp"), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND), tmp_path, progress=False)
+    fresh = run_compare(_config(methods=("imp", "magnitude"), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND), tmp_path,
+                        overwrite=True, progress=False)
+    assert _overlap_keys(fresh) == {"magnitude_vs_imp"}
+    # resumed, the earlier bingo runs are part of the results again, and so is their overlap with IMP
+    run_compare(_config(methods=("bingo", "imp"), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND), tmp_path / "both", progress=False)
+    resumed = run_compare(_config(methods=("imp", "magnitude"), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND), tmp_path / "both",
+                          resume=True, progress=False)
+    assert _overlap_keys(resumed) == {"bingo_vs_imp", "magnitude_vs_imp"}
+
+
+def test_overlap_skips_a_recorded_run_whose_mask_file_was_replaced(tmp_path):
+    import shutil
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    imp = _config(methods=("imp",), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND)
+    run_compare(imp, first, progress=False)
+    run_compare(dataclasses.replace(imp, seeds=2), other, progress=False)
+    shutil.copy(other / "masks" / "imp-seed1-sparsity0.5.safetensors", first / "masks" / "imp-seed0-sparsity0.5.safetensors")
+    both = dataclasses.replace(imp, methods=("imp", "magnitude"))
+    resumed = run_compare(both, first, resume=True, progress=False)
+    assert resumed["overlap"] == []  # the recorded IMP run did not write that file
+    checked = run_compare(dataclasses.replace(both, seeds=2), other, resume=True, progress=False)
+    assert [(r["seed"], sorted(r)) for r in checked["overlap"]] == [
+        (seed, ["magnitude_vs_imp", "random_expectation", "seed", "sparsity"]) for seed in (0, 1)
+    ]
+
+
+def test_resumed_imp_delivers_the_network_of_an_uninterrupted_run(tmp_path):
+    """Killed after IMP delivered 0.5 and before 0.9: the resumed 0.9 row is the uninterrupted one."""
+    # rate 0.4: 2 rounds to 0.5 and 4 more to 0.9 in one trajectory, 5 rounds straight to 0.9
+    config = _config(methods=("imp",), sparsities=(0.5, 0.9), method_configs={"imp": ImpConfig(rate=0.4)})
+    whole = run_compare(config, tmp_path, progress=False)
+    # what a kill before 0.9 leaves: the 0.5 row and mask, no 0.9 row (its mask never written)
+    killed = dict(whole, runs=[r for r in whole["runs"] if r["sparsity"] == 0.5])
+    (tmp_path / "results.json").write_text(json.dumps(killed))
+    (tmp_path / "masks" / "imp-seed0-sparsity0.9.safetensors").unlink()
+    resumed = run_compare(config, tmp_path, resume=True, progress=False)
+    fields = ("accuracy", "train_steps", "forward_passes", "layer_sparsity")
+    (before,), (after,) = ([{k: r[k] for k in fields} for r in res["runs"] if r["sparsity"] == 0.9] for res in (whole, resumed))
+    assert after == before
+    assert [r for r in resumed["runs"] if r["sparsity"] == 0.5] == [r for r in whole["runs"] if r["sparsity"] == 0.5]
+
+
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"[1, 2, 3]", r"top level is a list, not an object"),
+        (b"null", r"top level is null, not an object"),
+        (b'{"data": "digits", "model": "mlp", "epochs": 1, "settings": {}, "dense": [], "runs": 3}', r"'runs' is a whole number, not a list"),
+        (b'{"data": "digits", "model": "mlp", "epochs": 1, "settings": [], "dense": [], "runs": []}', r"'settings' is a list, not an object"),
+        (b'{"data": "digits", "model": "mlp", "epochs": 1, "settings": {}, "dense": [], "runs": [{"method": "random"}]}', r"runs\[0\] has no 'seed'"),
+        (b'{"data": "digits", "model": "mlp", "epochs": "1", "settings": {}, "dense": [], "runs": []}', r"'epochs' is a string, not a whole number"),
+        (b"\x93\xff\x00binary", r"not JSON"),
+    ],
+)
+def test_resume_from_a_file_that_is_not_compare_results(tmp_path, content, why):
+    (tmp_path / "results.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"cannot resume from {tmp_path / 'results.json'}: not a bingo compare results file \(.*{why}"):
+        run_compare(_config(methods=("random",), sparsities=(0.5,)), tmp_path, resume=True, progress=False)
+    assert (tmp_path / "results.json").read_bytes() == content
+
+
+def test_cli_compare_resume_from_a_list_is_one_line(tmp_path, capsys):
+    from bingo.cli import main
+
+    (tmp_path / "results.json").write_text("[1,2,3]")
+    code = main(["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--methods", "random",
+                 "--sparsities", "0.5", "--out", str(tmp_path), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"bingo: error: cannot resume from {tmp_path / 'results.json'}: not a bingo compare results file")
+    assert (tmp_path / "results.json").read_text() == "[1,2,3]"

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -617,3 +618,246 @@ def test_all_is_declared():
     for name in data.__all__:
         assert hasattr(data, name)
     assert {"Dataset", "load_dataset", "read_idx", "write_idx", "download_mnist", "DATASETS"} <= set(data.__all__)
+
+
+# --------------------------------------------------------------------------
+# hostile .npz and IDX contents (issue 9: items 4, 6 and 8)
+# --------------------------------------------------------------------------
+
+#: The documented bound on labels (``bingo.data.MAX_CLASSES``), spelled out so a change to it is a decision.
+MAX_CLASSES = 100_000
+
+
+def test_class_limit_is_documented():
+    assert data.MAX_CLASSES == MAX_CLASSES
+    assert "MAX_CLASSES" in data.__all__
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_npz_empty_split_is_refused_when_loaded(tmp_path, split):
+    # an empty test set used to load, and `bingo run` wrote bare NaN accuracies into its JSON
+    arrays = npz_arrays()
+    arrays[f"x_{split}"] = arrays[f"x_{split}"][:0]
+    arrays[f"y_{split}"] = arrays[f"y_{split}"][:0]
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    name = "training" if split == "train" else "test"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the {name} set is empty \(x_{split} has 0 samples\)$"):
+        load_dataset(str(path))
+
+
+def test_idx_empty_test_set_is_refused(tmp_path):
+    make_idx_dir(tmp_path, n_test=0)
+    with pytest.raises(DataError, match=rf"^IDX file {re.escape(str(tmp_path / IDX_FILES[2]))} holds no test images$"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(40, 0), (40, 0, 5), (40, 3, 0, 2)])
+def test_npz_empty_samples_are_refused(tmp_path, shape):
+    arrays = npz_arrays()
+    arrays["x_train"] = np.zeros(shape, dtype=np.float32)
+    arrays["x_test"] = np.zeros((12, *shape[1:]), dtype=np.float32)
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=r": x_train samples hold no values \(each has shape \(.*\)\)$"):
+        load_dataset(str(path))
+
+
+@pytest.mark.parametrize(
+    "labels,shown",
+    [
+        (np.array([10**9]), "1000000000"),  # used to ask the mlp's output layer for 128 GB
+        (np.array([MAX_CLASSES]), str(MAX_CLASSES)),
+        (np.array([2**64 - 1], dtype=np.uint64), "18446744073709551615"),  # used to wrap to -1 past the sign check
+        (np.array([1e30]), "1e+30"),  # a whole number as float: used to cast to garbage
+    ],
+    ids=["1e9", "max-classes", "uint64-max", "float-1e30"],
+)
+def test_npz_labels_beyond_the_class_limit(tmp_path, labels, shown):
+    arrays = npz_arrays()
+    arrays["y_train"] = np.concatenate([np.zeros(39, dtype=labels.dtype), labels])
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(
+        DataError,
+        match=rf"^{re.escape(str(path))}: y_train has label {re.escape(shown)}; labels must be class indices "
+        rf"0\.\.{MAX_CLASSES - 1} \(at most MAX_CLASSES = {MAX_CLASSES} classes\)$",
+    ):
+        load_dataset(str(path))
+
+
+def test_npz_largest_allowed_label_loads(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_test"] = np.full(12, MAX_CLASSES - 1, dtype=np.uint64)
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.warns(UserWarning):
+        d = load_dataset(str(path))
+    assert d.num_classes == MAX_CLASSES
+    assert d.y_test.dtype == torch.int64 and int(d.y_test.max()) == MAX_CLASSES - 1
+
+
+def test_npz_nan_labels(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_test"] = np.where(np.arange(12) == 3, np.nan, 1.0)
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=r": y_test holds NaN or infinite labels$"):
+        load_dataset(str(path))
+
+
+def test_npz_bool_and_unsigned_labels_load(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_train"] = np.arange(40) % 2 == 0
+    arrays["y_test"] = (np.arange(12) % 2).astype(np.uint64)
+    d = load_dataset(str(save_npz(tmp_path / "d.npz", **arrays)))
+    assert d.num_classes == 2
+    assert d.y_train.dtype == d.y_test.dtype == torch.int64
+    assert sorted(set(d.y_test.tolist())) == [0, 1]
+
+
+def test_idx_labels_beyond_the_class_limit(tmp_path):
+    make_idx_dir(tmp_path)
+    write_idx(tmp_path / IDX_FILES[3], np.full(20, 10**9, dtype=np.int32))
+    with pytest.raises(
+        DataError,
+        match=rf"^IDX file {re.escape(str(tmp_path / IDX_FILES[3]))} has label 1000000000; labels must be class indices "
+        rf"0\.\.{MAX_CLASSES - 1} \(at most MAX_CLASSES = {MAX_CLASSES} classes\)$",
+    ):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def test_idx_non_finite_images(tmp_path):
+    make_idx_dir(tmp_path)
+    images = np.zeros((20, 28, 28), dtype=np.float32)
+    images[3, 4, 5] = np.inf
+    write_idx(tmp_path / IDX_FILES[2], images)
+    with pytest.raises(DataError, match=rf"^IDX file {re.escape(str(tmp_path / IDX_FILES[2]))} contains NaN or infinite values$"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def test_idx_empty_images_are_refused(tmp_path):
+    make_idx_dir(tmp_path)
+    write_idx(tmp_path / IDX_FILES[0], np.zeros((50, 28, 0), dtype=np.uint8))
+    write_idx(tmp_path / IDX_FILES[2], np.zeros((20, 28, 0), dtype=np.uint8))
+    with pytest.raises(DataError, match=rf"^corrupt IDX file {re.escape(str(tmp_path / IDX_FILES[0]))}: images hold no values \(each is 28x0\)$"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def write_raw_member_npz(path: Path, arrays: dict[str, np.ndarray], raw: dict[str, bytes]) -> Path:
+    """An .npz whose members in ``raw`` hold those bytes instead of a .npy array."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, array in arrays.items():
+            if key in raw:
+                archive.writestr(key + ".npy", raw[key])
+            else:
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                archive.writestr(key + ".npy", buffer.getvalue())
+    return path
+
+
+def test_npz_raw_pickle_member_is_named(tmp_path):
+    # np.load hands back such a member as bytes: it used to fail with AttributeError
+    import pickle
+
+    arrays = npz_arrays()
+    path = write_raw_member_npz(tmp_path / "d.npz", arrays, {"y_train": pickle.dumps(arrays["y_train"])})
+    with pytest.raises(
+        DataError,
+        match=rf"^cannot read {re.escape(str(path))} as \.npz: y_train is not a \.npy array \(a raw pickle or other data\); "
+        r"save the arrays with np\.savez$",
+    ):
+        load_dataset(str(path))
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("key", ["x_train", "x_test"])
+def test_npz_non_finite_inputs(tmp_path, key, value):
+    arrays = npz_arrays()
+    arrays[key] = arrays[key].astype(np.float64)
+    arrays[key][1, 2, 3] = value
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {key} contains NaN or infinite values$"):
+        load_dataset(str(path))
+
+
+def test_npz_inputs_beyond_float32(tmp_path):
+    # finite as float64, infinite once converted to the float32 the models use
+    arrays = npz_arrays()
+    arrays["x_test"] = arrays["x_test"].astype(np.float64)
+    arrays["x_test"][0, 0, 0] = -1e300
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: x_test has values beyond float32's range \(largest magnitude 1e\+300\)$"):
+        load_dataset(str(path))
+
+
+def test_npz_inputs_too_large_to_standardise(tmp_path):
+    # every value fits float32, but value minus mean does not
+    arrays = npz_arrays()
+    arrays["x_train"] = np.full((40, 6, 5), 3e38, dtype=np.float32)
+    arrays["x_train"][::4] = -3e38
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the inputs cannot be standardised in float32 .*; rescale them$"):
+        load_dataset(str(path))
+
+
+def test_npz_big_endian_and_long_double_arrays_load(tmp_path):
+    arrays = npz_arrays()
+    expected = load_dataset(str(save_npz(tmp_path / "native.npz", **arrays)), seed=2)
+    arrays["x_train"] = arrays["x_train"].astype(">f4")
+    arrays["y_train"] = arrays["y_train"].astype(">i8")
+    arrays["x_test"] = arrays["x_test"].astype(np.longdouble)
+    arrays["y_test"] = arrays["y_test"].astype(">u2")
+    d = load_dataset(str(save_npz(tmp_path / "foreign.npz", **arrays)), seed=2)
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        torch.testing.assert_close(getattr(d, name), getattr(expected, name))
+    assert d.num_classes == expected.num_classes
+
+
+def test_num_classes_covers_test_only_classes_with_a_warning(tmp_path):
+    arrays = npz_arrays()  # train labels 0..3
+    arrays["y_test"] = np.array([0, 1, 2, 3, 7, 7, 5, 0, 1, 2, 3, 0])
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.warns(UserWarning) as record:
+        d = load_dataset(str(path), validation_fraction=0.0)
+    assert d.num_classes == 8
+    messages = [str(w.message) for w in record]
+    assert messages == [
+        (
+            f"{path}: no training examples for class(es) 5 (in test), 7 (in test); "
+            "num_classes = 8 counts them, but the model cannot learn them"
+        )
+    ]
+    assert "\n" not in messages[0]
+
+
+def test_classes_only_in_the_validation_split_are_named(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_train"] = np.zeros(40, dtype=np.int64)
+    arrays["y_train"][5] = 9  # a single example of class 9: wherever it lands, the other split lacks it
+    arrays["y_test"] = np.full(12, 9)
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    for seed in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = load_dataset(str(path), validation_fraction=0.25, seed=seed)
+        if 9 not in d.y_train.tolist():
+            break
+    else:
+        pytest.fail("no seed put class 9 in the validation split")
+    with pytest.warns(UserWarning, match=r": no training examples for class\(es\) 9 \(in validation, test\); num_classes = 10 counts them"):
+        load_dataset(str(path), validation_fraction=0.25, seed=seed)
+
+
+def test_no_warning_when_every_class_is_trained(tmp_path, recwarn):
+    load_dataset(str(save_npz(tmp_path / "d.npz", **npz_arrays())))
+    load_dataset("digits")
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_many_untrained_classes_stay_one_line(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_test"] = np.arange(100, 112)
+    path = save_npz(tmp_path / "d.npz", **arrays)
+    with pytest.warns(UserWarning, match=r"class\(es\) 100 \(in test\), .*, 109 \(in test\) and 2 more; num_classes = 112 counts them") as record:
+        load_dataset(str(path))
+    assert "\n" not in str(record[0].message)

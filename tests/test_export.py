@@ -32,6 +32,7 @@ from bingo import (
 from bingo.cli import main
 from bingo.data import load_dataset
 from bingo.export import export_checkpoint
+from bingo.io import save_checkpoint
 from bingo.models import build_model
 from bingo.training import evaluate
 
@@ -276,14 +277,17 @@ def test_onnx_is_skipped_cleanly_when_not_installed(tmp_path, monkeypatch):
 
 
 def test_export_checkpoint_refuses_other_files(tmp_path):
-    torch.save({"kind": "something"}, tmp_path / "x.pt")
+    torch.save({"kind": "bingo-model"}, tmp_path / "plain.pt")  # a plain torch.save file, not written by bingo
+    with pytest.raises(CheckpointError, match=r"plain\.pt is not a bingo checkpoint \(corrupt or from another program\)$"):
+        export_checkpoint(tmp_path / "plain.pt", tmp_path / "out")
+    save_checkpoint({"kind": "something"}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match=r"x\.pt is not a bingo model file \(kind 'something'\); expected the --save file of 'bingo run'"):
         export_checkpoint(tmp_path / "x.pt", tmp_path / "out")
-    torch.save({"kind": "bingo-model", "model": "mlp"}, tmp_path / "y.pt")
+    save_checkpoint({"kind": "bingo-model", "model": "mlp"}, tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match=r"y\.pt lacks input_shape, num_classes, preprocess, state_dict"):
         export_checkpoint(tmp_path / "y.pt", tmp_path / "out")
     model = build_model("mlp", (64,), 10)
-    torch.save({"kind": "bingo-model", "model": "mlp", "input_shape": [64], "raw_shape": [8, 9], "num_classes": 10,
+    save_checkpoint({"kind": "bingo-model", "model": "mlp", "input_shape": [64], "raw_shape": [8, 9], "num_classes": 10,
                 "preprocess": {"offset": 0.0, "scale": 1.0}, "state_dict": model.state_dict()}, tmp_path / "z.pt")
     with pytest.raises(CheckpointError, match=r"z\.pt: raw_shape \[8, 9\] does not hold the 64 values of input_shape \[64\]"):
         export_checkpoint(tmp_path / "z.pt", tmp_path / "out")
@@ -334,7 +338,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert main(["export", str(tmp_path / "notes.txt"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bingo: error: cannot read checkpoint") and err.count("\n") == 1
+    assert err == f"bingo: error: {tmp_path / 'notes.txt'} is not a bingo checkpoint (corrupt or from another program)\n"
     assert main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"bingo: error: no such checkpoint: {tmp_path / 'missing.pt'}\n"
     assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "0", "--granularity", "neuron",

@@ -408,3 +408,10 @@ def test_cost_plot_says_when_timings_are_noise(tmp_path, monkeypatch):
         row["seconds"] = row["seconds"] * 10
     figure = _drawn_figure(monkeypatch, plot_cost, results, tmp_path / "cost2.png")
     assert not any("noise" in t.get_text() for ax in figure.axes for t in ax.texts)
+
+
+def test_summary_names_the_machines_it_was_measured_on():
+    results = make_results()
+    assert "Measured on" not in markdown_tables(results)
+    results["machines"] = [{"cpu": "Test CPU 9000", "threads": 3, "torch": "2.13.0+cpu"}]
+    assert "Measured on Test CPU 9000, 3 threads, torch 2.13.0+cpu; the last digits" in markdown_tables(results)

@@ -51,7 +51,7 @@ def test_checkpoint_with_other_settings_is_refused(digits, tmp_path):
     with pytest.raises(CheckpointError, match=r"different training settings: batch_size=64 \(now 32\)"):
         train(model, digits, TrainConfig(epochs=2, batch_size=32), checkpoint=checkpoint, progress=False)
     checkpoint.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"train\.pt is not a bingo checkpoint \(corrupt or from another program\)$"):
         train(model, digits, TrainConfig(epochs=2, batch_size=64), checkpoint=checkpoint, progress=False)
 
 
@@ -97,3 +97,69 @@ def test_checkpoint_of_other_data_or_further_along_is_refused(digits, tmp_path):
     other = load_dataset("digits", validation_fraction=0.2)
     with pytest.raises(CheckpointError, match=r"was trained on digits \(1293 training examples"):
         _run(other, 3, checkpoint)
+
+
+# --------------------------------------------------------------------------
+# divergence: stopped with one line naming where, never trained on into NaN
+# --------------------------------------------------------------------------
+
+
+def _diverged(caught) -> str:
+    text = str(caught.value)
+    assert type(caught.value).__name__ == "TrainingError" and isinstance(caught.value, bingo.BingoError)
+    assert "\n" not in text
+    return text
+
+
+def test_nan_loss_stops_training_naming_epoch_and_step(digits, tmp_path):
+    """SGD at lr 1e6 gives a NaN loss at the third step: stopped there, before the step is taken."""
+    model = build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    checkpoint = tmp_path / "train.pt"
+    with pytest.raises(bingo.BingoError, match=r"^training diverged at epoch 1, step \d+ of 21: the loss is (nan|inf); "
+                       r"try a lower learning rate \(--lr, now 1000000\.0\)$") as caught:
+        train(model, digits, TrainConfig(epochs=2, batch_size=64, lr=1e6, optimizer="sgd"), checkpoint=checkpoint, progress=False)
+    _diverged(caught)
+    assert not checkpoint.exists()  # no epoch finished: nothing saved
+
+
+def test_exploded_but_finite_loss_stops_training(digits):
+    """Adam at lr 1e6 keeps every number finite (weights ~1e7, loss ~1e17) and learns nothing: also divergence."""
+    model = build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    with pytest.raises(bingo.BingoError, match=r"^training diverged in epoch 1: its mean loss [0-9.e+]+ is over 100 times "
+                       r"that of guessing \(2\.30\); try a lower learning rate \(--lr, now 1000000\.0\)$") as caught:
+        train(model, digits, TrainConfig(epochs=1, batch_size=64, lr=1e6), progress=False)
+    _diverged(caught)
+
+
+def test_non_finite_weights_at_epoch_end_stop_before_the_checkpoint(digits, tmp_path):
+    """A weight that turns NaN on an epoch's last step (loss still finite) is caught before the epoch is saved."""
+    checkpoint = tmp_path / "train.pt"
+    _run(digits, 1, checkpoint)
+    before = checkpoint.read_bytes()
+    model = build_model("mlp", digits.input_shape, digits.num_classes, seed=0)
+    search = bingo.TicketSearch(model, fraction=0.05, seed=0)
+
+    def poison(step):
+        if step == 42:  # the last step of epoch 2 (21 per epoch)
+            with torch.no_grad():
+                model.fc2.weight[0, 0] = float("inf")
+
+    with pytest.raises(bingo.BingoError, match=r"^training diverged in epoch 2: fc2\.weight is not finite; "
+                       r"try a lower learning rate \(--lr, now 0\.0012\)$") as caught:
+        train(model, digits, TrainConfig(epochs=3, batch_size=64, seed=0), search=search, checkpoint=checkpoint,
+              callback=poison, progress=False)
+    _diverged(caught)
+    assert checkpoint.read_bytes() == before  # the last good epoch is still there to resume from
+
+
+def test_cli_reports_divergence_instead_of_chance_accuracy(tmp_path, capsys):
+    from bingo.cli import main
+
+    out = tmp_path / "r.json"
+    code = main(["run", "--data", "digits", "--model", "mlp", "--method", "bingo-paper", "--lr", "1e6", "--epochs", "1",
+                 "--sparsity", "0.5", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("bingo: error: training diverged in epoch 1: ") and err.count("\n") == 1
+    assert "try a lower learning rate (--lr, now 1000000.0)" in err
+    assert not out.exists()

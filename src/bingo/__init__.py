@@ -5,7 +5,7 @@ ordinary training run; :func:`prune` removes the least significant weights
 in one shot, through ``torch.nn.utils.prune``.
 """
 
-from .errors import BingoError, CheckpointError, ConfigError, DataError
+from .errors import BingoError, CheckpointError, ConfigError, DataError, TrainingError
 from .export import ExportResult, RawInputModel, export_checkpoint, export_model, load_compact, save_compact, state_dict_size
 from .estimators import ESTIMATORS, Estimator, register_estimator
 from .io import load_scores, save_scores
@@ -37,6 +37,7 @@ __all__ = [
     "RawInputModel",
     "SearchConfig",
     "TicketSearch",
+    "TrainingError",
     "apply_masks",
     "combine_ranks",
     "count_flops",

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .data import DATASETS, load_dataset
 from .configs import add_config_flags, apply_flags, config_record
+from .environment import machine
 from .errors import BingoError, ConfigError
 from .io import write_json
 from .models import MODELS, build_model
@@ -102,9 +103,19 @@ def _add_export_parser(commands) -> None:
 
 
 def _print_warnings(caught: list) -> None:
-    """Library warnings from export (ONNX skipped, pruned units kept by shrink) as one line each."""
+    """Library warnings (classes absent from training, ONNX skipped, units kept by shrink) as one line each."""
     for warning in caught:
-        print(f"bingo: warning: {warning.message}", file=sys.stderr)
+        print(f"bingo: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+
+
+def _load_data(args: argparse.Namespace, **kwargs):
+    """:func:`load_dataset` with its warnings (e.g. classes absent from training) as ``bingo: warning:`` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            return load_dataset(args.data, args.data_dir, **kwargs)
+        finally:
+            _print_warnings([w for w in caught if issubclass(w.category, UserWarning)])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -155,7 +166,11 @@ def _add_compare_parser(commands) -> None:
     _train_flags(compare)
     compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after pruning, charged to the method (every method with a finetune_epochs setting; gmp: extra epochs at its final masks); default 0")
     compare.add_argument("--out", required=True, help="output folder")
-    compare.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.json")
+    compare.add_argument("--resume", action="store_true", help="continue the comparison in OUT: skip runs already in OUT/results.json")
+    compare.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in an OUT that holds an earlier comparison, moving its files into OUT/previous-<UTC time>/ (nothing is deleted)",
+    )
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = compare.add_argument_group("method settings (each method's preset in brackets)")
     for name, cls in STRATEGIES.items():
@@ -197,9 +212,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         method_configs=_method_configs(args, args.methods),
     )
-    results = run_compare(config, args.out, resume=args.resume, progress=not args.no_progress)
+    earlier = set(Path(args.out).glob("previous-*"))
+    with warnings.catch_warnings(record=True) as caught:
+        # bingo's own UserWarnings (e.g. classes absent from training) become one line each; others show as usual
+        warnings.filterwarnings("always", category=UserWarning, module=r"bingo(\.|$)")
+        try:
+            results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning) and w.filename.startswith(str(Path(__file__).parent)):
+                    _print_warnings([w])
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     paths = write_report(results, args.out)
     print(markdown_tables(results))
+    for aside in sorted(set(Path(args.out).glob("previous-*")) - earlier):
+        print(f"moved the earlier results to {aside}")
     print("wrote " + ", ".join(str(p) for p in [Path(args.out) / "results.json", *paths.values()]))
     return 0
 
@@ -256,16 +284,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file_path(flag: str, path: str) -> None:
-    """Refuse an output path that can never be written (a folder, or under a file) before training."""
+def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
+    """Refuse, before training, an output path that can never be written.
+
+    That is a folder where a file goes (or a file where a folder goes), a
+    path under a file, or one whose nearest existing folder does not take
+    new files. Paths are named as the user wrote them.
+    """
+    from .io import folder_is_writable
+
     target = Path(path)
-    if target.is_dir():
+    if folder and target.exists() and not target.is_dir():
+        raise ConfigError(f"--{flag} {path} is a file; give a folder")
+    if not folder and target.is_dir():
         raise ConfigError(f"--{flag} {path} is a folder; give a file path")
-    ancestor = target.parent
+    ancestor = target if folder else target.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ConfigError(f"--{flag} {path} cannot be created: {ancestor} is a file, not a folder")
+    if not folder_is_writable(ancestor):
+        where = "the current folder" if ancestor == Path(".") else f"the folder {ancestor}"
+        raise ConfigError(f"--{flag} {path} cannot be written: {where} is not writable")
 
 
 def _run_config(args: argparse.Namespace) -> object:
@@ -296,15 +336,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{needs_one_shot[0]} needs a method that prunes once after training ({valid}); {args.method!r} does not")
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
-    for flag in ("out", "save", "scores", "checkpoint"):
-        if getattr(args, flag) is not None:
-            _check_file_path(flag, getattr(args, flag))
-    if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
-        raise ConfigError(f"--export {args.export} is a file; give a folder")
+    outputs = [(flag, getattr(args, flag)) for flag in ("out", "save", "scores", "checkpoint", "export") if getattr(args, flag) is not None]
+    for flag, path in outputs:
+        _check_file_path(flag, path, folder=flag == "export")
+    # Two outputs on one path would overwrite each other (the report replacing the
+    # scores, or the checkpoint that the next run would try to resume).
+    claimed: dict[Path, str] = {}
+    for flag, path in outputs:
+        resolved = Path(path).resolve()
+        files = [resolved]
+        if flag == "export":  # and the files export_model writes into it
+            files += [resolved / name for name in ("model.pt2", "weights.safetensors", "model.json", "model.onnx")]
+        for file in files:
+            if file in claimed:
+                same = f"are the same {'path' if flag == 'export' else 'file'} ({file})" if file == resolved else f"both write {file}"
+                raise ConfigError(f"--{claimed[file]} and --{flag} {same}; give each output its own path")
+            claimed[file] = flag
     train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
     granularity = getattr(strategy.config, "granularity", "weight")
 
-    data = load_dataset(args.data, args.data_dir, seed=args.seed)
+    data = _load_data(args, seed=args.seed)
     experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
     results = []
     if args.sparsity is not None:
@@ -355,6 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "search_seconds": search_seconds,
         "train_steps": train_steps,
         "version": __version__,
+        "machine": machine(),
     }
     if args.scores:
         from .io import save_scores

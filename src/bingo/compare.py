@@ -5,16 +5,20 @@ order; each method delivers one pruned network per sparsity and is charged
 the whole wall time it needed (dense training and fine-tune included).
 Results go to ``DIR/results.json`` after every finished network (atomically),
 masks to ``DIR/masks/``, so a run killed halfway loses at most the network in
-progress and ``resume=True`` skips everything already recorded.
+progress and ``resume=True`` skips everything already recorded. A folder that
+holds an earlier comparison is never written over: it is continued
+(``resume=True``) or moved aside first (``overwrite=True``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from .io import load_scores, save_scores, write_json
 from .models import MODELS
 from .selection import check_sparsity
 from .configs import config_record
+from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
 from .training import TrainConfig
 
@@ -104,17 +109,108 @@ def _mask_path(out_dir: Path, method: str, seed: int, sparsity: float) -> Path:
     return out_dir / "masks" / f"{method}-seed{seed}-sparsity{sparsity:g}.safetensors"
 
 
+#: What a comparison writes into its folder (``write_report`` adds all but the first and last).
+_OUTPUTS = ("results.json", "results.csv", "accuracy.png", "cost.png", "summary.md", "masks")
+
+
+def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over an earlier comparison in ``out_dir`` unless told to continue it or move it aside."""
+    if resume and overwrite:
+        raise ConfigError(
+            f"--resume and --overwrite exclude each other: --resume continues the comparison in {out_dir}, "
+            "--overwrite moves it aside and starts afresh"
+        )
+    found = [name for name in _OUTPUTS if (out_dir / name).exists()]
+    if found and not resume and not overwrite:
+        raise ConfigError(
+            f"{out_dir} holds the results of an earlier comparison ({', '.join(found)}); "
+            f"pass --resume to continue it or --overwrite to move it into {out_dir}/previous-<UTC time>/ and start afresh"
+        )
+
+
+def _set_aside(out_dir: Path) -> Path | None:
+    """Move an earlier comparison's outputs into ``out_dir/previous-<UTC time>/`` (never deleted); that folder, or None."""
+    found = [out_dir / name for name in _OUTPUTS if (out_dir / name).exists()]
+    if not found:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside, n = out_dir / f"previous-{stamp}", 1
+    while aside.exists():
+        n += 1
+        aside = out_dir / f"previous-{stamp}-{n}"
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    return aside
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "an object", list: "a list", str: "a string", int: "a whole number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _not_results(previous: object) -> str | None:
+    """Why ``previous`` (parsed JSON) is not a ``run_compare`` results dict; None if it is one."""
+    if not isinstance(previous, dict):
+        return f"top level is {_kind(previous)}, not an object"
+
+    def wrong(value: object, kind: type) -> bool:
+        return not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
+
+    fields = {"data": str, "model": str, "epochs": int, "settings": dict, "dense": list, "runs": list,
+              "overlap": list, "search_overhead": list}
+    for key, kind in fields.items():
+        if key not in previous:
+            if key in ("overlap", "search_overhead"):
+                continue
+            return f"no {key!r}"
+        if wrong(previous[key], kind):
+            return f"{key!r} is {_kind(previous[key])}, not {_kind(kind())}"
+    settings = {"methods": (list, str), "sparsities": (list, (int, float)), "seeds": (list, int), "method_configs": (dict, dict)}
+    for key, (kind, item) in settings.items():
+        value = previous["settings"].get(key, kind())
+        if wrong(value, kind) or any(wrong(v, item) for v in (value.values() if kind is dict else value)):
+            return f"settings[{key!r}] is not {_kind(kind())} of the right values"
+    rows = {"dense": {"seed": int}, "runs": {"method": str, "seed": int, "sparsity": (int, float)},
+            "overlap": {"seed": int, "sparsity": (int, float)}, "search_overhead": {}}
+    for section, keys in rows.items():
+        for i, row in enumerate(previous.get(section, [])):
+            if not isinstance(row, dict):
+                return f"{section}[{i}] is {_kind(row)}, not an object"
+            for key, kind in keys.items():
+                if key not in row:
+                    return f"{section}[{i}] has no {key!r}"
+                if wrong(row[key], kind):
+                    return f"{section}[{i}][{key!r}] is {_kind(row[key])}"
+    return None
+
+
 def _load_previous(path: Path, base: dict) -> dict:
+    """The results recorded in ``path``, merged with this run's ``base``; :class:`CheckpointError` if they do not fit."""
     try:
-        previous = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot resume from {path}: {exc}") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot resume from {path}: {exc.strerror or exc}") from None
+    try:
+        previous = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = f"not JSON: {' '.join(str(exc).split())}" if isinstance(exc, json.JSONDecodeError) else "not JSON"
+        raise CheckpointError(f"cannot resume from {path}: not a bingo compare results file ({reason}); use another --out") from None
+    reason = _not_results(previous)
+    if reason is not None:
+        raise CheckpointError(f"cannot resume from {path}: not a bingo compare results file ({reason}); use another --out")
     for key in ("data", "model", "epochs"):
         if previous.get(key) != base[key]:
             raise CheckpointError(
                 f"cannot resume: {path} was made with {key}={previous.get(key)!r}, not {base[key]!r}; use another --out"
             )
-    old, new = previous.get("settings", {}), base["settings"]
+    old, new = previous["settings"], base["settings"]
     for key in ("batch_size", "lr", "optimizer", "finetune_epochs"):
         if old.get(key) != new[key]:
             raise CheckpointError(f"cannot resume: {path} was made with {key}={old.get(key)!r}, not {new[key]!r}; use another --out")
@@ -130,17 +226,32 @@ def _load_previous(path: Path, base: dict) -> dict:
     }
     for key in ("dense", "runs", "overlap", "search_overhead"):
         previous.setdefault(key, [])
+    # Every machine that contributed rows: float results and timings can differ between them.
+    machines = previous.get("machines") if isinstance(previous.get("machines"), list) else []
+    previous["machines"] = machines + [m for m in base["machines"] if m not in machines]
     return previous
 
 
-def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+def run_compare(
+    config: CompareConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict:
     """Run the comparison, writing ``results.json`` (and masks) into ``out_dir`` as it goes.
+
+    A folder that already holds a comparison's outputs is refused with a
+    :class:`ConfigError` before anything is trained, unless ``resume=True``
+    (continue it: runs already recorded are skipped) or ``overwrite=True``
+    (move its outputs into ``out_dir/previous-<UTC time>/``, never deleting
+    them, then start afresh). A resumed run delivers the same networks at the
+    same cost as an uninterrupted one: a strategy with
+    :attr:`~bingo.strategies.Strategy.one_trajectory` (IMP) is asked again for
+    every sparsity on its way, and only the missing ones are recorded.
 
     Returns the results dict (schema in the README: ``data, model, epochs,
     settings, dense, runs, overlap, search_overhead``).
     """
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
+    _check_out_dir(out_dir, resume, overwrite)
     base = {
         "data": config.data,
         "model": config.model,
@@ -150,12 +261,15 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
         "runs": [],
         "overlap": [],
         "search_overhead": [],
+        "machines": [machine()],
     }
     results = _load_previous(results_path, base) if resume and results_path.exists() else base
     strategies: dict[str, Strategy] = {
         name: STRATEGIES[name](config.method_configs.get(name)) for name in config.methods
     }
     data = load_dataset(config.data, config.data_dir)
+    if overwrite:
+        _set_aside(out_dir)
 
     def done(method: str, seed: int, sparsity: float) -> bool:
         return any(r["method"] == method and r["seed"] == seed and r["sparsity"] == sparsity for r in results["runs"])
@@ -183,12 +297,15 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
                 bar.set_postfix_str(f"seed {seed} {name}")
                 pending = [s for s in config.sparsities if not done(name, seed, s)]
                 if pending:
-                    for outcome in strategy.run(experiment, pending):
-                        save_scores(outcome.masks, _mask_path(out_dir, name, seed, outcome.sparsity))
+                    for outcome in strategy.run(experiment, _asked(results, strategy, seed, config.sparsities, pending)):
+                        if done(name, seed, outcome.sparsity):
+                            continue  # on the way to a pending one; recorded earlier
+                        path = save_scores(outcome.masks, _mask_path(out_dir, name, seed, outcome.sparsity))
                         row = outcome.record()
                         row["layer_sparsity"] = {
                             key: 1.0 - float(mask.float().mean()) for key, mask in outcome.masks.items()
                         }
+                        row["mask_sha256"] = _sha256(path)
                         results["runs"].append(row)
                         write_json(results_path, results)
                     extras = strategy.extras(experiment)
@@ -204,6 +321,23 @@ def run_compare(config: CompareConfig, out_dir: str | os.PathLike, *, resume: bo
     results["runs"].sort(key=lambda r: (results["settings"]["methods"].index(r["method"]) if r["method"] in results["settings"]["methods"] else 99, r["seed"], r["sparsity"]))
     write_json(results_path, results)
     return results
+
+
+def _asked(results: dict, strategy: Strategy, seed: int, sparsities: Sequence[float], pending: list[float]) -> list[float]:
+    """The sparsities to ask ``strategy`` for so that it delivers ``pending`` as an uninterrupted run would.
+
+    Usually ``pending`` itself. A strategy on one trajectory (IMP) must pass
+    through every target before the last pending one, those it delivered
+    earlier for this seed included, or its networks and costs change.
+    """
+    if not strategy.one_trajectory:
+        return pending
+    recorded = {r["sparsity"] for r in results["runs"] if r["method"] == strategy.name and r["seed"] == seed}
+    return sorted(s for s in set(sparsities) | recorded if s <= max(pending))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _warm_up(experiment: Experiment, steps: int = 20) -> None:
@@ -232,32 +366,45 @@ def _replace_row(results: dict, section: str, row: dict) -> None:
     rows.append(row)
 
 
+def _recorded_masks(results: dict, out_dir: Path, method: str, seed: int, sparsity: float) -> dict[str, torch.Tensor] | None:
+    """The keep-masks the recorded run ``(method, seed, sparsity)`` wrote.
+
+    None if ``results["runs"]`` has no such run, or its mask file is missing
+    or is not the file the run wrote (its SHA-256 differs from the run's
+    ``mask_sha256``; rows without one, from older versions, cannot be checked).
+    """
+    row = next((r for r in results["runs"] if (r["method"], r["seed"], r["sparsity"]) == (method, seed, sparsity)), None)
+    path = _mask_path(out_dir, method, seed, sparsity)
+    if row is None or "mask_sha256" not in row or not path.is_file() or _sha256(path) != row["mask_sha256"]:
+        return None
+    return load_scores(path)
+
+
 def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequence[float], methods: Sequence[str]) -> bool:
     """Overlap of every other method's pruned weights with IMP's (the lottery ticket), at each sparsity both reached.
 
     Adds a ``"<method>_vs_imp"`` value to the seed's row per sparsity, for
-    the methods of this run whose masks score the same weights as IMP's;
-    True if anything was added.
+    each method of this invocation (``methods``) whose masks score the same
+    weights as IMP's. Only masks of runs recorded in ``results`` are read,
+    each checked against the digest its run recorded: IMP's run may come
+    from earlier in a resumed folder, but a file lying in ``masks/`` that no
+    recorded run wrote (another comparison's, a replaced one) never counts.
+    Values measured earlier stay. True if anything was added.
     """
     added = False
     for sparsity in sparsities:
-        imp_path = _mask_path(out_dir, "imp", seed, sparsity)
-        if not imp_path.exists():
-            continue
         row = next((r for r in results["overlap"] if r["seed"] == seed and r["sparsity"] == sparsity), None)
-        for method in methods:
-            if method == "imp":
-                continue
-            path = _mask_path(out_dir, method, seed, sparsity)
-            key = f"{method}_vs_imp"
-            if not path.exists() or (row is not None and key in row):
-                continue
-            mine, imp = load_scores(path), load_scores(imp_path)
-            if any(mine[k].shape != imp[k].shape for k in imp if k in mine) or set(mine) != set(imp):
-                continue  # different granularity: no weight-by-weight overlap
+        wanted = [m for m in methods if m != "imp" and (row is None or f"{m}_vs_imp" not in row)]
+        imp = _recorded_masks(results, out_dir, "imp", seed, sparsity) if wanted else None
+        if imp is None:
+            continue
+        for method in wanted:
+            mine = _recorded_masks(results, out_dir, method, seed, sparsity)
+            if mine is None or set(mine) != set(imp) or any(mine[k].shape != imp[k].shape for k in imp):
+                continue  # not recorded, or a different granularity: no weight-by-weight overlap
             if row is None:
                 row = {"seed": seed, "sparsity": sparsity, "random_expectation": sparsity}
                 results["overlap"].append(row)
-            row[key] = mask_overlap(mine, imp)
+            row[f"{method}_vs_imp"] = mask_overlap(mine, imp)
             added = True
     return added

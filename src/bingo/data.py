@@ -9,6 +9,15 @@ Images are N x C x H x W (C = 1 for the grey-scale sets); ``.npz`` files may
 also hold flat N x F features. Every problem with the data raises
 :class:`~bingo.errors.DataError` with a one-line message; an unknown dataset
 name raises :class:`~bingo.errors.ConfigError`.
+
+What every source must hold: a non-empty training and test split; samples
+with at least one value, finite and within float32's range (also once
+standardised); labels that are class indices ``0 .. MAX_CLASSES - 1``, as
+integers or booleans or as floats holding whole numbers (checked in the
+file's own dtype, so a uint64 ``2**64 - 1`` is refused, not wrapped to -1).
+``num_classes`` is the largest label of any split plus one; classes with no
+training example (seen only in the validation or test split) are named in a
+:class:`UserWarning`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +45,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
     "IDX_FILES",
+    "MAX_CLASSES",
     "MNIST_FILES",
     "MNIST_URL",
     "Dataset",
@@ -67,6 +78,12 @@ MNIST_FILES: dict[str, str] = {
 }
 
 DOWNLOAD_TIMEOUT = 30.0  # seconds, per request
+#: Labels are class indices below this bound. A larger label is almost always an ID or a
+#: corrupt value, and the output layer would need a row per index (a label of 10**9 asks
+#: the mlp for 128 GB); remap such labels to 0..K-1.
+MAX_CLASSES = 100_000
+#: How many classes the warning about classes without training examples lists.
+_SHOWN_CLASSES = 10
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -149,6 +166,33 @@ def _reason(e: BaseException | object) -> str:
     """An exception (or reason) as one line of text."""
     text = " ".join(str(e).split())
     return text or type(e).__name__
+
+
+def _label_text(value) -> str:
+    """A label as the user would write it: ``7``, ``18446744073709551615``, ``1e+30``."""
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return str(int(value)) if value.is_integer() and abs(value) < 1e16 else f"{value:g}"
+    return str(int(value))
+
+
+def _label_range_problem(y: np.ndarray) -> str | None:
+    """Why the values of labels ``y`` are not class indices, or None.
+
+    Compared in ``y``'s own dtype, before any cast: a uint64 ``2**64 - 1``
+    must not wrap to -1, nor a float 1e30 turn into garbage.
+    """
+    if y.size == 0 or y.dtype.kind == "b":
+        return None
+    low, high = y.min().item(), y.max().item()  # Python numbers: exact, and 100000 never cast to float16
+    if low < 0:
+        return f"negative label {_label_text(low)}; labels must be >= 0"
+    if high >= MAX_CLASSES:
+        return (
+            f"label {_label_text(high)}; labels must be class indices 0..{MAX_CLASSES - 1} "
+            f"(at most MAX_CLASSES = {MAX_CLASSES} classes)"
+        )
+    return None
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -264,6 +308,13 @@ def _load_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, n
         raise DataError(f"corrupt IDX file {labels_path}: labels must be integers, got {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise DataError(f"corrupt IDX file {labels_path}: negative label {int(labels.min())}")
+    problem = _label_range_problem(labels)
+    if problem:
+        raise DataError(f"IDX file {labels_path} has {problem}")
+    if 0 in images.shape[1:]:
+        raise DataError(f"corrupt IDX file {images_path}: images hold no values (each is {images.shape[1]}x{images.shape[2]})")
+    if images.dtype.kind == "f" and not np.all(np.isfinite(images)):
+        raise DataError(f"IDX file {images_path} contains NaN or infinite values")
     return images[:, None], labels
 
 
@@ -279,6 +330,8 @@ def _load_idx_dataset(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
         )
     if len(x_train) == 0:
         raise DataError(f"IDX file {found[0]} holds no training images")
+    if len(x_test) == 0:
+        raise DataError(f"IDX file {found[2]} holds no test images")
     return x_train, y_train, x_test, y_test, x_train.shape[2:]  # stored as N x H x W
 
 
@@ -370,18 +423,25 @@ def _check_labels(y: np.ndarray, key: str, source: str) -> np.ndarray:
     if y.dtype.kind in "iub":
         pass
     elif y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+        if not np.all(np.isfinite(y)):
+            raise DataError(f"{source}: {key} holds NaN or infinite labels")
+        if not np.all(y == np.round(y)):
             raise DataError(f"{source}: {key} must hold integer class labels, got non-integral values")
     else:
         raise DataError(f"{source}: {key} must hold integer class labels, got dtype {y.dtype}")
-    if y.size and y.min() < 0:
-        raise DataError(f"{source}: {key} has negative label {int(y.min())}; labels must be >= 0")
-    return y.astype(np.int64, copy=False)
+    problem = _label_range_problem(y)
+    if problem:
+        raise DataError(f"{source}: {key} has {problem}")
+    return y.astype(np.int64, copy=False)  # every value is now in [0, MAX_CLASSES): the cast is exact
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
     if x.dtype.kind not in "iubf":
         raise DataError(f"{source}: {key} must be numeric, got dtype {x.dtype}")
+    shape = x.shape
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim not in (2, 4):
@@ -389,8 +449,19 @@ def _check_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
             f"{source}: {key} must be N x F features, N x H x W or N x C x H x W images, "
             f"got shape {x.shape}"
         )
-    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-        raise DataError(f"{source}: {key} contains NaN or infinite values")
+    if 0 in shape[1:]:
+        raise DataError(f"{source}: {key} samples hold no values (each has shape {tuple(shape[1:])})")
+    if x.dtype.kind == "f":
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{source}: {key} contains NaN or infinite values")
+        if x.dtype.itemsize > 4 and x.size:
+            largest = float(np.max(np.abs(x)))
+            if largest > _FLOAT32_MAX:
+                raise DataError(f"{source}: {key} has values beyond float32's range (largest magnitude {largest:.3g})")
+        if x.dtype.itemsize > 8:  # long double: torch takes float16/32/64 only
+            x = x.astype(np.float64)
+    if not x.dtype.isnative:  # torch.from_numpy refuses a foreign byte order
+        x = x.astype(x.dtype.newbyteorder("="))
     return x
 
 
@@ -425,6 +496,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
                         "unpickling; store numbers (e.g. np.asarray(x, dtype=np.float32))"
                     ) from None
                 raise DataError(f"cannot read {path} as .npz: {key}: {_reason(e)}") from None
+            if not isinstance(arrays[key], np.ndarray):  # np.load hands back a non-.npy member's bytes
+                raise DataError(
+                    f"cannot read {path} as .npz: {key} is not a .npy array (a raw pickle or other data); "
+                    "save the arrays with np.savez"
+                )
     return _check_arrays(arrays, str(path))
 
 
@@ -441,6 +517,8 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], source: str):
             )
     if len(x_train) == 0:
         raise DataError(f"{source}: the training set is empty (x_train has 0 samples)")
+    if len(x_test) == 0:
+        raise DataError(f"{source}: the test set is empty (x_test has 0 samples)")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
             f"{source}: train and test samples differ in shape: "
@@ -502,9 +580,26 @@ def _build(name, x_train, y_train, x_test, y_test, stored_shape, fraction: float
     x_val = x_train_t[val_idx].to(torch.float32).sub_(offset).div_(scale)
     x_te = x_test_t.to(torch.float32).sub(offset).div_(scale)
     y_tr, y_val = y_train_t[train_idx], y_train_t[val_idx]
+    for split, x in (("training", x_tr), ("validation", x_val), ("test", x_te)):
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(
+                f"{name}: the inputs cannot be standardised in float32 (mean {offset:.3g}, std {scale:.3g} "
+                f"leave non-finite values in the {split} split); rescale them"
+            )
 
     labels = [y for y in (y_tr, y_val, y_test_t) if y.numel()]
     num_classes = max(int(y.max()) for y in labels) + 1
+    untrained = _untrained_classes(y_tr, y_val, y_test_t)
+    if untrained:
+        shown = ", ".join(untrained[:_SHOWN_CLASSES])
+        if len(untrained) > _SHOWN_CLASSES:
+            shown += f" and {len(untrained) - _SHOWN_CLASSES} more"
+        warnings.warn(
+            f"{name}: no training examples for class(es) {shown}; "
+            f"num_classes = {num_classes} counts them, but the model cannot learn them",
+            UserWarning,
+            stacklevel=3,
+        )
     return Dataset(
         name=name,
         x_train=x_tr.contiguous(),
@@ -518,6 +613,17 @@ def _build(name, x_train, y_train, x_test, y_test, stored_shape, fraction: float
         scale=scale,
         stored_shape=tuple(int(d) for d in stored_shape),
     )
+
+
+def _untrained_classes(y_train: torch.Tensor, y_val: torch.Tensor, y_test: torch.Tensor) -> list[str]:
+    """Classes of the validation or test labels that the training labels lack, as ``"7 (in test)"``."""
+    trained = set(torch.unique(y_train).tolist())
+    where: dict[int, list[str]] = {}
+    for split, y in (("validation", y_val), ("test", y_test)):
+        for label in torch.unique(y).tolist():
+            if label not in trained:
+                where.setdefault(label, []).append(split)
+    return [f"{label} (in {', '.join(where[label])})" for label in sorted(where)]
 
 
 def load_dataset(
@@ -535,7 +641,9 @@ def load_dataset(
     :func:`default_mnist_dir`) are found; it is ignored otherwise. Missing
     MNIST files are downloaded when ``download`` is true.
     ``validation_fraction`` of the training split, chosen with ``seed``,
-    becomes the validation split.
+    becomes the validation split. Data that breaks the rules in this
+    module's docstring raises :class:`DataError`; classes with no training
+    example give a :class:`UserWarning` naming them.
     """
     name = os.fspath(name_or_path)
     fraction = _check_fraction(validation_fraction)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["BingoError", "ConfigError", "DataError", "CheckpointError", "check_choice"]
+__all__ = ["BingoError", "ConfigError", "DataError", "CheckpointError", "TrainingError", "check_choice"]
 
 
 class BingoError(ValueError):
@@ -28,6 +28,10 @@ class DataError(BingoError):
 
 class CheckpointError(BingoError):
     """A checkpoint or state dict does not fit what it is loaded into."""
+
+
+class TrainingError(BingoError):
+    """Training diverged (a loss or weight that is not finite, or a loss exploded) under the given settings."""
 
 
 def check_choice(what: str, value: object, choices: Iterable[object]) -> None:

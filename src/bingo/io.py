@@ -1,14 +1,30 @@
-"""Files on disk, written atomically.
+"""Files on disk, written atomically; checkpoints with a format version and a checksum.
 
 Every writer goes to a temporary file in the destination folder and then
 ``os.replace``s it into place, so a crash or Ctrl-C leaves either the old
 file or the new one, never half of one.
+
+A checkpoint (:func:`save_checkpoint`) is an ordinary ``torch.save`` dict,
+readable with ``torch.load(path, weights_only=True)``: the caller's keys plus
+three of its own,
+
+- ``format``: ``"bingo-checkpoint"``,
+- ``format_version``: :data:`CHECKPOINT_VERSION`,
+- ``sha256``: the SHA-256 of the content (every other key), computed over
+  its values rather than over the file's bytes (:func:`content_digest`), so
+  it is the same whatever zip layout ``torch.save`` picks.
+
+:func:`load_checkpoint` checks all three; a file that fails any check was
+damaged or written by another program, and is refused with one message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +33,24 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import BingoError, CheckpointError
 
-__all__ = ["atomic_write", "load_checkpoint", "load_scores", "save_checkpoint", "save_scores", "write_json"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "atomic_write",
+    "content_digest",
+    "folder_is_writable",
+    "load_checkpoint",
+    "load_scores",
+    "save_checkpoint",
+    "save_scores",
+    "write_json",
+]
+
+CHECKPOINT_FORMAT = "bingo-checkpoint"
+CHECKPOINT_VERSION = 1
+_HEADER = ("format", "format_version", "sha256")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -27,10 +58,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     The file ends up with the permissions an ordinary ``open()`` gives
     (``0o666`` less the umask), whatever ``write`` did to the temporary file.
+    An ``OSError`` names ``path``, not the temporary file the user never asked for.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -40,18 +75,76 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         # the file (safetensors' save_file) make their own 0600.
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename in (tmp, None):
+            raise _naming(exc, path) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name (same type and errno)."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, os.fspath(path))
+
+
+def folder_is_writable(folder: str | os.PathLike) -> bool:
+    """Whether new files can be created in the existing ``folder``.
+
+    Asks ``os.access`` (permissions), then creates and drops an unnamed
+    temporary file there, which also catches what permissions do not show:
+    a read-only mount, or a file system such as ``/sys`` that refuses new
+    files even to root.
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def _non_finite(data: Any, where: str = "") -> tuple[str, float] | None:
+    """The first ``(key path, value)`` in ``data`` that is a NaN or infinite float, e.g. ``results[0].accuracy``."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (where or "the value", data)
+    if isinstance(data, dict):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in data.items())
+    elif isinstance(data, (list, tuple)):
+        items = ((f"{where}[{i}]", value) for i, value in enumerate(data))
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, key)
+        if found is not None:
+            return found
+    return None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
+    """Write ``data`` as indented JSON, atomically.
+
+    JSON has no NaN or Infinity (Python's ``json`` would write bare ``NaN``,
+    which other readers reject). A non-finite number means something went
+    wrong upstream (a diverged training, an empty split), so it is refused
+    with a :class:`~bingo.errors.BingoError` naming the key, and the file is
+    not touched.
+    """
+    found = _non_finite(data)
+    if found is not None:
+        key, value = found
+        raise BingoError(f"cannot write {path}: {key} is {value}, and JSON has no NaN or Infinity")
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=2, allow_nan=False)
             f.write("\n")
 
     return atomic_write(path, write)
@@ -73,17 +166,113 @@ def load_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read scores from {path}: {exc}") from None
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def content_digest(obj: Any) -> str:
+    """SHA-256 (hex) of a checkpoint's content: its structure and every value, tensors byte by byte.
+
+    Covers what ``torch.load(weights_only=True)`` gives back: dicts (in
+    order), lists, tuples, strings, bytes, numbers, booleans, ``None``,
+    tensors (dtype, shape and data), dtypes and devices. Anything else
+    raises ``TypeError``: it could not be loaded back safely.
+    """
+    digest = hashlib.sha256()
+
+    def add(tag: bytes, payload: bytes = b"") -> None:
+        digest.update(tag + struct.pack("<Q", len(payload)) + payload)
+
+    def visit(value: Any) -> None:
+        if value is None:
+            add(b"N")
+        elif isinstance(value, bool):
+            add(b"B", b"1" if value else b"0")
+        elif isinstance(value, int):
+            add(b"I", str(value).encode())
+        elif isinstance(value, float):
+            add(b"F", value.hex().encode())
+        elif isinstance(value, str):
+            add(b"S", value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, bytes):
+            add(b"Y", value)
+        elif isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:
+                raise TypeError(f"cannot store a {value.layout} tensor in a checkpoint; make it dense first")
+            data = value.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+            add(b"X", f"{value.dtype}{tuple(value.shape)}".encode())
+            add(b"x", data.numpy().tobytes())
+        elif isinstance(value, (torch.dtype, torch.device)):
+            add(b"T", str(value).encode())
+        elif isinstance(value, dict):
+            add(b"D", str(len(value)).encode())
+            for key, item in value.items():
+                visit(key)
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            add(b"L" if isinstance(value, list) else b"U", str(len(value)).encode())
+            for item in value:
+                visit(item)
+        else:
+            raise TypeError(f"cannot store {type(value).__module__}.{type(value).__qualname__} in a checkpoint")
+
+    visit(obj)
+    return digest.hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` a checkpoint (tensors and plain data only), with a one-line error if unreadable."""
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` the dict ``obj`` to ``path`` atomically, with format, version and checksum.
+
+    Raises:
+        TypeError: ``obj`` is not a dict, or holds something ``torch.load``
+            with ``weights_only=True`` could not read back.
+        ValueError: ``obj`` uses one of the keys ``format``,
+            ``format_version`` or ``sha256``, which the file format reserves.
+    """
+    if not isinstance(obj, dict):
+        raise TypeError(f"a checkpoint is a dict, got {type(obj).__name__}")
+    for key in _HEADER:
+        if key in obj:
+            raise ValueError(f"{key!r} is reserved for the checkpoint format; rename that key")
+    record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "sha256": content_digest(obj), **obj}
+    return atomic_write(path, lambda tmp: torch.save(record, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a file written by :func:`save_checkpoint` (tensors and plain data only), checking its checksum.
+
+    Returns the dict that was saved, without the format's own keys.
+
+    Raises:
+        CheckpointError: one line: no such file; ``PATH is not a bingo
+            checkpoint (corrupt or from another program)`` for anything
+            unreadable, without the format's keys, or whose content does
+            not match its checksum; or a newer format version than this
+            bingo reads.
+    """
+    not_ours = f"{path} is not a bingo checkpoint (corrupt or from another program)"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        record = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no such checkpoint: {path}") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file") from None
+    except OSError as exc:  # permissions, I/O errors: the file may be fine
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception:  # noqa: BLE001 (a bad file raises UnpicklingError, RuntimeError, EOFError, ...)
+        # PyTorch's own message would advise weights_only=False: wrong (the
+        # file is corrupt or foreign) and unsafe (it runs arbitrary pickles).
+        raise CheckpointError(not_ours) from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(not_ours)
+    version = record.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this bingo reads version {CHECKPOINT_VERSION}: upgrade bingo"
+        )
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(not_ours)
+    content = {key: value for key, value in record.items() if key not in _HEADER}
+    try:
+        matches = content_digest(content) == record.get("sha256")
+    except TypeError:
+        matches = False
+    if not matches:
+        raise CheckpointError(f"{not_ours}: its content does not match its sha256")
+    return content

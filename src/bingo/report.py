@@ -482,6 +482,16 @@ def _overhead_text(overhead: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+def _machines_text(results: Mapping[str, Any]) -> str:
+    """`` Measured on <cpu>, <threads> threads, torch <version>.`` for each recorded machine (nothing if none)."""
+    machines = [m for m in results.get("machines") or [] if isinstance(m, Mapping)]
+    if not machines:
+        return ""
+    described = "; ".join(f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}" for m in machines)
+    return (f" Measured on {described}; the last digits of accuracies vary across machines and thread counts, "
+            "and timings with everything else running there.")
+
+
 def markdown_tables(results: Mapping[str, Any]) -> str:
     """A markdown section summarising ``results``; ends with a newline.
 
@@ -504,10 +514,10 @@ def markdown_tables(results: Mapping[str, Any]) -> str:
     n = len(_seeds(results))
 
     parts = [f"## {_title(results)}"]
-    parts.append(f"Mean ± sample standard deviation over {_plural(n, 'seed')}.")
+    parts.append(f"Mean ± sample standard deviation over {_plural(n, 'seed')}." + _machines_text(results))
     parts.append("### Test accuracy")
     if rows or dense["n"]:
-        parts.append(_accuracy_table(rows, methods, dense) if rows else f"Dense: {_accuracy(dense['accuracy_mean'], dense['accuracy_std'])}; no pruned runs.")
+        parts.append(_accuracy_table(rows, methods, dense) if rows else f"Dense: {_accuracy(dense['accuracy_mean'], dense['accuracy_std'], dense['n'])}; no pruned runs.")
     else:
         parts.append("No runs.")
     if rows:

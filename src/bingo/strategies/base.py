@@ -225,6 +225,10 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     default_config: ClassVar[Any]
+    #: True if a network depends on the earlier sparsities of the same request (IMP's one
+    #: trajectory through every target): a resumed ``bingo compare`` then asks for those again
+    #: and records only the missing ones, so it delivers what an uninterrupted run would.
+    one_trajectory: ClassVar[bool] = False
 
     def __init__(self, config: object | None = None) -> None:
         if config is not None and type(config) is not type(self.default_config):

@@ -167,7 +167,8 @@ class ImpStrategy(Strategy):
     delivered, and rounds continue from ``s1`` toward ``s2`` with the same
     rule. Each outcome's cost is cumulative: the dense run plus every round
     so far (scoring, pruning, rewinding and retraining; evaluation is not
-    charged).
+    charged). The ``s2`` network therefore depends on ``s1`` being asked for
+    too (:attr:`one_trajectory`): a resumed comparison asks for both again.
 
     ``scope="global"`` ranks all weights together and prunes ``rate`` of the
     survivors overall. ``scope="layer"`` is the paper's LeNet recipe: every
@@ -178,6 +179,7 @@ class ImpStrategy(Strategy):
 
     name = "imp"
     default_config = ImpConfig()
+    one_trajectory = True
 
     def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
         config = self.config

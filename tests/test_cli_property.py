@@ -1,0 +1,130 @@
+"""Property: whatever the command line and the .npz holds, `bingo run` succeeds or fails with one line.
+
+Random argument lists (valid and invalid values for every kind of flag) and
+random small ``.npz`` files are fed to the CLI in-process. Each run must
+either exit 0 and write strict JSON (no NaN or Infinity), or exit 2 with a
+single ``bingo: error: ...`` line on stderr and no traceback. Runs train for
+at most one epoch on tiny data, so a case costs well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bingo.cli import main
+
+# Values that are valid, borderline or wrong for each option.
+NUMBERS = st.sampled_from(["0", "0.5", "0.9", "1", "1.5", "-0.1", "nan", "inf", "half", "", "0.5,0.9", "1e-9"])
+OPTIONS = {
+    "--model": st.sampled_from(["mlp", "conv", "lenet300", "resnet", ""]),
+    "--method": st.sampled_from(["bingo", "bingo-paper", "magnitude", "random", "gmp", "imp", "snip", "lasso"]),
+    "--epochs": st.sampled_from(["0", "1", "-1", "two", "1.5"]),
+    "--batch-size": st.sampled_from(["1", "16", "0", "-3", "x"]),
+    "--lr": st.sampled_from(["0.01", "0", "-1", "1e6", "abc"]),
+    "--optimizer": st.sampled_from(["adam", "sgd", "rmsprop"]),
+    "--fraction": NUMBERS,
+    "--mode": st.sampled_from(["reset", "zero", "shuffle"]),
+    "--metric": st.sampled_from(["accuracy", "loss", "f1"]),
+    "--estimator": st.sampled_from(["probe", "taylor", "hybrid", "fisher"]),
+    "--granularity": st.sampled_from(["weight", "neuron", "layer"]),
+    "--rule": st.sampled_from(["mean", "paper", "contrast", "max"]),
+    "--every": st.sampled_from(["1", "3", "0", "-2", "x"]),
+    "--target": NUMBERS,
+    "--magnitude-weight": NUMBERS,
+    "--finetune-epochs": st.sampled_from(["0", "1", "-1"]),
+    "--scope": st.sampled_from(["global", "layer", "model"]),
+    "--rate": NUMBERS,
+    "--frequency": st.sampled_from(["1", "5", "0"]),
+    "--seed": st.sampled_from(["0", "1", "-1", "x"]),
+}
+TARGETS = st.one_of(
+    st.tuples(st.just("--sparsity"), NUMBERS),
+    st.tuples(st.just("--min-accuracy"), NUMBERS),
+    st.tuples(st.just("--max-accuracy-drop"), NUMBERS),
+)
+
+
+@st.composite
+def npz_contents(draw) -> dict[str, np.ndarray]:
+    """Small, often malformed datasets: odd shapes, dtypes, labels and empty or missing splits."""
+    n_train, n_test = draw(st.integers(0, 24)), draw(st.integers(0, 8))
+    shape = draw(st.sampled_from([(), (4,), (2, 3), (1, 1), (6, 6), (8, 8)]))
+    dtype = draw(st.sampled_from(["float32", "float64", "uint8", "int64", "bool"]))
+    label_dtype = draw(st.sampled_from(["int64", "uint8", "uint64", "float32", "int8"]))
+    high = draw(st.sampled_from([1, 2, 3, 10, 1000, 10**9]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+
+    def images(n):
+        x = (rng.random((n, *shape)) * 255).astype(dtype)
+        if dtype.startswith("float") and n and draw(st.booleans()):
+            x.flat[0] = draw(st.sampled_from([np.nan, np.inf]))
+        return x
+
+    def labels(n):
+        y = rng.integers(0, high, n)
+        if n and draw(st.booleans()):
+            y[0] = draw(st.sampled_from([-1, high, 2**63 - 1]))
+        with np.errstate(all="ignore"):
+            return y.astype(label_dtype)
+
+    contents = {"x_train": images(n_train), "y_train": labels(n_train), "x_test": images(n_test), "y_test": labels(n_test)}
+    for key in draw(st.lists(st.sampled_from(list(contents)), max_size=1)):
+        del contents[key]
+    return contents
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"JSON holds {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse exits 2 on its own errors
+            code = exc.code
+    return code, err.getvalue()
+
+
+def _check(code: int, err: str, out: Path) -> None:
+    assert "Traceback" not in err, err
+    if code == 0:
+        _strict_json(out.read_text())
+    else:
+        assert code == 2, (code, err)
+        lines = [line for line in err.splitlines() if not line.startswith("bingo: warning:")]
+        assert len(lines) == 1 and lines[0].startswith("bingo: error: "), err
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    options=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=6).flatmap(
+        lambda chosen: st.fixed_dictionaries({k: OPTIONS[k] for k in chosen})
+    ),
+    target=TARGETS,
+    data=st.one_of(st.just("digits"), npz_contents(), st.just("nowhere.npz"), st.just("mnist")),
+)
+def test_run_succeeds_or_fails_in_one_line(options, target, data):
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if isinstance(data, dict):
+            np.savez(folder / "data.npz", **data)
+            data = str(folder / "data.npz")
+        out = folder / "out.json"
+        argv = ["run", "--data", data, "--model", "mlp", "--epochs", "1", "--out", str(out), "--no-progress", *target]
+        for flag, value in options.items():
+            argv += [flag, value]
+        code, err = _run(argv)
+        _check(code, err, out)
