@@ -128,3 +128,40 @@ def test_run_succeeds_or_fails_in_one_line(options, target, data):
             argv += [flag, value]
         code, err = _run(argv)
         _check(code, err, out)
+
+
+ONE_SHOT = ("bingo", "bingo-paper", "magnitude", "random")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    method=st.sampled_from([*ONE_SHOT, "gmp", "imp", "snip"]),
+    training=st.fixed_dictionaries({
+        "--epochs": st.sampled_from(["0", "1"]),
+        "--batch-size": st.sampled_from(["1", "7", "64"]),  # tiny data: a few steps per epoch
+        "--lr": st.sampled_from(["0.003", "0.05", "1e6"]),
+        "--optimizer": st.sampled_from(["adam", "sgd"]),
+        "--seed": st.sampled_from(["0", "3"]),
+    }),
+    granularity=st.sampled_from(["weight", "neuron"]),
+    target=st.sampled_from([("--sparsity", "0.5"), ("--sparsity", "0,0.9"), ("--min-accuracy", "0.2"), ("--max-accuracy-drop", "0.1")]),
+    model=st.sampled_from(["mlp", "conv", "lenet300"]),
+    data=st.one_of(st.just("digits"), npz_contents()),
+)
+def test_valid_flags_on_random_data_succeed_or_fail_in_one_line(method, training, granularity, target, model, data):
+    """The deeper paths: training, searching, pruning and writing on odd data, with flags that parse."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if isinstance(data, dict):
+            np.savez(folder / "data.npz", **data)
+            data = str(folder / "data.npz")
+        out = folder / "out.json"
+        argv = ["run", "--data", data, "--model", model, "--method", method, "--out", str(out), "--no-progress", *target]
+        if data == "digits":  # 1,293 real images: keep the case cheap, no training epochs
+            training = {**training, "--epochs": "0"}
+        for flag, value in training.items():
+            argv += [flag, value]
+        if method in ONE_SHOT:
+            argv += ["--granularity", granularity]
+        code, err = _run(argv)
+        _check(code, err, out)
