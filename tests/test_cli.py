@@ -398,7 +398,7 @@ def test_checkpoint_that_is_not_a_training_checkpoint(capsys, run_args, tmp_path
 
 BAD_OPTIONS = [
     # (extra run arguments, pattern of the message)
-    (("--model", "resnet"), r"unknown model 'resnet'; valid choices: lenet300, mlp, conv$"),
+    (("--model", "vgg"), r"unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet$"),
     (("--data", "cifar"), r"unknown dataset 'cifar'; valid choices: digits, fashion-mnist, mnist"),
     (("--sparsity", "1.0"), r"sparsity must be in \[0, 1\), got 1\.0$"),
     (("--sparsity", "-0.1"), r"sparsity must be in \[0, 1\), got -0\.1$"),
@@ -414,7 +414,7 @@ BAD_OPTIONS = [
     (("--granularity", "layer"), r"argument --granularity: invalid choice: 'layer' \(choose from 'weight', 'neuron'\)$"),
     (("--rule", "max"), r"argument --rule: invalid choice: 'max' \(choose from 'mean', 'paper', 'contrast'\)$"),
     (("--optimizer", "rmsprop"), r"argument --optimizer: invalid choice: 'rmsprop' \(choose from 'adam', 'sgd'\)$"),
-    (("--scope", "model"), r"argument --scope: invalid choice: 'model' \(choose from 'global', 'layer'\)$"),
+    (("--scope", "model"), r"argument --scope: invalid choice: 'model' \(choose from 'global', 'layer', 'lamp'\)$"),
     (("--magnitude-weight", "1.5"), r"magnitude weight must be in \[0, 1\], got 1\.5$"),
     (("--epochs", "two"), r"--epochs expects an int, got 'two'$"),
     (("--epochs", "-1"), r"epochs must be a whole number >= 0, got -1$"),
@@ -546,7 +546,7 @@ def test_failed_run_leaves_existing_output_unchanged(capsys, run_args, out, exis
     failures = [
         # rejected before anything is loaded
         (run_args("--sparsity", "1.0"), 2),
-        (run_args("--sparsity", "0.5", model="resnet"), 2),
+        (run_args("--sparsity", "0.5", model="vgg"), 2),
         # rejected while loading data
         (run_args("--sparsity", "0.5", data=str(write_npz(tmp_path / "bad.npz", drop=("x_test",)))), 2),
     ]
@@ -632,11 +632,11 @@ def test_real_process_help_and_bad_input(tmp_path):
     assert "demo" in helped.stdout and "run" in helped.stdout
     assert helped.stderr == ""
 
-    failed = bingo_process("run", "--data", "digits", "--model", "resnet", "--sparsity", "0.5", "--out", "out.json")
+    failed = bingo_process("run", "--data", "digits", "--model", "vgg", "--sparsity", "0.5", "--out", "out.json")
     assert failed.returncode == 2
     assert failed.stdout == ""
     assert "Traceback" not in failed.stderr
-    assert failed.stderr.splitlines() == ["bingo: error: unknown model 'resnet'; valid choices: lenet300, mlp, conv"]
+    assert failed.stderr.splitlines() == ["bingo: error: unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet"]
     assert not (tmp_path / "out.json").exists()
 
 

@@ -24,7 +24,7 @@ from bingo.cli import main
 # Values that are valid, borderline or wrong for each option.
 NUMBERS = st.sampled_from(["0", "0.5", "0.9", "1", "1.5", "-0.1", "nan", "inf", "half", "", "0.5,0.9", "1e-9"])
 OPTIONS = {
-    "--model": st.sampled_from(["mlp", "conv", "lenet300", "resnet", ""]),
+    "--model": st.sampled_from(["mlp", "conv", "lenet300", "resnet", "vgg", ""]),
     "--method": st.sampled_from(["bingo", "bingo-paper", "magnitude", "random", "gmp", "imp", "snip", "lasso"]),
     "--epochs": st.sampled_from(["0", "1", "-1", "two", "1.5"]),
     "--batch-size": st.sampled_from(["1", "16", "0", "-3", "x"]),

@@ -21,8 +21,11 @@ def test_one_to_eight_at_half():
 
 def test_global_ranks_across_layers_and_layer_scope_per_tensor():
     scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0, 30.0, 40.0])}
-    masks = select_masks(scores, 0.5, "global")
+    masks = select_masks(scores, 0.5, "global", min_keep=0)
     assert masks["a"].tolist() == [False] * 4 and masks["b"].tolist() == [True] * 4
+    # by default each tensor keeps its floor (1 entry here); the next least significant entry goes instead
+    masks = select_masks(scores, 0.5, "global")
+    assert masks["a"].tolist() == [False, False, False, True] and masks["b"].tolist() == [False, True, True, True]
     masks = select_masks(scores, 0.5, "layer")
     assert masks["a"].tolist() == [False, False, True, True] and masks["b"].tolist() == [False, False, True, True]
 
@@ -38,7 +41,7 @@ def test_exact_sparsity(sizes, sparsity, scope, seed):
     generator = torch.Generator().manual_seed(seed)
     # few distinct values, so ties are common
     scores = {f"l{i}": torch.randint(0, 4, (n,), generator=generator).float() for i, n in enumerate(sizes)}
-    masks = select_masks(scores, sparsity, scope)
+    masks = select_masks(scores, sparsity, scope, min_keep=0)  # the floor has its own tests (test_layer_collapse.py)
     if scope == "global":
         assert sum(int((~m).sum()) for m in masks.values()) == round(sparsity * sum(sizes))
     else:
@@ -72,11 +75,11 @@ def test_sparsity_outside_range(sparsity):
 
 
 def test_unknown_scope():
-    with pytest.raises(ConfigError, match="unknown scope 'net'; valid choices: global, layer"):
+    with pytest.raises(ConfigError, match="unknown scope 'net'; valid choices: global, layer, lamp$"):
         select_masks({"w": torch.ones(3)}, 0.5, "net")
 
 
-@pytest.mark.parametrize("amount", [0.3, 0.5, 0.9, 0.97])
+@pytest.mark.parametrize("amount", [0.3, 0.5, 0.9])
 def test_magnitude_equals_torch_global_unstructured(amount):
     ours, theirs = make_mlp(), make_mlp()
     bingo.prune(ours, bingo.magnitude_scores(ours), amount)
@@ -86,6 +89,18 @@ def test_magnitude_equals_torch_global_unstructured(amount):
     for i in (1, 3, 5):
         assert torch.equal(ours[i].weight_mask, theirs[i].weight_mask)
         assert torch.equal(ours[i].weight, theirs[i].weight)
+
+
+def test_where_torch_global_unstructured_empties_a_layer_ours_keeps_the_floor():
+    ours, theirs = make_mlp(), make_mlp()
+    bingo.prune(ours, bingo.magnitude_scores(ours), 0.97)
+    torch_prune.global_unstructured(
+        [(theirs[i], "weight") for i in (1, 3, 5)], pruning_method=torch_prune.L1Unstructured, amount=0.97
+    )
+    assert [int(theirs[i].weight_mask.sum()) for i in (1, 3, 5)] == [0, 3, 7]  # fc1 (192 weights) emptied
+    assert [int(ours[i].weight_mask.sum()) for i in (1, 3, 5)] == [2, 1, 7]  # floors: ceil(1% of 192), 1, 1
+    # what the floored fc1 could not give came from the next smallest weights of fc2
+    assert torch.equal(ours[5].weight_mask, theirs[5].weight_mask)
 
 
 def test_layer_scope_equals_torch_l1_unstructured():

@@ -259,9 +259,9 @@ def test_gmp_last_update_lands_on_the_final_sparsity_off_the_grid():
 
 
 def test_gmp_sparsity_refuses_bad_steps():
-    with pytest.raises(ConfigError, match=r"GMP needs 0 <= start step <= end step, got 30 and 20"):
+    with pytest.raises(ConfigError, match=r"the sparsity schedule needs 0 <= start step <= end step, got 30 and 20"):
         gmp_sparsity(5, 0.5, 0.0, 30, 20, 5)
-    with pytest.raises(ConfigError, match=r"GMP frequency must be a whole number of steps >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"the sparsity schedule's frequency must be a whole number of steps >= 1, got 0"):
         gmp_sparsity(5, 0.5, 0.0, 0, 20, 0)
 
 

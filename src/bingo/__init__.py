@@ -5,6 +5,7 @@ ordinary training run; :func:`prune` removes the least significant weights
 in one shot, through ``torch.nn.utils.prune``.
 """
 
+from .compensation import CompensationResult, compensate, reestimate_batchnorm
 from .errors import BingoError, CheckpointError, ConfigError, DataError, TrainingError
 from .export import ExportResult, RawInputModel, export_checkpoint, export_model, load_compact, save_compact, state_dict_size
 from .estimators import ESTIMATORS, Estimator, register_estimator
@@ -20,6 +21,7 @@ from .pruning import (
     prune,
     prune_to_accuracy,
 )
+from .schedule import SparsityScheduler, gmp_sparsity
 from .scoring import combine_ranks, magnitude_scores, random_scores
 from .search import SearchConfig, TicketSearch
 from .selection import select_masks
@@ -29,6 +31,7 @@ __all__ = [
     "AccuracyFloorResult",
     "BingoError",
     "CheckpointError",
+    "CompensationResult",
     "ConfigError",
     "DataError",
     "ESTIMATORS",
@@ -36,16 +39,19 @@ __all__ = [
     "ExportResult",
     "RawInputModel",
     "SearchConfig",
+    "SparsityScheduler",
     "TicketSearch",
     "TrainingError",
     "apply_masks",
     "combine_ranks",
+    "compensate",
     "count_flops",
     "count_parameters",
     "current_masks",
     "export_checkpoint",
     "export_model",
     "find_layers",
+    "gmp_sparsity",
     "load_compact",
     "load_scores",
     "load_pruned_state_dict",
@@ -55,6 +61,7 @@ __all__ = [
     "prune",
     "prune_to_accuracy",
     "random_scores",
+    "reestimate_batchnorm",
     "register_estimator",
     "save_compact",
     "save_scores",

@@ -253,7 +253,10 @@ def prune(
             like the weight (weight granularity) or ``(out_units,)`` (neuron).
         sparsity: fraction of the scored entries to prune, in [0, 1); exact
             to the entry (``round(sparsity * n)``).
-        scope: ``"global"`` (one ranking over all scored entries) or ``"layer"``.
+        scope: ``"global"`` (one ranking over all scored entries, each layer
+            keeping a floor: :data:`bingo.selection.MIN_KEEP`), ``"layer"``, or
+            ``"lamp"`` (one ranking by layer-normalised LAMP scores); see
+            :func:`bingo.selection.select_masks`.
         seed: tie-breaking seed (see :mod:`bingo.selection`).
 
     Returns:
@@ -318,13 +321,13 @@ def prune_to_accuracy(
     check_choice("scope", scope, SCOPES)
     effective = _effective_scores(model, scores)
     shapes = {key: s.shape for key, s in effective.items()}
-    # Step j of the bisection is sparsity j / steps. Globally steps is the number of
-    # entries, so select_masks prunes round(j / steps * steps) = j of them; per layer
-    # it prunes round(j / steps * n_l) of each layer's n_l.
-    if scope == "global":
-        steps = sum(s.numel() for s in effective.values())
-    else:
+    # Step j of the bisection is sparsity j / steps. In the global scopes (global, lamp)
+    # steps is the number of entries, so select_masks prunes round(j / steps * steps) = j
+    # of them; per layer it prunes round(j / steps * n_l) of each layer's n_l.
+    if scope == "layer":
         steps = max(s.numel() for s in effective.values())
+    else:
+        steps = sum(s.numel() for s in effective.values())
 
     def masks_at(j: int) -> dict[str, torch.Tensor]:
         return select_masks(effective, j / steps, scope, seed)

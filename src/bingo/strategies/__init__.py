@@ -2,7 +2,8 @@
 
 from .base import STRATEGIES, DenseRun, Experiment, ForwardCounter, Outcome, Strategy, Trained, get_strategy, register, rewind
 from .oneshot import BINGO, BINGO_PAPER, BingoConfig, BingoPaperStrategy, BingoStrategy, MagnitudeStrategy, OneShotConfig, OneShotStrategy, RandomStrategy  # isort: skip (registered first)
-from .gmp import GmpConfig, GmpStrategy, gmp_sparsity
+from .gmp import GmpConfig, GmpStrategy, ScheduleConfig, ScheduledStrategy, gmp_sparsity
+from .gradual import GradualBingoConfig, GradualBingoStrategy
 from .imp import ImpConfig, ImpStrategy, imp_schedule
 from .snip import SnipConfig, SnipStrategy, snip_scores
 
@@ -18,6 +19,8 @@ __all__ = [
     "ForwardCounter",
     "GmpConfig",
     "GmpStrategy",
+    "GradualBingoConfig",
+    "GradualBingoStrategy",
     "ImpConfig",
     "ImpStrategy",
     "MagnitudeStrategy",
@@ -25,6 +28,8 @@ __all__ = [
     "OneShotStrategy",
     "Outcome",
     "RandomStrategy",
+    "ScheduleConfig",
+    "ScheduledStrategy",
     "SnipConfig",
     "SnipStrategy",
     "Strategy",

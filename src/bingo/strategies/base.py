@@ -158,6 +158,14 @@ class Experiment:
         """A fresh model with this seed's initial weights θ0."""
         return build_model(self.model_name, self.data.input_shape, self.data.num_classes, seed=self.seed)
 
+    def calibration(self, samples: int) -> torch.Tensor:
+        """``samples`` training inputs drawn without replacement by this seed (all of them if fewer): compensation's data."""
+        generator = torch.Generator().manual_seed(self.seed)
+        x = self.data.x_train
+        if samples >= len(x):
+            return x
+        return x[torch.randperm(len(x), generator=generator)[:samples].sort().values]
+
     def initial_state(self) -> dict[str, torch.Tensor]:
         """θ0 as a state dict."""
         return self.new_model().state_dict()

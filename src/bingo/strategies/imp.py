@@ -20,7 +20,7 @@ from ..errors import ConfigError, check_choice
 from ..layers import output_layer_name
 from ..pruning import current_masks, prune
 from ..scoring import magnitude_scores
-from ..selection import SCOPES, check_sparsity, prune_count
+from ..selection import check_sparsity, prune_count
 from .base import Experiment, Outcome, Strategy, register, rewind
 
 __all__ = ["ImpConfig", "ImpStrategy", "imp_schedule"]
@@ -135,7 +135,7 @@ class ImpConfig:
 
     rate: float = field(default=0.2, metadata={"help": "fraction of the surviving weights pruned per round"})
     rewind_step: int = field(default=0, metadata={"help": "training step the survivors are reset to (0 = θ0)"})
-    scope: str = field(default="global", metadata={"help": "global (one magnitude ranking) or layer (per-layer rates)"})
+    scope: str = field(default="global", metadata={"help": "global (one magnitude ranking) or layer (per-layer rates)", "choices": ("global", "layer")})
     output_rate_factor: float = field(
         default=0.5, metadata={"help": "with scope=layer, the output layer is pruned at rate × this factor per round"}
     )
@@ -144,7 +144,7 @@ class ImpConfig:
         _check_rate(self.rate)
         if int(self.rewind_step) != self.rewind_step or self.rewind_step < 0:
             raise ConfigError(f"rewind step must be a whole number >= 0, got {self.rewind_step!r}")
-        check_choice("scope", self.scope, SCOPES)
+        check_choice("scope", self.scope, ("global", "layer"))  # IMP's rounds are one ranking or per-layer rates
         if not 0.0 < self.output_rate_factor <= 1.0:
             raise ConfigError(f"output rate factor must be in (0, 1], got {self.output_rate_factor!r}")
 

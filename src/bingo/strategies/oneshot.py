@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..compensation import compensate
 from ..errors import ConfigError, check_choice
 from ..layers import GRANULARITIES
 from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
@@ -32,6 +33,7 @@ __all__ = [
     "BingoConfig",
     "BingoPaperStrategy",
     "BingoStrategy",
+    "CompensationConfig",
     "MagnitudeStrategy",
     "OneShotConfig",
     "OneShotStrategy",
@@ -45,12 +47,25 @@ def _check_finetune(finetune_epochs: int) -> None:
 
 
 @dataclass(frozen=True)
+class CompensationConfig:
+    """Whether and how a one-shot prune re-fits the surviving weights (:func:`bingo.compensate`)."""
+
+    compensate: bool = field(default=False, metadata={"help": "re-fit the surviving weights of every pruned layer to the dense layer's outputs (least squares on calibration data) before any fine-tune"})
+    calibration_samples: int = field(default=1024, metadata={"help": "training samples the compensation fits on"})
+
+    def __post_init__(self) -> None:
+        if int(self.calibration_samples) != self.calibration_samples or self.calibration_samples < 1:
+            raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
+
+
+@dataclass(frozen=True)
 class OneShotConfig:
     """Settings shared by the prune-once-after-training methods."""
 
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
-    scope: str = field(default="global", metadata={"help": "rank all layers together, or prune each layer to the sparsity", "choices": SCOPES})
+    scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021)", "choices": SCOPES})
     granularity: str = field(default="weight", metadata={"help": "prune single weights, or whole neurons / output channels (sparsity = fraction of hidden units)", "choices": GRANULARITIES})
+    compensation: CompensationConfig = field(default=CompensationConfig(), metadata={"help": "compensation settings"})
 
     def __post_init__(self) -> None:
         _check_finetune(self.finetune_epochs)
@@ -73,7 +88,16 @@ class OneShotStrategy(Strategy):
             model = copy.deepcopy(dense.model)
             start = time.perf_counter()
             masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
-            yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start)
+            calls = self._compensate(experiment, dense, model)
+            yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls)
+
+    def _compensate(self, experiment: Experiment, dense: DenseRun, model: nn.Module) -> int:
+        """Re-fit the pruned ``model``'s survivors to the dense run's layer outputs if configured; forward calls made."""
+        settings = self.config.compensation
+        if not settings.compensate or not any(hasattr(m, "weight_mask") for m in model.modules()):
+            return 0
+        result = compensate(model, None, experiment.calibration(settings.calibration_samples), reference=dense.model)
+        return result.forward_passes
 
     def prune_to_floor(
         self, experiment: Experiment, *, min_accuracy: float | None = None, max_drop: float | None = None
@@ -88,19 +112,35 @@ class OneShotStrategy(Strategy):
         dense, scores = self.trained(experiment)
         model = copy.deepcopy(dense.model)
         start = time.perf_counter()
+        calls = 0
+
+        def validation_accuracy(candidate: nn.Module) -> float:
+            # With compensation, every probe of the floor is judged as it will be delivered: compensated.
+            nonlocal calls
+            if self.config.compensation.compensate:
+                candidate = copy.deepcopy(candidate)
+                calls += self._compensate(experiment, dense, candidate)
+            return evaluate(candidate, data.x_val, data.y_val)
+
         floor = prune_to_accuracy(
-            model, scores, lambda m: evaluate(m, data.x_val, data.y_val),
+            model, scores, validation_accuracy,
             min_accuracy=min_accuracy, max_drop=max_drop, scope=self.config.scope, seed=experiment.seed,
         )
+        calls += self._compensate(experiment, dense, model)
         masks = {key: mask.bool() for key, mask in floor.masks.items()}
-        return self._deliver(experiment, dense, model, masks, floor.sparsity, time.perf_counter() - start), floor
+        return self._deliver(experiment, dense, model, masks, floor.sparsity, time.perf_counter() - start, calls), floor
 
     def _deliver(
-        self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float, prune_seconds: float
+        self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float,
+        prune_seconds: float, calibration_passes: int = 0,
     ) -> Outcome:
-        """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`."""
+        """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`.
+
+        ``prune_seconds`` and ``calibration_passes`` (compensation's forward calls on calibration batches,
+        counted with the training forwards) are the prune's own cost.
+        """
         seconds = dense.cost.seconds + prune_seconds
-        steps, forwards = dense.cost.steps, dense.cost.forward_passes
+        steps, forwards = dense.cost.steps, dense.cost.forward_passes + calibration_passes
         if self.config.finetune_epochs:
             tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity:g}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
@@ -123,7 +163,8 @@ class BingoConfig:
     )
     magnitude_weight: float = field(default=0.5, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
-    scope: str = field(default="global", metadata={"help": "rank all layers together, or prune each layer to the sparsity", "choices": SCOPES})
+    scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021)", "choices": SCOPES})
+    compensation: CompensationConfig = field(default=CompensationConfig(), metadata={"help": "compensation settings"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.search, SearchConfig):

@@ -1,0 +1,342 @@
+"""Compensation: after a one-shot prune, re-fit the surviving weights so each layer does what the dense one did.
+
+Removing weights without touching the survivors is what makes a one-shot
+prune lose accuracy without retraining; every method that prunes well
+without retraining updates the survivors (Optimal Brain Surgeon, Hassibi &
+Stork 1993; OBC / Optimal Brain Compression, Frantar & Alistarh 2022;
+SparseGPT, Frantar & Alistarh 2023). :func:`compensate` does it as a least-
+squares problem per layer, in network order:
+
+- the **input** of layer ``l`` is what the *pruned* network (with the layers
+  before ``l`` already compensated) feeds it on calibration data, ``X``
+  (``N × d``; a Conv2d's input unfolded into its patches, ``N·P × C·kh·kw``),
+  with a column of ones when the layer has a bias;
+- the **target** is the *dense* network's output of that layer on the dense
+  inputs, ``Y``: so every layer also corrects the error the pruning of the
+  layers before it introduced (SparseGPT's own target, the current weights
+  on the pruned inputs, corrects only the layer's own pruning);
+- each output unit ``r`` keeps the inputs its mask keeps, ``S_r``, and gets
+  ``w_r = argmin ‖X[:, S_r] w − Y[:, r]‖² + λ‖w‖²``, solved from the
+  Hessian ``H = XᵀX`` in float64 by Cholesky, ``H[S_r, S_r] w = (XᵀY)[S_r, r]``,
+  with damping ``λ = damping × mean(diag H[S_r, S_r])`` (SparseGPT's 1%).
+
+``H`` and ``XᵀY`` are accumulated over calibration batches, so memory is
+``O(d² + d·out)`` per layer, whatever the number of samples; time is two
+forwards of the calibration set per layer plus one ``k×k`` Cholesky per
+distinct kept set (``k`` = kept inputs of an output unit). Pruned units
+(neuron masks) stay zero, bias included. BatchNorm statistics are kept by
+default: the fit aims at the dense layer outputs, which they describe (re-
+estimating them afterwards moved the compensated network *away* from the
+dense one in the tests; ``batchnorm="reestimate"`` does it anyway). The
+masks are never changed: it works for masks from any method.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, check_choice
+from .pruning import apply_masks, refresh_masked
+
+__all__ = ["CompensationResult", "compensate", "reestimate_batchnorm"]
+
+
+@dataclass(frozen=True)
+class CompensationResult:
+    """What :func:`compensate` did."""
+
+    layers: tuple[str, ...]  #: weight keys re-fitted, in network order
+    skipped: tuple[str, ...]  #: masked layers left as they were (unsupported kind), with the reason
+    error_before: dict[str, float]  #: per layer, mean squared error vs the dense output before the re-fit
+    error_after: dict[str, float]  #: the same after it
+    seconds: float
+    forward_passes: int  #: forward calls of the model (pruned and dense) on calibration batches
+
+
+def _masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        (f"{name}.weight" if name else "weight"): module
+        for name, module in model.named_modules()
+        if hasattr(module, "weight_mask") and isinstance(module, (nn.Linear, nn.Conv2d))
+    }
+
+
+def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: torch.Tensor) -> list[str]:
+    """Keys of ``layers`` in the order the forward pass calls them (one sample)."""
+    order: list[str] = []
+    by_module = {id(m): k for k, m in layers.items()}
+    handles = [m.register_forward_pre_hook(lambda m, a: order.append(by_module[id(m)])) for m in layers.values()]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def _design(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The least-squares design matrix of a layer's input: rows = output positions, columns = weights (+ bias)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw), the weight's flattened order
+    else:
+        rows = inputs.reshape(-1, inputs.shape[-1])
+    rows = rows.double()
+    if module.bias is not None:
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1)
+    return rows
+
+
+def _targets(module: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
+    """A layer's outputs as rows matching :func:`_design`: ``(N·P, out)``."""
+    if isinstance(module, nn.Conv2d):
+        return outputs.permute(0, 2, 3, 1).reshape(-1, outputs.shape[1]).double()
+    return outputs.reshape(-1, outputs.shape[-1]).double()
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        return "grouped, non-zero-padded or 'same'-padded convolutions are not supported"
+    return None
+
+
+@contextmanager
+def _capture(module: nn.Module, kind: str) -> Iterator[list[torch.Tensor]]:
+    """Collect a module's inputs (``kind="input"``) or outputs (``"output"``) while the block runs."""
+    seen: list[torch.Tensor] = []
+    if kind == "input":
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _solve_rows(hessian: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
+    """Per output row r, ``w_r`` on its kept columns from ``(H[S,S] + λI) w = cross[S, r]``; zeros elsewhere.
+
+    ``hessian`` is ``(d, d)``, ``cross`` ``(d, out)``, ``keep`` bool ``(out, d)``. Rows with the same kept set
+    share one Cholesky factor.
+    """
+    out, d = keep.shape
+    weights = torch.zeros(out, d, dtype=torch.float64)
+    groups: dict[bytes, list[int]] = {}
+    for r in range(out):
+        groups.setdefault(keep[r].numpy().tobytes(), []).append(r)
+    for rows in groups.values():
+        columns = keep[rows[0]].nonzero().squeeze(1)
+        if columns.numel() == 0:
+            continue
+        block = hessian[columns][:, columns]
+        scale = float(block.diagonal().mean()) if columns.numel() else 1.0
+        rhs = cross[columns][:, rows]
+        for attempt in range(6):
+            regularised = block + torch.eye(len(columns), dtype=block.dtype) * (damping * 10**attempt * max(scale, 1e-12))
+            factor, info = torch.linalg.cholesky_ex(regularised)
+            if int(info) == 0:
+                weights[torch.tensor(rows)[:, None], columns[None, :]] = torch.cholesky_solve(rhs, factor).T
+                break
+        else:  # numerically hopeless block: leave these rows as they were (signalled by NaN)
+            weights[rows] = float("nan")
+    return weights
+
+
+def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size: int = 256) -> int:
+    """Recompute every BatchNorm's running mean and variance on ``calibration`` (cumulative average).
+
+    Pruning and compensation change the statistics each BatchNorm sees; its
+    stored ones are the dense network's. Returns the number of forward calls.
+    Train/eval flags and the global RNG are restored; no parameter changes.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    calls = 0
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative moving average: every calibration batch counts equally
+            norm.train()
+        with torch.no_grad(), torch.random.fork_rng():
+            for start in range(0, len(calibration), batch_size):
+                model(calibration[start : start + batch_size])
+                calls += 1
+    finally:
+        for norm, momentum in momenta:
+            norm.momentum = momentum
+        for module, training in modes:
+            module.training = training
+    return calls
+
+
+def compensate(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor] | None,
+    calibration: torch.Tensor,
+    *,
+    reference: nn.Module | None = None,
+    damping: float = 0.01,
+    batch_size: int = 256,
+    batchnorm: str = "keep",
+) -> CompensationResult:
+    """Re-fit the surviving weights (and biases) of every pruned Linear/Conv2d of ``model``, in place.
+
+    Args:
+        model: the pruned model. ``masks`` (keep-masks as :func:`bingo.prune`
+            returns them; None = the masks already on the model) are applied
+            first if they are not on it yet.
+        calibration: input samples from the training set, ``(N, ...)`` as
+            the model takes them (a few hundred to a few thousand).
+        reference: the dense network whose layer outputs are the targets.
+            Default: the model itself with its masks lifted (right after a
+            prune, ``weight_orig`` still holds the dense weights; after a
+            fine-tune it does not, so pass the dense model).
+        damping: relative Tikhonov damping ``λ / mean(diag H)``.
+        batch_size: calibration batch size (memory only).
+        batchnorm: ``"keep"`` the BatchNorm statistics (the fit targets the
+            dense layer outputs, which those statistics describe), or
+            ``"reestimate"`` them on the calibration data afterwards
+            (:func:`reestimate_batchnorm`; what an uncompensated prune needs).
+
+    Returns:
+        A :class:`CompensationResult`; per-layer errors let you check it helped.
+        Masks are unchanged.
+    """
+    check_choice("batchnorm", batchnorm, ("keep", "reestimate"))
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() < 2 or len(calibration) == 0:
+        raise ConfigError("compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples")
+    if not 0.0 <= float(damping) < 1.0:
+        raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
+    start_time = time.perf_counter()
+    if masks:
+        apply_masks(model, masks)
+    layers = _masked_layers(model)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no pruned Linear or Conv2d layer to compensate; prune it first")
+    if reference is None:
+        reference = _lifted(model)
+    reference_layers = dict(reference.named_modules())
+    modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
+    calls = 0
+    fitted, skipped, before, after = [], [], {}, {}
+    try:
+        model.eval()
+        reference.eval()
+        order = _network_order(model, layers, calibration[:1])
+        for key in order:
+            module = layers[key]
+            reason = _unsupported(module)
+            if reason:
+                skipped.append(f"{key}: {reason}")
+                continue
+            dense_module = reference_layers[key.rpartition(".")[0]]
+            d = module.weight_orig[0].numel() + (1 if module.bias is not None else 0)
+            hessian = torch.zeros(d, d, dtype=torch.float64)
+            cross = torch.zeros(d, module.weight_orig.shape[0], dtype=torch.float64)
+            error = 0.0
+            rows_seen = 0
+            with torch.no_grad(), torch.random.fork_rng():
+                for start in range(0, len(calibration), batch_size):
+                    batch = calibration[start : start + batch_size]
+                    with _capture(module, "input") as inputs, _capture(module, "output") as outputs:
+                        model(batch)
+                    with _capture(dense_module, "output") as targets:
+                        reference(batch)
+                    calls += 2
+                    design = _design(module, inputs[0]).cpu()
+                    target = _targets(module, targets[0]).cpu()
+                    hessian += design.T @ design
+                    cross += design.T @ target
+                    error += float((_targets(module, outputs[0]).cpu() - target).square().sum())
+                    rows_seen += target.numel()
+            keep = module.weight_mask.reshape(module.weight_mask.shape[0], -1).bool().cpu()
+            if module.bias is not None:
+                bias_keep = getattr(module, "bias_mask", torch.ones(keep.shape[0])).bool().cpu()
+                keep = torch.cat([keep, bias_keep[:, None]], dim=1)
+            solution = _solve_rows(hessian, cross, keep, float(damping))
+            failed = solution.isnan().any(dim=1)
+            with torch.no_grad():
+                weight = module.weight_orig
+                flat = weight.view(weight.shape[0], -1)
+                columns = flat.shape[1]
+                ok = ~failed
+                flat[ok.to(weight.device)] = solution[ok, :columns].to(weight.dtype).to(weight.device)
+                if module.bias is not None:
+                    bias = module.bias_orig if hasattr(module, "bias_orig") else module.bias
+                    bias[ok.to(bias.device)] = solution[ok, columns].to(bias.dtype).to(bias.device)
+            refresh_masked(model)
+            fitted.append(key)
+            before[key] = error / max(rows_seen, 1)
+            if failed.any():
+                skipped.append(f"{key}: {int(failed.sum())} output unit(s) kept their weights (ill-conditioned)")
+        if batchnorm == "reestimate":
+            calls += reestimate_batchnorm(model, calibration, batch_size)
+    finally:
+        for module, training in modes:
+            module.training = training
+    after = _errors(model, reference, fitted, calibration, batch_size)
+    calls += 2 * ((len(calibration) + batch_size - 1) // batch_size)
+    if skipped:
+        warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
+    return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls)
+
+
+def _lifted(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every mask lifted: the weights as they were before pruning zeroed them."""
+    import copy
+
+    from torch.nn.utils import prune as torch_prune
+
+    dense = copy.deepcopy(model)
+    for module in dense.modules():
+        for name in ("weight", "bias"):
+            if hasattr(module, f"{name}_mask"):
+                getattr(module, f"{name}_mask").fill_(1)
+                torch_prune.remove(module, name)
+    return dense
+
+
+def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean squared error of each layer's output against the dense one's, on the calibration data."""
+    if not keys:
+        return {}
+    mine, theirs = dict(model.named_modules()), dict(reference.named_modules())
+    sums = dict.fromkeys(keys, 0.0)
+    counts = dict.fromkeys(keys, 0)
+    modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
+    try:
+        model.eval()
+        reference.eval()
+        with torch.no_grad(), torch.random.fork_rng():
+            for start in range(0, len(calibration), batch_size):
+                batch = calibration[start : start + batch_size]
+                got, want = {}, {}
+                handles = [mine[k.rpartition(".")[0]].register_forward_hook(lambda m, a, o, k=k: got.__setitem__(k, o)) for k in keys]
+                handles += [theirs[k.rpartition(".")[0]].register_forward_hook(lambda m, a, o, k=k: want.__setitem__(k, o)) for k in keys]
+                try:
+                    model(batch)
+                    reference(batch)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for k in keys:
+                    sums[k] += float((got[k].double() - want[k].double()).square().sum())
+                    counts[k] += got[k].numel()
+    finally:
+        for module, training in modes:
+            module.training = training
+    return {k: sums[k] / max(counts[k], 1) for k in keys}

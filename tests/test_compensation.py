@@ -1,0 +1,159 @@
+"""Compensation against closed-form least squares, in network order, with BatchNorm re-estimated."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bingo
+from bingo import ConfigError
+from conftest import make_cnn, make_mlp, tiny_data, train_tiny
+
+
+def _lstsq_rows(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Reference: per output row, numpy's least squares on the kept columns of [x, 1]; zeros elsewhere."""
+    design = np.hstack([x, np.ones((len(x), 1))])
+    solution = np.zeros((y.shape[1], design.shape[1]))
+    for r in range(y.shape[1]):
+        columns = np.flatnonzero(np.append(keep[r], True))
+        solution[r, columns] = np.linalg.lstsq(design[:, columns], y[:, r], rcond=None)[0]
+    return solution
+
+
+def test_one_linear_layer_matches_closed_form_least_squares():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(6, 3))
+    dense = copy.deepcopy(layer)
+    x = torch.randn(200, 6)
+    keep = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    result = bingo.compensate(layer, {"0.weight": keep}, x, damping=0.0)
+    assert result.layers == ("0.weight",)
+    with torch.no_grad():
+        y = dense(x).double().numpy()
+    expected = _lstsq_rows(x.double().numpy(), y, keep.numpy())
+    got = torch.cat([layer[0].weight.detach(), layer[0].bias.detach()[:, None]], dim=1).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert torch.equal(layer[0].weight == 0, ~keep)  # the masks are untouched: pruned weights stay zero
+    assert result.error_after["0.weight"] < result.error_before["0.weight"]
+
+
+def test_targets_are_the_dense_outputs_so_later_layers_correct_earlier_pruning():
+    model = make_mlp()
+    data = tiny_data((256, 16), 4)
+    model, _ = train_tiny(lambda: model, data)
+    dense = copy.deepcopy(model)
+    scores = bingo.magnitude_scores(model)
+    bingo.prune(model, scores, 0.6)
+    x = data[0]
+    result = bingo.compensate(model, None, x, damping=0.0)
+    assert result.layers == ("1.weight", "3.weight", "5.weight")  # network order
+    # The output layer's target is the dense network's output: its re-fit sees the pruned inputs.
+    with torch.no_grad():
+        hidden = model[:5](x).double()
+        y = dense(x).double()
+    keep = model[5].weight_mask.bool()
+    expected = _lstsq_rows(hidden.numpy(), y.numpy(), keep.numpy())
+    got = torch.cat([model[5].weight.detach(), model[5].bias.detach()[:, None]], dim=1).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    with torch.no_grad():
+        pruned_only = copy.deepcopy(dense)
+        bingo.prune(pruned_only, scores, 0.6)
+        assert F.mse_loss(model(x), dense(x)) < F.mse_loss(pruned_only(x), dense(x))
+
+
+def test_conv_layers_are_fitted_on_unfolded_patches():
+    model = make_cnn()
+    data = tiny_data((128, 1, 4, 4), 3)
+    model, _ = train_tiny(lambda: model, data)
+    dense = copy.deepcopy(model)
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    x = data[0]
+    result = bingo.compensate(model, None, x, damping=1e-6)
+    assert result.layers == ("0.weight", "5.weight", "9.weight")
+    # Closed form for the conv layer: its inputs are the raw images (nothing pruned before it).
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 9).double().numpy()
+    with torch.no_grad():
+        y = dense[0](x).permute(0, 2, 3, 1).reshape(-1, 4).double().numpy()
+    keep = model[0].weight_mask.reshape(4, -1).bool().numpy()
+    expected = _lstsq_rows(patches, y, keep)
+    got = torch.cat([model[0].weight.detach().reshape(4, -1), model[0].bias.detach()[:, None]], dim=1).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert torch.equal(model[1].running_mean, dense[1].running_mean)  # batchnorm="keep": the dense statistics
+    assert all(result.error_after[k] < result.error_before[k] for k in result.layers)
+
+
+def test_batchnorm_reestimation_gives_the_statistics_of_the_calibration_data():
+    model = make_cnn()
+    data = tiny_data((128, 1, 4, 4), 3)
+    model, _ = train_tiny(lambda: model, data)
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    x = data[0]
+    bingo.compensate(model, None, x, batchnorm="reestimate")
+    with torch.no_grad():
+        model.eval()
+        features = model[0](x)
+        hidden = model[5](model[:5](x))
+    torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model[1].running_var, features.var(dim=(0, 2, 3), unbiased=True), atol=1e-5, rtol=1e-4)
+    # (the second one saw the first normalised by batch statistics, so agreement is to about 1e-3)
+    torch.testing.assert_close(model[6].running_mean, hidden.mean(dim=0), atol=1e-3, rtol=1e-3)
+    assert model[1].momentum == 0.1  # restored
+
+
+def test_compensate_never_perturbs_rng_or_train_flags_and_refuses_bad_input():
+    model = make_mlp()
+    model.train()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    x = torch.randn(64, 16)
+    state = torch.random.get_rng_state()
+    bingo.compensate(model, None, x)
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    with pytest.raises(ConfigError, match=r"^compensate needs calibration inputs"):
+        bingo.compensate(model, None, torch.randn(0, 16))
+    with pytest.raises(ConfigError, match=r"has no pruned Linear or Conv2d layer to compensate; prune it first$"):
+        bingo.compensate(make_mlp(), None, torch.randn(8, 16))
+
+
+def test_cli_compensation_for_any_one_shot_method_and_the_accuracy_floor(tmp_path, capsys):
+    import json
+
+    from bingo.cli import main
+
+    base = ["run", "--data", "digits", "--model", "mlp", "--epochs", "2", "--no-progress", "--method", "magnitude"]
+    plain, comp = tmp_path / "plain.json", tmp_path / "comp.json"
+    assert main([*base, "--sparsity", "0.9", "--out", str(plain)]) == 0
+    assert main([*base, "--sparsity", "0.9", "--compensate", "--calibration-samples", "512", "--out", str(comp)]) == 0
+    plain, comp = json.loads(plain.read_text()), json.loads(comp.read_text())
+    assert comp["config"]["compensation"] == {"compensate": True, "calibration_samples": 512}
+    assert comp["dense_accuracy"] == plain["dense_accuracy"]  # the same dense run ...
+    assert comp["results"][0]["accuracy"] != plain["results"][0]["accuracy"]  # ... pruned the same way, then re-fitted
+    floor = tmp_path / "floor.json"
+    assert main([*base, "--max-accuracy-drop", "0.05", "--compensate", "--out", str(floor)]) == 0
+    [result] = json.loads(floor.read_text())["results"]
+    assert result["validation_accuracy"] >= result["validation_floor"]
+    capsys.readouterr()
+    assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.5", "--out", str(floor),
+                 "--method", "gmp", "--compensate"]) == 2
+    assert "--compensate does not apply to method 'gmp'" in capsys.readouterr().err
+
+
+def test_compensated_outcome_counts_its_calibration_passes():
+    from bingo.data import load_dataset
+    from bingo.strategies import Experiment, get_strategy
+    from bingo.strategies.oneshot import CompensationConfig, OneShotConfig
+    from bingo.training import TrainConfig
+
+    data = load_dataset("digits")
+    experiment = Experiment(data, "mlp", TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
+    plain = next(get_strategy("magnitude").run(experiment, [0.8]))
+    config = OneShotConfig(compensation=CompensationConfig(compensate=True, calibration_samples=300))
+    compensated = next(get_strategy("magnitude", config).run(experiment, [0.8]))
+    # 3 layers x (pruned + dense forward) x 2 batches of 256, plus the 2 x 2 forwards of the error check
+    assert compensated.forward_passes - plain.forward_passes == 3 * 2 * 2 + 2 * 2
+    assert compensated.train_steps == plain.train_steps
+    assert torch.equal(torch.cat([m.flatten() for m in compensated.masks.values()]), torch.cat([m.flatten() for m in plain.masks.values()]))
