@@ -917,3 +917,25 @@ def test_an_estimator_instance_serves_one_search():
     with pytest.raises(ConfigError, match=message):
         bingo.TicketSearch(make_mlp(), estimator=estimator)
     assert estimator.search is first
+
+
+def test_hybrid_says_when_its_calibration_did_not_engage(batch):
+    # Probes that lower the loss (measured <= 0 in total) leave the factor at 1: say so, do not hide it.
+    x, y = batch
+    model = make_mlp()
+    search = bingo.TicketSearch(model, estimator="hybrid", metric="loss", fraction=0.5)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    search.step(x, y)
+    state = search.state_dict()
+    for key in state["estimator"]:
+        state["estimator"][key]["calibration_measured"] = torch.tensor(-1.0, dtype=torch.float64)
+        state["estimator"][key]["calibration_predicted"] = torch.tensor(2.0, dtype=torch.float64)
+    search.load_state_dict(state)
+    assert search.estimator.uncalibrated() == ["1.weight", "3.weight", "5.weight"]
+    with pytest.warns(UserWarning, match=r"^hybrid calibration did not engage for 3 of 3 layers \(1.weight, 3.weight, 5.weight\)"):
+        search.significance()
+    state["estimator"]["1.weight"]["calibration_measured"] = torch.tensor(1.0, dtype=torch.float64)
+    search.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"did not engage for 2 of 3 layers \(3.weight, 5.weight\)"):
+        search.significance()

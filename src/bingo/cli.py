@@ -8,6 +8,7 @@ and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -106,6 +107,22 @@ def _print_warnings(caught: list) -> None:
     """Library warnings (classes absent from training, ONNX skipped, units kept by shrink) as one line each."""
     for warning in caught:
         print(f"bingo: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """bingo's own UserWarnings raised inside the block become ``bingo: warning:`` lines; others show as usual."""
+    package = str(Path(__file__).parent)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("default", category=UserWarning, module=r"bingo(\.|$)")  # once per message
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning) and w.filename.startswith(package):
+                    _print_warnings([w])
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _load_data(args: argparse.Namespace, **kwargs):
@@ -213,17 +230,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         method_configs=_method_configs(args, args.methods),
     )
     earlier = set(Path(args.out).glob("previous-*"))
-    with warnings.catch_warnings(record=True) as caught:
-        # bingo's own UserWarnings (e.g. classes absent from training) become one line each; others show as usual
-        warnings.filterwarnings("always", category=UserWarning, module=r"bingo(\.|$)")
-        try:
-            results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning) and w.filename.startswith(str(Path(__file__).parent)):
-                    _print_warnings([w])
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    with _one_line_warnings():
+        results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     paths = write_report(results, args.out)
     print(markdown_tables(results))
     for aside in sorted(set(Path(args.out).glob("previous-*")) - earlier):
@@ -358,12 +366,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _load_data(args, seed=args.seed)
     experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
     results = []
-    if args.sparsity is not None:
-        outcomes = list(strategy.run(experiment, sparsities))
+    with _one_line_warnings():
+        if args.sparsity is not None:
+            outcomes, floor = list(strategy.run(experiment, sparsities)), None
+        else:
+            outcome, floor = strategy.prune_to_floor(experiment, min_accuracy=args.min_accuracy, max_drop=args.max_accuracy_drop)
+            outcomes = [outcome]
+        if one_shot:  # the dense run every sparsity started from (cached: not trained again)
+            dense, scores = strategy.trained(experiment)
+    if floor is None:
         results = [{"sparsity": o.sparsity, "accuracy": o.accuracy} for o in outcomes]
     else:
-        outcome, floor = strategy.prune_to_floor(experiment, min_accuracy=args.min_accuracy, max_drop=args.max_accuracy_drop)
-        outcomes = [outcome]
         results = [{
             "sparsity": floor.sparsity,
             "accuracy": outcome.accuracy,
@@ -378,8 +391,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     pruned_model = outcomes[-1].model
-    if one_shot:  # the dense run every sparsity started from (cached: not trained again)
-        dense, scores = strategy.trained(experiment)
+    if one_shot:
         dense_accuracy = experiment.evaluate(dense.model)
         train_seconds, search_seconds, train_steps = dense.cost.seconds, dense.search_seconds, dense.cost.steps
     else:

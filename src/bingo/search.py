@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -206,6 +207,8 @@ class TicketSearch:
         """
         check_choice("unprobed", unprobed, UNPROBED)
         rule = self.estimator.resolve_rule(self.config.rule if rule is None else rule)
+        for note in self.estimator.notes():
+            warnings.warn(note, stacklevel=2)
         raw = self.estimator.raw_scores(rule)
         if not self.estimator.in_unit_range(rule):
             known_values = [score[~score.isnan()] for score in raw.values()]

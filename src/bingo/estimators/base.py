@@ -91,6 +91,10 @@ class Estimator(ABC):
         """True if :meth:`raw_scores` under ``rule`` are already in [0, 1] and comparable across layers."""
         return False
 
+    def notes(self) -> list[str]:
+        """Caveats about the current scores, one line each (``significance()`` issues them as warnings). Default: none."""
+        return []
+
     def counts(self) -> dict[str, torch.Tensor]:
         """``{key: int64 tensor}``: how many observations informed each weight (unit)."""
         raise ConfigError(f"estimator {self.name or type(self).__name__!r} does not count observations per weight")

@@ -87,6 +87,24 @@ class HybridEstimator(TaylorEstimator):
             factors[key] = measured / predicted if measured > 0 and predicted > 0 else 1.0
         return factors
 
+    def uncalibrated(self) -> list[str]:
+        """Layers whose probes ran but measured no loss increase in total, so their factor fell back to 1.
+
+        Early in training, eval-mode BatchNorm statistics can make resets *lower* the
+        measured loss; those layers are then ranked by the Taylor estimate alone.
+        """
+        return [
+            key for key, entry in self.state.items()
+            if float(entry["calibration_predicted"]) > 0 and float(entry["calibration_measured"]) <= 0
+        ]
+
+    def notes(self) -> list[str]:
+        missing = self.uncalibrated()
+        if not missing:
+            return []
+        return [f"hybrid calibration did not engage for {len(missing)} of {len(self.state)} layers ({', '.join(missing)}): "
+                "their probes measured no loss increase in total, so they are ranked by the Taylor estimate alone"]
+
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         factors = self.calibration()
         return {key: score * factors[key] if factors[key] != 1.0 else score for key, score in super().raw_scores(rule).items()}
