@@ -78,11 +78,6 @@ class TaylorEstimator(Estimator):
                 change = weight.grad.detach() * weight.detach()
             if search.config.granularity == "neuron":
                 change = change.reshape(change.shape[0], -1).sum(dim=1)
-            if not bool(torch.isfinite(change).all()):
-                raise BingoError(
-                    f"estimator {self.name!r}: the gradient or weight of {key!r} is not finite at step {search.steps}: "
-                    "training diverged (try a lower learning rate)"
-                )
             entry["taylor_steps"] += 1
             new_weight = 1.0 / float(entry["taylor_steps"]) if self.decay == 1.0 else 1.0 - self.decay
             entry["taylor_average"].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
@@ -99,7 +94,15 @@ class TaylorEstimator(Estimator):
 
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         self.resolve_rule(rule)
-        return {key: self._known(key, self.estimate(key)) for key in self.state}
+        scores = {key: self._known(key, self.estimate(key)) for key in self.state}
+        # Checked here rather than at every step: a per-step check costs a pass over every weight.
+        for key, score in scores.items():
+            if bool(torch.isinf(score).any()) or (int(self.state[key]["taylor_steps"]) > 0 and bool(score.isnan().any())):
+                raise BingoError(
+                    f"estimator {self.name!r}: the running estimate of {key!r} is not finite: a gradient or weight "
+                    "was, so training diverged (try a lower learning rate)"
+                )
+        return scores
 
     def _known(self, key: str, score: torch.Tensor) -> torch.Tensor:
         return score if int(self.state[key]["taylor_steps"]) > 0 else torch.full_like(score, math.nan)
