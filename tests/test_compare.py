@@ -340,3 +340,28 @@ def test_cli_compare_resume_from_a_list_is_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"bingo: error: cannot resume from {tmp_path / 'results.json'}: not a bingo compare results file")
     assert (tmp_path / "results.json").read_text() == "[1,2,3]"
+
+
+def test_resume_accepts_settings_recorded_before_nested_configs(tmp_path):
+    """A results.json from before the estimator refactor (flat bingo settings, batched, an unread rule) still resumes."""
+    out = tmp_path / "cmp"
+    from bingo.strategies import BINGO
+
+    config = CompareConfig(data="digits", model="mlp", epochs=1, methods=("bingo",), sparsities=(0.5,), seeds=1,
+                           method_configs={"bingo": BINGO})
+    results = run_compare(config, out, progress=False)
+    old = json.loads((out / "results.json").read_text())
+    old["settings"]["method_configs"]["bingo"] = {
+        "estimator": "hybrid", "mode": "zero", "decay": 0.99, "fraction": 0.01, "metric": "loss", "rule": "contrast",
+        "every": 10, "target": 0.0, "band": 0.1, "batched": False, "magnitude_weight": 0.5, "finetune_epochs": 0,
+        "scope": "global", "granularity": "weight",
+    }
+    del old["machines"]
+    (out / "results.json").write_text(json.dumps(old))
+    resumed = run_compare(config, out, resume=True, progress=False)
+    assert resumed["runs"] == results["runs"]
+    assert resumed["machines"] == []  # nothing was measured here: no machine is claimed for the old rows
+    old["settings"]["method_configs"]["bingo"]["every"] = 5  # a real difference is still refused
+    (out / "results.json").write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match=r"ran bingo with other settings"):
+        run_compare(config, out, resume=True, progress=False)

@@ -215,7 +215,7 @@ def _load_previous(path: Path, base: dict) -> dict:
         if old.get(key) != new[key]:
             raise CheckpointError(f"cannot resume: {path} was made with {key}={old.get(key)!r}, not {new[key]!r}; use another --out")
     for name, config in new["method_configs"].items():
-        if name in old.get("method_configs", {}) and old["method_configs"][name] != config:
+        if name in old.get("method_configs", {}) and _comparable(old["method_configs"][name]) != _comparable(config):
             raise CheckpointError(f"cannot resume: {path} ran {name} with other settings {old['method_configs'][name]}; use another --out")
     previous["settings"] = {
         **new,
@@ -226,10 +226,50 @@ def _load_previous(path: Path, base: dict) -> dict:
     }
     for key in ("dense", "runs", "overlap", "search_overhead"):
         previous.setdefault(key, [])
-    # Every machine that contributed rows: float results and timings can differ between them.
-    machines = previous.get("machines") if isinstance(previous.get("machines"), list) else []
-    previous["machines"] = machines + [m for m in base["machines"] if m not in machines]
+    # The machines that measured the rows: this one joins when it adds a row (_measured_here).
+    previous["machines"] = previous.get("machines") if isinstance(previous.get("machines"), list) else []
     return previous
+
+
+def _measured_here(results: dict) -> None:
+    """Add this machine to ``results["machines"]`` (once): rows it measures may differ in their last digits."""
+    here = machine()
+    if here not in results["machines"]:
+        results["machines"].append(here)
+
+
+def _comparable(record: object) -> object:
+    """A method's recorded settings in one flat, canonical form, so equal settings compare equal across versions.
+
+    Before nested configs (bingo 0.1.0 up to the estimator refactor) a BINGO
+    method's search settings sat beside its own, with ``batched`` (always
+    False in recorded runs; removed) and a ``rule`` its gradient estimators
+    never read. The nested form records a ``search`` and a ``compensation``
+    dict. Both flatten to the same keys here; settings that cannot change a
+    result are dropped: the search seed (the experiment's), an empty
+    include/exclude, ``batched=False``, compensation when it is off, the rule
+    of the taylor and hybrid estimators, and a probe rule of None (= mean).
+    The search's results under both forms were checked bit-identical.
+    """
+    if not isinstance(record, dict):
+        return record
+    flat: dict = {}
+    for key, value in record.items():
+        if key in ("search", "compensation") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key, default in (("seed", None), ("include", None), ("exclude", []), ("batched", False)):
+        if key in flat and (default is None and key == "seed" or flat[key] == default):
+            del flat[key]
+    if flat.get("compensate") is False:
+        flat.pop("compensate")
+        flat.pop("calibration_samples", None)
+    if flat.get("estimator") in ("taylor", "hybrid"):
+        flat.pop("rule", None)
+    elif "estimator" in flat and flat.get("rule") is None:
+        flat["rule"] = "mean"
+    return flat
 
 
 def run_compare(
@@ -261,7 +301,7 @@ def run_compare(
         "runs": [],
         "overlap": [],
         "search_overhead": [],
-        "machines": [machine()],
+        "machines": [],
     }
     results = _load_previous(results_path, base) if resume and results_path.exists() else base
     strategies: dict[str, Strategy] = {
@@ -283,6 +323,7 @@ def run_compare(
             experiment = Experiment(data, config.model, config.train_config(), seed, progress=progress)
             if not any(r["seed"] == seed for r in results["dense"]):
                 dense = experiment.dense()
+                _measured_here(results)
                 results["dense"].append(
                     {
                         "seed": seed,
@@ -306,6 +347,7 @@ def run_compare(
                             key: 1.0 - float(mask.float().mean()) for key, mask in outcome.masks.items()
                         }
                         row["mask_sha256"] = _sha256(path)
+                        _measured_here(results)
                         results["runs"].append(row)
                         write_json(results_path, results)
                     extras = strategy.extras(experiment)
