@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,3 +106,36 @@ def estimator_registry():
     yield ESTIMATORS
     ESTIMATORS.clear()
     ESTIMATORS.update(saved)
+
+
+# -- the command line, in-process ----------------------------------------------------------
+
+
+def call(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``bingo ARGV`` in-process; return (exit code, stdout, stderr).
+
+    argparse errors leave ``main`` as ``SystemExit``; a real process would
+    exit with its code, so it is returned the same way.
+    """
+    from bingo.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, pattern: str) -> str:
+    """Exit 2, exactly one stderr line ``bingo: error: ...`` matching ``pattern``, no traceback.
+
+    ``bingo: warning:`` lines before it (a caveat about the scores of a tiny run) are allowed.
+    """
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip("\n").splitlines() if not line.startswith("bingo: warning: ")]
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert lines[0].startswith("bingo: error: "), lines[0]
+    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    return lines[0]

@@ -26,7 +26,7 @@ import bingo.export
 import bingo.strategies
 import bingo.io as bingo_io
 from bingo import load_pruned_state_dict, load_scores
-from bingo.cli import main
+from conftest import assert_user_error, call
 from bingo.data import load_dataset
 from bingo.io import write_json
 from bingo.models import build_model
@@ -52,32 +52,6 @@ REPORT_KEYS = {
 # --------------------------------------------------------------------------
 
 
-def call(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run ``bingo ARGV`` in-process; return (exit code, stdout, stderr).
-
-    argparse errors leave ``main`` as ``SystemExit``; a real process would
-    exit with its code, so it is returned the same way.
-    """
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, pattern: str) -> str:
-    """Exit 2, exactly one stderr line ``bingo: error: ...`` matching ``pattern``, no traceback.
-
-    ``bingo: warning:`` lines before it (a caveat about the scores of a tiny run) are allowed.
-    """
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip("\n").splitlines() if not line.startswith("bingo: warning: ")]
-    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
-    assert lines[0].startswith("bingo: error: "), lines[0]
-    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def check_accuracy(value: float) -> None:

@@ -19,28 +19,11 @@ import pytest
 import torch
 
 import bingo.strategies
-from bingo.cli import main
+from conftest import assert_user_error, call
 from bingo.errors import BingoError
 from bingo.io import atomic_write, save_scores, write_json
 
 
-def call(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, pattern: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("bingo: error: "), lines[0]
-    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def run_args(out, *extra) -> list:
@@ -87,7 +70,7 @@ def test_output_in_unwritable_folder_is_refused_before_training(capsys, read_onl
     if flag != "--out":
         argv += [flag, where]
     code, stdout, err = call(capsys, *argv)
-    assert_one_line_error(code, err, rf"^bingo: error: {flag} {re.escape(where)} cannot be written: the folder ro is not writable$")
+    assert_user_error(code, err, rf"^bingo: error: {flag} {re.escape(where)} cannot be written: the folder ro is not writable$")
     assert stdout == ""
     assert sorted(p.name for p in read_only.iterdir()) == []
 
@@ -95,7 +78,7 @@ def test_output_in_unwritable_folder_is_refused_before_training(capsys, read_onl
 def test_unwritable_current_folder_is_named_so(capsys, read_only, no_training, monkeypatch):
     monkeypatch.chdir(read_only)
     code, _, err = call(capsys, *run_args("r.json"))
-    assert_one_line_error(code, err, r"--out r\.json cannot be written: the current folder is not writable$")
+    assert_user_error(code, err, r"--out r\.json cannot be written: the current folder is not writable$")
 
 
 SYS = Path("/sys/kernel")
@@ -114,7 +97,7 @@ def test_really_unwritable_folder_is_refused_before_training(capsys, no_training
     """/sys refuses new files even to root, though ``os.access`` says yes: the check tries for real."""
     assert os.access(SYS, os.W_OK) or os.geteuid() != 0
     code, _, err = call(capsys, *run_args(SYS / "bingo-result.json"))
-    assert_one_line_error(code, err, rf"--out {SYS}/bingo-result\.json cannot be written: the folder {SYS} is not writable$")
+    assert_user_error(code, err, rf"--out {SYS}/bingo-result\.json cannot be written: the folder {SYS} is not writable$")
 
 
 def test_atomic_write_failure_names_the_destination_not_the_temporary_file(tmp_path, monkeypatch):
@@ -157,7 +140,7 @@ def test_two_outputs_on_one_path_are_refused(capsys, tmp_path, no_training, monk
             argv += [flag, spellings[flag]]
     code, stdout, err = call(capsys, *argv)
     flags = [f for f in ("--out", "--save", "--scores", "--checkpoint") if f in (first, second)]
-    assert_one_line_error(code, err, rf"{flags[0]} and {flags[1]} are the same file \(.*shared\.bin\); give each output its own path$")
+    assert_user_error(code, err, rf"{flags[0]} and {flags[1]} are the same file \(.*shared\.bin\); give each output its own path$")
     assert stdout == ""
     assert shared.read_bytes() == before
 
@@ -166,15 +149,15 @@ def test_symlinked_output_is_the_same_file(capsys, tmp_path, no_training):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     code, _, err = call(capsys, *run_args(tmp_path / "real" / "x.json", "--checkpoint", tmp_path / "link" / "x.json"))
-    assert_one_line_error(code, err, r"--out and --checkpoint are the same file")
+    assert_user_error(code, err, r"--out and --checkpoint are the same file")
 
 
 def test_output_inside_the_export_folder_that_export_writes(capsys, tmp_path, no_training):
     export = tmp_path / "exported"
     code, _, err = call(capsys, *run_args(export / "model.json", "--export", export))
-    assert_one_line_error(code, err, rf"--out and --export both write {re.escape(str(export / 'model.json'))}; give each output its own path$")
+    assert_user_error(code, err, rf"--out and --export both write {re.escape(str(export / 'model.json'))}; give each output its own path$")
     code, _, err = call(capsys, *run_args(tmp_path / "r.json", "--save", export, "--export", export))
-    assert_one_line_error(code, err, r"--save and --export are the same")
+    assert_user_error(code, err, r"--save and --export are the same")
 
 
 def test_distinct_outputs_still_run(capsys, tmp_path):
