@@ -653,3 +653,15 @@ def test_run_takes_every_registered_method(capsys, tmp_path):
     assert code == 2 and err.startswith("bingo: error: --fraction does not apply to method 'magnitude'; its settings: --finetune-epochs")
     code, _, err = call(capsys, *base[:-5], "--min-accuracy", "0.5", "--out", str(out), "--no-progress", "--method", "imp")
     assert code == 2 and "--min-accuracy needs a method that prunes once after training (bingo, bingo-paper, magnitude, random); 'imp' does not" in err
+
+
+def test_library_warnings_are_one_line_each(capsys, tmp_path):
+    """A class seen only in the test set is named in one 'bingo: warning:' line, not Python's two-line warning."""
+    y_test = np.array([0, 1, 2, 3, 0, 1, 2, 4, 0, 1, 2, 3])  # class 4 has no training example
+    data = write_npz(tmp_path / "d.npz", y_test=y_test)
+    code, _, err = call(capsys, "run", "--data", data, "--model", "mlp", "--epochs", "1", "--sparsity", "0.5",
+                        "--out", tmp_path / "r.json", "--no-progress")
+    assert code == 0, err
+    warning_lines = [line for line in err.splitlines() if "no training examples" in line]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("bingo: warning: ")
+    assert all(line.startswith("bingo: warning: ") for line in err.splitlines())

@@ -98,6 +98,14 @@ def _run(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def _data_argument(data: str | dict, folder: Path) -> str:
+    """``data`` as a ``--data`` value: a dataset name as it is, generated contents saved as ``folder/data.npz``."""
+    if isinstance(data, dict):
+        np.savez(folder / "data.npz", **data)
+        return str(folder / "data.npz")
+    return data
+
+
 def _check(code: int, err: str, out: Path) -> None:
     assert "Traceback" not in err, err
     if code == 0:
@@ -119,9 +127,7 @@ def _check(code: int, err: str, out: Path) -> None:
 def test_run_succeeds_or_fails_in_one_line(options, target, data):
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        if isinstance(data, dict):
-            np.savez(folder / "data.npz", **data)
-            data = str(folder / "data.npz")
+        data = _data_argument(data, folder)
         out = folder / "out.json"
         argv = ["run", "--data", data, "--model", "mlp", "--epochs", "1", "--out", str(out), "--no-progress", *target]
         for flag, value in options.items():
@@ -152,9 +158,7 @@ def test_valid_flags_on_random_data_succeed_or_fail_in_one_line(method, training
     """The deeper paths: training, searching, pruning and writing on odd data, with flags that parse."""
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        if isinstance(data, dict):
-            np.savez(folder / "data.npz", **data)
-            data = str(folder / "data.npz")
+        data = _data_argument(data, folder)
         out = folder / "out.json"
         argv = ["run", "--data", data, "--model", model, "--method", method, "--out", str(out), "--no-progress", *target]
         if data == "digits":  # 1,293 real images: keep the case cheap, no training epochs

@@ -125,16 +125,6 @@ def _one_line_warnings():
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def _load_data(args: argparse.Namespace, **kwargs):
-    """:func:`load_dataset` with its warnings (e.g. classes absent from training) as ``bingo: warning:`` lines."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        try:
-            return load_dataset(args.data, args.data_dir, **kwargs)
-        finally:
-            _print_warnings([w for w in caught if issubclass(w.category, UserWarning)])
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
@@ -363,10 +353,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
     granularity = getattr(strategy.config, "granularity", "weight")
 
-    data = _load_data(args, seed=args.seed)
-    experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
-    results = []
-    with _one_line_warnings():
+    with _one_line_warnings():  # e.g. classes absent from training, caveats about the scores
+        data = load_dataset(args.data, args.data_dir, seed=args.seed)
+        experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
         if args.sparsity is not None:
             outcomes, floor = list(strategy.run(experiment, sparsities)), None
         else:
