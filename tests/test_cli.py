@@ -665,3 +665,13 @@ def test_library_warnings_are_one_line_each(capsys, tmp_path):
     warning_lines = [line for line in err.splitlines() if "no training examples" in line]
     assert len(warning_lines) == 1 and warning_lines[0].startswith("bingo: warning: ")
     assert all(line.startswith("bingo: warning: ") for line in err.splitlines())
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "demo"])
+def test_every_subcommand_prints_its_help(capsys, command):
+    # Help texts are formatted with %-style by argparse: a bare "%" in any setting's help crashed --help.
+    code, out, err = call(capsys, command, "--help")
+    assert code == 0, err
+    assert out.startswith(f"usage: bingo {command}")
+    if command != "demo":
+        assert "(each keeps at least 1%)" in " ".join(out.split())

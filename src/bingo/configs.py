@@ -106,7 +106,7 @@ def add_config_flags(
             keywords.setdefault("metavar", name.upper())
         by_method = defaults[name]
         shown = next(iter(by_method.values())) if len(set(by_method.values())) == 1 else ", ".join(f"{m}: {v}" for m, v in by_method.items())
-        parser.add_argument(flag, dest=f"{dest}__{name}", default=None, help=f"{f.metadata.get('help', '')} [{shown}]", **keywords)
+        parser.add_argument(flag, dest=f"{dest}__{name}", default=None, help=f"{f.metadata.get('help', '')} [{shown}]".replace("%", "%%"), **keywords)
 
 
 def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
