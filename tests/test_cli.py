@@ -116,17 +116,22 @@ def test_demo_prints_table_of_methods_by_sparsity(capsys):
     assert code == 0, err
     assert "Traceback" not in err
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split() == ["sparsity", "bingo", "bingo-paper", "magnitude", "random"])
+    columns = ["sparsity", "bingo", "bingo-uncompensated", "bingo-paper", "magnitude", "magnitude+compensation", "random"]
+    header = next(i for i, line in enumerate(lines) if line.split() == columns)
     assert set(lines[header + 1].replace(" ", "")) == {"-"}
     rows = [line.split() for line in lines[header + 2 :] if line.strip()]
     assert [row[0] for row in rows] == ["0.00", "0.50", "0.70", "0.80", "0.90", "0.95"]
     for row in rows:
-        assert len(row) == 5
+        assert len(row) == len(columns)
         for value in row[1:]:
             assert 0.0 <= float(value) <= 1.0
     # Nothing is pruned at sparsity 0, so every method shows the dense accuracy.
     dense = re.search(r"dense test accuracy (\d\.\d{3})", out).group(1)
-    assert rows[0][1:] == [dense] * 4
+    assert rows[0][1:] == [dense] * (len(columns) - 1)
+    # compensation changes the pruned network: the compensated columns differ from their uncompensated twins
+    by_column = {name: [row[i] for row in rows[1:]] for i, name in enumerate(columns)}
+    assert by_column["bingo"] != by_column["bingo-uncompensated"]
+    assert by_column["magnitude+compensation"] != by_column["magnitude"]
     assert "2 epochs" in out
 
 
@@ -624,7 +629,8 @@ def test_run_method_presets_and_overrides(capsys, tmp_path):
     assert code == 0, err
     report = json.loads(out.read_text())
     assert report["method"] == "bingo"
-    assert (report["search"]["estimator"], report["search"]["mode"], report["search"]["every"]) == ("hybrid", "zero", 10)
+    assert (report["search"]["estimator"], report["search"]["mode"], report["search"]["every"]) == ("hybrid", "zero", None)
+    assert report["config"]["compensation"]["compensate"] is True
     code, _, err = call(capsys, *base, "--method", "bingo-paper", "--fraction", "0.2", "--finetune-epochs", "1")
     assert code == 0, err
     report = json.loads(out.read_text())

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from bingo.compare import CompareConfig, mask_overlap, run_compare
+from bingo.data import load_dataset
+from bingo.estimators.fake_pass import auto_every
 from bingo.errors import CheckpointError, ConfigError
 from bingo.strategies import STRATEGIES, ImpConfig
 
@@ -41,10 +43,13 @@ def test_compare_records_runs_dense_and_overhead(tmp_path):
         return {r["forward_passes"] - r["train_steps"] for r in results["runs"] if r["method"] == method}
 
     steps = results["dense"][0]["train_steps"]
-    # faithful BINGO: one unmodified + one fake pass per layer (3) at every step;
-    # the default (hybrid) does that on every 10th step only; magnitude has none
+    every = auto_every(3)  # the default's probe interval for the mlp's 3 layers
+    calibration = 2 * math.ceil(len(load_dataset("digits").x_train[:1024]) / 256)  # per pass over the calibration set
+    # faithful BINGO: one unmodified + one fake pass per layer (3) at every step; the default (hybrid)
+    # does that on every `every`-th step only, and its compensation runs two passes (pruned and dense)
+    # over the calibration set per layer, and two more to measure the error after; magnitude has none
     assert fake("bingo-paper") == {4 * steps}
-    assert fake("bingo") == {4 * math.ceil(steps / 10)}
+    assert fake("bingo") == {4 * math.ceil(steps / every) + calibration * (3 + 1)}
     assert fake("magnitude") == {0}
     assert sorted((o["method"], o["seed"]) for o in results["search_overhead"]) == [
         ("bingo", 0), ("bingo", 1), ("bingo-paper", 0), ("bingo-paper", 1)
@@ -53,7 +58,7 @@ def test_compare_records_runs_dense_and_overhead(tmp_path):
         assert overhead["identical_to_plain_training"] is True
         assert overhead["ratio"] == overhead["train_seconds_with_search"] / overhead["train_seconds"]
         extra = overhead["forward_passes_with_search"] - overhead["forward_passes"]
-        assert extra == (4 * steps if overhead["method"] == "bingo-paper" else 4 * math.ceil(steps / 10))
+        assert extra == (4 * steps if overhead["method"] == "bingo-paper" else 4 * math.ceil(steps / every))
     masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
     assert "bingo-seed0-sparsity0.9.safetensors" in masks and len(masks) == 12
 
@@ -347,8 +352,12 @@ def test_resume_accepts_settings_recorded_before_nested_configs(tmp_path):
     out = tmp_path / "cmp"
     from bingo.strategies import BINGO
 
+    from bingo.strategies import CompensationConfig
+
+    # the default of those days: fake passes every 10th step, no compensation
+    then = dataclasses.replace(BINGO, search=dataclasses.replace(BINGO.search, every=10), compensation=CompensationConfig(compensate=False))
     config = CompareConfig(data="digits", model="mlp", epochs=1, methods=("bingo",), sparsities=(0.5,), seeds=1,
-                           method_configs={"bingo": BINGO})
+                           method_configs={"bingo": then})
     results = run_compare(config, out, progress=False)
     old = json.loads((out / "results.json").read_text())
     old["settings"]["method_configs"]["bingo"] = {

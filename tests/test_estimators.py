@@ -460,7 +460,7 @@ def test_decay_out_of_range_is_refused(decay):
 
 @pytest.mark.parametrize("every", [0, 1.5])
 def test_every_must_be_a_positive_whole_number(every):
-    with pytest.raises(ConfigError, match=rf"^every must be a whole number >= 1, got {every}$"):
+    with pytest.raises(ConfigError, match=rf"^every must be a whole number >= 1 \(or None: chosen from the number of layers\), got {every}$"):
         bingo.TicketSearch(make_mlp(), every=every)
 
 

@@ -30,7 +30,9 @@ default: the fit aims at the dense layer outputs, which they describe.
 ``batchnorm="reestimate"`` recomputes them afterwards; measured both ways
 (``benchmarks/compensation_batchnorm.py``, digits) it helped the ResNet at
 80–90% sparsity and hurt it at 95%, and it hurt an under-trained tiny CNN.
-The masks are never changed: it works for masks from any method.
+The masks are never changed: it works for masks from any method. A layer
+that already gives the dense output exactly (nothing pruned in it or before
+it) is left as it is.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ __all__ = ["CompensationResult", "compensate", "reestimate_batchnorm"]
 class CompensationResult:
     """What :func:`compensate` did."""
 
-    layers: tuple[str, ...]  #: weight keys re-fitted, in network order
+    layers: tuple[str, ...]  #: weight keys re-fitted, in network order (not those that already matched the dense output)
     skipped: tuple[str, ...]  #: masked layers left as they were (unsupported kind), with the reason
     error_before: dict[str, float]  #: per layer, mean squared error vs the dense output before the re-fit
     error_after: dict[str, float]  #: the same after it
@@ -287,6 +289,10 @@ def compensate(
                     cross += (design.T @ target.float()).double()
                     error += float((_targets(module, outputs[0]).cpu() - target).square().sum())
                     rows_seen += target.numel()
+            if error == 0.0:
+                # Nothing pruned in or before this layer: it already gives the dense output exactly,
+                # and a re-fit could only move it by the damping (at sparsity 0, every layer).
+                continue
             keep = module.weight_mask.reshape(module.weight_mask.shape[0], -1).bool().cpu()
             if module.bias is not None:
                 bias_keep = getattr(module, "bias_mask", torch.ones(keep.shape[0])).bool().cpu()

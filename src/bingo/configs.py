@@ -56,6 +56,8 @@ def _converter(field: dataclasses.Field, example: Any, flag: str):
     if isinstance(example, tuple) or (example is None and "tuple" in str(field.type)):
         return {"type": lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), "metavar": "A,B,..."}
     kind = type(example) if example is not None and not callable(example) else str
+    if example is None and str(field.type).startswith("int"):
+        kind = int
     if kind is int and "float" in str(field.type):
         kind = float
 

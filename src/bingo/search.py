@@ -29,7 +29,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
-from .estimators.fake_pass import Metric, resolve_metric
+from .estimators.fake_pass import Metric, auto_every, resolve_metric
 from .layers import GRANULARITIES, find_layers, output_layer_name, weight_of
 
 __all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
@@ -57,7 +57,7 @@ class SearchConfig:
     metric: str | Metric = field(default="accuracy", metadata={"help": "what a fake pass measures (higher = better; a callable in the library)", "choices": METRICS})
     granularity: str = field(default="weight", metadata={"help": "score single weights, or whole neurons / output channels", "choices": GRANULARITIES})
     rule: str | None = field(default=None, metadata={"help": "probe: default read-out of the probes' sums: mean (relative drop, averaged), paper (the author's s <- (s + |dA|) / 2), contrast (mean drop when probed minus when not); with --target it also decides the focus; default: the estimator's own", "choices": RULES})
-    every: int = field(default=1, metadata={"help": "fake passes on every k-th training step only"})
+    every: int | None = field(default=1, metadata={"help": "fake passes on every k-th training step only; none given (bingo's preset): chosen from the number of layers so that fake passes cost about 5% of training (bingo.estimators.fake_pass.auto_every)"})
     decay: float = field(default=0.99, metadata={"help": "taylor/hybrid: weight of the past in the running average over steps (1 = plain mean)"})
     target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate fake passes on the weights whose fate at this global sparsity is uncertain (0 = uniform)"})
     band: float = field(default=0.1, metadata={"help": "targeted: keep in focus the weights ranked within this fraction either side of the threshold"})
@@ -78,8 +78,8 @@ class SearchConfig:
         check_choice("granularity", self.granularity, GRANULARITIES)
         if not 0.0 <= float(self.target) < 1.0:
             raise ConfigError(f"target must be a sparsity in [0, 1) (0 = untargeted), got {self.target!r}")
-        if int(self.every) != self.every or self.every < 1:
-            raise ConfigError(f"every must be a whole number >= 1, got {self.every!r}")
+        if self.every is not None and (isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1):
+            raise ConfigError(f"every must be a whole number >= 1 (or None: chosen from the number of layers), got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
         object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -145,6 +145,8 @@ class TicketSearch:
             if not layers:
                 raise ConfigError(f"neuron granularity needs a hidden layer to score; {type(model).__name__}'s only one is its output layer {output!r}")
         self.layers: dict[str, nn.Module] = layers
+        #: fake passes run on the 1st step and every ``every``-th after it
+        self.every: int = int(config.every) if config.every is not None else auto_every(len(layers))
         self.metric: Metric = resolve_metric(config.metric)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps = 0

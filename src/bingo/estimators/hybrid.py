@@ -61,7 +61,7 @@ class HybridEstimator(TaylorEstimator):
         search = self.search
         if not due(search):
             return {}
-        if self.focus and self.focus.due((search.steps - 1) // search.config.every):
+        if self.focus and self.focus.due((search.steps - 1) // search.every):
             self.focus.refocus({key: entry["focus"] for key, entry in self.state.items()}, self.raw_scores(None))
         # All draws first, so the generator is consumed in one fixed order.
         subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}

@@ -75,7 +75,7 @@ class ProbeEstimator(Estimator):
         search = self.search
         if not due(search):
             return {}
-        if self.focus and self.focus.due((search.steps - 1) // search.config.every):
+        if self.focus and self.focus.due((search.steps - 1) // search.every):
             self.refocus()
         # All draws first, so the generator is consumed in one fixed order.
         subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}

@@ -1,7 +1,7 @@
 """Pruning strategies behind one name -> class registry (:data:`STRATEGIES`)."""
 
 from .base import STRATEGIES, DenseRun, Experiment, ForwardCounter, Outcome, Strategy, Trained, get_strategy, register, rewind
-from .oneshot import BINGO, BINGO_PAPER, BingoConfig, BingoPaperStrategy, BingoStrategy, MagnitudeStrategy, OneShotConfig, OneShotStrategy, RandomStrategy  # isort: skip (registered first)
+from .oneshot import BINGO, BINGO_PAPER, BingoConfig, BingoPaperStrategy, BingoStrategy, CompensationConfig, MagnitudeStrategy, OneShotConfig, OneShotStrategy, RandomStrategy  # isort: skip (registered first)
 from .gmp import GmpConfig, GmpStrategy, ScheduleConfig, ScheduledStrategy, gmp_sparsity
 from .gradual import GradualBingoConfig, GradualBingoStrategy
 from .imp import ImpConfig, ImpStrategy, imp_schedule
@@ -14,6 +14,7 @@ __all__ = [
     "BingoConfig",
     "BingoPaperStrategy",
     "BingoStrategy",
+    "CompensationConfig",
     "DenseRun",
     "Experiment",
     "ForwardCounter",

@@ -158,13 +158,14 @@ class BingoConfig:
     """
 
     search: SearchConfig = field(
-        default=SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=10),
+        default=SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=None),
         metadata={"help": "ticket search settings"},
     )
     magnitude_weight: float = field(default=0.5, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021)", "choices": SCOPES})
-    compensation: CompensationConfig = field(default=CompensationConfig(), metadata={"help": "compensation settings"})
+    # On by default: without retraining, re-fitting the survivors is what makes a one-shot prune hold up (BENCHMARKS.md).
+    compensation: CompensationConfig = field(default=CompensationConfig(compensate=True), metadata={"help": "compensation settings"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.search, SearchConfig):
@@ -197,10 +198,14 @@ class BingoConfig:
         return combine_ranks([significance, magnitude], [1.0 - self.magnitude_weight, self.magnitude_weight])
 
 
-#: the default ``bingo``: hybrid Taylor + calibrating fake passes, blended with magnitude
+#: the default ``bingo``: hybrid Taylor + calibrating fake passes, blended with magnitude, survivors compensated
 BINGO = BingoConfig()
-#: the faithful ``bingo-paper``: 1% reset-to-θ0 probes every step, scored by accuracy change, nothing blended
-BINGO_PAPER = BingoConfig(search=SearchConfig(estimator="probe", metric="accuracy", mode="reset", rule="mean"), magnitude_weight=0.0)
+#: the faithful ``bingo-paper``: 1% reset-to-θ0 probes every step, scored by accuracy change, nothing blended, no compensation
+BINGO_PAPER = BingoConfig(
+    search=SearchConfig(estimator="probe", metric="accuracy", mode="reset", rule="mean"),
+    magnitude_weight=0.0,
+    compensation=CompensationConfig(compensate=False),
+)
 
 
 @register
