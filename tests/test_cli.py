@@ -681,3 +681,10 @@ def test_every_subcommand_prints_its_help(capsys, command):
     assert out.startswith(f"usage: bingo {command}")
     if command != "demo":
         assert "(each keeps at least 1%)" in " ".join(out.split())
+
+
+def test_compare_train_samples_out_of_range_is_one_line(capsys, tmp_path):
+    code, _, err = call(capsys, "compare", "--data", "digits", "--model", "mlp", "--methods", "random", "--train-samples", "5000",
+                        "--epochs", "1", "--out", tmp_path / "c", "--no-progress")
+    assert_user_error(code, err, r"training samples must be a whole number in \[1, 1293\]")
+    assert not (tmp_path / "c" / "results.json").exists()

@@ -88,6 +88,17 @@ def test_resume_refuses_other_settings(tmp_path):
         run_compare(_config(methods=("random",), epochs=2), tmp_path, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="was made with batch_size=64, not 32"):
         run_compare(_config(methods=("random",), batch_size=32), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="was made with train_samples=None, not 500"):
+        run_compare(_config(methods=("random",), train_samples=500), tmp_path, resume=True, progress=False)
+
+
+def test_train_samples_trains_every_method_on_one_subset(tmp_path):
+    results = run_compare(_config(methods=("magnitude", "random"), sparsities=(0.5,), train_samples=320), tmp_path, progress=False)
+    assert results["settings"]["train_samples"] == 320
+    # digits' batch 64: 320 examples are 5 steps per epoch, for both methods
+    assert {r["train_steps"] for r in results["runs"]} == {5} and results["dense"][0]["train_steps"] == 5
+    with pytest.raises(ConfigError, match=r"^training samples must be a whole number >= 1, got 0$"):
+        _config(train_samples=0)
 
 
 @pytest.mark.parametrize(

@@ -861,3 +861,21 @@ def test_many_untrained_classes_stay_one_line(tmp_path):
     with pytest.warns(UserWarning, match=r"class\(es\) 100 \(in test\), .*, 109 \(in test\) and 2 more; num_classes = 112 counts them") as record:
         load_dataset(str(path))
     assert "\n" not in str(record[0].message)
+
+
+def test_training_subset_draws_a_seeded_subset_of_the_training_split_only():
+    from bingo.data import training_subset
+
+    data = load_dataset("digits")
+    subset = training_subset(data, 100)
+    assert subset.x_train.shape == (100, *data.x_train.shape[1:])
+    # every chosen example is one of the training split's, paired with its own label, in the original order
+    rows = {tuple(x.flatten().tolist()): int(y) for x, y in zip(data.x_train, data.y_train)}
+    assert all(rows[tuple(x.flatten().tolist())] == int(y) for x, y in zip(subset.x_train, subset.y_train))
+    assert torch.equal(training_subset(data, 100).x_train, subset.x_train)  # same seed, same subset
+    assert not torch.equal(training_subset(data, 100, seed=1).x_train, subset.x_train)
+    assert torch.equal(subset.x_test, data.x_test) and torch.equal(subset.x_val, data.x_val)
+    assert training_subset(data, len(data.y_train)) is data
+    for bad in (0, len(data.y_train) + 1, 2.5):
+        with pytest.raises(ConfigError, match=rf"^training samples must be a whole number in \[1, {len(data.y_train)}\]"):
+            training_subset(data, bad)

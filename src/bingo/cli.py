@@ -171,6 +171,10 @@ def _add_compare_parser(commands) -> None:
         help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
     )
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
+    compare.add_argument(
+        "--train-samples", type=int, default=None, metavar="N",
+        help="train on a random subset of N training examples (the same subset for every method and seed; validation and test splits unchanged); default all",
+    )
     _train_flags(compare)
     compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after pruning, charged to the method (every method with a finetune_epochs setting; gmp: extra epochs at its final masks); default 0")
     compare.add_argument("--out", required=True, help="output folder")
@@ -219,6 +223,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs,
         data_dir=args.data_dir,
         method_configs=_method_configs(args, args.methods),
+        train_samples=args.train_samples,
     )
     earlier = set(Path(args.out).glob("previous-*"))
     with _one_line_warnings():

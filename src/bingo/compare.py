@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_dataset
+from .data import load_dataset, training_subset
 from .errors import CheckpointError, ConfigError
 from .io import load_scores, save_scores, write_json
 from .models import MODELS
@@ -53,6 +53,7 @@ class CompareConfig:
     finetune_epochs: int = 0
     data_dir: str | None = None
     method_configs: dict = field(default_factory=dict)  #: name -> config dataclass instance
+    train_samples: int | None = None  #: train on a seeded random subset of this many training examples (None: all)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -70,6 +71,8 @@ class CompareConfig:
         if int(self.seeds) != self.seeds or self.seeds < 1:
             raise ConfigError(f"seeds must be a whole number >= 1, got {self.seeds!r}")
         self.train_config()  # validates epochs, batch size, lr, optimizer
+        if self.train_samples is not None and (isinstance(self.train_samples, bool) or int(self.train_samples) != self.train_samples or self.train_samples < 1):
+            raise ConfigError(f"training samples must be a whole number >= 1, got {self.train_samples!r}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer)
@@ -87,6 +90,8 @@ class CompareConfig:
             "method_configs": {
                 name: config_record(config) for name, config in sorted(self.method_configs.items()) if name in self.methods
             },
+            # recorded only when set, so results from before the option resume unchanged
+            **({"train_samples": self.train_samples} if self.train_samples is not None else {}),
         }
 
 
@@ -211,8 +216,8 @@ def _load_previous(path: Path, base: dict) -> dict:
                 f"cannot resume: {path} was made with {key}={previous.get(key)!r}, not {base[key]!r}; use another --out"
             )
     old, new = previous["settings"], base["settings"]
-    for key in ("batch_size", "lr", "optimizer", "finetune_epochs"):
-        if old.get(key) != new[key]:
+    for key in ("batch_size", "lr", "optimizer", "finetune_epochs", "train_samples"):
+        if old.get(key) != new.get(key):
             raise CheckpointError(f"cannot resume: {path} was made with {key}={old.get(key)!r}, not {new[key]!r}; use another --out")
     for name, config in new["method_configs"].items():
         if name in old.get("method_configs", {}) and _comparable(old["method_configs"][name]) != _comparable(config):
@@ -308,6 +313,8 @@ def run_compare(
         name: STRATEGIES[name](config.method_configs.get(name)) for name in config.methods
     }
     data = load_dataset(config.data, config.data_dir)
+    if config.train_samples is not None:
+        data = training_subset(data, config.train_samples)
     if overwrite:
         _set_aside(out_dir)
 
