@@ -1,15 +1,18 @@
-"""Regenerate BENCHMARKS.md: BINGO vs the baselines on Fashion-MNIST with LeNet-300-100.
+"""Regenerate BENCHMARKS.md: BINGO vs every baseline, five benchmarks, ablation, fine-tuning, size and latency.
 
     python benchmarks/fashion_mnist.py            # or: make benchmarks
 
-Runs ``bingo compare`` (resuming whatever is already in the output folder, so
-an interrupted benchmark loses nothing) and writes BENCHMARKS.md from its
-``results.json``: nothing in that file is typed by hand.
+Runs ``benchmarks/curve.py`` (every method on five benchmarks, no
+retraining), the fine-tune comparisons below, ``benchmarks/ablation.py`` and
+``benchmarks/size_latency.py`` (each resuming whatever is already in its
+output folder, so an interrupted benchmark loses nothing) and writes
+BENCHMARKS.md from their result files: nothing in it is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import sys
@@ -21,18 +24,9 @@ from bingo.io import atomic_write
 from bingo.report import aggregate, markdown_tables
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path("benchmarks/results/fashion-mnist-lenet300")
-SETTINGS = [
-    "--data", "fashion-mnist",
-    "--model", "lenet300",
-    "--epochs", "3",
-    "--batch-size", "128",
-    "--lr", "1.2e-3",
-    "--optimizer", "adam",
-    "--methods", "bingo,bingo-paper,imp,gmp,magnitude,snip,random",
-    "--sparsities", "0.5,0.8,0.9,0.95,0.98",
-    "--seeds", "3",
-]
+#: the main comparison: every method on Fashion-MNIST / LeNet-300-100 (run by curve.py)
+OUT = Path("benchmarks/results/curve/fashion-mnist-lenet300/methods")
+SETTINGS = ["--data", "fashion-mnist", "--model", "lenet300", "--epochs", "3", "--batch-size", "128", "--lr", "1.2e-3", "--optimizer", "adam"]
 #: The issue-4 targets: BINGO's default against magnitude and GMP with the same fine-tune budget
 #: (IMP comes from the main run: fine-tuning does not apply to it).
 #: Two budgets: 3 epochs (as long as the training run) and 6 (still within 25% of IMP's time).
@@ -45,30 +39,12 @@ def targets_out(epochs: int) -> Path:
 
 def targets_settings(epochs: int) -> list[str]:
     return [
-        *SETTINGS[: SETTINGS.index("--methods")],
+        *SETTINGS,
         "--methods", "bingo,magnitude,gmp",
         "--sparsities", "0.9,0.95,0.98",
         "--seeds", "3",
         "--finetune-epochs", str(epochs),
     ]
-
-
-def verdict(results: dict, method: str = "bingo") -> str:
-    """Where ``method`` wins and loses, sparsity by sparsity, in plain words (from the means)."""
-    rows = aggregate(results)
-    lines = []
-    for sparsity in sorted({r["sparsity"] for r in rows}):
-        at = {r["method"]: r for r in rows if r["sparsity"] == sparsity}
-        if method not in at:
-            continue
-        own = at[method]["accuracy_mean"]
-        better = [f"{m} ({r['accuracy_mean']:.3f})" for m, r in at.items() if m != method and r["accuracy_mean"] < own]
-        worse = [f"{m} ({r['accuracy_mean']:.3f})" for m, r in at.items() if m != method and r["accuracy_mean"] >= own]
-        lines.append(
-            f"- {sparsity:.0%} sparsity: {method} {own:.3f}; "
-            f"beats {', '.join(better) or 'nothing'}; loses to {', '.join(worse) or 'nothing'}."
-        )
-    return "\n".join(lines)
 
 
 def targets_table(main: dict, tuned: dict) -> str:
@@ -122,26 +98,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-run", action="store_true", help="only rewrite BENCHMARKS.md from existing results")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "bingo", "compare", *SETTINGS, "--out", str(OUT), "--resume"]
-    if not args.skip_run:
-        subprocess.run(command, cwd=ROOT, check=True)
-        for epochs in TARGETS_FINETUNE:
-            targets_command = ["compare", *targets_settings(epochs), "--out", str(targets_out(epochs)), "--resume"]
-            subprocess.run([sys.executable, "-m", "bingo", *targets_command], cwd=ROOT, check=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import ablation
+    import curve
 
-    import crosscheck
-
+    curve_text = curve.main(["--skip-run"] if args.skip_run else [])
+    if not args.skip_run:
+        for epochs in TARGETS_FINETUNE:
+            targets_command = ["compare", *targets_settings(epochs), "--out", str(targets_out(epochs)), "--resume", "--no-progress"]
+            subprocess.run([sys.executable, "-m", "bingo", *targets_command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     ablation_text = ablation.main() if not args.skip_run else (ROOT / "benchmarks/results/ablation.md").read_text()
-    crosscheck_text = crosscheck.main() if not args.skip_run else (ROOT / "benchmarks/results/crosscheck.md").read_text()
     if not args.skip_run:
         subprocess.run([sys.executable, "benchmarks/size_latency.py"], cwd=ROOT, check=True)
     size_text = (ROOT / "benchmarks/results/size_latency.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
-    import json
-
     results = json.loads((ROOT / OUT / "results.json").read_text())
-    shown = " ".join(["bingo", "compare", *SETTINGS, "--out", str(OUT), "--resume"])
     targets_text = ""
     for epochs in TARGETS_FINETUNE:
         tuned = json.loads((ROOT / targets_out(epochs) / "results.json").read_text())
@@ -157,72 +127,61 @@ def main() -> int:
 """
     text = f"""# Benchmarks
 
-Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion_mnist.py`),
-which runs
+Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion_mnist.py`;
+about two hours on 2 cores, resumable), which runs `benchmarks/curve.py`, the fine-tune
+comparisons, `benchmarks/ablation.py` and `benchmarks/size_latency.py`, and rewrites this
+file from their result files. Machine of the last run: {platform.machine()},
+{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}
+(each results.json lists the machines that measured its rows).
 
-```sh
-{shown}
-```
+## The whole accuracy-vs-sparsity curve from one training run, without retraining
 
-and rewrites this file from `{OUT}/results.json`. Machine of the last run:
-{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}.
+Every method with its preset, no fine-tune after any prune: `bingo` (the default: hybrid
+Taylor + calibrating fake passes, ranked together with weight magnitude, survivors
+re-fitted to the dense layer outputs on 1,024 training images), `bingo-uncompensated`
+(the same scores, survivors left as they are), `magnitude+compensation` and `magnitude`
+(one-shot global magnitude with and without the same re-fit), `bingo-gradual` and `gmp`
+(pruned during the run on GMP's cubic schedule by the blended BINGO score / by magnitude:
+one run per target), `imp` (iterative magnitude pruning with rewinding to θ0, 20% per
+round: one trajectory), `snip` (pruned at initialisation, then trained: one run per
+target), the paper-faithful `bingo-paper`, and `random`. Each seed fixes the initial
+weights and the data order, shared by all methods; accuracy is on the test split.
 
-## BINGO vs IMP, GMP, SNIP, one-shot magnitude and random: Fashion-MNIST, LeNet-300-100
+Costs are counted work: forward calls on training or calibration batches (a calibration
+call, 256 images and no backward, counts as one, as does a training step), in units of
+one dense training run, beside wall time and its ratio to dense training measured in the
+same run.
 
-Settings: every (re)training is {results['epochs']} epochs of Adam (lr {results['settings']['lr']}),
-batch {results['settings']['batch_size']}, on 54,000 training images (6,000 held out for
-validation); accuracy is on the 10,000 test images; seeds {results['settings']['seeds']} (each seed fixes the
-initial weights and the data order, shared by all methods). Sparsity is the fraction of
-the weights of all three layers removed (global ranking); no fine-tune after one-shot
-pruning (`--finetune-epochs {results['settings']['finetune_epochs']}`). Method settings:
-`{json.dumps(results['settings']['method_configs'])}`.
+{curve_text}
+
+### Fashion-MNIST / LeNet-300-100 in detail
 
 `seconds` is the whole wall time a method needed to deliver its pruned network, dense
-training included; `forward passes` counts every training-batch forward, BINGO's fake
-passes included.
-
-### Where BINGO wins and where it loses (mean test accuracy over seeds)
-
-`bingo` (the default: hybrid Taylor + calibrating fake passes, ranked together with weight magnitude):
-
-{verdict(results, "bingo")}
-
-`bingo-paper` (the faithful reproduction):
-
-{verdict(results, "bingo-paper")}
-
-![accuracy vs sparsity]({OUT}/accuracy.png)
-![cost]({OUT}/cost.png)
+training included; `forward passes` counts every batch forward, BINGO's fake passes and
+the compensation's calibration forwards included.
 
 {markdown_tables(results)}
-
-## The targets of issue 4: BINGO's default vs IMP, with the same fine-tune budget as magnitude and GMP
-
-One-shot methods get E epochs of masked fine-tuning after the prune, GMP gets the same
-E epochs at its final masks after its schedule; IMP (no fine-tune: each of its rounds is a full
-retraining) and the no-fine-tune BINGO column come from the run above. Mean ± std over seeds.
-Cost is the whole wall time to deliver the pruned network as a multiple of dense training
-time measured in the same run.
-
-{targets_text}
-## Ablation: what each ingredient of the new `bingo` buys
-
-{ablation_text}
 
 ### Where each method puts its cuts
 
 Fraction of each layer's weights removed (mean over seeds). All methods rank
-globally; how they share the budget between layers is part of what they learn.
+globally (each layer keeps at least 1%); how they share the budget between layers is part
+of what they learn.
 
 {layer_table(results)}
 
-## Beyond Fashion-MNIST: the default on digits, two models
+## With a fine-tune: BINGO's default vs IMP, magnitude and GMP given the same budget
 
-The default `bingo` (blend of the search's significance with weight magnitude) was
-chosen on the Fashion-MNIST benchmark above. Here the same comparison on data and a
-model it was not chosen on, regenerated by `python benchmarks/crosscheck.py`:
+One-shot methods get E epochs of masked fine-tuning after the prune (`bingo` compensates
+first), GMP gets the same E epochs at its final masks after its schedule; IMP (no
+fine-tune: each of its rounds is a full retraining) and the no-fine-tune BINGO column come
+from the main run above. Mean ± std over seeds. Cost is the whole wall time to deliver the
+pruned network as a multiple of dense training time measured in the same run.
 
-{crosscheck_text}
+{targets_text}
+## Ablation: what each ingredient of `bingo` buys
+
+{ablation_text}
 
 ## {size_text}"""
     atomic_write(ROOT / "BENCHMARKS.md", lambda tmp: Path(tmp).write_text(text))

@@ -157,3 +157,24 @@ def test_compensated_outcome_counts_its_calibration_passes():
     assert compensated.forward_passes - plain.forward_passes == 3 * 2 * 2 + 2 * 2
     assert compensated.train_steps == plain.train_steps
     assert torch.equal(torch.cat([m.flatten() for m in compensated.masks.values()]), torch.cat([m.flatten() for m in plain.masks.values()]))
+
+
+def test_layers_that_already_give_the_dense_output_are_left_exactly_as_they_are():
+    model = make_mlp()
+    data = tiny_data((256, 16), 4)
+    model, _ = train_tiny(lambda: model, data)
+    dense = copy.deepcopy(model)
+    keys = ("1.weight", "3.weight", "5.weight")
+
+    def unchanged(index: int) -> bool:
+        return torch.equal(model[index].weight, dense[index].weight) and torch.equal(model[index].bias, dense[index].bias)
+
+    bingo.prune(model, bingo.magnitude_scores(model), 0.0)  # masks on, nothing removed
+    assert bingo.compensate(model, None, data[0]).layers == ()
+    assert all(unchanged(i) for i in (1, 3, 5))
+    # Prune the output layer only: the layers before it still match the dense network and are not touched.
+    model = copy.deepcopy(dense)
+    masks = {key: torch.ones_like(dict(model.named_parameters())[key], dtype=torch.bool) for key in keys}
+    masks["5.weight"][:, ::2] = False
+    assert bingo.compensate(model, masks, data[0]).layers == ("5.weight",)
+    assert unchanged(1) and unchanged(3) and not unchanged(5)
