@@ -385,3 +385,19 @@ def test_resume_accepts_settings_recorded_before_nested_configs(tmp_path):
     (out / "results.json").write_text(json.dumps(old))
     with pytest.raises(CheckpointError, match=r"ran bingo with other settings"):
         run_compare(config, out, resume=True, progress=False)
+
+
+def test_resume_accepts_records_from_before_the_batchnorm_setting_and_refuses_a_real_change(tmp_path):
+    from bingo.strategies import CompensationConfig, OneShotConfig
+
+    def config(batchnorm: str) -> CompareConfig:
+        compensated = OneShotConfig(compensation=CompensationConfig(compensate=True, batchnorm=batchnorm))
+        return _config(methods=("magnitude",), sparsities=(0.5,), method_configs={"magnitude": compensated})
+
+    results = run_compare(config("keep"), tmp_path, progress=False)
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    del recorded["settings"]["method_configs"]["magnitude"]["compensation"]["batchnorm"]  # as recorded before the option
+    (tmp_path / "results.json").write_text(json.dumps(recorded))
+    assert run_compare(config("keep"), tmp_path, resume=True, progress=False)["runs"] == results["runs"]
+    with pytest.raises(CheckpointError, match=r"ran magnitude with other settings"):
+        run_compare(config("reestimate"), tmp_path, resume=True, progress=False)

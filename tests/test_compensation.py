@@ -129,7 +129,7 @@ def test_cli_compensation_for_any_one_shot_method_and_the_accuracy_floor(tmp_pat
     assert main([*base, "--sparsity", "0.9", "--out", str(plain)]) == 0
     assert main([*base, "--sparsity", "0.9", "--compensate", "--calibration-samples", "512", "--out", str(comp)]) == 0
     plain, comp = json.loads(plain.read_text()), json.loads(comp.read_text())
-    assert comp["config"]["compensation"] == {"compensate": True, "calibration_samples": 512}
+    assert comp["config"]["compensation"] == {"compensate": True, "calibration_samples": 512, "batchnorm": "keep"}
     assert comp["dense_accuracy"] == plain["dense_accuracy"]  # the same dense run ...
     assert comp["results"][0]["accuracy"] != plain["results"][0]["accuracy"]  # ... pruned the same way, then re-fitted
     floor = tmp_path / "floor.json"
@@ -178,3 +178,25 @@ def test_layers_that_already_give_the_dense_output_are_left_exactly_as_they_are(
     masks["5.weight"][:, ::2] = False
     assert bingo.compensate(model, masks, data[0]).layers == ("5.weight",)
     assert unchanged(1) and unchanged(3) and not unchanged(5)
+
+
+def test_the_batchnorm_setting_reaches_compensate_through_the_strategy():
+    from bingo.data import load_dataset
+    from bingo.strategies import Experiment, get_strategy
+    from bingo.strategies.oneshot import CompensationConfig, OneShotConfig
+    from bingo.training import TrainConfig
+
+    experiment = Experiment(load_dataset("digits"), "conv", TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
+    outcomes = {}
+    for batchnorm in ("keep", "reestimate"):
+        config = OneShotConfig(compensation=CompensationConfig(compensate=True, calibration_samples=300, batchnorm=batchnorm))
+        outcomes[batchnorm] = next(get_strategy("magnitude", config).run(experiment, [0.8]))
+    norms = {name: [m for m in outcome.model.modules() if isinstance(m, nn.BatchNorm2d)] for name, outcome in outcomes.items()}
+    assert norms["keep"]
+    dense_norms = [m for m in experiment.dense().model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(norms["keep"], dense_norms))
+    assert not any(torch.equal(a.running_mean, b.running_mean) for a, b in zip(norms["reestimate"], dense_norms))
+    # the re-estimation's forwards (2 batches of 256) are counted
+    assert outcomes["reestimate"].forward_passes - outcomes["keep"].forward_passes == 2
+    with pytest.raises(ConfigError, match=r"^unknown batchnorm 'drop'; valid choices: keep, reestimate$"):
+        CompensationConfig(batchnorm="drop")

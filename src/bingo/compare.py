@@ -252,7 +252,8 @@ def _comparable(record: object) -> object:
     never read. The nested form records a ``search`` and a ``compensation``
     dict. Both flatten to the same keys here; settings that cannot change a
     result are dropped: the search seed (the experiment's), an empty
-    include/exclude, ``batched=False``, compensation when it is off, the rule
+    include/exclude, ``batched=False``, compensation when it is off (and
+    ``batchnorm="keep"``, recorded since that option exists), the rule
     of the taylor and hybrid estimators, and a probe rule of None (= mean).
     The search's results under both forms were checked bit-identical.
     """
@@ -270,6 +271,9 @@ def _comparable(record: object) -> object:
     if flat.get("compensate") is False:
         flat.pop("compensate")
         flat.pop("calibration_samples", None)
+        flat.pop("batchnorm", None)
+    if flat.get("batchnorm") == "keep":  # the default, recorded only since the option exists
+        flat.pop("batchnorm")
     if flat.get("estimator") in ("taylor", "hybrid"):
         flat.pop("rule", None)
     elif "estimator" in flat and flat.get("rule") is None:

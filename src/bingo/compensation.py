@@ -50,7 +50,10 @@ from torch import nn
 from .errors import ConfigError, check_choice
 from .pruning import apply_masks, refresh_masked
 
-__all__ = ["CompensationResult", "compensate", "reestimate_batchnorm"]
+__all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
+
+#: what :func:`compensate` does with BatchNorm statistics afterwards
+BATCHNORM_CHOICES = ("keep", "reestimate")
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ def compensate(
         A :class:`CompensationResult`; per-layer errors let you check it helped.
         Masks are unchanged.
     """
-    check_choice("batchnorm", batchnorm, ("keep", "reestimate"))
+    check_choice("batchnorm", batchnorm, BATCHNORM_CHOICES)
     if not isinstance(calibration, torch.Tensor) or calibration.dim() < 2 or len(calibration) == 0:
         raise ConfigError("compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples")
     if not 0.0 <= float(damping) < 1.0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compensation import compensate
+from ..compensation import BATCHNORM_CHOICES, compensate
 from ..errors import ConfigError, check_choice
 from ..layers import GRANULARITIES
 from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
@@ -52,10 +52,12 @@ class CompensationConfig:
 
     compensate: bool = field(default=False, metadata={"help": "re-fit the surviving weights of every pruned layer to the dense layer's outputs (least squares on calibration data) before any fine-tune"})
     calibration_samples: int = field(default=1024, metadata={"help": "training samples the compensation fits on"})
+    batchnorm: str = field(default="keep", metadata={"help": "after compensating: keep the BatchNorm statistics, or re-estimate them on the calibration samples", "choices": BATCHNORM_CHOICES})
 
     def __post_init__(self) -> None:
         if int(self.calibration_samples) != self.calibration_samples or self.calibration_samples < 1:
             raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
+        check_choice("batchnorm", self.batchnorm, BATCHNORM_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class OneShotStrategy(Strategy):
         settings = self.config.compensation
         if not settings.compensate or not any(hasattr(m, "weight_mask") for m in model.modules()):
             return 0
-        result = compensate(model, None, experiment.calibration(settings.calibration_samples), reference=dense.model)
+        result = compensate(model, None, experiment.calibration(settings.calibration_samples), reference=dense.model, batchnorm=settings.batchnorm)
         return result.forward_passes
 
     def prune_to_floor(
