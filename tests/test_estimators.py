@@ -797,7 +797,7 @@ class MeanGradWeight(bingo.Estimator):
         for key, theta0 in search.theta0.items():  # in self.state, so checkpoints need no code
             self.state[key] = {"sum": torch.zeros_like(theta0, dtype=torch.float64), "steps": torch.tensor(0)}
 
-    def observe(self, inputs, targets):
+    def observe(self, batch):
         for key, module in self.search.layers.items():
             self.state[key]["sum"] += (module.weight.grad * module.weight).abs()
             self.state[key]["steps"] += 1

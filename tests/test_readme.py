@@ -43,9 +43,9 @@ def test_readme_custom_estimator_scores_mean_abs_grad_times_weight(readme_estima
         search = bingo.TicketSearch(model, estimator="grad-weight")
         original = search.estimator.observe
 
-        def observe(inputs, targets):
+        def observe(batch):
             seen.append({k: (bingo.layers.weight_of(m).grad * bingo.layers.weight_of(m)).abs().clone() for k, m in search.layers.items()})
-            return original(inputs, targets)
+            return original(batch)
 
         search.estimator.observe = observe
         return search

@@ -22,6 +22,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
-from .estimators.fake_pass import Metric, auto_every, resolve_metric
+from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
 from .layers import GRANULARITIES, find_layers, output_layer_name, weight_of
 
 __all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
@@ -105,15 +106,25 @@ class SearchConfig:
         return data
 
 
-def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """:class:`ConfigError` for a batch no estimator can learn from: empty, or inputs and targets that do not pair up."""
-    sizes = [len(t) if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in (inputs, targets)]
+def _batch(inputs_or_closure: Any, targets: Any) -> Batch:
+    """The :class:`Batch` of one ``search.step`` call; :class:`ConfigError` for one no estimator can learn from."""
+    if callable(inputs_or_closure) and not isinstance(inputs_or_closure, torch.Tensor):
+        if targets is not None:
+            raise ConfigError("search.step(closure) takes the closure alone: it evaluates the batch, targets included")
+        return Batch(closure=inputs_or_closure)
+    inputs = inputs_or_closure
+    first = first_tensor(inputs)
+    sizes = [len(t) if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in (first, targets)]
     if None in sizes:
-        raise ConfigError("search.step(inputs, targets) needs a batch: tensors whose first dimension is the batch")
+        raise ConfigError(
+            "search.step(inputs, targets) needs a batch: inputs (a tensor, a tuple or a dict of tensors) and targets whose "
+            "first dimension is the batch; or pass a closure, search.step(lambda model: loss)"
+        )
     if sizes[0] == 0:
         raise ConfigError("search.step got an empty batch; skip the call (an empty batch has no loss to measure)")
     if sizes[0] != sizes[1]:
         raise ConfigError(f"search.step got {sizes[0]} inputs but {sizes[1]} targets; pass the batch just trained on")
+    return Batch(inputs=inputs, targets=targets)
 
 
 class TicketSearch:
@@ -166,20 +177,33 @@ class TicketSearch:
         return shape if self.config.granularity == "weight" else shape[:1]
 
     @torch.no_grad()
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def step(self, inputs_or_closure: Any, targets: torch.Tensor | None = None) -> dict[str, float]:
         """Record what the step just taken says about each weight (the estimator's :meth:`~bingo.Estimator.observe`).
 
-        Call it right after ``optimizer.step()``, with the batch just trained
-        on and before the next ``zero_grad()`` (taylor and hybrid read the
-        gradients). Returns ``{layer key: damage}`` of this step's fake passes
-        (for logging; ``{}`` on steps without any). The model's parameters,
+        Call it right after ``optimizer.step()`` and before the next
+        ``zero_grad()`` (taylor and hybrid read the gradients), in one of two
+        forms, with the batch just trained on:
+
+        - ``search.step(inputs, targets)``: ``inputs`` is what the model takes,
+          a tensor, a tuple of positional inputs or a dict of keyword inputs;
+          fake passes score ``metric(model(inputs), targets)``.
+        - ``search.step(closure)``, shaped like ``optimizer.step(closure)``:
+          ``closure(model)`` evaluates the batch on the model it is handed and
+          returns the loss (lower = better), e.g. ``lambda m: m(**batch).loss``
+          or ``lambda m: criterion(m(x, mask), y)``. Fake passes hand it the
+          model with the probed weights substituted
+          (:class:`~bingo.estimators.fake_pass.SubstitutedModel`), so any
+          inputs, outputs and loss can be measured; they need ``metric="loss"``.
+
+        Returns ``{layer key: damage}`` of this step's fake passes (for
+        logging; ``{}`` on steps without any). The model's parameters,
         gradients, buffers, train/eval flags and the global RNG are exactly as
         before the call.
         """
-        _check_batch(inputs, targets)
+        batch = _batch(inputs_or_closure, targets)
         start = time.perf_counter()
         self.steps += 1
-        damages = self.estimator.observe(inputs, targets)
+        damages = self.estimator.observe(batch)
         self.seconds += time.perf_counter() - start
         return damages
 

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from ..search import SearchConfig, TicketSearch
+    from .fake_pass import Batch
 
 __all__ = ["ESTIMATORS", "Estimator", "get_estimator", "register_estimator"]
 
@@ -65,15 +66,18 @@ class Estimator(ABC):
         self.search = search
 
     @abstractmethod
-    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def observe(self, batch: Batch) -> dict[str, float]:
         """Record what this training step says about each weight.
 
-        Called by ``search.step(inputs, targets)`` right after the optimizer
-        step, after ``search.steps`` was incremented, under ``torch.no_grad()``;
-        gradients of the step just taken are still on the parameters. It must
-        leave the model exactly as it was (see :mod:`bingo.estimators.fake_pass`
-        for fake passes that do). Returns ``{layer key: damage}`` for logging
-        (``{}`` if it measures nothing this step).
+        Called by ``search.step`` right after the optimizer step, after
+        ``search.steps`` was incremented, under ``torch.no_grad()``; gradients
+        of the step just taken are still on the parameters. ``batch``
+        (:class:`~bingo.estimators.fake_pass.Batch`) is what the step was
+        given: inputs and targets, or a closure; ``batch.score(model, metric)``
+        evaluates it, and :func:`~bingo.estimators.fake_pass.measure` runs fake
+        passes on it. It must leave the model exactly as it was. Returns
+        ``{layer key: damage}`` for logging (``{}`` if it measures nothing
+        this step).
         """
 
     @abstractmethod

@@ -15,8 +15,9 @@ draws nothing) with every module's train/eval flag restored, and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,80 @@ from ..pruning import refresh_masked
 if TYPE_CHECKING:
     from ..search import TicketSearch
 
-__all__ = ["METRICS", "PROBE_BUDGET", "Metric", "auto_every", "check_class_targets", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
+__all__ = ["METRICS", "PROBE_BUDGET", "Batch", "Closure", "Metric", "SubstitutedModel", "auto_every", "check_class_targets", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
+#: ``closure(model) -> loss``: evaluates the batch just trained on with the model it is handed; lower = better
+Closure = Callable[[Any], torch.Tensor]
+
+
+class SubstitutedModel:
+    """The model with some parameters replaced: what a fake pass hands a closure.
+
+    Calling it runs ``torch.func.functional_call(model, tensors, args,
+    kwargs)``, so the model's own parameters are never written. Any other
+    attribute is the model's (``m.config`` of a Hugging Face model works). A
+    closure must *call* the model it is given: reaching into its submodules
+    would run them with the real weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self._model, self._tensors = model, tensors
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._model, self._tensors, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return next((t for t in map(first_tensor, items) if t is not None), None)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training step's data as ``search.step`` received it: inputs and targets, or a closure.
+
+    ``inputs`` is what the model takes: a tensor (``model(x)``), a tuple of
+    positional inputs (``model(*x)``) or a dict of keyword inputs
+    (``model(**x)``). A ``closure(model) -> loss`` replaces both and lets any
+    inputs, outputs and loss be measured.
+    """
+
+    inputs: Any = None
+    targets: Any = None
+    closure: Closure | None = None
+
+    def outputs(self, model: Any) -> Any:
+        """The model's outputs on ``inputs``."""
+        if isinstance(self.inputs, tuple):
+            return model(*self.inputs)
+        if isinstance(self.inputs, Mapping):
+            return model(**self.inputs)
+        return model(self.inputs)
+
+    def score(self, model: Any, metric: Metric) -> float:
+        """How well ``model`` does on this batch, higher = better: ``metric(outputs, targets)``, or ``-closure(model)``."""
+        if self.closure is None:
+            return float(metric(self.outputs(model), self.targets))
+        loss = self.closure(model)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            return -float(loss)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return -float(loss)
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError(f"search.step(closure): the closure must return the batch's loss as one number (a scalar tensor), got {what}")
+
+    def device(self, model: torch.nn.Module) -> torch.device:
+        """Where the computation runs: the inputs' device, else the model's."""
+        tensor = first_tensor(self.inputs)
+        if tensor is None:
+            tensor = next(iter(model.parameters()), torch.empty(0))
+        return tensor.device
 
 
 def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -165,38 +237,43 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
     return tensors
 
 
-def measure(
-    search: TicketSearch, inputs: torch.Tensor, targets: torch.Tensor, subsets: dict[str, torch.Tensor]
-) -> tuple[float, dict[str, float]]:
-    """The metric on this batch before any reset, and after resetting each layer's subset alone.
+def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """The score on this batch before any reset, and after resetting each layer's subset alone (higher = better).
 
     ``subsets`` maps layer keys to unit indices (see :func:`_substitutes`).
-    One forward of the intact model, then one fake pass per layer. The
-    model's parameters, buffers, train/eval flags and the global RNG are
-    exactly as before the call.
+    One evaluation of the intact model, then one fake pass per layer (a
+    closure is handed a :class:`SubstitutedModel`). The model's parameters,
+    buffers, train/eval flags and the global RNG are exactly as before the call.
     """
+    if batch.closure is not None and search.config.metric != "loss":
+        raise ConfigError(
+            f"search.step(closure): a closure returns a loss, so fake passes need metric='loss', not {search.config.metric!r}; "
+            "or call search.step(inputs, targets)"
+        )
     model, metric = search.model, search.metric
     modes = [(m, m.training) for m in model.modules()]
-    devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
+    device = batch.device(model)
+    devices = [device.index or 0] if device.type == "cuda" else []
     try:
         model.eval()
         # Belt and braces: eval mode draws no random numbers in standard
         # layers, but a custom module might, and training must not notice.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             try:
-                outputs = model(inputs)
+                outputs = None if batch.closure is not None else batch.outputs(model)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                inputs = batch.inputs
                 shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ConfigError(f"search.step: the model cannot take these inputs (shape {shape}): {reason}") from exc
-            before = float(metric(outputs, targets))
+            before = float(metric(outputs, batch.targets)) if outputs is not None else batch.score(model, metric)
             if not math.isfinite(before):
                 raise BingoError(
                     f"search.step: the metric is {before} on this batch before any reset, so the model's outputs are not "
                     "finite: training diverged (try a lower learning rate)"
                 )
             probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
-            after = {key: float(metric(functional_call(model, tensors, (inputs,)), targets)) for key, tensors in probes.items()}
+            after = {key: batch.score(SubstitutedModel(model, tensors), metric) for key, tensors in probes.items()}
     finally:
         for module, training in modes:
             module.training = training

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import register_estimator
-from .fake_pass import due, measure, probe_damage
+from .fake_pass import Batch, due, measure, probe_damage
 from .targeted import Focus, draw_subset, focus_of
 from .taylor import TaylorEstimator
 
@@ -56,8 +56,8 @@ class HybridEstimator(TaylorEstimator):
             if self.focus:
                 entry["focus"] = Focus.initial(search.unit_shape(key), device)
 
-    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        super().observe(inputs, targets)
+    def observe(self, batch: Batch) -> dict[str, float]:
+        super().observe(batch)
         search = self.search
         if not due(search):
             return {}
@@ -65,7 +65,7 @@ class HybridEstimator(TaylorEstimator):
             self.focus.refocus({key: entry["focus"] for key, entry in self.state.items()}, self.raw_scores(None))
         # All draws first, so the generator is consumed in one fixed order.
         subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}
-        before, after = measure(search, inputs, targets, subsets)
+        before, after = measure(search, batch, subsets)
         for key, subset in subsets.items():
             self._calibrate(key, subset, before - after[key])
         return {key: probe_damage(before, value) for key, value in after.items()}

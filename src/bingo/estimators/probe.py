@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import Estimator, register_estimator
-from .fake_pass import due, measure, paper_change, probe_damage
+from .fake_pass import Batch, due, measure, paper_change, probe_damage
 from .targeted import Focus, draw_subset, focus_of
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class ProbeEstimator(Estimator):
             if self.focus:
                 self.state[key]["focus"] = Focus.initial(shape, device)
 
-    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
         if not due(search):
             return {}
@@ -79,7 +79,7 @@ class ProbeEstimator(Estimator):
             self.refocus()
         # All draws first, so the generator is consumed in one fixed order.
         subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}
-        before, after = measure(search, inputs, targets, subsets)
+        before, after = measure(search, batch, subsets)
         for key, subset in subsets.items():
             self.record(key, subset, before, after[key])
         return {key: probe_damage(before, value) for key, value in after.items()}

@@ -10,6 +10,7 @@ import torch
 from ..errors import BingoError, ConfigError
 from ..layers import weight_of
 from .base import Estimator, register_estimator
+from .fake_pass import Batch
 
 if TYPE_CHECKING:
     from ..search import SearchConfig, TicketSearch
@@ -62,7 +63,7 @@ class TaylorEstimator(Estimator):
                 "taylor_steps": torch.zeros((), dtype=torch.int64, device=device),
             }
 
-    def observe(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
         for key, module in search.layers.items():
             weight = weight_of(module)
