@@ -138,6 +138,35 @@ def _ensure_copyable(module: nn.Module) -> None:
     _detach_masked(module, None, None)
 
 
+def _mask_out_proj(attention: nn.Module, inputs: object) -> None:
+    """Forward pre-hook of an ``nn.MultiheadAttention``: recompute its pruned ``out_proj``'s masked tensors.
+
+    ``MultiheadAttention.forward`` reads ``out_proj.weight`` and ``.bias``
+    directly and never calls ``out_proj``, so the pre-hook
+    ``torch.nn.utils.prune`` puts on ``out_proj`` never runs: the weight would
+    stay the tensor of the moment of pruning, and ``weight_orig`` would get no
+    gradient (frozen, silently). Recomputed here with autograd history, as
+    torch's own hook would; :func:`_detach_out_proj` detaches it afterwards.
+    """
+    projection = attention.out_proj
+    for name in ("weight", "bias"):
+        if hasattr(projection, f"{name}_mask"):
+            setattr(projection, name, masked_value(projection, name))
+
+
+def _detach_out_proj(attention: nn.Module, inputs: object, output: object) -> None:
+    _detach_masked(attention.out_proj, inputs, output)
+
+
+def _ensure_attention_masked(model: nn.Module) -> None:
+    """Hooks on every ``nn.MultiheadAttention`` whose ``out_proj`` is pruned (once), so its mask applies in training."""
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and hasattr(module.out_proj, "weight_mask"):
+            if not any(hook is _mask_out_proj for hook in module._forward_pre_hooks.values()):
+                module.register_forward_pre_hook(_mask_out_proj)
+                module.register_forward_hook(_detach_out_proj)
+
+
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Put keep-masks on ``model`` through ``torch.nn.utils.prune.custom_from_mask``.
 
@@ -156,6 +185,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
                 torch_prune.custom_from_mask(module, "bias", unit_mask)
         torch_prune.custom_from_mask(module, "weight", mask)
         _ensure_copyable(module)
+    _ensure_attention_masked(model)
 
 
 def make_permanent(model: nn.Module) -> None:
@@ -164,9 +194,10 @@ def make_permanent(model: nn.Module) -> None:
         for name in ("weight", "bias"):
             if hasattr(module, f"{name}_mask"):
                 torch_prune.remove(module, name)
-        for handle_id, hook in list(module._forward_hooks.items()):
-            if hook is _detach_masked:
-                del module._forward_hooks[handle_id]
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for handle_id, hook in list(hooks.items()):
+                if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
+                    del hooks[handle_id]
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,78 @@
+"""Pruned attention keeps training: nn.MultiheadAttention never calls its out_proj, so its mask needs bingo's hook."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bingo
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+def _fine_tune(model: nn.Module, steps: int = 3) -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 5, 8), torch.randint(0, 3, (32,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_every_unpruned_weight_of_a_pruned_transformer_trains_and_pruned_ones_stay_zero():
+    model = TransformerClassifier()
+    masks = bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    assert "encoder.layers.0.self_attn.out_proj.weight" in masks
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    _fine_tune(model)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, f"{name} got no gradient"
+        key = name.replace("weight_orig", "weight")
+        changed = parameter.detach() != before[name]
+        if key in masks:  # survivors move; what the mask removed contributes nothing
+            kept = masks[key].bool()
+            assert bool(changed[kept].all()), f"{name}: some kept weights did not change"
+        else:
+            assert bool(changed.any()), f"{name} did not change"
+    for key, mask in masks.items():
+        module = model.get_submodule(key.rpartition(".")[0])
+        assert bool((module.weight[~mask.bool()] == 0).all())
+    # the attention's effective weight is the masked one in the forward pass
+    attention = model.encoder.layers[0].self_attn
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        got = attention(x, x, x, need_weights=False)[0]
+        reference = copy.deepcopy(attention)
+        bingo.make_permanent(reference)
+        assert torch.allclose(got, reference(x, x, x, need_weights=False)[0], atol=1e-6)
+        assert torch.equal(reference.out_proj.weight, attention.out_proj.weight_orig * attention.out_proj.weight_mask)
+
+
+def test_a_pruned_transformer_copies_and_loses_its_hooks_when_made_permanent():
+    model = TransformerClassifier()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    _fine_tune(model, steps=1)
+    copied = copy.deepcopy(model)  # no tensor with autograd history left on a module
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(copied(x), expected)
+        bingo.make_permanent(model)
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+        assert torch.allclose(model(x), expected, atol=1e-6)
