@@ -29,6 +29,11 @@ class TwoInput(nn.Module):
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.out(self.dropout(F.relu(self.hidden(features * mask))))
 
+    def training_step(self, batch: tuple, index: int) -> dict:
+        """Like a LightningModule's: reaches into the submodules rather than calling forward."""
+        features, mask, y = batch
+        return {"loss": F.cross_entropy(self.out(F.relu(self.hidden(features * mask))), y)}
+
 
 class HuggingFaceStyle(nn.Module):
     """Keyword inputs, an output object with ``.logits`` and, given labels, ``.loss``; a ``config`` attribute."""
@@ -125,13 +130,22 @@ def test_two_input_model_through_a_closure_and_a_tuple(settings):
 
 
 
-def test_the_closure_inputs_reach_every_fake_pass():
-    """Probes of one weight at a time: weights on features the mask hides never change the loss; others do."""
+@pytest.mark.parametrize("how", ["forward", "method"])
+def test_the_closure_inputs_reach_every_fake_pass(how):
+    """Probes of one weight at a time: weights on features the mask hides never change the loss; others do.
+
+    The closure may call forward or any other method (here one that uses the submodules directly):
+    the probed weights are swapped in for the whole call.
+    """
     model = _train(TwoInput(), _two_input_loss)
     search = bingo.TicketSearch(model, estimator="probe", metric="loss", mode="zero", fraction=1 / 384, include=["hidden"], seed=0)
     features, mask, y = next(_batches())
+    if how == "forward":
+        closure = lambda net: F.cross_entropy(net(features, mask), y)  # noqa: E731
+    else:
+        closure = lambda net: net.training_step((features, mask, y), 0)  # noqa: E731
     for _ in range(300):
-        search.step(lambda net: F.cross_entropy(net(features, mask), y))
+        search.step(closure)
     damage = search.estimator.raw_scores("mean")["hidden.weight"].nan_to_num(0.0)  # NaN: never probed
     assert float(damage[:, 12:].abs().max()) == 0.0
     assert float(damage[:, :12].max()) > 0.0
@@ -147,7 +161,7 @@ def test_hugging_face_style_model_with_dict_inputs_and_a_loss_output():
         batch = {"input_ids": features, "attention_mask": mask, "labels": y}
 
         def closure(m):
-            seen_config.append(m.config.num_labels)  # attributes pass through to the real model
+            seen_config.append(m.config.num_labels)  # the closure is handed the model itself
             return m(**batch).loss
 
         search.step(closure)

@@ -190,10 +190,13 @@ class TicketSearch:
         - ``search.step(closure)``, shaped like ``optimizer.step(closure)``:
           ``closure(model)`` evaluates the batch on the model it is handed and
           returns the loss (lower = better), e.g. ``lambda m: m(**batch).loss``
-          or ``lambda m: criterion(m(x, mask), y)``. Fake passes hand it the
-          model with the probed weights substituted
-          (:class:`~bingo.estimators.fake_pass.SubstitutedModel`), so any
-          inputs, outputs and loss can be measured; they need ``metric="loss"``.
+          or ``lambda m: criterion(m(x, mask), y)`` (a dict with a ``"loss"``
+          entry, as a LightningModule's ``training_step`` returns, works too).
+          Fake passes hand it the model itself with the probed weights swapped
+          in for the call (``torch.func.functional_call``; the parameters are
+          never written), so any inputs, outputs and loss can be measured, and
+          the closure may call ``forward`` or any other method; they need
+          ``metric="loss"``.
 
         Returns ``{layer key: damage}`` of this step's fake passes (for
         logging; ``{}`` on steps without any). The model's parameters,

@@ -30,31 +30,30 @@ from ..pruning import refresh_masked
 if TYPE_CHECKING:
     from ..search import TicketSearch
 
-__all__ = ["METRICS", "PROBE_BUDGET", "Batch", "Closure", "Metric", "SubstitutedModel", "auto_every", "check_class_targets", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
+__all__ = ["METRICS", "PROBE_BUDGET", "Batch", "Closure", "Metric", "auto_every", "check_class_targets", "due", "measure", "probe_damage", "paper_change", "random_subset", "resolve_metric", "subset_size"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 #: ``closure(model) -> loss``: evaluates the batch just trained on with the model it is handed; lower = better
 Closure = Callable[[Any], torch.Tensor]
 
 
-class SubstitutedModel:
-    """The model with some parameters replaced: what a fake pass hands a closure.
+class _ClosureCall(torch.nn.Module):
+    """``closure(model)`` as a module's forward, so ``functional_call`` can run it with substituted tensors.
 
-    Calling it runs ``torch.func.functional_call(model, tensors, args,
-    kwargs)``, so the model's own parameters are never written. Any other
-    attribute is the model's (``m.config`` of a Hugging Face model works). A
-    closure must *call* the model it is given: reaching into its submodules
-    would run them with the real weights.
+    The model is this module's submodule ``model``: ``functional_call`` swaps
+    the tensors named ``model.<name>`` in for the call and restores the
+    originals after it, so the closure sees the probed weights wherever it
+    reaches into the model (``forward``, ``training_step``, a submodule), and
+    the model's parameters are never written.
     """
 
-    def __init__(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        self._model, self._tensors = model, tensors
+    def __init__(self, model: torch.nn.Module, closure: Closure) -> None:
+        super().__init__()
+        self.model = model
+        self.closure = closure
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._model, self._tensors, args, kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+    def forward(self) -> Any:
+        return self.closure(self.model)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -86,11 +85,23 @@ class Batch:
             return model(**self.inputs)
         return model(self.inputs)
 
-    def score(self, model: Any, metric: Metric) -> float:
-        """How well ``model`` does on this batch, higher = better: ``metric(outputs, targets)``, or ``-closure(model)``."""
+    def score(self, model: torch.nn.Module, metric: Metric, tensors: dict[str, torch.Tensor] | None = None) -> float:
+        """How well ``model`` does on this batch, higher = better: ``metric(outputs, targets)``, or ``-closure(model)``.
+
+        ``tensors`` (``{parameter name: tensor}``) are substituted for the
+        model's own during the evaluation (``torch.func.functional_call``).
+        """
         if self.closure is None:
-            return float(metric(self.outputs(model), self.targets))
-        loss = self.closure(model)
+            if tensors is None:
+                return float(metric(self.outputs(model), self.targets))
+            args, kwargs = ((), dict(self.inputs)) if isinstance(self.inputs, Mapping) else (self.inputs if isinstance(self.inputs, tuple) else (self.inputs,), {})
+            return float(metric(functional_call(model, tensors, args, kwargs), self.targets))
+        if tensors is None:
+            loss = self.closure(model)
+        else:
+            loss = functional_call(_ClosureCall(model, self.closure), {f"model.{name}": t for name, t in tensors.items()}, ())
+        if isinstance(loss, Mapping) and "loss" in loss:  # e.g. a LightningModule's training_step
+            loss = loss["loss"]
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             return -float(loss)
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
@@ -242,7 +253,8 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
 
     ``subsets`` maps layer keys to unit indices (see :func:`_substitutes`).
     One evaluation of the intact model, then one fake pass per layer (a
-    closure is handed a :class:`SubstitutedModel`). The model's parameters,
+    closure is handed the model with the probe's tensors swapped in for the
+    call, see :class:`_ClosureCall`). The model's parameters,
     buffers, train/eval flags and the global RNG are exactly as before the call.
     """
     if batch.closure is not None and search.config.metric != "loss":
@@ -273,7 +285,7 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
                     "finite: training diverged (try a lower learning rate)"
                 )
             probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
-            after = {key: batch.score(SubstitutedModel(model, tensors), metric) for key, tensors in probes.items()}
+            after = {key: batch.score(model, metric, tensors) for key, tensors in probes.items()}
     finally:
         for module, training in modes:
             module.training = training
