@@ -1,0 +1,136 @@
+"""What a trainer integration does, trainer-free: search during training, prune when it ends.
+
+The Lightning and Hugging Face callbacks only decide *when* to call these
+methods; everything that can be tested without a trainer is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compensation import CompensationResult, compensate
+from ..errors import ConfigError
+from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
+from ..search import SearchConfig, TicketSearch
+from ..selection import SCOPES, check_sparsity
+from ..strategies import BINGO
+
+__all__ = ["PruneAfterTraining"]
+
+
+class PruneAfterTraining:
+    """A ticket search during training and a one-shot prune when it ends, with ``bingo``'s defaults.
+
+    Args:
+        sparsity: fraction of the scored weights to remove at the end; or
+        min_accuracy / max_accuracy_drop with ``evaluate``: prune as far as
+            ``evaluate(model)`` (higher = better, e.g. validation accuracy)
+            stays at the floor (:func:`bingo.prune_to_accuracy`).
+        search: the search's settings (default: the ``bingo`` method's).
+        magnitude_weight: weight of the magnitude rank in the final score
+            (:meth:`bingo.strategies.BingoConfig.final_scores`).
+        calibration: training inputs ``(N, ...)`` the model takes as one
+            tensor; given, the survivors are compensated
+            (:func:`bingo.compensate`) after the prune (and at every probe of
+            an accuracy floor). None: no compensation.
+        scope: ``"global"``, ``"layer"`` or ``"lamp"`` (see :func:`bingo.prune`).
+
+    Shaped like an optimizer: :meth:`start` with the model before training,
+    :meth:`step` after every optimizer step, :meth:`finish` at the end,
+    :meth:`state_dict` / :meth:`load_state_dict` for checkpoints.
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        *,
+        min_accuracy: float | None = None,
+        max_accuracy_drop: float | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        search: SearchConfig | None = None,
+        magnitude_weight: float = BINGO.magnitude_weight,
+        calibration: torch.Tensor | None = None,
+        scope: str = "global",
+    ) -> None:
+        targets = [name for name, value in (("sparsity", sparsity), ("min_accuracy", min_accuracy), ("max_accuracy_drop", max_accuracy_drop)) if value is not None]
+        if len(targets) > 1:
+            raise ConfigError(f"give one of sparsity, min_accuracy, max_accuracy_drop; got {', '.join(targets)}")
+        if (min_accuracy is not None or max_accuracy_drop is not None) and evaluate is None:
+            raise ConfigError("an accuracy floor needs evaluate=callable(model) -> accuracy (higher = better)")
+        if sparsity is not None:
+            check_sparsity(sparsity)
+        if scope not in SCOPES:
+            raise ConfigError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
+        self.sparsity, self.min_accuracy, self.max_accuracy_drop = sparsity, min_accuracy, max_accuracy_drop
+        self.evaluate, self.calibration, self.scope = evaluate, calibration, scope
+        self.config = dataclasses.replace(BINGO, search=search or BINGO.search, magnitude_weight=magnitude_weight)
+        self.search: TicketSearch | None = None
+        self._pending: dict | None = None
+        #: after :meth:`finish`: the masks, and what the floor and the compensation did
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.floor: AccuracyFloorResult | None = None
+        self.compensation: CompensationResult | None = None
+
+    def start(self, model: nn.Module) -> TicketSearch:
+        """Attach the search to ``model`` (before its first optimizer step: θ0 is read now), or restore it."""
+        if self.search is None or self.search.model is not model:
+            self.search = TicketSearch(model, config=self.config.search)
+        if self._pending is not None:
+            self.search.load_state_dict(self._pending)
+            self._pending = None
+        return self.search
+
+    def step(self, closure: Callable[[nn.Module], Any]) -> dict[str, float]:
+        """Record the optimizer step just taken; ``closure(model) -> loss`` re-evaluates its batch."""
+        if self.search is None:
+            raise ConfigError("PruneAfterTraining.step before start(model)")
+        return self.search.step(closure)
+
+    def finish(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Prune ``model`` once, by the search's significance blended with magnitude; returns the keep-masks."""
+        if self.search is None or self.search.steps == 0:
+            raise ConfigError("nothing to prune by: the search saw no optimizer step")
+        scores = self.config.final_scores(self.search, model)
+        reference = None
+        if self.calibration is not None:
+            import copy
+
+            reference = copy.deepcopy(model)
+        if self.sparsity is not None:
+            self.masks = prune(model, scores, self.sparsity, self.scope)
+        elif self.min_accuracy is not None or self.max_accuracy_drop is not None:
+
+            def judged(candidate: nn.Module) -> float:
+                if reference is not None:  # every probe of the floor judged as delivered: compensated
+                    import copy
+
+                    candidate = copy.deepcopy(candidate)
+                    compensate(candidate, None, self.calibration, reference=reference)
+                return float(self.evaluate(candidate))
+
+            self.floor = prune_to_accuracy(model, scores, judged, min_accuracy=self.min_accuracy,
+                                           max_drop=self.max_accuracy_drop, scope=self.scope)
+            self.masks = {key: mask.bool() for key, mask in self.floor.masks.items()}
+        else:
+            return {}
+        if reference is not None:
+            self.compensation = compensate(model, None, self.calibration, reference=reference)
+        return self.masks
+
+    def state_dict(self) -> dict:
+        """The search's state (θ0, sums, generator); empty before :meth:`start`."""
+        return {} if self.search is None else {"search": self.search.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; applied at :meth:`start` if the search does not exist yet."""
+        if not state:
+            return
+        if self.search is None:
+            self._pending = state["search"]
+        else:
+            self.search.load_state_dict(state["search"])

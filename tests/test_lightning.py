@@ -1,0 +1,106 @@
+"""The Lightning callback on the real package: bit-identical training, one search step per optimizer step, checkpoints, the prune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import bingo  # noqa: E402
+from bingo.integrations.lightning import BingoCallback  # noqa: E402
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, dropout: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _loader():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 16, generator=generator)
+    y = (x[:, :4].argmax(dim=1)).long()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+def _fit(callbacks, epochs=2, accumulate=1, dropout=0.1, **kwargs) -> tuple[Classifier, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    module = Classifier(dropout)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
+                         callbacks=callbacks, **kwargs)
+    trainer.fit(module, _loader())
+    return module, trainer
+
+
+def test_training_is_bit_identical_and_the_search_steps_once_per_optimizer_step():
+    plain, plain_trainer = _fit([], accumulate=2)
+    callback = BingoCallback()  # no target: search only
+    searched, trainer = _fit([callback], accumulate=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), searched.state_dict().values()))
+    assert trainer.global_step == 6  # 2 epochs x 6 batches / 2 accumulated
+    assert callback.session.search.steps == 6
+    assert float(trainer.callback_metrics["train_loss"]) == float(plain_trainer.callback_metrics["train_loss"])
+
+
+def test_prunes_to_the_sparsity_when_fit_ends_with_compensation():
+    calibration = next(iter(_loader()))[0]
+    callback = BingoCallback(sparsity=0.75, calibration=calibration)
+    module, _ = _fit([callback])
+    masks = callback.session.masks
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.75 * total)
+    assert all(bool((module.net[i].weight[~masks[f"net.{i}.weight"]] == 0).all()) for i in (0, 3))
+    assert callback.session.compensation is not None and set(callback.session.compensation.layers) == {"net.0.weight", "net.3.weight"}
+
+
+def test_search_state_travels_in_lightning_checkpoints(tmp_path):
+    # No dropout here: Lightning does not restore the global RNG on resume, so dropout masks would differ.
+    full = BingoCallback()
+    full_module, _ = _fit([full], epochs=2, dropout=0.0)
+    first = BingoCallback()
+    _, trainer = _fit([first], epochs=1, dropout=0.0)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = BingoCallback()
+    pl.seed_everything(0, verbose=False)
+    module = Classifier(dropout=0.0)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[resumed])
+    trainer.fit(module, _loader(), ckpt_path=tmp_path / "one.ckpt")
+    assert resumed.session.search.steps == full.session.search.steps == 12
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), full_module.state_dict().values()))
+    for key, value in full.session.search.significance().items():
+        torch.testing.assert_close(resumed.session.search.significance()[key], value)
+
+
+def test_accuracy_floor_and_bad_settings():
+    x, y = next(iter(_loader()))
+
+    def accuracy(model):
+        with torch.no_grad():
+            return float((model(x).argmax(dim=1) == y).float().mean())
+
+    callback = BingoCallback(max_accuracy_drop=0.05, evaluate=accuracy)
+    _fit([callback])
+    floor = callback.session.floor
+    assert floor.accuracy >= floor.floor and 0 < floor.sparsity < 1
+    with pytest.raises(bingo.ConfigError, match=r"^give one of sparsity, min_accuracy, max_accuracy_drop; got sparsity, min_accuracy$"):
+        BingoCallback(sparsity=0.5, min_accuracy=0.9, evaluate=accuracy)
+    with pytest.raises(bingo.ConfigError, match=r"^an accuracy floor needs evaluate="):
+        BingoCallback(min_accuracy=0.9)

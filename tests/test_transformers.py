@@ -1,0 +1,84 @@
+"""The Hugging Face Trainer callback on the real package, with a tiny BERT built from a config (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import bingo  # noqa: E402
+from bingo.integrations.transformers import STATE_FILE, BingoTrainerCallback  # noqa: E402
+
+
+def _model(dropout: float = 0.1):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return transformers.BertForSequenceClassification(config)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, 40, (48, 8), generator=generator)
+        self.mask = torch.ones(48, 8, dtype=torch.long)
+        self.mask[::3, 6:] = 0
+        self.labels = self.ids[:, 0] % 3
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def _train(tmp_path, callbacks, accumulate=1, save_steps=None, resume=None, epochs=2, dropout=0.1):
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=epochs, learning_rate=1e-3,
+        gradient_accumulation_steps=accumulate, report_to=[], use_cpu=True, seed=0, logging_strategy="no",
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, dataloader_num_workers=0,
+        disable_tqdm=True, lr_scheduler_type="constant",  # the same schedule however many epochs a run is given
+    )
+    model = _model(dropout)
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=_Data(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_trainer_training_is_bit_identical_and_the_search_steps_once_per_optimizer_step(tmp_path):
+    plain, _ = _train(tmp_path / "plain", [], accumulate=2)
+    callback = BingoTrainerCallback()
+    searched, trainer = _train(tmp_path / "searched", [callback], accumulate=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), searched.state_dict().values()))
+    assert trainer.state.global_step == 6 == callback.session.search.steps  # 2 epochs x 6 batches / 2
+    scored = set(callback.session.search.layers)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in scored and "classifier.weight" in scored
+
+
+def test_trainer_prunes_when_training_ends(tmp_path):
+    callback = BingoTrainerCallback(sparsity=0.6)
+    model, _ = _train(tmp_path, [callback])
+    masks = callback.session.masks
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.6 * total)
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert bool((query.weight[~masks["bert.encoder.layer.0.attention.self.query.weight"]] == 0).all())
+
+
+def test_trainer_checkpoints_carry_the_search_and_resume_it(tmp_path):
+    full = BingoTrainerCallback()
+    full_model, _ = _train(tmp_path / "full", [full], dropout=0.0)
+    first = BingoTrainerCallback()
+    _train(tmp_path / "run", [first], save_steps=6, epochs=1, dropout=0.0)
+    assert (tmp_path / "run" / "checkpoint-6" / STATE_FILE).exists()
+    resumed = BingoTrainerCallback()
+    model, _ = _train(tmp_path / "run", [resumed], resume=str(tmp_path / "run" / "checkpoint-6"), dropout=0.0)
+    assert resumed.session.search.steps == full.session.search.steps == 12
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), full_model.state_dict().values()))
+    for key, value in full.session.search.significance().items():
+        torch.testing.assert_close(resumed.session.search.significance()[key], value)
+    (tmp_path / "run" / "checkpoint-6" / STATE_FILE).unlink()
+    with pytest.raises(bingo.ConfigError, match=r"^resuming at step 6 but .* is missing"):
+        _train(tmp_path / "run", [BingoTrainerCallback()], resume=str(tmp_path / "run" / "checkpoint-6"))
