@@ -76,3 +76,20 @@ def test_a_pruned_transformer_copies_and_loses_its_hooks_when_made_permanent():
         bingo.make_permanent(model)
         assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
         assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_coverage_names_what_is_not_scored_on_a_transformer():
+    model = TransformerClassifier()
+    summary = bingo.TicketSearch(model, estimator="taylor").coverage()
+    # d = 16, 2 layers: per layer out_proj 16x16, linear1 32x16, linear2 16x32 (scored), in_proj 48x16;
+    # embed 16x8 and head 3x16 scored too
+    per_layer = 16 * 16 + 32 * 16 + 16 * 32
+    assert (summary.tensors, summary.scored) == (8, 2 * per_layer + 16 * 8 + 3 * 16)
+    assert summary.total == sum(p.numel() for p in model.parameters())
+    assert summary.unscored["attention q/k/v projections (MultiheadAttention.in_proj_weight)"] == 2 * 48 * 16
+    assert summary.unscored["normalisation"] == 2 * 2 * 16  # norm1, norm2 weights (their biases count as biases)
+    assert sum(summary.unscored.values()) == summary.total - summary.scored
+    assert str(summary).startswith(f"scoring 8 weight tensors: {summary.scored:,} of {summary.total:,} parameters (")
+    # after pruning: entries removed over all parameters
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    assert bingo.pruned_parameters(model) == round(0.5 * summary.scored)

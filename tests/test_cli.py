@@ -153,7 +153,7 @@ def test_run_writes_json_report(capsys, run_args, out):
     check_accuracy(report["dense_accuracy"])
     assert [r["sparsity"] for r in report["results"]] == [0.5, 0.9]
     for result in report["results"]:
-        assert set(result) == {"sparsity", "accuracy"}
+        assert set(result) == {"sparsity", "accuracy", "sparsity_all_parameters"}
         check_accuracy(result["accuracy"])
     for key in ("train_seconds", "search_seconds"):
         assert isinstance(report[key], float) and report[key] >= 0.0
@@ -226,7 +226,7 @@ def test_run_max_accuracy_drop(capsys, run_args, out):
     assert code == 0, err
     report = json.loads(out.read_text())
     [result] = report["results"]
-    assert set(result) == {"sparsity", "accuracy", "validation_accuracy", "validation_floor", "evaluations"}
+    assert set(result) == {"sparsity", "accuracy", "validation_accuracy", "validation_floor", "evaluations", "sparsity_all_parameters"}
     assert result["validation_accuracy"] >= result["validation_floor"]
     assert 0.0 <= result["validation_floor"] <= 1.0
     assert 0.0 < result["sparsity"] < 1.0
@@ -688,3 +688,15 @@ def test_compare_train_samples_out_of_range_is_one_line(capsys, tmp_path):
                         "--epochs", "1", "--out", tmp_path / "c", "--no-progress")
     assert_user_error(code, err, r"training samples must be a whole number in \[1, 1293\]")
     assert not (tmp_path / "c" / "results.json").exists()
+
+
+def test_run_reports_what_was_scored_and_the_sparsity_over_all_parameters(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    code, stdout, err = call(capsys, "run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.9",
+                             "--method", "magnitude", "--out", out, "--no-progress")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    # mlp 64-64-32-10: weights 4096 + 2048 + 320 = 6464 scored, biases 64 + 32 + 10 = 106 not
+    assert report["coverage"] == {"tensors": 3, "scored": 6464, "total": 6570, "unscored": {"biases": 106}}
+    assert report["results"][0]["sparsity_all_parameters"] == round(0.9 * 6464) / 6570
+    assert "scoring 3 weight tensors: 6,464 of 6,570 parameters (98.4%); not scored: biases 106" in stdout

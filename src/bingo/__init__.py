@@ -10,7 +10,7 @@ from .errors import BingoError, CheckpointError, ConfigError, DataError, Trainin
 from .export import ExportResult, RawInputModel, export_checkpoint, export_model, load_compact, save_compact, state_dict_size
 from .estimators import ESTIMATORS, Estimator, register_estimator
 from .io import load_scores, save_scores
-from .layers import find_layers
+from .layers import coverage, find_layers
 from .pruning import (
     AccuracyFloorResult,
     apply_masks,
@@ -18,6 +18,7 @@ from .pruning import (
     load_pruned_state_dict,
     make_permanent,
     model_sparsity,
+    pruned_parameters,
     prune,
     prune_to_accuracy,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "current_masks",
     "export_checkpoint",
     "export_model",
+    "coverage",
     "find_layers",
     "gmp_sparsity",
     "load_compact",
@@ -58,6 +60,7 @@ __all__ = [
     "magnitude_scores",
     "make_permanent",
     "model_sparsity",
+    "pruned_parameters",
     "prune",
     "prune_to_accuracy",
     "random_scores",

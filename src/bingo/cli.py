@@ -25,7 +25,8 @@ from .environment import machine
 from .errors import BingoError, ConfigError
 from .io import write_json
 from .models import MODELS, build_model
-from .pruning import prune
+from .layers import coverage
+from .pruning import prune, pruned_parameters
 from .scoring import magnitude_scores, random_scores
 from .search import TicketSearch
 from .selection import check_sparsity
@@ -395,6 +396,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     pruned_model = outcomes[-1].model
+    scored = coverage(pruned_model if pruned_model is not None else experiment.new_model(), outcomes[-1].masks)
+    for row, outcome in zip(results, outcomes):  # the sparsity asked for is over the scored weights; this is over everything
+        # (IMP's outcomes carry masks only: weight masks, so the pruned entries are theirs)
+        pruned = pruned_parameters(outcome.model) if outcome.model is not None else sum(int((~m.bool()).sum()) for m in outcome.masks.values())
+        row["sparsity_all_parameters"] = pruned / scored.total if scored.total else 0.0
     if one_shot:
         dense_accuracy = experiment.evaluate(dense.model)
         train_seconds, search_seconds, train_steps = dense.cost.seconds, dense.search_seconds, dense.cost.steps
@@ -417,6 +423,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "validation_examples": len(data.x_val),
         "test_examples": len(data.x_test),
         "dense_accuracy": dense_accuracy,
+        "coverage": dataclasses.asdict(scored),
         "results": results,
         "train_seconds": train_seconds,
         "search_seconds": search_seconds,
@@ -451,9 +458,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_warnings(caught)
         report["export_dir"] = args.export
     write_json(args.out, report)
+    print(scored)
     print(_table(
-        [[f"{r['sparsity']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
-        ["sparsity", "accuracy"],
+        [[f"{r['sparsity']:.4f}", f"{r['sparsity_all_parameters']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
+        ["sparsity", "of all parameters", "accuracy"],
     ))
     dense_text = "" if dense_accuracy is None else f"dense accuracy {dense_accuracy:.4f}; "
     print(f"{dense_text}train {train_seconds:.1f} s (search {search_seconds:.1f} s); results in {args.out}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,8 +20,10 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = [
+    "Coverage",
     "GRANULARITIES",
     "PRUNABLE_TYPES",
+    "coverage",
     "find_layers",
     "output_layer_name",
     "unit_count",
@@ -118,3 +121,56 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 def unit_count(module: nn.Module) -> int:
     """Number of output units: rows of a Linear weight, filters of a Conv."""
     return weight_of(module).shape[0]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model the scored weights are: what a search can rank, and so what pruning can remove."""
+
+    tensors: int  #: scored weight tensors
+    scored: int  #: parameters in them
+    total: int  #: all parameters of the model
+    unscored: dict[str, int]  #: kind of parameter -> how many parameters of that kind are not scored
+
+    def __str__(self) -> str:
+        share = self.scored / self.total if self.total else 0.0
+        rest = ", ".join(f"{kind} {count:,}" for kind, count in self.unscored.items())
+        return (f"scoring {self.tensors} weight tensor{'s' if self.tensors != 1 else ''}: {self.scored:,} of {self.total:,} "
+                f"parameters ({share:.1%}); not scored: {rest or 'nothing'}")
+
+
+_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _kind(module: nn.Module, name: str) -> str:
+    if name in ("bias", "in_proj_bias") or name.startswith("bias_"):
+        return "biases"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embeddings"
+    if isinstance(module, nn.MultiheadAttention) and name in _PROJECTIONS:
+        return "attention q/k/v projections (MultiheadAttention.in_proj_weight)"
+    if isinstance(module, _NORMS):
+        return "normalisation"
+    if isinstance(module, PRUNABLE_TYPES) and name == "weight":
+        return f"{type(module).__name__} weights left out"
+    return f"{type(module).__name__}.{name}"
+
+
+def coverage(model: nn.Module, keys: Iterable[str]) -> Coverage:
+    """Parameters in the weights named by ``keys`` vs all of ``model``'s, and what kinds the rest are."""
+    keys = set(keys)
+    scored = total = tensors = 0
+    unscored: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            logical = name.removesuffix("_orig")  # a pruned weight keeps its logical name
+            key = f"{module_name}.{logical}" if module_name else logical
+            total += parameter.numel()
+            if key in keys:
+                scored += parameter.numel()
+                tensors += 1
+            else:
+                kind = _kind(module, logical)
+                unscored[kind] = unscored.get(kind, 0) + parameter.numel()
+    return Coverage(tensors, scored, total, dict(sorted(unscored.items(), key=lambda item: -item[1])))

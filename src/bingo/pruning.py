@@ -33,6 +33,7 @@ __all__ = [
     "apply_masks",
     "current_masks",
     "load_pruned_state_dict",
+    "pruned_parameters",
     "make_permanent",
     "masked_value",
     "model_sparsity",
@@ -232,6 +233,11 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise CheckpointError(f"state dict does not fit the model: {lines[-1] if lines else exc}") from None
     refresh_masked(model)  # so that module.weight right after loading holds the loaded values
+
+
+def pruned_parameters(model: nn.Module) -> int:
+    """How many parameter entries the masks on ``model`` remove (weights and, for pruned units, biases)."""
+    return sum(int((buffer == 0).sum()) for name, buffer in model.named_buffers() if name.endswith("_mask"))
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
