@@ -16,14 +16,15 @@ def _results() -> dict:
     runs = []
     for s in sparsities:
         # bingo: 1,100 forwards of training with its search (fake passes included), + 40 calibration calls per prune
-        runs.append({"method": "bingo", "seed": 0, "sparsity": s, "forward_passes": 1140, "seconds": 12.0})
+        runs.append({"method": "bingo", "seed": 0, "sparsity": s, "forward_passes": 1140, "train_steps": 1000, "seconds": 12.0})
         # gmp: one run per target
-        runs.append({"method": "gmp", "seed": 0, "sparsity": s, "forward_passes": 1000, "seconds": 10.0})
+        runs.append({"method": "gmp", "seed": 0, "sparsity": s, "forward_passes": 1000, "train_steps": 1000, "seconds": 10.0})
         # imp: one trajectory; the sparser point was reached later, at the cost of all rounds before it
-        runs.append({"method": "imp", "seed": 0, "sparsity": s, "forward_passes": 3000 if s == 0.5 else 9000, "seconds": 30.0 if s == 0.5 else 90.0})
+        passes = 3000 if s == 0.5 else 9000
+        runs.append({"method": "imp", "seed": 0, "sparsity": s, "forward_passes": passes, "train_steps": passes, "seconds": passes / 100})
     return {
-        "settings": {"sparsities": sparsities},
-        "dense": [{"seed": 0, "forward_passes": 1000, "seconds": 10.0}],
+        "settings": {"sparsities": sparsities, "batch_size": 128},
+        "dense": [{"seed": 0, "forward_passes": 1000, "train_steps": 1000, "seconds": 10.0}],
         "runs": runs,
         "search_overhead": [{"method": "bingo", "seed": 0, "forward_passes_with_search": 1100, "train_seconds_with_search": 11.0}],
     }
@@ -31,12 +32,13 @@ def _results() -> dict:
 
 def test_whole_curve_cost_by_kind_of_method():
     results = _results()
-    # bingo: one training run (1,100) + each prune's own 40 calls, twice = 1,180 forwards; 11 s + 2 × 1 s
-    assert curve.curve_cost(results, "bingo") == pytest.approx((1.18, 13.0, 1.3))
+    # bingo: one training run (1,000 steps + 100 fake passes) + each prune's own 40 calibration calls, twice:
+    # 1,180 calls; compute (3 × 1,000 + 100 + 80 × 256 / 128) / 3,000; 11 s + 2 × 1 s
+    assert curve.curve_cost(results, "bingo") == pytest.approx((1.18, 3260 / 3000, 13.0, 1.3))
     # gmp: both runs
-    assert curve.curve_cost(results, "gmp") == pytest.approx((2.0, 20.0, 2.0))
+    assert curve.curve_cost(results, "gmp") == pytest.approx((2.0, 2.0, 20.0, 2.0))
     # imp: its sparsest point's cost, once
-    assert curve.curve_cost(results, "imp") == pytest.approx((9.0, 90.0, 9.0))
+    assert curve.curve_cost(results, "imp") == pytest.approx((9.0, 9.0, 90.0, 9.0))
     # a method with a sparsity missing has no whole curve
     results["runs"] = [r for r in results["runs"] if not (r["method"] == "gmp" and r["sparsity"] == 0.9)]
     assert curve.curve_cost(results, "gmp") is None
