@@ -63,7 +63,7 @@ class Benchmark:
     seeds: int
     sparsities: tuple[float, ...]
     train_samples: int | None = None  #: a seeded subset of the training split, to keep the conv nets' runs short
-    floor: bool = False  #: also measure the accuracy floor (each floor run trains its own dense model)
+    floor: bool = False  #: also measure the accuracy floor (each floor run trains its own dense model; with compensation at every probe, too slow for the conv nets here)
     methods: tuple[str, ...] = METHODS
 
     def flags(self) -> list[str]:
@@ -76,12 +76,12 @@ class Benchmark:
 BENCHMARKS = {
     "fashion-mnist-lenet300": Benchmark("fashion-mnist", "lenet300", 3, 3, (0.5, 0.8, 0.9, 0.95, 0.98), floor=True),
     "digits-mlp": Benchmark("digits", "mlp", 20, 5, (0.8, 0.9, 0.95), floor=True),
-    "digits-conv": Benchmark("digits", "conv", 20, 3, (0.8, 0.9, 0.95), floor=True),
+    "digits-conv": Benchmark("digits", "conv", 20, 3, (0.8, 0.9, 0.95)),
     # bingo-paper left out on the conv nets: its every-step fake passes cost most on deep models (17 forwards per
     # step on the ResNet) and it prunes no better than random on every benchmark above.
     "fashion-mnist-conv": Benchmark("fashion-mnist", "conv", 3, 2, (0.9, 0.95, 0.98), train_samples=5_000,
                                     methods=tuple(m for m in METHODS if m != "bingo-paper")),
-    "fashion-mnist-resnet": Benchmark("fashion-mnist", "resnet", 3, 2, (0.9, 0.95, 0.98), train_samples=5_000,
+    "fashion-mnist-resnet": Benchmark("fashion-mnist", "resnet", 3, 1, (0.9, 0.95, 0.98), train_samples=5_000,
                                       methods=tuple(m for m in METHODS if m != "bingo-paper")),
 }
 
