@@ -200,3 +200,34 @@ def test_the_batchnorm_setting_reaches_compensate_through_the_strategy():
     assert outcomes["reestimate"].forward_passes - outcomes["keep"].forward_passes == 2
     with pytest.raises(ConfigError, match=r"^unknown batchnorm 'drop'; valid choices: keep, reestimate$"):
         CompensationConfig(batchnorm="drop")
+
+
+def test_row_solves_stay_within_their_memory_chunk_whatever_the_mix_of_kept_counts(monkeypatch):
+    """One output unit keeping 1 input and another keeping all 300 must not share a 300-wide block with every row."""
+    from bingo import compensation
+
+    torch.manual_seed(0)
+    d, out = 300, 64
+    x = torch.randn(512, d, dtype=torch.float64)
+    hessian, cross = x.T @ x, x.T @ torch.randn(512, out, dtype=torch.float64)
+    keep = torch.rand(out, d) < 0.05
+    keep[0] = False
+    keep[0, 0] = True  # one row keeps a single input
+    keep[1] = True  # one keeps them all
+    widest = []
+    original = torch.linalg.cholesky_ex
+
+    def watched(matrix, *args, **kwargs):
+        widest.append(matrix.shape[0] * matrix.shape[-1] ** 2 * 8)
+        return original(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", watched)
+    chunk = 8 * 300 * 300 * 2  # room for two full-width rows
+    solution = compensation._solve_rows(hessian, cross, keep, 0.01, chunk_bytes=chunk)
+    assert max(widest) <= chunk
+    # and the answer is each row's own least squares
+    for row in (0, 1, 5):
+        kept = keep[row].nonzero().flatten()
+        block = hessian[kept][:, kept]
+        expected = torch.linalg.solve(block + 0.01 * block.diagonal().mean() * torch.eye(len(kept), dtype=torch.float64), cross[kept, row])
+        torch.testing.assert_close(solution[row, kept], expected)

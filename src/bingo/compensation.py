@@ -145,8 +145,12 @@ def _solve_rows(hessian: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, 
     order = torch.argsort(counts, stable=True)  # similar sizes together: little padding
     start = 0
     while start < out:
-        k_max = max(int(counts[order[min(start, out - 1)]]), 1)
-        size = max(1, chunk_bytes // (8 * k_max * k_max))
+        # Rows ascend in kept count, so a chunk's block is as wide as its last row's: take the longest run of
+        # rows whose (rows × k_last²) block fits in chunk_bytes (at least one row). Sizing it by the first
+        # row instead let one chunk take every row at the width of the widest (tens of GB on a 6,272-input layer).
+        widths = counts[order[start:]].clamp(min=1).double()
+        blocks = torch.arange(1, len(widths) + 1, dtype=torch.float64) * widths.square() * 8
+        size = max(1, int((blocks <= chunk_bytes).sum()))
         rows = order[start : start + size]
         k_max = max(int(counts[rows].max()), 1)
         start += len(rows)
