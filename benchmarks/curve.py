@@ -342,7 +342,7 @@ def targets_table(measured: dict[str, dict]) -> str:
         ratios = [o["ratio"] for o in (main or {}).get("search_overhead", []) if o["method"] == "bingo"]
         if ratios:
             lines.append(f"| {name}: training with bingo's search ≤ 1.10× plain training (both timed in the same comparison) | "
-                         f"{statistics.mean(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×, {len(ratios)} seed{"s" if len(ratios) != 1 else ""}) | "
+                         f"{statistics.mean(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×, {len(ratios)} seed{'s' if len(ratios) != 1 else ''}) | "
                          f"{_mark(statistics.mean(ratios) <= 1.10)} |")
     for name in ("fashion-mnist-conv", "fashion-mnist-resnet"):
         means = measured.get(name, {}).get("means", {})
