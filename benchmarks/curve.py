@@ -269,7 +269,7 @@ def section(name: str) -> tuple[str, dict]:
     floor, reached = floor_table(name)
     shown = "\n".join("bingo " + " ".join(compare_command(name, folder)) for folder in folders(name))
     subset = f" on a seeded subset of {bench.train_samples:,} training images" if bench.train_samples else ""
-    text = f"""### {name}: {bench.model} on {bench.data}, {bench.epochs} epochs{subset}, {bench.seeds} seeds
+    text = f"""### {name}: {bench.model} on {bench.data}, {bench.epochs} epochs{subset}, {bench.seeds} seed{"s" if bench.seeds != 1 else ""}
 
 ```sh
 {shown}
