@@ -93,3 +93,42 @@ def test_coverage_names_what_is_not_scored_on_a_transformer():
     # after pruning: entries removed over all parameters
     bingo.prune(model, bingo.magnitude_scores(model), 0.5)
     assert bingo.pruned_parameters(model) == round(0.5 * summary.scored)
+
+
+def test_embeddings_are_scored_and_pruned_on_request():
+    class TokenClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(30, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(self.embed(ids)).mean(dim=1))
+
+    model = TokenClassifier()
+    assert "embed.weight" not in bingo.TicketSearch(model, estimator="taylor").layers  # not by default
+    search = bingo.TicketSearch(model, estimator="taylor", include=["*"])  # every weight of two or more dimensions
+    assert list(search.layers) == ["embed.weight", "encoder.layers.0.self_attn.out_proj.weight",
+                                   "encoder.layers.0.linear1.weight", "encoder.layers.0.linear2.weight", "head.weight"]
+    ids, y = torch.randint(0, 30, (32, 6)), torch.randint(0, 3, (32,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = F.cross_entropy(model(ids), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        search.step(ids, y)
+    masks = bingo.prune(model, search.significance(), 0.5)
+    before = model.embed.weight_orig.detach().clone()
+    _fine_tune_tokens = [(ids, y)] * 2
+    for batch_ids, batch_y in _fine_tune_tokens:
+        loss = F.cross_entropy(model(batch_ids), batch_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    kept = masks["embed.weight"]
+    assert bool((model.embed.weight[~kept] == 0).all())
+    assert not torch.equal(model.embed.weight_orig.detach(), before)
