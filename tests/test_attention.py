@@ -12,27 +12,36 @@ import bingo
 
 
 class TransformerClassifier(nn.Module):
-    def __init__(self) -> None:
+    """Sequences of 8 features (or, with ``tokens``, of token ids below 30) -> 3 classes."""
+
+    def __init__(self, layers: int = 2, tokens: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.embed = nn.Linear(8, 16)
+        self.embed = nn.Embedding(30, 16) if tokens else nn.Linear(8, 16)
         layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(x)).mean(dim=1))
 
 
-def _fine_tune(model: nn.Module, steps: int = 3) -> None:
+def _batch(tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    x, y = torch.randn(32, 5, 8), torch.randint(0, 3, (32,))
+    x = torch.randint(0, 30, (32, 5)) if tokens else torch.randn(32, 5, 8)
+    return x, torch.randint(0, 3, (32,))
+
+
+def _fine_tune(model: nn.Module, steps: int = 3, tokens: bool = False, search: bingo.TicketSearch | None = None) -> None:
+    x, y = _batch(tokens)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if search is not None:
+            search.step(x, y)
 
 
 def test_every_unpruned_weight_of_a_pruned_transformer_trains_and_pruned_ones_stay_zero():
@@ -96,39 +105,14 @@ def test_coverage_names_what_is_not_scored_on_a_transformer():
 
 
 def test_embeddings_are_scored_and_pruned_on_request():
-    class TokenClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.embed = nn.Embedding(30, 16)
-            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.encoder(self.embed(ids)).mean(dim=1))
-
-    model = TokenClassifier()
+    model = TransformerClassifier(layers=1, tokens=True)
     assert "embed.weight" not in bingo.TicketSearch(model, estimator="taylor").layers  # not by default
     search = bingo.TicketSearch(model, estimator="taylor", include=["*"])  # every weight of two or more dimensions
     assert list(search.layers) == ["embed.weight", "encoder.layers.0.self_attn.out_proj.weight",
                                    "encoder.layers.0.linear1.weight", "encoder.layers.0.linear2.weight", "head.weight"]
-    ids, y = torch.randint(0, 30, (32, 6)), torch.randint(0, 3, (32,))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        loss = F.cross_entropy(model(ids), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        search.step(ids, y)
+    _fine_tune(model, tokens=True, search=search)
     masks = bingo.prune(model, search.significance(), 0.5)
     before = model.embed.weight_orig.detach().clone()
-    _fine_tune_tokens = [(ids, y)] * 2
-    for batch_ids, batch_y in _fine_tune_tokens:
-        loss = F.cross_entropy(model(batch_ids), batch_y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    kept = masks["embed.weight"]
-    assert bool((model.embed.weight[~kept] == 0).all())
+    _fine_tune(model, steps=2, tokens=True)
+    assert bool((model.embed.weight[~masks["embed.weight"]] == 0).all())
     assert not torch.equal(model.embed.weight_orig.detach(), before)

@@ -6,6 +6,7 @@ methods; everything that can be tested without a trainer is here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -96,19 +97,14 @@ class PruneAfterTraining:
         if self.search is None or self.search.steps == 0:
             raise ConfigError("nothing to prune by: the search saw no optimizer step")
         scores = self.config.final_scores(self.search, model)
-        reference = None
-        if self.calibration is not None:
-            import copy
-
-            reference = copy.deepcopy(model)
+        # the dense model, before pruning: compensation's targets
+        reference = copy.deepcopy(model) if self.calibration is not None else None
         if self.sparsity is not None:
             self.masks = prune(model, scores, self.sparsity, self.scope)
         elif self.min_accuracy is not None or self.max_accuracy_drop is not None:
 
             def judged(candidate: nn.Module) -> float:
                 if reference is not None:  # every probe of the floor judged as delivered: compensated
-                    import copy
-
                     candidate = copy.deepcopy(candidate)
                     compensate(candidate, None, self.calibration, reference=reference)
                 return float(self.evaluate(candidate))
