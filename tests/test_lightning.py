@@ -104,3 +104,17 @@ def test_accuracy_floor_and_bad_settings():
         BingoCallback(sparsity=0.5, min_accuracy=0.9, evaluate=accuracy)
     with pytest.raises(bingo.ConfigError, match=r"^an accuracy floor needs evaluate="):
         BingoCallback(min_accuracy=0.9)
+
+
+def test_gradual_pruning_during_fit_reaches_the_target_on_the_schedule():
+    callback = BingoCallback(sparsity=0.8, gradual=(2, 8), frequency=2)
+    module, trainer = _fit([callback])  # 12 optimizer steps; the schedule ends at step 8
+    scheduler = callback.session.scheduler
+    assert scheduler.last_step == trainer.global_step == 12
+    assert [round(scheduler.sparsity_at(t), 4) for t in (0, 2, 4, 8, 12)] == [0.0, 0.0, round(0.8 * (1 - (1 - 2 / 6) ** 3), 4), 0.8, 0.8]
+    masks = callback.session.masks
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.8 * total)
+    assert bool((module.net[0].weight[~masks["net.0.weight"]] == 0).all())
+    with pytest.raises(bingo.ConfigError, match=r"^gradual pruning needs the target: give sparsity="):
+        BingoCallback(gradual=(2, 8))

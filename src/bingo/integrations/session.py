@@ -16,7 +16,8 @@ from torch import nn
 
 from ..compensation import CompensationResult, compensate
 from ..errors import ConfigError
-from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
+from ..pruning import AccuracyFloorResult, current_masks, prune, prune_to_accuracy
+from ..schedule import SparsityScheduler
 from ..search import SearchConfig, TicketSearch
 from ..selection import SCOPES, check_sparsity
 from ..strategies import BINGO
@@ -40,6 +41,11 @@ class PruneAfterTraining:
             (:func:`bingo.compensate`) after the prune (and at every probe of
             an accuracy floor). None: no compensation.
         scope: ``"global"``, ``"layer"`` or ``"lamp"`` (see :func:`bingo.prune`).
+        gradual: ``(start_step, end_step)``: prune *during* training instead,
+            ``bingo-gradual``'s way: a :class:`bingo.SparsityScheduler` on GMP's
+            cubic schedule (every ``frequency`` optimizer steps) ranks by the
+            same blended score and reaches ``sparsity`` at ``end_step``. Needs
+            ``sparsity``; nothing is compensated (training adapts).
 
     Shaped like an optimizer: :meth:`start` with the model before training,
     :meth:`step` after every optimizer step, :meth:`finish` at the end,
@@ -57,6 +63,8 @@ class PruneAfterTraining:
         magnitude_weight: float = BINGO.magnitude_weight,
         calibration: torch.Tensor | None = None,
         scope: str = "global",
+        gradual: tuple[int, int] | None = None,
+        frequency: int = 1,
     ) -> None:
         targets = [name for name, value in (("sparsity", sparsity), ("min_accuracy", min_accuracy), ("max_accuracy_drop", max_accuracy_drop)) if value is not None]
         if len(targets) > 1:
@@ -67,6 +75,10 @@ class PruneAfterTraining:
             check_sparsity(sparsity)
         if scope not in SCOPES:
             raise ConfigError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
+        if gradual is not None and sparsity is None:
+            raise ConfigError("gradual pruning needs the target: give sparsity= (an accuracy floor needs a prune after training)")
+        self.gradual, self.frequency = gradual, frequency
+        self.scheduler: SparsityScheduler | None = None
         self.sparsity, self.min_accuracy, self.max_accuracy_drop = sparsity, min_accuracy, max_accuracy_drop
         self.evaluate, self.calibration, self.scope = evaluate, calibration, scope
         self.config = dataclasses.replace(BINGO, search=search or BINGO.search, magnitude_weight=magnitude_weight)
@@ -81,8 +93,16 @@ class PruneAfterTraining:
         """Attach the search to ``model`` (before its first optimizer step: θ0 is read now), or restore it."""
         if self.search is None or self.search.model is not model:
             self.search = TicketSearch(model, config=self.config.search)
+            if self.gradual is not None:
+                start_step, end_step = self.gradual
+                self.scheduler = SparsityScheduler(
+                    model, lambda: self.config.final_scores(self.search, model), self.sparsity,
+                    start_step=start_step, end_step=end_step, frequency=self.frequency, scope=self.scope,
+                )
         if self._pending is not None:
-            self.search.load_state_dict(self._pending)
+            self.search.load_state_dict(self._pending["search"])
+            if self.scheduler is not None and "scheduler" in self._pending:
+                self.scheduler.load_state_dict(self._pending["scheduler"])
             self._pending = None
         return self.search
 
@@ -90,12 +110,18 @@ class PruneAfterTraining:
         """Record the optimizer step just taken; ``closure(model) -> loss`` re-evaluates its batch."""
         if self.search is None:
             raise ConfigError("PruneAfterTraining.step before start(model)")
-        return self.search.step(closure)
+        damages = self.search.step(closure)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return damages
 
     def finish(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Prune ``model`` once, by the search's significance blended with magnitude; returns the keep-masks."""
         if self.search is None or self.search.steps == 0:
             raise ConfigError("nothing to prune by: the search saw no optimizer step")
+        if self.scheduler is not None:  # pruned during training already
+            self.masks = {key: mask.bool() for key, mask in current_masks(model, dict(self.search.theta0)).items()}
+            return self.masks
         scores = self.config.final_scores(self.search, model)
         # the dense model, before pruning: compensation's targets
         reference = copy.deepcopy(model) if self.calibration is not None else None
@@ -119,14 +145,18 @@ class PruneAfterTraining:
         return self.masks
 
     def state_dict(self) -> dict:
-        """The search's state (θ0, sums, generator); empty before :meth:`start`."""
-        return {} if self.search is None else {"search": self.search.state_dict()}
+        """The search's state (θ0, sums, generator) and the gradual schedule's; empty before :meth:`start`."""
+        if self.search is None:
+            return {}
+        state = {"search": self.search.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; applied at :meth:`start` if the search does not exist yet."""
         if not state:
             return
-        if self.search is None:
-            self._pending = state["search"]
-        else:
-            self.search.load_state_dict(state["search"])
+        self._pending = state
+        if self.search is not None:
+            self.start(self.search.model)
