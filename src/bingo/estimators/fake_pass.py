@@ -57,6 +57,7 @@ class _ClosureCall(torch.nn.Module):
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in ``value`` (a tensor, or tuples, lists and dicts of them), else None."""
     if isinstance(value, torch.Tensor):
         return value
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
@@ -77,13 +78,18 @@ class Batch:
     targets: Any = None
     closure: Closure | None = None
 
+    def arguments(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the model is called with."""
+        if isinstance(self.inputs, tuple):
+            return self.inputs, {}
+        if isinstance(self.inputs, Mapping):
+            return (), dict(self.inputs)
+        return (self.inputs,), {}
+
     def outputs(self, model: Any) -> Any:
         """The model's outputs on ``inputs``."""
-        if isinstance(self.inputs, tuple):
-            return model(*self.inputs)
-        if isinstance(self.inputs, Mapping):
-            return model(**self.inputs)
-        return model(self.inputs)
+        args, kwargs = self.arguments()
+        return model(*args, **kwargs)
 
     def score(self, model: torch.nn.Module, metric: Metric, tensors: dict[str, torch.Tensor] | None = None) -> float:
         """How well ``model`` does on this batch, higher = better: ``metric(outputs, targets)``, or ``-closure(model)``.
@@ -94,8 +100,7 @@ class Batch:
         if self.closure is None:
             if tensors is None:
                 return float(metric(self.outputs(model), self.targets))
-            args, kwargs = ((), dict(self.inputs)) if isinstance(self.inputs, Mapping) else (self.inputs if isinstance(self.inputs, tuple) else (self.inputs,), {})
-            return float(metric(functional_call(model, tensors, args, kwargs), self.targets))
+            return float(metric(functional_call(model, tensors, *self.arguments()), self.targets))
         if tensors is None:
             loss = self.closure(model)
         else:
