@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..compensation import CompensationResult, compensate
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..pruning import AccuracyFloorResult, current_masks, prune, prune_to_accuracy
 from ..schedule import SparsityScheduler
 from ..search import SearchConfig, TicketSearch
@@ -73,8 +73,7 @@ class PruneAfterTraining:
             raise ConfigError("an accuracy floor needs evaluate=callable(model) -> accuracy (higher = better)")
         if sparsity is not None:
             check_sparsity(sparsity)
-        if scope not in SCOPES:
-            raise ConfigError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
+        check_choice("scope", scope, SCOPES)
         if gradual is not None and sparsity is None:
             raise ConfigError("gradual pruning needs the target: give sparsity= (an accuracy floor needs a prune after training)")
         self.gradual, self.frequency = gradual, frequency
