@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, check_choice
+from .layers import ATTENTION_PROJECTIONS
 from .pruning import apply_masks, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
@@ -230,6 +231,10 @@ def compensate(
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned Linear/Conv2d of ``model``, in place.
 
+    Pruned attention weights (``MultiheadAttention``'s q/k/v projections and
+    its ``out_proj``, which attention reads without calling it) are left as
+    they are and listed in ``skipped``, with a warning.
+
     Args:
         model: the pruned model. ``masks`` (keep-masks as :func:`bingo.prune`
             returns them; None = the masks already on the model) are applied
@@ -272,6 +277,13 @@ def compensate(
         model.eval()
         reference.eval()
         order = _network_order(model, layers, calibration[:1])
+        for key in layers:
+            if key not in order:  # its input cannot be captured: the owner reads the weight itself
+                skipped.append(f"{key}: never called as a module in the forward pass (MultiheadAttention reads its out_proj weight directly)")
+        for name, module in model.named_modules():
+            for projection in ATTENTION_PROJECTIONS:
+                if isinstance(module, nn.MultiheadAttention) and hasattr(module, f"{projection}_mask"):
+                    skipped.append(f"{name}.{projection}: attention q/k/v projections are not compensated")
         for key in order:
             module = layers[key]
             reason = _unsupported(module)

@@ -1,11 +1,16 @@
 """Which weights BINGO scores, and how to reach them by name.
 
-A *layer* here is a module that owns a prunable ``weight``: by default every
-``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``. Layers are keyed by the name of
-their weight in ``model.named_parameters()`` (``"fc1.weight"``), the key used
-by scores and masks everywhere in the package. A weight that
-``torch.nn.utils.prune`` has already reparametrised (``weight_orig`` plus
-``weight_mask``) keeps its logical key ``"fc1.weight"``.
+A *layer* here is a module that owns a prunable weight matrix: by default the
+``weight`` of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``, and the
+q/k/v projections of every ``nn.MultiheadAttention`` (``in_proj_weight``, or
+``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when keys and values
+have their own sizes: bare parameters that attention uses without calling a
+layer). Layers are keyed by the name of the weight in
+``model.named_parameters()`` (``"fc1.weight"``,
+``"encoder.layers.0.self_attn.in_proj_weight"``), the key used by scores and
+masks everywhere in the package; :func:`parameter_name` is its last part. A
+weight that ``torch.nn.utils.prune`` has already reparametrised
+(``weight_orig`` plus ``weight_mask``) keeps its logical key.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = [
+    "ATTENTION_PROJECTIONS",
     "Coverage",
     "GRANULARITIES",
     "PRUNABLE_TYPES",
     "coverage",
     "find_layers",
     "output_layer_name",
+    "parameter_name",
     "unit_count",
     "weight_of",
     "weight_parameter_name",
@@ -33,6 +40,9 @@ __all__ = [
 
 #: Module types whose ``weight`` is scored and pruned by default.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+#: The weights of ``nn.MultiheadAttention`` scored by default (whichever it has).
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 #: What one score stands for: a single weight, or a whole unit (a row of a
 #: Linear weight, a filter of a Conv) with its bias entry.
@@ -45,38 +55,68 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
 
 
+def _weight_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own weights of two or more dimensions that can be scored."""
+    names = []
+    for name in ("weight", *ATTENTION_PROJECTIONS):
+        weight = getattr(module, name, None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            names.append(name)
+    return names
+
+
+def _default_layer(module: nn.Module, name: str) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return name in ATTENTION_PROJECTIONS
+    return isinstance(module, PRUNABLE_TYPES) and name == "weight"
+
+
 def find_layers(
     model: nn.Module,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
+    granularity: str = "weight",
 ) -> dict[str, nn.Module]:
-    """Return ``{weight key: module}`` for the layers to score, in model order.
+    """Return ``{weight key: module}`` for the weights to score, in model order.
 
     ``include`` and ``exclude`` are glob patterns (``fnmatch``) matched against
     the weight key (``"features.0.weight"``) or the module name
-    (``"features.0"``). ``include=None`` means every module of
-    :data:`PRUNABLE_TYPES`; an explicit ``include`` may also name other modules
-    that have a weight of two or more dimensions. Raises :class:`ConfigError`
-    when nothing is left to score.
+    (``"features.0"``). ``include=None`` means the ``weight`` of every module
+    of :data:`PRUNABLE_TYPES` and the :data:`ATTENTION_PROJECTIONS` of every
+    ``nn.MultiheadAttention``; an explicit ``include`` may also name other
+    modules that have a weight of two or more dimensions (an embedding).
+
+    ``granularity="neuron"`` scores units, a row with its bias entry, so it
+    takes only weights named ``weight`` (attention's packed q/k/v rows are
+    not units; heads are) and leaves out the output layer
+    (:func:`output_layer_name`), whose units are the model's outputs. A
+    module may own several keys. Raises :class:`ConfigError` when nothing is
+    left to score.
     """
     include = None if include is None else list(include)
     exclude = list(exclude)
     layers: dict[str, nn.Module] = {}
     for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-            continue
-        key = f"{module_name}.weight" if module_name else "weight"
-        if include is None:
-            wanted = isinstance(module, PRUNABLE_TYPES)
-        else:
-            wanted = _matches(key, include)
-        if wanted and not _matches(key, exclude):
-            layers[key] = module
+        for name in _weight_names(module):
+            key = f"{module_name}.{name}" if module_name else name
+            if include is None:
+                wanted = _default_layer(module, name)
+            else:
+                wanted = _matches(key, include)
+            if wanted and not _matches(key, exclude):
+                layers[key] = module
+    if granularity == "neuron":
+        output = output_layer_name(model)
+        layers = {key: module for key, module in layers.items() if parameter_name(key) == "weight" and key != output}
+        if not layers:
+            raise ConfigError(
+                f"neuron granularity needs a hidden layer; the only layer selected is the output layer {output!r}, "
+                "whose units are the model's outputs (attention q/k/v projections are not scored as neurons)"
+            )
     if not layers:
         kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
         raise ConfigError(
-            f"{type(model).__name__} has no weights to score (looked for {kinds}"
+            f"{type(model).__name__} has no weights to score (looked for {kinds}, MultiheadAttention"
             f"{'' if include is None else ' matching ' + repr(include)}"
             f"{'' if not exclude else ' not matching ' + repr(exclude)})"
         )
@@ -108,19 +148,28 @@ def output_layer_name(model: nn.Module) -> str:
     return output
 
 
-def weight_parameter_name(module: nn.Module) -> str:
-    """``"weight_orig"`` when ``torch.nn.utils.prune`` reparametrised the weight, else ``"weight"``."""
-    return "weight_orig" if hasattr(module, "weight_orig") else "weight"
+def parameter_name(key: str) -> str:
+    """The parameter a weight key names: ``"weight"`` of ``"fc1.weight"``, ``"in_proj_weight"`` of ``"attn.in_proj_weight"``."""
+    return key.rpartition(".")[2]
 
 
-def weight_of(module: nn.Module) -> torch.Tensor:
-    """The trainable weight parameter (``weight_orig`` on a pruned module)."""
-    return getattr(module, weight_parameter_name(module))
+def weight_parameter_name(module: nn.Module, key: str = "weight") -> str:
+    """The trainable parameter behind weight ``key`` (a key or a bare name) of ``module``.
+
+    ``"<name>_orig"`` when ``torch.nn.utils.prune`` reparametrised it, else ``"<name>"``.
+    """
+    name = parameter_name(key)
+    return f"{name}_orig" if hasattr(module, f"{name}_orig") else name
 
 
-def unit_count(module: nn.Module) -> int:
+def weight_of(module: nn.Module, key: str = "weight") -> torch.Tensor:
+    """The trainable weight parameter ``key`` names on ``module`` (``weight_orig`` on a pruned module)."""
+    return getattr(module, weight_parameter_name(module, key))
+
+
+def unit_count(module: nn.Module, key: str = "weight") -> int:
     """Number of output units: rows of a Linear weight, filters of a Conv."""
-    return weight_of(module).shape[0]
+    return weight_of(module, key).shape[0]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import CheckpointError, ConfigError, check_choice
-from .layers import weight_of
+from .layers import ATTENTION_PROJECTIONS, parameter_name, weight_of, weight_parameter_name
 from .selection import SCOPES, select_masks
 
 __all__ = [
@@ -45,22 +45,27 @@ __all__ = [
 
 def _module(model: nn.Module, key: str) -> nn.Module:
     module_name, _, attr = key.rpartition(".")
-    if attr != "weight":
-        raise ConfigError(f"score key {key!r} does not name a weight (expected '<module>.weight')")
+    if attr not in ("weight", *ATTENTION_PROJECTIONS):
+        raise ConfigError(
+            f"score key {key!r} does not name a weight (expected '<module>.weight' or a MultiheadAttention's "
+            f"'<module>.{{{','.join(ATTENTION_PROJECTIONS)}}}')"
+        )
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
         raise ConfigError(f"score key {key!r} names no module of {type(model).__name__}") from None
-    if not isinstance(getattr(module, "weight_orig", getattr(module, "weight", None)), torch.Tensor):
-        raise ConfigError(f"score key {key!r} names {module_name or 'the model'} ({type(module).__name__}), which has no weight")
+    if not isinstance(getattr(module, weight_parameter_name(module, attr), None), torch.Tensor):
+        raise ConfigError(f"score key {key!r} names {module_name or 'the model'} ({type(module).__name__}), which has no {attr}")
     return module
 
 
 def _is_neuron(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> bool:
-    weight = weight_of(module)
+    weight = weight_of(module, key)
     if mask_or_scores.shape == weight.shape:
         return False
     if mask_or_scores.shape == weight.shape[:1]:
+        if parameter_name(key) != "weight":
+            raise ConfigError(f"scores for {key!r} are per unit; attention q/k/v projections take one score per weight, shaped {tuple(weight.shape)}")
         return True
     raise ConfigError(
         f"scores for {key!r} have shape {tuple(mask_or_scores.shape)}; expected the weight's "
@@ -68,11 +73,15 @@ def _is_neuron(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> boo
     )
 
 
-def _unit_mask_of(module: nn.Module) -> torch.Tensor:
+def _mask_of(module: nn.Module, key: str) -> torch.Tensor | None:
+    return getattr(module, f"{parameter_name(key)}_mask", None)
+
+
+def _unit_mask_of(module: nn.Module, key: str) -> torch.Tensor:
     """Units still alive: a unit is pruned when its whole weight row is masked."""
-    mask = getattr(module, "weight_mask", None)
+    mask = _mask_of(module, key)
     if mask is None:
-        return torch.ones(weight_of(module).shape[0], dtype=torch.bool)
+        return torch.ones(weight_of(module, key).shape[0], dtype=torch.bool)
     return mask.reshape(mask.shape[0], -1).bool().any(dim=1).cpu()
 
 
@@ -82,9 +91,9 @@ def current_masks(model: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, 
     for key, ref in like.items():
         module = _module(model, key)
         if _is_neuron(module, ref, key):
-            masks[key] = _unit_mask_of(module)
+            masks[key] = _unit_mask_of(module, key)
         else:
-            mask = getattr(module, "weight_mask", None)
+            mask = _mask_of(module, key)
             masks[key] = torch.ones(ref.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
     return masks
 
@@ -112,10 +121,17 @@ def refresh_masked(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for module in model.modules():
-            for buffer_name, _ in list(module.named_buffers(recurse=False)):
-                name = buffer_name[: -len("_mask")]
-                if buffer_name.endswith("_mask") and hasattr(module, f"{name}_orig"):
-                    setattr(module, name, masked_value(module, name))
+            for name in _masked_names(module):
+                setattr(module, name, masked_value(module, name))
+
+
+def _masked_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s tensors that ``torch.nn.utils.prune`` masks (``"weight"``, ``"bias"``, ``"in_proj_weight"``...)."""
+    return [
+        buffer_name[: -len("_mask")]
+        for buffer_name, _ in module.named_buffers(recurse=False)
+        if buffer_name.endswith("_mask") and hasattr(module, buffer_name[: -len("_mask")] + "_orig")
+    ]
 
 
 def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
@@ -127,7 +143,7 @@ def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
     forward already holds the product, so swapping in a detached copy of the
     same values changes no gradient and makes the model copyable again.
     """
-    for name in ("weight", "bias"):
+    for name in _masked_names(module):
         tensor = module.__dict__.get(name)
         if tensor is not None and tensor.grad_fn is not None:
             setattr(module, name, tensor.detach())
@@ -150,9 +166,8 @@ def _mask_out_proj(attention: nn.Module, inputs: object) -> None:
     torch's own hook would; :func:`_detach_out_proj` detaches it afterwards.
     """
     projection = attention.out_proj
-    for name in ("weight", "bias"):
-        if hasattr(projection, f"{name}_mask"):
-            setattr(projection, name, masked_value(projection, name))
+    for name in _masked_names(projection):
+        setattr(projection, name, masked_value(projection, name))
 
 
 def _detach_out_proj(attention: nn.Module, inputs: object, output: object) -> None:
@@ -173,18 +188,20 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
     A mask shaped like the weight masks weights; a mask of shape ``(out_units,)``
     masks whole units (rows/filters and their bias entries). Masks combine with
-    any already on the module (an entry once pruned stays pruned).
+    any already on the module (an entry once pruned stays pruned). Keys name
+    the weight (``"fc1.weight"``, ``"attn.in_proj_weight"``), so one module
+    may carry several masks.
     """
     for key, mask in masks.items():
         module = _module(model, key)
-        weight = weight_of(module)
+        weight = weight_of(module, key)
         mask = mask.to(device=weight.device, dtype=weight.dtype)
         if _is_neuron(module, mask, key):
             unit_mask = mask
             mask = unit_mask.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).contiguous()
             if getattr(module, "bias", None) is not None:
                 torch_prune.custom_from_mask(module, "bias", unit_mask)
-        torch_prune.custom_from_mask(module, "weight", mask)
+        torch_prune.custom_from_mask(module, parameter_name(key), mask)
         _ensure_copyable(module)
     _ensure_attention_masked(model)
 
@@ -192,9 +209,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def make_permanent(model: nn.Module) -> None:
     """Bake every mask into its parameter (``prune.remove``) and drop the masks and hooks."""
     for module in model.modules():
-        for name in ("weight", "bias"):
-            if hasattr(module, f"{name}_mask"):
-                torch_prune.remove(module, name)
+        for name in _masked_names(module):
+            torch_prune.remove(module, name)
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for handle_id, hook in list(hooks.items()):
                 if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
@@ -243,15 +259,16 @@ def pruned_parameters(model: nn.Module) -> int:
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights)."""
     zeros = total = 0
-    for name, module in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if keys is not None and key not in keys:
-            continue
-        if keys is None and not hasattr(module, "weight_mask"):
-            continue
-        weight = module.weight
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
+    for module_name, module in model.named_modules():
+        for name in ("weight", *ATTENTION_PROJECTIONS):
+            key = f"{module_name}.{name}" if module_name else name
+            weight = getattr(module, name, None)
+            if not isinstance(weight, torch.Tensor) or (keys is not None and key not in keys):
+                continue
+            if keys is None and not hasattr(module, f"{name}_mask"):
+                continue
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
     return zeros / total if total else 0.0
 
 

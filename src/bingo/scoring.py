@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, check_choice
-from .layers import GRANULARITIES, find_layers, output_layer_name, weight_of
+from .layers import GRANULARITIES, find_layers, parameter_name, weight_of
 from .selection import NAN_CAUSES, check_scores_finite
 
 __all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scores"]
@@ -21,12 +21,7 @@ __all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scor
 
 def _layers(model: nn.Module, granularity: str, include: Iterable[str] | None, exclude: Iterable[str]) -> dict[str, nn.Module]:
     check_choice("granularity", granularity, GRANULARITIES)
-    layers = find_layers(model, include, exclude)
-    if granularity == "neuron":
-        output = output_layer_name(model)
-        layers = {k: m for k, m in layers.items() if k != output}
-        if not layers:
-            raise ConfigError(f"neuron granularity needs a hidden layer; the only layer selected is the output layer {output!r}, whose units are the model's outputs")
+    layers = find_layers(model, include, exclude, granularity)
     return layers
 
 
@@ -40,8 +35,8 @@ def magnitude_scores(
     """``|w|`` per weight, or the L2 norm of each unit's incoming weights per neuron."""
     scores = {}
     for key, module in _layers(model, granularity, include, exclude).items():
-        weight = weight_of(module).detach().float()
-        mask = getattr(module, "weight_mask", None)
+        weight = weight_of(module, key).detach().float()
+        mask = getattr(module, f"{parameter_name(key)}_mask", None)
         if mask is not None:
             weight = weight * mask
         if granularity == "weight":
@@ -63,7 +58,7 @@ def random_scores(
     generator = torch.Generator().manual_seed(seed)
     scores = {}
     for key, module in _layers(model, granularity, include, exclude).items():
-        weight = weight_of(module)
+        weight = weight_of(module, key)
         shape = weight.shape if granularity == "weight" else weight.shape[:1]
         scores[key] = torch.rand(shape, generator=generator)
     return scores

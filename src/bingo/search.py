@@ -31,7 +31,7 @@ from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
-from .layers import GRANULARITIES, Coverage, coverage, find_layers, output_layer_name, weight_of
+from .layers import GRANULARITIES, Coverage, coverage, find_layers, weight_of
 
 __all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
 
@@ -149,12 +149,7 @@ class TicketSearch:
             raise ConfigError(f"unknown search setting {unknown[0]!r}; valid choices: {valid}")
         config = SearchConfig(**settings) if config is None else dataclasses.replace(config, **settings)
         self.config, self.model = config, model
-        layers = find_layers(model, config.include, config.exclude)
-        if config.granularity == "neuron":
-            output = output_layer_name(model)
-            layers = {key: module for key, module in layers.items() if key != output}
-            if not layers:
-                raise ConfigError(f"neuron granularity needs a hidden layer to score; {type(model).__name__}'s only one is its output layer {output!r}")
+        layers = find_layers(model, config.include, config.exclude, config.granularity)
         self.layers: dict[str, nn.Module] = layers
         #: fake passes run on the 1st step and every ``every``-th after it
         self.every: int = int(config.every) if config.every is not None else auto_every(len(layers))
@@ -162,12 +157,12 @@ class TicketSearch:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps = 0
         self.seconds = 0.0  # wall time spent inside step(): the search's overhead
-        self.theta0 = {key: weight_of(module).detach().clone() for key, module in layers.items()}
+        self.theta0 = {key: weight_of(module, key).detach().clone() for key, module in layers.items()}
         self.theta0_bias: dict[str, torch.Tensor] = {}  # neurons: a probed unit's bias is reset too
         if config.granularity == "neuron":
             for key, module in layers.items():
                 if isinstance(getattr(module, "bias", None), torch.Tensor):
-                    self.theta0_bias[key] = module.bias.detach().clone()
+                    self.theta0_bias[key] = weight_of(module, "bias").detach().clone()
         self.estimator = get_estimator(config.estimator, config)
         self.estimator.attach(self)
 

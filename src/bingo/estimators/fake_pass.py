@@ -239,14 +239,14 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
     module_name = key.rpartition(".")[0]
     prefix = module_name + "." if module_name else ""
     reset = search.config.mode == "reset"
-    weight = weight_of(module).detach()
+    weight = weight_of(module, key).detach()
     subset = subset.to(weight.device)
     probe = weight.clone()
     rows = probe.view(weight.shape[0], -1) if search.config.granularity == "neuron" else probe.view(-1)
     rows[subset] = search.theta0[key].view_as(rows)[subset] if reset else 0
-    tensors = {prefix + weight_parameter_name(module): probe}
+    tensors = {prefix + weight_parameter_name(module, key): probe}
     if key in search.theta0_bias:
-        name = "bias_orig" if hasattr(module, "bias_orig") else "bias"
+        name = weight_parameter_name(module, "bias")
         bias = getattr(module, name).detach().clone()
         bias[subset] = search.theta0_bias[key][subset] if reset else 0
         tensors[prefix + name] = bias

@@ -66,7 +66,7 @@ class TaylorEstimator(Estimator):
     def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
         for key, module in search.layers.items():
-            weight = weight_of(module)
+            weight = weight_of(module, key)
             if weight.grad is None:
                 raise ConfigError(
                     f"estimator {self.name!r} reads the gradient of {key!r}, which is None: call search.step(x, y) "

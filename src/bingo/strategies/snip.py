@@ -43,7 +43,7 @@ def snip_scores(
     the parameters' ``.grad`` are as they were.
     """
     layers = find_layers(model)
-    weights = [weight_of(module) for module in layers.values()]
+    weights = [weight_of(module, key) for key, module in layers.items()]
     sums = [torch.zeros_like(weight) for weight in weights]
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     was_training = model.training
