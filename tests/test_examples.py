@@ -16,6 +16,7 @@ SRC = ROOT / "src"
 EXAMPLES = {
     "plain_loop.py": r"^dense 0\.\d{3}; 80% pruned 0\.\d{3}; compensated 0\.\d{3}; sparsity 0\.800$",
     "two_inputs.py": r"^pruned to 0\.70 sparsity; training accuracy 0\.\d{3}$",
+    "transformer_encoder.py": r"^q/k/v of layer 0 kept 0\.\d\d; pruned to 0\.70 of scored weights; training accuracy dense 0\.\d{3}, pruned 0\.\d{3}, fine-tuned 0\.\d{3}$",
     "lightning_callback.py": r"^search steps (\d+) \(= optimizer steps \1\); pruned test accuracy 0\.\d{3}$",
     "huggingface_trainer.py": r"^search steps \d+; \d+ weight tensors scored \(e\.g\. bert\.encoder\.layer\.0\.attention\.self\.query\.weight\); pruned [\d,]+ weights$",
 }
