@@ -16,8 +16,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 
-from . import __version__
+from . import __version__, distributed
 from .data import DATASETS, load_dataset
 from .compensation import compensate
 from .configs import add_config_flags, apply_flags, config_record
@@ -431,6 +432,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "version": __version__,
         "machine": machine(),
     }
+    if not distributed.is_main_process():  # under torchrun: one set of outputs, written by rank 0
+        return 0
     if args.scores:
         from .io import save_scores
 
@@ -471,7 +474,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    joined = False
     try:
+        if args.command == "run":  # under torchrun: join the job's process group (gloo on CPU, nccl on GPUs)
+            joined = distributed.init_from_environment()
         return {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "export": cmd_export}[args.command](args)
     except BingoError as exc:
         print(f"bingo: error: {exc}", file=sys.stderr)
@@ -484,6 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bingo: interrupted; files already written are complete (written atomically)", file=sys.stderr)
         return 130
+    except torch.distributed.DistError as exc:  # a process of the torchrun job died or hung up
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        print(f"bingo: error: rank {distributed.rank()} lost contact with the other processes of the job ({first}); "
+              "files already written are complete (written atomically)", file=sys.stderr)
+        return 1
+    finally:
+        if joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, check_choice
+from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .layers import ATTENTION_PROJECTIONS
 from .pruning import apply_masks, refresh_masked
 
@@ -194,7 +195,12 @@ def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size
     Pruning and compensation change the statistics each BatchNorm sees; its
     stored ones are the dense network's. Returns the number of forward calls.
     Train/eval flags and the global RNG are restored; no parameter changes.
+    Under ``torch.distributed`` each statistic is then the mean over ranks of
+    every rank's own (the same on every rank; with equal calibration sizes the
+    mean is the global mean, the variance leaves out the spread between the
+    ranks' means).
     """
+    model = unwrap(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -211,6 +217,9 @@ def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size
             for start in range(0, len(calibration), batch_size):
                 model(calibration[start : start + batch_size])
                 calls += 1
+            for norm in norms:
+                for statistic in (norm.running_mean, norm.running_var):
+                    sum_over_ranks(statistic).div_(world_size())
     finally:
         for norm, momentum in momenta:
             norm.momentum = momentum
@@ -262,6 +271,9 @@ def compensate(
     if not 0.0 <= float(damping) < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
     start_time = time.perf_counter()
+    model = unwrap(model)  # the inner module of a DDP wrapper: its forwards need no collectives
+    reference = None if reference is None else unwrap(reference)
+    broadcast_buffers(model)  # BatchNorm statistics: rank 0's on every rank, as DDP's next forward would make them
     if masks:
         apply_masks(model, masks)
     layers = _masked_layers(model)
@@ -311,6 +323,11 @@ def compensate(
                     cross += (design.T @ target.float()).double()
                     error += float((_targets(module, outputs[0]).cpu() - target).square().sum())
                     rows_seen += target.numel()
+            # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
+            sum_over_ranks(hessian)
+            sum_over_ranks(cross)
+            totals = sum_over_ranks(torch.tensor([error, float(rows_seen)], dtype=torch.float64))
+            error, rows_seen = float(totals[0]), int(totals[1])
             if error == 0.0:
                 # Nothing pruned in or before this layer: it already gives the dense output exactly,
                 # and a re-fit could only move it by the damping (at sparsity 0, every layer).
@@ -391,4 +408,5 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
     finally:
         for module, training in modes:
             module.training = training
-    return {k: sums[k] / max(counts[k], 1) for k in keys}
+    totals = sum_over_ranks(torch.tensor([[sums[k], float(counts[k])] for k in keys], dtype=torch.float64))
+    return {k: float(total) / max(float(count), 1.0) for k, (total, count) in zip(keys, totals)}

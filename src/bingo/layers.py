@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import unwrap
 from .errors import ConfigError
 
 __all__ = [
@@ -93,6 +94,7 @@ def find_layers(
     module may own several keys. Raises :class:`ConfigError` when nothing is
     left to score.
     """
+    model = unwrap(model)  # a DDP wrapper's keys are its inner module's
     include = None if include is None else list(include)
     exclude = list(exclude)
     layers: dict[str, nn.Module] = {}
@@ -139,7 +141,7 @@ def output_layer_name(model: nn.Module) -> str:
     ``model`` has no such layer.
     """
     output = None
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap(model).named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             output = f"{module_name}.weight" if module_name else "weight"
     if output is None:
@@ -211,7 +213,7 @@ def coverage(model: nn.Module, keys: Iterable[str]) -> Coverage:
     keys = set(keys)
     scored = total = tensors = 0
     unscored: dict[str, int] = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap(model).named_modules():
         for name, parameter in module.named_parameters(recurse=False):
             logical = name.removesuffix("_orig")  # a pruned weight keeps its logical name
             key = f"{module_name}.{logical}" if module_name else logical

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import CheckpointError, ConfigError, check_choice
+from .distributed import unwrap
 from .layers import ATTENTION_PROJECTIONS, parameter_name, weight_of, weight_parameter_name
 from .selection import SCOPES, select_masks
 
@@ -44,6 +45,7 @@ __all__ = [
 
 
 def _module(model: nn.Module, key: str) -> nn.Module:
+    model = unwrap(model)  # keys name the inner module's parameters
     module_name, _, attr = key.rpartition(".")
     if attr not in ("weight", *ATTENTION_PROJECTIONS):
         raise ConfigError(
@@ -259,7 +261,7 @@ def pruned_parameters(model: nn.Module) -> int:
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights)."""
     zeros = total = 0
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap(model).named_modules():
         for name in ("weight", *ATTENTION_PROJECTIONS):
             key = f"{module_name}.{name}" if module_name else name
             weight = getattr(module, name, None)

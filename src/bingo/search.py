@@ -31,6 +31,7 @@ from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
+from .distributed import unwrap
 from .layers import GRANULARITIES, Coverage, coverage, find_layers, weight_of
 
 __all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
@@ -148,7 +149,7 @@ class TicketSearch:
             valid = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
             raise ConfigError(f"unknown search setting {unknown[0]!r}; valid choices: {valid}")
         config = SearchConfig(**settings) if config is None else dataclasses.replace(config, **settings)
-        self.config, self.model = config, model
+        self.config, self.model = config, unwrap(model)  # fake passes run the inner module: no DDP collectives
         layers = find_layers(model, config.include, config.exclude, config.granularity)
         self.layers: dict[str, nn.Module] = layers
         #: fake passes run on the 1st step and every ``every``-th after it

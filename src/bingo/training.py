@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Dataset
 from .errors import CheckpointError, ConfigError, TrainingError, check_choice
 from .io import load_checkpoint, save_checkpoint
@@ -249,6 +250,13 @@ def train(
     the number of steps taken so far: the place for schedules such as gradual
     magnitude pruning or saving weights to rewind to.
 
+    Under ``torch.distributed`` (``torchrun``), the model trains wrapped in
+    ``DistributedDataParallel``: every rank draws the same global batch (one
+    data order, seeded the same) and trains on its shard of it
+    (:func:`bingo.distributed.shard`), so the global batch is the
+    one-process batch; the loss checked for divergence is the mean over
+    ranks; only rank 0 writes the checkpoint and shows progress.
+
     Training stops with a :class:`~bingo.errors.TrainingError` when it
     diverges: a loss that is not finite (checked every step, before the
     step is taken), a weight that is not finite, or an epoch's mean loss over
@@ -271,12 +279,15 @@ def train(
 
     n = len(data.x_train)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
+    trained = model
+    if distributed.active():
+        trained = nn.parallel.DistributedDataParallel(model)
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         initial=first_epoch * steps_per_epoch,
         desc=description or ("train" + (" + ticket search" if searches else "")),
         unit="step",
-        disable=not progress,
+        disable=not progress or not distributed.is_main_process(),
         leave=False,
     )
     diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(int(data.num_classes), 2))
@@ -287,10 +298,10 @@ def train(
             permutation = torch.randperm(n, generator=order)
             loss_sum = 0.0
             for i in range(0, n, config.batch_size):
-                index = permutation[i : i + config.batch_size]
+                index = distributed.shard(permutation[i : i + config.batch_size])
                 x, y = data.x_train[index], data.y_train[index]
-                loss = F.cross_entropy(model(x), y)
-                value = loss.item()
+                loss = F.cross_entropy(trained(x), y)
+                value = distributed.mean_over_ranks([loss.item()])[0]
                 if not math.isfinite(value):  # before the step: the model keeps its last finite weights
                     raise TrainingError(
                         f"training diverged at epoch {epoch + 1}, step {i // config.batch_size + 1} of {steps_per_epoch}: "
@@ -315,7 +326,7 @@ def train(
                     f"training diverged in epoch {epoch + 1}: its mean loss {mean_loss:.3g} is over "
                     f"{DIVERGED_LOSS_FACTOR} times that of guessing ({diverged_loss / DIVERGED_LOSS_FACTOR:.2f}); {_lower_lr(config)}"
                 )
-            if checkpoint is not None:
+            if checkpoint is not None and distributed.is_main_process():
                 save_checkpoint(
                     {
                         "kind": "bingo-train",
@@ -332,8 +343,10 @@ def train(
                     },
                     checkpoint,
                 )
+            distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
     finally:
         bar.close()
+    distributed.broadcast_buffers(model)  # each rank's BatchNorm counted its own last shard: make them rank 0's
     return TrainResult(
         train_seconds=elapsed,
         search_seconds=sum(one.seconds for one in searches),

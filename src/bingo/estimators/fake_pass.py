@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..errors import BingoError, ConfigError
+from ..distributed import mean_over_ranks
 from ..layers import weight_of, weight_parameter_name
 from ..pruning import refresh_masked
 
@@ -291,6 +292,10 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
                 )
             probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
             after = {key: batch.score(model, metric, tensors) for key, tensors in probes.items()}
+        # Under torch.distributed every rank measured its own batch on the same subsets:
+        # the mean over ranks is what every rank's estimator records (bingo.distributed).
+        before, *changed = mean_over_ranks([before, *after.values()])
+        after = dict(zip(after, changed))
     finally:
         for module, training in modes:
             module.training = training

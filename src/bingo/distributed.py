@@ -1,0 +1,172 @@
+"""Distributed data parallel runs: every rank ends with the same scores, masks and weights.
+
+bingo uses PyTorch's own engine: ``torch.distributed`` for the collectives
+and ``DistributedDataParallel`` for training. Nothing here is needed by a
+single-process run; every function is a no-op (or the identity) when
+``torch.distributed`` is not initialised.
+
+What agreement rests on (see the README's "Distributed training"):
+
+- weights: DDP keeps them equal (same θ0, averaged gradients);
+- fake-pass subsets: drawn from the search's own ``torch.Generator``, seeded
+  the same on every rank, so every rank probes the same weights;
+- measurements: each rank measures its own batch; the scores of a fake pass
+  are averaged over ranks (:func:`mean_over_ranks`) before any accumulator
+  sees them, so every accumulator is the same on every rank. With equal
+  per-rank batches and a mean-reduced metric (loss or accuracy), the
+  average is the measurement on the global batch;
+- Taylor terms read the gradients DDP has already averaged;
+- buffers: DDP broadcasts rank 0's at every forward, but after the last
+  forward each rank's BatchNorm statistics have counted its own shard;
+  bingo's training loop and :func:`bingo.compensate` first make them rank
+  0's again (:func:`broadcast_buffers`);
+- compensation sums its least-squares statistics (``XᵀX``, ``XᵀY``) over
+  ranks (:func:`sum_over_ranks`): the fit on the union of every rank's
+  calibration inputs.
+
+Selection is deterministic given the scores and its seed, so the masks agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "active",
+    "barrier",
+    "broadcast_buffers",
+    "init_from_environment",
+    "is_main_process",
+    "mean_over_ranks",
+    "rank",
+    "shard",
+    "sum_over_ranks",
+    "unwrap",
+    "world_size",
+]
+
+
+def active() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the one process that writes results, checkpoints and progress bars."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if active():
+        dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` (or ``DataParallel``) wrapper trains; ``model`` itself otherwise.
+
+    Scores and masks are keyed by the inner module's parameter names
+    (``"fc1.weight"``, not ``"module.fc1.weight"``), so a search attached to
+    the wrapper and one attached to the inner module agree.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _device() -> torch.device:
+    # gloo reduces CPU tensors; nccl needs them on the process's GPU.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _reduce(values: torch.Tensor) -> torch.Tensor:
+    moved = values.to(_device())
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return moved.to(values.device)
+
+
+def mean_over_ranks(values: Sequence[float]) -> list[float]:
+    """The mean over ranks of each value (float64); the values themselves when not distributed."""
+    if not active():
+        return list(values)
+    total = _reduce(torch.tensor(list(values), dtype=torch.float64))
+    return (total / world_size()).tolist()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks, in place (the same bits on every rank); unchanged when not distributed."""
+    if active():
+        tensor.copy_(_reduce(tensor))
+    return tensor
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Make every rank's buffers (BatchNorm running statistics, masks) rank 0's, in place.
+
+    What ``DistributedDataParallel(broadcast_buffers=True)`` does at the start
+    of every forward: after the last training forward each rank's BatchNorm
+    has also counted its own shard, so the ranks' statistics differ until the
+    next forward. bingo calls this where it needs them equal: at the end of
+    :func:`bingo.training.train` and at the start of :func:`bingo.compensate`.
+    No-op when not distributed.
+    """
+    if not active():
+        return
+    for buffer in unwrap(model).buffers():
+        if buffer.is_floating_point() or buffer.dtype in (torch.int64, torch.int32, torch.bool):
+            moved = buffer.to(_device())
+            dist.broadcast(moved, src=0)
+            buffer.copy_(moved.to(buffer.device))
+
+
+def shard(index: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global batch: every ``world_size``-th entry from position ``rank``.
+
+    The global batch is the same on every rank (one data order, seeded the
+    same), so the shards together are exactly the one-process batch.
+    """
+    return index[rank() :: world_size()] if active() else index
+
+
+def init_from_environment() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment; True if this run is distributed.
+
+    Reads ``WORLD_SIZE`` (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` as
+    ``torchrun`` sets them). Backend: ``nccl`` when CUDA is available, else
+    ``gloo``. Does nothing when ``WORLD_SIZE`` is unset or 1, or when a
+    process group already exists.
+    """
+    size = os.environ.get("WORLD_SIZE")
+    if size is None or dist.is_initialized():
+        return active()
+    try:
+        processes = int(size)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be a whole number of processes, got {size!r}") from None
+    if processes <= 1:
+        return False
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: start distributed runs with torchrun")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True

@@ -1,0 +1,107 @@
+"""Real 2-process torchrun jobs (gloo, CPU): every rank ends with the same scores, masks and weights.
+
+Each test starts ``torchrun --standalone`` (a free rendezvous port of its own)
+on tests/distributed_worker.py or on ``python -m bingo run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bingo.io import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "distributed_worker.py"
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+
+
+@pytest.mark.parametrize("attach", ["wrapper", "inner"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"], ids=["mlp", "cnn-batchnorm-dropout"])
+def test_both_ranks_end_with_the_same_scores_masks_and_weights(model, attach, tmp_path):
+    done = subprocess.run(_torchrun(str(WORKER), model, attach, str(tmp_path)), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for part in ("scores", "masks", "weights"):
+        assert list(ranks[0][part]) == list(ranks[1][part])
+        for key in ranks[0][part]:
+            assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{part} {key} differ between ranks"
+    assert ranks[0]["compensated"] == ranks[1]["compensated"] and ranks[0]["compensated"]
+    assert round(ranks[0]["sparsity"], 2) == 0.8
+    # the run was not trivially identical: the ranks saw different data (their shards, their calibration)
+    assert any(key.endswith("_mask") for key in ranks[0]["weights"])
+
+
+def test_a_rank_that_dies_fails_the_job_and_nothing_is_half_written(tmp_path):
+    done = subprocess.run(_torchrun(str(WORKER), "mlp", "inner", str(tmp_path), "--die-at", "5"), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "exitcode  : 3" in done.stderr  # torchrun names the rank that died and how
+    assert list(tmp_path.iterdir()) == []  # no result, no partial file
+
+
+def _bingo_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return _torchrun("-m", "bingo", "run", "--data", "digits", "--model", "mlp", "--sparsity", "0.5,0.9", "--no-progress",
+                     "--out", str(tmp_path / f"{name}.json"), *extra)
+
+
+def test_bingo_run_under_torchrun_writes_one_set_of_outputs(tmp_path):
+    done = subprocess.run(_bingo_run(tmp_path, "results", "--epochs", "2", "--scores", str(tmp_path / "scores.safetensors")),
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results in") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.safetensors"]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [row["sparsity"] for row in report["results"]] == [0.5, 0.9]
+    assert report["dense_accuracy"] > 0.5
+
+
+def test_bingo_run_under_torchrun_resumes_after_a_rank_is_killed(tmp_path):
+    epochs = ["--epochs", "40"]
+    whole = subprocess.run(_bingo_run(tmp_path, "whole", *epochs), env=_env(), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    checkpoint = tmp_path / "run.ckpt"
+    job = subprocess.Popen(_bingo_run(tmp_path, "resumed", *epochs, "--checkpoint", str(checkpoint)), env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.02)
+        assert checkpoint.exists() and job.poll() is None, "the job ended before its first checkpoint could be interrupted"
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies mid-training
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert "Signal 9 (SIGKILL)" in err or "exitcode  : -9" in err, err[-2000:]
+    assert not (tmp_path / "resumed.json").exists()  # no result from the failed job
+    state = load_checkpoint(checkpoint)  # the checkpoint on disk is a complete one (checksummed)
+    assert 1 <= state["epoch"] < 40
+    resumed = subprocess.run(_bingo_run(tmp_path, "resumed", *epochs, "--checkpoint", str(checkpoint)), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("whole", "resumed")]
+    assert rows[0]["dense_accuracy"] == rows[1]["dense_accuracy"]
+    assert rows[0]["results"] == rows[1]["results"]
