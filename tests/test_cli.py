@@ -164,6 +164,17 @@ def test_run_writes_json_report(capsys, run_args, out):
     assert f"{report['results'][1]['accuracy']:.4f}" in stdout
     assert str(out) in stdout
     assert "Traceback" not in err
+    assert report["processes"] == 1
+
+
+def test_run_trains_on_a_subset_when_asked(capsys, run_args, out):
+    code, _, err = call(capsys, *run_args("--sparsity", "0.5", "--train-samples", "300"))
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["train_examples"] == 300
+    assert report["train_steps"] == 3  # one epoch of 300 at batch 128
+    code, _, err = call(capsys, *run_args("--sparsity", "0.5", "--train-samples", "0"))
+    assert_user_error(code, err, r"--train-samples must be a whole number >= 1, got 0")
 
 
 def test_run_on_npz_file(capsys, run_args, out, tmp_path):

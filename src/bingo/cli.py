@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed
-from .data import DATASETS, load_dataset
+from .data import DATASETS, load_dataset, training_subset
 from .compensation import compensate
 from .configs import add_config_flags, apply_flags, config_record
 from .environment import machine
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
     run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--train-samples", type=int, default=None, metavar="N",
+        help="train on a seeded random subset of N training examples (validation and test splits unchanged); default all",
+    )
     run.add_argument("--export", default=None, metavar="DIR", help="export the pruned model (the last sparsity) to DIR: model.pt2 with preprocessing, weights.safetensors, model.json; shrunk first with --granularity neuron")
     run.add_argument("--onnx", action="store_true", help="with --export: also write model.onnx if the onnx package is installed")
     _add_compare_parser(commands)
@@ -351,6 +355,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{needs_one_shot[0]} needs a method that prunes once after training ({valid}); {args.method!r} does not")
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
+    if args.train_samples is not None and args.train_samples < 1:
+        raise ConfigError(f"--train-samples must be a whole number >= 1, got {args.train_samples}")
     outputs = [(flag, getattr(args, flag)) for flag in ("out", "save", "scores", "checkpoint", "export") if getattr(args, flag) is not None]
     for flag, path in outputs:
         _check_file_path(flag, path, folder=flag == "export")
@@ -372,6 +378,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with _one_line_warnings():  # e.g. classes absent from training, caveats about the scores
         data = load_dataset(args.data, args.data_dir, seed=args.seed)
+        if args.train_samples is not None:
+            data = training_subset(data, args.train_samples)
         experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
         if args.sparsity is not None:
             outcomes, floor = list(strategy.run(experiment, sparsities)), None
@@ -421,6 +429,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "search": config.get("search") if isinstance(config, dict) else None,
         "training": dataclasses.asdict(train_config),
         "train_examples": len(data.x_train),
+        "processes": distributed.world_size(),
         "validation_examples": len(data.x_val),
         "test_examples": len(data.x_test),
         "dense_accuracy": dense_accuracy,

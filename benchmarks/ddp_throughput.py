@@ -1,0 +1,83 @@
+"""Training throughput of `bingo run` in one process vs two (torchrun, gloo, CPU), same global batch.
+
+    python benchmarks/ddp_throughput.py          # a few minutes on 2 CPU cores
+
+For each model (``lenet300``, ``conv``) and global batch (128, 512), runs
+
+    torchrun --standalone --nproc_per_node P -m bingo run --data fashion-mnist --model M --method bingo
+             --epochs 1 --batch-size B --train-samples... (a seeded 12,000-image subset) --sparsity 0.9
+
+with P = 1 (``OMP_NUM_THREADS=2``: the one process gets both cores) and
+P = 2 (``OMP_NUM_THREADS=1`` each: one core per process), and reads the
+report's ``train_seconds`` (the training loop with the search, not start-up,
+data loading or pruning) and ``train_steps``. Images/s = steps x global
+batch / train_seconds. Counted work is the same in both (same steps, same
+global batches); the wall time is this machine's, shared and noisy: the two
+settings of one row are run back to back. Written atomically to
+``benchmarks/results/ddp_throughput.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "ddp_throughput.md"
+MODELS = ("lenet300", "conv")
+BATCHES = (128, 512)
+SUBSET = 12_000
+
+
+def run(model: str, batch: int, processes: int, folder: Path) -> dict:
+    out = folder / f"{model}-{batch}-{processes}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "bingo", "run", "--data", "fashion-mnist", "--model", model, "--method", "bingo", "--epochs", "1",
+               "--batch-size", str(batch), "--train-samples", str(SUBSET), "--sparsity", "0.9", "--no-progress",
+               "--out", str(out)]
+    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    return {"steps": report["train_steps"], "seconds": report["train_seconds"], "search": report["search_seconds"],
+            "accuracy": report["dense_accuracy"]}
+
+
+def main() -> int:
+    from bingo.io import atomic_write
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in MODELS:
+            for batch in BATCHES:
+                one, two = (run(model, batch, p, Path(tmp)) for p in (1, 2))
+                assert one["steps"] == two["steps"]
+                rate = [r["steps"] * batch / r["seconds"] for r in (one, two)]
+                rows.append(f"| {model} | {batch} | {one['steps']} | {rate[0]:,.0f} | {rate[1]:,.0f} | {rate[1] / rate[0]:.2f}x "
+                            f"| {one['search'] / one['seconds']:.0%} / {two['search'] / two['seconds']:.0%} "
+                            f"| {one['accuracy']:.4f} / {two['accuracy']:.4f} |")
+                print(rows[-1], flush=True)
+    table = "\n".join([
+        "# DDP throughput: one process vs two (torchrun, gloo, CPU)",
+        "",
+        f"`python benchmarks/ddp_throughput.py`: `bingo run --method bingo --epochs 1` on a seeded {SUBSET:,}-image "
+        "Fashion-MNIST subset, the same global batch in both settings (two processes: half each). 1 process: "
+        "OMP_NUM_THREADS=2; 2 processes: 1 thread each, on this machine's 2 cores. Throughput = steps x global "
+        "batch / training-loop seconds (search included).",
+        "",
+        "| model | global batch | steps | 1 process, images/s | 2 processes, images/s | speed-up | search share (1 / 2) | dense accuracy (1 / 2) |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ])
+    atomic_write(OUT, table.encode())
+    print(f"written {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
