@@ -74,7 +74,7 @@ def main() -> int:
         *rows,
         "",
     ])
-    atomic_write(OUT, table.encode())
+    atomic_write(OUT, lambda tmp: Path(tmp).write_text(table))
     print(f"written {OUT.relative_to(ROOT)}")
     return 0
 

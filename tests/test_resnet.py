@@ -142,11 +142,22 @@ def test_cli_trains_and_prunes_resnet_on_digits(tmp_path):
     assert [r["sparsity"] for r in report["results"]] == [0.5]
 
 
-def test_shrink_refuses_the_residual_join():
-    model = build_model("resnet", (1, 8, 8), 10)
-    bingo.prune(model, bingo.magnitude_scores(model, "neuron"), 0.3, scope="layer")
-    # shrink walks back from the output, so the last block's join is the one named
-    with pytest.raises(ConfigError, match=r"^cannot shrink ResNet: the outputs of 'stages\.2\.0\.bn2', 'stages\.2\.0\.shortcut\.1' "
-                                          r"and 'stages\.2\.1\.bn2' meet at node 'add_5' \(add\) in 'stages\.2\.1' \(BasicBlock\); "
-                                          r"shrink follows a single chain of layers \(no residual adds, concatenations or branches\)$"):
-        bingo.shrink(model.eval(), (1, 8, 8))
+def test_shrink_without_an_input_shape_refuses_the_residual_join():
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.a, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            s = torch.relu(self.stem(x))
+            return self.head(torch.relu(self.a(s)) + s)
+
+    torch.manual_seed(0)
+    model = Residual()
+    bingo.prune(model, bingo.magnitude_scores(model, "neuron"), 0.5, scope="layer")
+    # without input_shape the chain shrink is all there is, and it names the join it cannot follow
+    with pytest.raises(ConfigError, match=r"^cannot shrink Residual: the outputs of 'stem' and 'a' meet at node 'add' \(add\); shrink follows a single chain"):
+        bingo.shrink(model)
+    x = torch.randn(5, 3)
+    with torch.no_grad():  # with it: the coupled path (tests/test_coupled.py), exact whatever it can remove
+        torch.testing.assert_close(bingo.shrink(model, (3,))(x), model(x))

@@ -594,9 +594,13 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
             (see the module docstring for what may come between them),
             typically after :func:`bingo.prune` with neuron-granularity scores
             (shape ``(out_units,)``). Masked or plain. Not modified.
-        input_shape: the shape of one input sample, e.g. ``(1, 28, 28)``; only
+        input_shape: the shape of one input sample, e.g. ``(1, 28, 28)``;
             needed when ``forward`` has Python control flow that ``torch.fx``
-            cannot trace symbolically (the project's ``conv`` model has one).
+            cannot trace symbolically (the project's ``conv`` model has one),
+            and for residual networks: given it, a model whose channels are
+            tied by residual adds is shrunk by
+            :func:`bingo.coupled.shrink_coupled` (Torch-Pruning's dependency
+            graph: coupled channels removed from every layer at once).
 
     Returns:
         A deep copy of ``model`` (same class and ``forward``) in which every
@@ -610,6 +614,16 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
             connections, concatenation, a layer used twice, an unsupported op
             between layers, grouped convs, BatchNorm without running stats).
     """
+    if input_shape is not None:
+        from .coupled import channel_groups, is_coupled, shrink_coupled
+
+        shape = tuple(int(d) for d in input_shape)
+        try:
+            groups = channel_groups(model, shape)
+        except ConfigError:
+            groups = []  # not traceable as a graph of coupled channels: the chain path below says what it cannot follow
+        if is_coupled(groups):  # a residual network: removal by dependency graph
+            return shrink_coupled(model, shape)
     net = copy.deepcopy(model)
     make_permanent(net)
     name = type(model).__name__

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..coupled import ChannelGroup, channel_groups, is_coupled
 from ..data import Dataset
 from ..errors import ConfigError
 from ..models import build_model
@@ -153,6 +154,7 @@ class Experiment:
         self.progress = progress
         self._dense: DenseRun | None = None
         self._searched: dict[tuple, DenseRun] = {}
+        self._groups: list[ChannelGroup] | None = None
 
     def new_model(self) -> nn.Module:
         """A fresh model with this seed's initial weights θ0."""
@@ -165,6 +167,13 @@ class Experiment:
         if samples >= len(x):
             return x
         return x[torch.randperm(len(x), generator=generator)[:samples].sort().values]
+
+    def coupled_groups(self) -> list[ChannelGroup]:
+        """The model's groups of tied channels (:func:`bingo.channel_groups`) if a residual add ties some, else ``[]`` (cached)."""
+        if self._groups is None:
+            groups = channel_groups(self.new_model(), self.data.input_shape)
+            self._groups = groups if is_coupled(groups) else []
+        return self._groups
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """θ0 as a state dict."""

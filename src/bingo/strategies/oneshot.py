@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..compensation import BATCHNORM_CHOICES, compensate
+from ..coupled import prune_coupled
 from ..errors import ConfigError, check_choice
 from ..layers import GRANULARITIES
 from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
@@ -89,7 +90,11 @@ class OneShotStrategy(Strategy):
         for sparsity in sparsities:
             model = copy.deepcopy(dense.model)
             start = time.perf_counter()
-            masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
+            groups = experiment.coupled_groups() if self.config.granularity == "neuron" else []
+            if groups:  # a residual network: tied channels get one joint score and go together
+                masks = prune_coupled(model, scores, groups, sparsity, self.config.scope, seed=experiment.seed)
+            else:
+                masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
             calls = self._compensate(experiment, dense, model)
             yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls)
 

@@ -1,0 +1,301 @@
+"""Structured pruning of coupled channels: residual networks, with Torch-Pruning's dependency graph.
+
+A residual add ties channels together: in ``relu(bn2(conv2(x)) + x)`` channel
+``i`` of ``conv2`` and channel ``i`` of whatever wrote ``x`` (the stem, the
+previous blocks' ``conv2``, a projection shortcut) are one channel of the
+residual stream. It can only be removed from all of them at once, and the
+layers that read the stream lose that input channel too. Which channels are
+tied is read from the model by Torch-Pruning's ``DependencyGraph`` (Fang et
+al., "DepGraph: Towards Any Structural Pruning", CVPR 2023; ``torch-pruning``
+on PyPI), which traces one forward pass; bingo uses it for the graph and the
+physical removal, and keeps scoring and selection its own.
+
+- :func:`channel_groups`: the groups, one per set of tied channels: the
+  Conv/Linear layers that write them (``members``, weight keys) and the
+  BatchNorms on them (``norms``). A plain conv -> BatchNorm -> conv chain is
+  a group of one member. The output layer is never in a group (its units
+  are the model's outputs), nor is a group whose channels meet the model's
+  input or a buffer at an add (the graph has no node for those).
+- :func:`prune_coupled`: one joint score per channel, the **mean of its
+  members' unit scores**; channels selected per group (``scope="layer"``,
+  the same fraction of each group) or over all groups (``"global"``, with
+  the floors of :func:`bingo.selection.select_masks`); each selected
+  channel is masked in every member (row and bias, as neuron masks do) and
+  in every BatchNorm on it (weight *and* bias), so the channel is exactly
+  zero after its BatchNorm, in training and in eval mode.
+- :func:`shrink_coupled`: removes the channels that are exactly zero in the
+  whole group, with the layers that read them.
+
+Exactness: removal equals the masked computation exactly when the removed
+channel is zero where the group's members meet, which is what
+:func:`prune_coupled` masks guarantee. A channel whose weights are zero but
+whose BatchNorm is not masked outputs the constant ``beta - gamma * mean /
+sqrt(var + eps)`` (``beta`` in training mode); removing it would drop that
+constant, so :func:`shrink_coupled` keeps such channels and says how many
+(the chain shrink of :func:`bingo.shrink` folds such constants into the next
+layer; across a residual add there is no single next layer to fold into).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from .distributed import unwrap
+from .errors import ConfigError, check_choice
+from .layers import PRUNABLE_TYPES, output_layer_name
+from .pruning import _ensure_copyable, apply_masks, make_permanent
+from .selection import SCOPES, select_masks
+
+__all__ = ["ChannelGroup", "channel_groups", "is_coupled", "prune_coupled", "shrink_coupled"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One set of tied channels: channel ``i`` of every member is the same channel."""
+
+    members: tuple[str, ...]  #: weight keys (``"stages.0.0.conv2.weight"``) of the Conv/Linear layers writing the channels
+    norms: tuple[str, ...]  #: module names of the BatchNorms on the channels
+    channels: int  #: how many channels
+
+    @property
+    def key(self) -> str:
+        """The group's name in joint scores and reports: its first member."""
+        return self.members[0]
+
+
+def _tp():
+    try:
+        import torch_pruning
+    except ImportError as exc:  # a dependency of bingo; absent only in a broken install
+        raise ConfigError(f"structured pruning of coupled layers needs torch-pruning: pip install torch-pruning ({exc})") from None
+    return torch_pruning
+
+
+def _example(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> torch.Tensor:
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs
+    parameter = next(model.parameters())
+    return torch.zeros((2, *example_inputs), dtype=parameter.dtype, device=parameter.device)
+
+
+def _graph(model: nn.Module, example: torch.Tensor):
+    """Torch-Pruning's dependency graph of ``model``, its train/eval flags as they were (tracing sets eval)."""
+    tp = _tp()
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.enable_grad():  # the graph follows autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward: name what failed, in one line
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"cannot trace {type(model).__name__} for coupled channels: {reason}") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    return graph
+
+
+_JOINS = ("AddBackward", "SubBackward", "MulBackward", "DivBackward")
+
+
+def _meets_untracked(group, tp) -> bool:
+    """True if the group's channels meet, at an elementwise join, a tensor the graph has no node for (the input, a buffer)."""
+    for item in group:
+        node = item.dep.target
+        function = getattr(node, "grad_fn", None)
+        if node.type == tp.ops.OPTYPE.ELEMENTWISE and function is not None and type(function).__name__.startswith(_JOINS):
+            if len(function.next_functions) >= 2 and any(f is None for f, _ in function.next_functions):
+                return True
+    return False
+
+
+def _groups(model: nn.Module, example: torch.Tensor) -> tuple[object, list[tuple[object, ChannelGroup]]]:
+    tp = _tp()
+    graph = _graph(model, example)
+    names = {module: name for name, module in model.named_modules()}
+    order = {name: position for position, (name, _) in enumerate(model.named_modules())}
+    output = model.get_submodule(output_layer_name(model).rpartition(".")[0])
+    found = []
+    for group in graph.get_all_groups(ignored_layers=[output], root_module_types=list(PRUNABLE_TYPES)):
+        if _meets_untracked(group, tp):
+            continue
+        members, norms = [], []
+        for item in group:
+            module = item.dep.target.module
+            if module not in names or not graph.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            if list(item.idxs) != list(item.root_idxs):
+                raise ConfigError(f"channels of {names[module]!r} are tied to {names[group[0].dep.target.module]!r} "
+                                  "in another order; coupled pruning supports channels tied one to one")
+            if isinstance(module, PRUNABLE_TYPES):
+                members.append(f"{names[module]}.weight")
+            elif isinstance(module, _NORMS):
+                norms.append(names[module])
+        if members:
+            members = sorted(set(members), key=lambda key: order[key.rpartition(".")[0]])
+            norms = sorted(set(norms), key=order.__getitem__)
+            found.append((group, ChannelGroup(tuple(members), tuple(norms), len(group[0].idxs))))
+    # in model order (of each group's first member), as the layers are everywhere else
+    found.sort(key=lambda entry: order[entry[1].key.rpartition(".")[0]])
+    return graph, found
+
+
+def channel_groups(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> list[ChannelGroup]:
+    """The groups of tied channels of ``model`` (see the module docstring), in the graph's order.
+
+    ``example_inputs`` is a batch the model takes, or the shape of one
+    sample (a batch of two zeros is traced). ``model`` is not changed.
+    """
+    model = unwrap(model)
+    net = copy.deepcopy(model)
+    make_permanent(net)  # the graph is traced on plain parameters
+    return [group for _, group in _groups(net, _example(net, example_inputs))[1]]
+
+
+def is_coupled(groups: list[ChannelGroup]) -> bool:
+    """True if some channels are written by more than one layer (a residual add): chain pruning cannot remove them."""
+    return any(len(group.members) > 1 for group in groups)
+
+
+def _dead_units(module: nn.Module) -> torch.Tensor:
+    """Output units of a Conv/Linear already pruned by its masks (row masked), as a bool ``(out,)``."""
+    mask = getattr(module, "weight_mask", None)
+    if mask is None:
+        return torch.zeros(module.weight.shape[0], dtype=torch.bool)
+    return ~mask.reshape(mask.shape[0], -1).bool().any(dim=1).cpu()
+
+
+def prune_coupled(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    groups: list[ChannelGroup],
+    sparsity: float,
+    scope: str = "layer",
+    *,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Prune ``sparsity`` of the channels of ``groups`` by joint scores; return the members' unit keep-masks.
+
+    Args:
+        model: modified in place: neuron masks on every member (rows and
+            bias entries) and masks on the weight and bias of every BatchNorm
+            on a pruned channel, through ``torch.nn.utils.prune``.
+        scores: neuron-granularity scores ``{"<layer>.weight": (out_units,)}``,
+            higher = more significant; a group's joint score per channel is
+            the mean over its members that have scores. Groups with no scored
+            member are left alone.
+        groups: from :func:`channel_groups`.
+        sparsity: fraction of the channels to prune, each group's channels
+            counted once however many layers write them; exact to the channel
+            (``round(sparsity * n)`` per group with ``scope="layer"``, over
+            all groups otherwise).
+        scope: ``"layer"`` (every group alike), ``"global"`` or ``"lamp"``
+            (see :func:`bingo.selection.select_masks`).
+        seed: tie-breaking seed.
+
+    Returns:
+        ``{member key: bool (channels,)}`` for every member of a scored
+        group; False = pruned. Channels already pruned in every member are
+        pruned first and counted.
+    """
+    check_choice("scope", scope, SCOPES)
+    model = unwrap(model)
+    joint: dict[str, torch.Tensor] = {}
+    scored = [group for group in groups if any(key in scores for key in group.members)]
+    if not scored:
+        raise ConfigError("none of the coupled channel groups has scores: pass neuron-granularity scores of their layers")
+    for group in scored:
+        values = []
+        for key in group.members:
+            if key not in scores:
+                continue
+            if tuple(scores[key].shape) != (group.channels,):
+                raise ConfigError(f"scores for {key!r} have shape {tuple(scores[key].shape)}; coupled pruning takes "
+                                  f"one score per channel, ({group.channels},)")
+            values.append(scores[key].detach().double().cpu())
+        mean = torch.stack(values).mean(dim=0)
+        dead = torch.stack([_dead_units(model.get_submodule(key.rpartition(".")[0])) for key in group.members]).all(dim=0)
+        joint[group.key] = torch.where(dead, torch.tensor(-math.inf, dtype=torch.float64), mean)
+    keep = select_masks(joint, sparsity, scope, seed)
+    masks: dict[str, torch.Tensor] = {}
+    for group in scored:
+        channels = keep[group.key]
+        if not channels.any():
+            raise ConfigError(f"this sparsity would remove every channel of the group of {group.key!r} "
+                              f"({group.channels} channels); lower the sparsity or use scope='layer'")
+        for key in group.members:
+            masks[key] = channels.clone()
+        for name in group.norms:
+            norm = model.get_submodule(name)
+            for tensor in ("weight", "bias"):
+                if isinstance(getattr(norm, tensor, None), torch.Tensor):
+                    torch_prune.custom_from_mask(norm, tensor, channels.to(getattr(norm, tensor).device))
+            _ensure_copyable(norm)
+    apply_masks(model, masks)
+    return masks
+
+
+def _zero_channels(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channels exactly zero where the members meet, channels with zero weights that a BatchNorm still shifts)."""
+    rows_zero = torch.ones(group.channels, dtype=torch.bool)
+    for key in group.members:
+        module = model.get_submodule(key.rpartition(".")[0])
+        weight = module.weight.detach()
+        zero = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1).cpu()
+        if getattr(module, "bias", None) is not None:
+            zero &= (module.bias.detach() == 0).cpu()
+        rows_zero &= zero
+    exact = rows_zero.clone()
+    for name in group.norms:
+        norm = model.get_submodule(name)
+        if norm.weight is None or norm.bias is None:
+            exact &= False  # no affine to zero: the channel is -mean/std after the norm, not zero
+            continue
+        exact &= ((norm.weight.detach() == 0) & (norm.bias.detach() == 0)).cpu()
+    return exact, rows_zero & ~exact
+
+
+def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> nn.Module:
+    """A physically smaller copy of ``model`` without its zero channels, coupled ones removed from every layer at once.
+
+    A channel is removed when it is exactly zero in its whole group (every
+    member's row and bias, every BatchNorm's weight and bias: what
+    :func:`prune_coupled` leaves), together with the input channels of the
+    layers that read it. Each group keeps at least one channel. Masks are
+    made permanent first; ``model`` is not changed. In eval and training
+    mode the result computes what the masked model does, to float rounding.
+    Channels with zero weights whose BatchNorm is not masked are kept, with
+    a warning (removing them would drop the constant the BatchNorm adds).
+    """
+    net = copy.deepcopy(unwrap(model))
+    make_permanent(net)
+    graph, found = _groups(net, _example(net, example_inputs))
+    kept_shifted = 0
+    plan = []
+    for group, info in found:
+        exact, shifted = _zero_channels(net, info)
+        kept_shifted += int(shifted.sum())
+        remove = exact.nonzero().flatten().tolist()
+        if len(remove) == info.channels:
+            remove = remove[1:]  # a layer keeps one channel
+        if remove:
+            plan.append((group, remove))
+    for group, remove in plan:
+        root = group[0].dep.target.module
+        pruning_group = graph.get_pruning_group(root, group[0].dep.handler, remove)
+        pruning_group.prune()
+    if kept_shifted:
+        warnings.warn(
+            f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "
+            "prune with bingo.prune_coupled (which masks the BatchNorm too) to remove them exactly",
+            stacklevel=2,
+        )
+    return net
