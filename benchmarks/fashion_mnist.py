@@ -115,7 +115,9 @@ def main() -> int:
     ablation_text = ablation.main() if not args.skip_run else (ROOT / "benchmarks/results/ablation.md").read_text()
     if not args.skip_run:
         subprocess.run([sys.executable, "benchmarks/size_latency.py"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "benchmarks/ddp_throughput.py"], cwd=ROOT, check=True)
     size_text = (ROOT / "benchmarks/results/size_latency.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
+    ddp_text = (ROOT / "benchmarks/results/ddp_throughput.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
     results = json.loads((ROOT / OUT / "results.json").read_text())
     targets_text = ""
     for epochs in TARGETS_FINETUNE:
@@ -134,7 +136,8 @@ def main() -> int:
 
 Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion_mnist.py`;
 about two hours on 2 cores, resumable), which runs `benchmarks/curve.py`, the fine-tune
-comparisons, `benchmarks/ablation.py` and `benchmarks/size_latency.py`, and rewrites this
+comparisons, `benchmarks/ablation.py`, `benchmarks/size_latency.py` and
+`benchmarks/ddp_throughput.py`, and rewrites this
 file from their result files. Machine of the last run: {platform.machine()},
 {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}
 (each results.json lists the machines that measured its rows).
@@ -192,7 +195,9 @@ steps), bingo's divided by IMP's.
 
 {ablation_text}
 
-## {size_text}"""
+## {size_text}
+
+## {ddp_text}"""
     atomic_write(ROOT / "BENCHMARKS.md", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0

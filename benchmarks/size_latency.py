@@ -1,6 +1,6 @@
 """Real size and speed of neuron pruning: dense vs masked vs shrunk networks.
 
-    python benchmarks/size_latency.py            # about 1-2 minutes on 2 CPU cores
+    python benchmarks/size_latency.py            # about 5 minutes on 2 CPU cores
 
 For ``lenet300`` and ``conv``: train briefly (1 epoch, Adam 1.2e-3, batch 128;
 ``conv`` on the first 12,000 training images to keep the script short), then
@@ -12,6 +12,18 @@ and compare three forms of the same network:
 - dense: the trained model before pruning;
 - masked: ``bingo.prune`` masks on (``torch.nn.utils.prune``): full-size tensors;
 - shrunk: ``bingo.shrink`` of the masked model: smaller layers.
+
+Two more families, each its own table:
+
+- ``resnet`` (the package's ResNet-14, trained 1 epoch on the first 5,000
+  images): channels removed as coupled groups (``bingo.channel_groups``,
+  ``bingo.prune_coupled`` with magnitude neuron scores, ``scope="layer"``,
+  then ``bingo.shrink`` through Torch-Pruning's dependency graph);
+- a small transformer encoder (defined here: each image row is a token,
+  2 layers of ``nn.TransformerEncoderLayer`` with 8 heads of 8 dimensions,
+  trained 1 epoch on 12,000 images): 25%, 50% and 75% of the heads removed
+  (``bingo.head_scores`` of magnitude scores, ``bingo.prune_heads`` global,
+  ``bingo.shrink_heads``).
 
 Per form: stored parameters, nonzero parameters, ``torch.save(state_dict)``
 file size (and the compact file of ``bingo.save_compact`` for the masked
@@ -29,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -47,7 +60,28 @@ from bingo.training import TrainConfig, evaluate, train
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "size_latency.md"
 SPARSITIES = (0.5, 0.7, 0.9)
+HEAD_SPARSITIES = (0.25, 0.5, 0.75)
 CONV_TRAIN_SUBSET = 12_000
+RESNET_TRAIN_SUBSET = 5_000
+
+
+class RowTransformer(torch.nn.Module):
+    """Image rows as tokens: a linear embedding, a learned position, 2 encoder layers, mean pooling, a Linear head."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 64, heads: int = 8) -> None:
+        super().__init__()
+        side = math.isqrt(math.prod(input_shape))
+        self.side = side
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(side, width)
+        self.position = torch.nn.Parameter(torch.zeros(side, width))
+        layer = torch.nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], self.side, self.side)) + self.position
+        return self.head(self.encoder(tokens).mean(dim=1))
 
 
 def keep_freed_memory() -> str:
@@ -120,8 +154,8 @@ def kib(n: int | None) -> str:
     return "" if n is None else f"{n / 1024:,.1f}"
 
 
-def table(name: str, rows: list[tuple[str, str, dict]]) -> str:
-    header = ["units removed", "form", "params", "nonzero", "state_dict KiB", "compact KiB", "MACs/sample",
+def table(name: str, rows: list[tuple[str, str, dict]], unit: str = "units removed") -> str:
+    header = [unit, "form", "params", "nonzero", "state_dict KiB", "compact KiB", "MACs/sample",
               "MAC ratio", "latency b=1 (µs)", "speed-up b=1", "latency b=256 (ms)", "speed-up b=256", "test acc"]
     dense = rows[0][2]
     lines = [f"### {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -164,26 +198,45 @@ def main() -> None:
     name = "fashion-mnist" if Path(FASHION_MNIST_DIR).is_dir() else "digits"
     data = load_dataset(name, seed=0)
     sections, notes = [], []
-    for model_name in ("lenet300", "conv"):
-        model = build_model(model_name, data.input_shape, data.num_classes, seed=0)
-        train_data = subset(data, CONV_TRAIN_SUBSET) if model_name == "conv" else data
+    for model_name in ("lenet300", "conv", "resnet", "transformer"):
+        if model_name == "transformer":
+            model = RowTransformer(data.input_shape, data.num_classes)
+        else:
+            model = build_model(model_name, data.input_shape, data.num_classes, seed=0)
+        size = {"conv": CONV_TRAIN_SUBSET, "resnet": RESNET_TRAIN_SUBSET, "transformer": CONV_TRAIN_SUBSET}.get(model_name)
+        train_data = subset(data, size) if size else data
         train(model, train_data, TrainConfig(epochs=1, seed=0), progress=False)
         model.eval()
         dense_macs = bingo.count_flops(model, data.input_shape)
         rows = [("0%", "dense", measure(model, data, dense_macs, compact=False))]
-        scores = bingo.magnitude_scores(model, "neuron")
-        for sparsity in SPARSITIES:
+        if model_name == "transformer":
+            scores = bingo.head_scores(model, bingo.magnitude_scores(model))
+            fractions = HEAD_SPARSITIES
+        else:
+            scores = bingo.magnitude_scores(model, "neuron")
+            fractions = SPARSITIES
+            groups = bingo.channel_groups(model, data.input_shape) if model_name == "resnet" else None
+        for sparsity in fractions:
             masked = copy.deepcopy(model)
-            bingo.prune(masked, scores, sparsity, scope="layer")
-            shrunk = bingo.shrink(masked, data.input_shape)
+            if model_name == "transformer":
+                bingo.prune_heads(masked, scores, sparsity)
+                shrunk = bingo.shrink_heads(masked)
+            elif groups is not None:
+                bingo.prune_coupled(masked, scores, groups, sparsity, scope="layer")
+                shrunk = bingo.shrink(masked, data.input_shape)
+            else:
+                bingo.prune(masked, scores, sparsity, scope="layer")
+                shrunk = bingo.shrink(masked, data.input_shape)
             label = f"{sparsity:.0%}"
             rows.append((label, "masked", measure(masked, data, dense_macs, compact=True)))
             rows.append((label, "shrunk", measure(shrunk, data, dense_macs, compact=False)))
             if rows[-1][2]["accuracy"] != rows[-2][2]["accuracy"]:
                 print(f"note: {model_name} at {label}: shrunk accuracy {rows[-1][2]['accuracy']} differs from masked {rows[-2][2]['accuracy']}")
         trained_on = f"{len(train_data.x_train):,} training images" + (" (a subset, to keep the script short)" if train_data is not data else "")
-        sections.append(table(f"{model_name} ({trained_on}, 1 epoch)", rows))
-        notes.append(tracking(model_name, rows))
+        title = {"resnet": "resnet, coupled channels", "transformer": "transformer encoder, attention heads"}.get(model_name, model_name)
+        unit = {"resnet": "channels removed", "transformer": "heads removed"}.get(model_name, "units removed")
+        sections.append(table(f"{title} ({trained_on}, 1 epoch)", rows, unit))
+        notes.append(tracking(title, rows))
         print(sections[-1] + "\n", flush=True)
 
     header = "\n".join([
@@ -191,7 +244,9 @@ def main() -> None:
         "",
         "Generated by `python benchmarks/size_latency.py`; nothing typed by hand.",
         f"Data: {name} ({len(data.x_test):,} test images). Short training: 1 epoch, Adam 1.2e-3, batch 128, seed 0.",
-        "Hidden units removed by magnitude (L2 norm of each unit's weights), the same fraction in every hidden layer (`scope='layer'`), no fine-tune.",
+        "Hidden units removed by magnitude (L2 norm of each unit's weights), the same fraction in every hidden layer (`scope='layer'`), no fine-tune;"
+        " resnet: the same fraction of every group of coupled channels (one joint score: the mean of its members');"
+        " transformer: heads by the mean magnitude of their q/k/v weights, ranked over both layers.",
         f"CPU inference, eval mode, `torch.inference_mode()`, `torch.set_num_threads({args.threads})`, "
         "median over repeated runs after warm-up. " + allocator,
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
@@ -201,7 +256,8 @@ def main() -> None:
         " nonzero: entries the forward pass actually uses.",
         "- state_dict KiB: `torch.save(model.state_dict())`; compact KiB: `bingo.save_compact`"
         " (survivors + 1-bit masks) of the masked model.",
-        "- MACs/sample: multiply-accumulates of Linear/Conv layers (`bingo.count_flops`); MAC ratio = form / dense.",
+        "- MACs/sample: multiply-accumulates of Linear/Conv layers and attention projections (`bingo.count_flops`;"
+        " the attention products q·kᵀ and ·v are not counted); MAC ratio = form / dense.",
     ])
     explanation = "\n".join([
         "#### Where the speed-up tracks the MAC reduction, and where it does not",

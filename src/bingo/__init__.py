@@ -7,6 +7,7 @@ in one shot, through ``torch.nn.utils.prune``.
 
 from .compensation import CompensationResult, compensate, reestimate_batchnorm
 from .coupled import ChannelGroup, channel_groups, prune_coupled, shrink_coupled
+from .heads import PrunedMultiheadAttention, head_scores, prune_heads, shrink_heads
 from .errors import BingoError, CheckpointError, ConfigError, DataError, TrainingError
 from .export import ExportResult, RawInputModel, export_checkpoint, export_model, load_compact, save_compact, state_dict_size
 from .estimators import ESTIMATORS, Estimator, register_estimator
@@ -30,6 +31,10 @@ from .selection import select_masks
 from .shrink import count_flops, count_parameters, shrink
 
 __all__ = [
+    "PrunedMultiheadAttention",
+    "head_scores",
+    "prune_heads",
+    "shrink_heads",
     "ChannelGroup",
     "channel_groups",
     "prune_coupled",

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -487,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":  # under torchrun: join the job's process group (gloo on CPU, nccl on GPUs)
             joined = distributed.init_from_environment()
+        elif os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # every process would write the same files
+            raise ConfigError(f"'bingo {args.command}' runs in one process; under torchrun only 'bingo run' is distributed")
         return {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "export": cmd_export}[args.command](args)
     except BingoError as exc:
         print(f"bingo: error: {exc}", file=sys.stderr)

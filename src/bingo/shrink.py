@@ -143,21 +143,40 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     ``input_shape`` is the shape of one sample (no batch dimension). A Linear
     producing ``m`` outputs from ``n`` inputs costs ``m * n`` MACs per output
     row; a conv costs ``out.numel() * in_channels / groups * prod(kernel)``.
+    An ``nn.MultiheadAttention`` counts its projections, which it computes
+    without calling a layer: q from each query token, k and v from each key
+    and value token, and ``out_proj`` per query token, ``embed_dim`` outputs
+    each (its ``out_proj`` is not counted twice). The attention products
+    themselves (``q kᵀ``, ``· v``) are not counted, here or in
+    :class:`bingo.PrunedMultiheadAttention`, whose projections are layers.
     Bias additions, normalisation, activations and pooling are not counted,
     and masked weights count like any other (the dense kernels compute them).
     Runs one forward pass on zeros in eval mode; train/eval flags are restored.
     """
     macs = 0
+    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal macs
+        if id(module) in inside_attention:
+            return
         if isinstance(module, nn.Linear):
             macs += output.numel() * module.in_features
         else:
             macs += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
+    def attention_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> None:
+        nonlocal macs
+        names = ("query", "key", "value")
+        tensors = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names)]
+        query, key, value = (t.numel() // t.shape[-1] for t in tensors)  # tokens of each
+        e = module.embed_dim
+        macs += query * e * e + key * e * module.kdim + value * e * module.vdim + query * e * e
+
     modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention)]
     try:
         model.eval()
         param = next(iter(model.parameters()), None)
