@@ -109,7 +109,7 @@ def test_bingo_run_under_torchrun_resumes_after_a_rank_is_killed(tmp_path):
 
 def test_other_commands_refuse_to_run_under_torchrun(tmp_path):
     env = {**_env(), "WORLD_SIZE": "2", "RANK": "0"}
-    done = subprocess.run([sys.executable, "-m", "bingo", "compare", "--data", "digits", "--out", str(tmp_path / "c")],
+    done = subprocess.run([sys.executable, "-m", "bingo", "compare", "--data", "digits", "--model", "mlp", "--out", str(tmp_path / "c")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == "bingo: error: 'bingo compare' runs in one process; under torchrun only 'bingo run' is distributed\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -120,3 +121,25 @@ def test_macs_count_attention_projections_before_and_after_heads_are_removed():
     assert bingo.count_flops(model, (7, 32)) == 7 * (4 * 32 * 32 + 2 * 32 * 64)
     bingo.prune_heads(model, {"layers.0.self_attn": torch.tensor([1.0, 2, 3, 4])}, 0.5, scope="layer")
     assert bingo.count_flops(bingo.shrink_heads(model), (7, 32)) == 7 * (4 * 32 * 16 + 2 * 32 * 64)
+
+
+def test_a_head_pruned_transformer_exports_without_its_heads_and_runs_without_bingo(tmp_path):
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = _encoder()
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x.reshape(x.shape[0], 4, 32)).mean(dim=1))
+
+    model = Classifier()
+    bingo.prune_heads(model, bingo.head_scores(model, bingo.magnitude_scores(model)), 0.5)
+    result = bingo.export_model(model, (0.0, 1.0), (128,), tmp_path / "out")
+    record = json.loads(result.metadata.read_text())
+    heads = record["attention_heads"]
+    assert set(heads) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"} and sum(heads.values()) == 4  # 4 of 8 left
+    assert record["parameters"] < bingo.count_parameters(model)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(result.program)).module()(x), model.eval()(x), atol=1e-5, rtol=1e-5)

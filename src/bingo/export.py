@@ -268,7 +268,7 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path 
 
 
 _RESERVED = {"format", "version", "input", "model_input_shape", "preprocess", "parameters", "weight_sparsity",
-             "shrunk", "layers", "files", "torch_version"}
+             "shrunk", "layers", "attention_heads", "files", "torch_version"}
 
 
 def export_model(
@@ -297,7 +297,9 @@ def export_model(
             of entries.
         shrink_units: remove dead units with :func:`bingo.shrink` first.
             ``None`` (default): shrink when the model carries neuron-granularity
-            masks. Masks are made permanent in any case.
+            masks. Masks are made permanent in any case, and attention heads
+            pruned by :func:`bingo.prune_heads` are removed
+            (:func:`bingo.shrink_heads`).
         onnx: also write ``model.onnx`` (needs the ``onnx`` and ``onnxscript``
             packages; skipped with a warning if they are not installed).
 
@@ -344,6 +346,10 @@ def export_model(
     else:
         net = copy.deepcopy(model)
         make_permanent(net)
+    if any(isinstance(m, nn.MultiheadAttention) and hasattr(m, "in_proj_weight_mask") for m in model.modules()):
+        from .heads import shrink_heads
+
+        net = shrink_heads(net)  # attention heads whose output is zero go (the exact ones only)
     net.eval()
     wrapper = RawInputModel(net, offset, scale, input_shape).eval()
     example = torch.zeros((2, *raw_shape))
@@ -375,6 +381,9 @@ def export_model(
             name: list(module.weight.shape)
             for name, module in net.named_modules()
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        },
+        "attention_heads": {
+            name: module.num_heads for name, module in net.named_modules() if hasattr(module, "num_heads")
         },
         "files": {"program": program_path.name, "weights": weights_path.name, "onnx": onnx_path.name if onnx_path else None},
         "torch_version": torch.__version__,
