@@ -4,7 +4,8 @@
 
 Trains MODEL (mlp, or cnn: BatchNorm and Dropout) in DistributedDataParallel
 on its shard of each global batch with a ticket search attached to the DDP
-wrapper or the inner module (ATTACH = wrapper | inner), prunes gradually
+wrapper or the inner module (ATTACH = wrapper | inner; group: the inner
+module, with a process group passed explicitly), prunes gradually
 with a SparsityScheduler, prunes one-shot, compensates on this rank's own
 calibration inputs (different on every rank) and fine-tunes; then writes
 what it ended with to OUT_DIR/rank<R>.pt. ``--die-at STEP``: rank 1 exits
@@ -37,9 +38,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_mlp() if model_name == "mlp" else make_cnn()
     x, y = tiny_data((128, 16), 4) if model_name == "mlp" else tiny_data((128, 1, 4, 4), 3)
-    ddp = DistributedDataParallel(model)
+    # "group": the collectives go through an explicitly passed process group (all ranks, a new group object)
+    group = dist.new_group(list(range(world))) if attach == "group" else None
+    ddp = DistributedDataParallel(model, process_group=group)
     search = bingo.TicketSearch(ddp if attach == "wrapper" else model, estimator="hybrid", metric="loss",
-                                mode="zero", every=2, fraction=0.2, seed=0)
+                                mode="zero", every=2, fraction=0.2, seed=0, process_group=group)
     torch.manual_seed(1 + rank)  # dropout differs per rank, as it would on real shards
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
     scheduler = bingo.SparsityScheduler(ddp, search.significance, 0.5, start_step=4, end_step=12, frequency=4)
@@ -60,14 +63,14 @@ def main() -> None:
     scores = search.significance()
     masks = bingo.prune(ddp, scores, 0.8)
     calibration = x[rank * 32 : rank * 32 + 32]  # each rank its own inputs: the fit must pool them
-    result = bingo.compensate(ddp, None, calibration, reference=None)
+    result = bingo.compensate(ddp, None, calibration, process_group=group)
     for _ in range(3):
         mine = torch.arange(rank, 128, world)[:32]
         loss = F.cross_entropy(ddp(x[mine]), y[mine])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    bingo.distributed.broadcast_buffers(ddp)  # the last forward counted each rank's own batch in BatchNorm
+    bingo.distributed.broadcast_buffers(ddp, group)  # the last forward counted each rank's own batch in BatchNorm
     state = {
         "scores": scores,
         "masks": masks,

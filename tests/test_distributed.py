@@ -34,8 +34,8 @@ def _torchrun(*argv: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
 
 
-@pytest.mark.parametrize("attach", ["wrapper", "inner"])
-@pytest.mark.parametrize("model", ["mlp", "cnn"], ids=["mlp", "cnn-batchnorm-dropout"])
+@pytest.mark.parametrize("model,attach", [("mlp", "wrapper"), ("mlp", "inner"), ("cnn", "wrapper"), ("cnn", "inner"),
+                                          ("cnn", "group")], ids=["mlp-wrapper", "mlp-inner", "cnn-wrapper", "cnn-inner", "cnn-group"])
 def test_both_ranks_end_with_the_same_scores_masks_and_weights(model, attach, tmp_path):
     done = subprocess.run(_torchrun(str(WORKER), model, attach, str(tmp_path)), env=_env(), capture_output=True,
                           text=True, timeout=300)

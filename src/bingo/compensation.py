@@ -189,7 +189,8 @@ def _solve_rows(hessian: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, 
     return weights
 
 
-def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size: int = 256) -> int:
+def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size: int = 256, *,
+                         process_group: object | None = None) -> int:
     """Recompute every BatchNorm's running mean and variance on ``calibration`` (cumulative average).
 
     Pruning and compensation change the statistics each BatchNorm sees; its
@@ -219,7 +220,7 @@ def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size
                 calls += 1
             for norm in norms:
                 for statistic in (norm.running_mean, norm.running_var):
-                    sum_over_ranks(statistic).div_(world_size())
+                    sum_over_ranks(statistic, process_group).div_(world_size(process_group))
     finally:
         for norm, momentum in momenta:
             norm.momentum = momentum
@@ -237,6 +238,7 @@ def compensate(
     damping: float = 0.01,
     batch_size: int = 256,
     batchnorm: str = "keep",
+    process_group: object | None = None,
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned Linear/Conv2d of ``model``, in place.
 
@@ -260,6 +262,9 @@ def compensate(
             dense layer outputs, which those statistics describe), or
             ``"reestimate"`` them on the calibration data afterwards
             (:func:`reestimate_batchnorm`; what an uncompensated prune needs).
+        process_group: under ``torch.distributed``, the ranks whose
+            calibration statistics are pooled (default: all); see
+            :mod:`bingo.distributed`.
 
     Returns:
         A :class:`CompensationResult`; per-layer errors let you check it helped.
@@ -273,7 +278,7 @@ def compensate(
     start_time = time.perf_counter()
     model = unwrap(model)  # the inner module of a DDP wrapper: its forwards need no collectives
     reference = None if reference is None else unwrap(reference)
-    broadcast_buffers(model)  # BatchNorm statistics: rank 0's on every rank, as DDP's next forward would make them
+    broadcast_buffers(model, process_group)  # BatchNorm statistics: rank 0's on every rank, as DDP's next forward would make them
     if masks:
         apply_masks(model, masks)
     layers = _masked_layers(model)
@@ -324,9 +329,9 @@ def compensate(
                     error += float((_targets(module, outputs[0]).cpu() - target).square().sum())
                     rows_seen += target.numel()
             # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
-            sum_over_ranks(hessian)
-            sum_over_ranks(cross)
-            totals = sum_over_ranks(torch.tensor([error, float(rows_seen)], dtype=torch.float64))
+            sum_over_ranks(hessian, process_group)
+            sum_over_ranks(cross, process_group)
+            totals = sum_over_ranks(torch.tensor([error, float(rows_seen)], dtype=torch.float64), process_group)
             error, rows_seen = float(totals[0]), int(totals[1])
             if error == 0.0:
                 # Nothing pruned in or before this layer: it already gives the dense output exactly,
@@ -353,11 +358,11 @@ def compensate(
             if failed.any():
                 skipped.append(f"{key}: {int(failed.sum())} output unit(s) kept their weights (ill-conditioned)")
         if batchnorm == "reestimate":
-            calls += reestimate_batchnorm(model, calibration, batch_size)
+            calls += reestimate_batchnorm(model, calibration, batch_size, process_group=process_group)
     finally:
         for module, training in modes:
             module.training = training
-    after = _errors(model, reference, fitted, calibration, batch_size)
+    after = _errors(model, reference, fitted, calibration, batch_size, process_group)
     calls += 2 * ((len(calibration) + batch_size - 1) // batch_size)
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
@@ -379,7 +384,8 @@ def _lifted(model: nn.Module) -> nn.Module:
     return dense
 
 
-def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: torch.Tensor, batch_size: int) -> dict[str, float]:
+def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: torch.Tensor, batch_size: int,
+            process_group: object | None = None) -> dict[str, float]:
     """Mean squared error of each layer's output against the dense one's, on the calibration data."""
     if not keys:
         return {}
@@ -408,5 +414,5 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
     finally:
         for module, training in modes:
             module.training = training
-    totals = sum_over_ranks(torch.tensor([[sums[k], float(counts[k])] for k in keys], dtype=torch.float64))
+    totals = sum_over_ranks(torch.tensor([[sums[k], float(counts[k])] for k in keys], dtype=torch.float64), process_group)
     return {k: float(total) / max(float(count), 1.0) for k, (total, count) in zip(keys, totals)}

@@ -25,6 +25,10 @@ What agreement rests on (see the README's "Distributed training"):
   calibration inputs.
 
 Selection is deterministic given the scores and its seed, so the masks agree.
+
+Every collective takes an optional ``group`` (a ``torch.distributed``
+process group; default: the whole job), as ``TicketSearch(...,
+process_group=...)`` and ``compensate(..., process_group=...)`` pass it on.
 """
 
 from __future__ import annotations
@@ -53,23 +57,23 @@ __all__ = [
 ]
 
 
-def active() -> bool:
-    """True when ``torch.distributed`` is initialised with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def active(group: object | None = None) -> bool:
+    """True when ``torch.distributed`` is initialised and ``group`` (default: all processes) has more than one."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if active() else 0
+def rank(group: object | None = None) -> int:
+    """This process's rank in ``group`` (0 when not distributed)."""
+    return dist.get_rank(group) if active(group) else 0
 
 
-def world_size() -> int:
-    """Number of processes (1 when not distributed)."""
-    return dist.get_world_size() if active() else 1
+def world_size(group: object | None = None) -> int:
+    """Number of processes in ``group`` (1 when not distributed)."""
+    return dist.get_world_size(group) if active(group) else 1
 
 
 def is_main_process() -> bool:
-    """True on rank 0: the one process that writes results, checkpoints and progress bars."""
+    """True on rank 0 of the job: the one process that writes results, checkpoints and progress bars."""
     return rank() == 0
 
 
@@ -96,28 +100,28 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _reduce(values: torch.Tensor) -> torch.Tensor:
+def _reduce(values: torch.Tensor, group: object | None) -> torch.Tensor:
     moved = values.to(_device())
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
     return moved.to(values.device)
 
 
-def mean_over_ranks(values: Sequence[float]) -> list[float]:
-    """The mean over ranks of each value (float64); the values themselves when not distributed."""
-    if not active():
+def mean_over_ranks(values: Sequence[float], group: object | None = None) -> list[float]:
+    """The mean over ``group``'s ranks of each value (float64); the values themselves when not distributed."""
+    if not active(group):
         return list(values)
-    total = _reduce(torch.tensor(list(values), dtype=torch.float64))
-    return (total / world_size()).tolist()
+    total = _reduce(torch.tensor(list(values), dtype=torch.float64), group)
+    return (total / world_size(group)).tolist()
 
 
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over ranks, in place (the same bits on every rank); unchanged when not distributed."""
-    if active():
-        tensor.copy_(_reduce(tensor))
+def sum_over_ranks(tensor: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    """``tensor`` summed over ``group``'s ranks, in place (the same bits on every rank); unchanged when not distributed."""
+    if active(group):
+        tensor.copy_(_reduce(tensor, group))
     return tensor
 
 
-def broadcast_buffers(model: nn.Module) -> None:
+def broadcast_buffers(model: nn.Module, group: object | None = None) -> None:
     """Make every rank's buffers (BatchNorm running statistics, masks) rank 0's, in place.
 
     What ``DistributedDataParallel(broadcast_buffers=True)`` does at the start
@@ -125,14 +129,15 @@ def broadcast_buffers(model: nn.Module) -> None:
     has also counted its own shard, so the ranks' statistics differ until the
     next forward. bingo calls this where it needs them equal: at the end of
     :func:`bingo.training.train` and at the start of :func:`bingo.compensate`.
-    No-op when not distributed.
+    No-op when not distributed. The source is ``group``'s first rank.
     """
-    if not active():
+    if not active(group):
         return
+    source = 0 if group is None else dist.get_global_rank(group, 0)
     for buffer in unwrap(model).buffers():
         if buffer.is_floating_point() or buffer.dtype in (torch.int64, torch.int32, torch.bool):
             moved = buffer.to(_device())
-            dist.broadcast(moved, src=0)
+            dist.broadcast(moved, src=source, group=group)
             buffer.copy_(moved.to(buffer.device))
 
 

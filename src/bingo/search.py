@@ -141,15 +141,24 @@ class TicketSearch:
     are. Granularity ``"neuron"`` scores whole units (rows of a Linear weight,
     Conv filters, with their bias entry); the model's output layer is then
     left out, since its units are the classes.
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper or its inner
+    module (keys are the inner module's). Under ``torch.distributed`` every
+    rank's fake-pass measurements are averaged over ``process_group``
+    (default: all processes), so every rank ends with the same scores; see
+    :mod:`bingo.distributed`.
     """
 
-    def __init__(self, model: nn.Module, *, config: SearchConfig | None = None, **settings: object) -> None:
+    def __init__(self, model: nn.Module, *, config: SearchConfig | None = None, process_group: object | None = None,
+                 **settings: object) -> None:
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(SearchConfig)})
         if unknown:
             valid = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
             raise ConfigError(f"unknown search setting {unknown[0]!r}; valid choices: {valid}")
         config = SearchConfig(**settings) if config is None else dataclasses.replace(config, **settings)
         self.config, self.model = config, unwrap(model)  # fake passes run the inner module: no DDP collectives
+        #: under torch.distributed, the ranks whose fake-pass measurements are averaged (None: all; bingo.distributed)
+        self.process_group = process_group
         layers = find_layers(model, config.include, config.exclude, config.granularity)
         self.layers: dict[str, nn.Module] = layers
         #: fake passes run on the 1st step and every ``every``-th after it

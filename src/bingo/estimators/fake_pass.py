@@ -294,7 +294,7 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
             after = {key: batch.score(model, metric, tensors) for key, tensors in probes.items()}
         # Under torch.distributed every rank measured its own batch on the same subsets:
         # the mean over ranks is what every rank's estimator records (bingo.distributed).
-        before, *changed = mean_over_ranks([before, *after.values()])
+        before, *changed = mean_over_ranks([before, *after.values()], search.process_group)
         after = dict(zip(after, changed))
     finally:
         for module, training in modes:
