@@ -184,3 +184,33 @@ def test_cli_neuron_pruning_of_a_resnet_exports_a_shrunk_program_that_runs_witho
     got = run_torch_only(export_dir / "model.pt2", raw, digits.y_test, expected, tmp_path)
     assert not got["bingo_loaded"] and got["max_diff"] < 1e-4
     assert got["accuracy"] == report["results"][-1]["accuracy"]
+
+
+class TinyTransformerBlock(nn.Module):
+    """A residual stream with a LayerNorm and an attention on it, and a feed-forward branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.up, self.down, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.norm(h + self.attention(h, h, h, need_weights=False)[0])
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h.mean(dim=1))
+
+
+def test_a_stream_through_a_layernorm_or_an_attention_is_left_whole_and_the_feed_forward_shrinks():
+    model = TinyTransformerBlock()
+    groups = bingo.channel_groups(model, (5, 6))
+    assert [g.members for g in groups] == [("up.weight",)]  # the residual stream (embed, out_proj, down) is not a group
+    bingo.prune_coupled(model, bingo.magnitude_scores(model, "neuron", include=["up"]), groups, 0.5)
+    small = bingo.shrink(model, (5, 6))
+    assert (small.up.out_features, small.down.in_features, small.embed.out_features) == (8, 8, 8)
+    x = torch.randn(4, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model.eval()(x), atol=1e-5, rtol=1e-5)

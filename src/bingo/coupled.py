@@ -15,7 +15,11 @@ physical removal, and keeps scoring and selection its own.
   BatchNorms on them (``norms``). A plain conv -> BatchNorm -> conv chain is
   a group of one member. The output layer is never in a group (its units
   are the model's outputs), nor is a group whose channels meet the model's
-  input or a buffer at an add (the graph has no node for those).
+  input or a buffer at an add (the graph has no node for those), nor one
+  whose channels also pass through anything but Conv/Linear layers and
+  BatchNorms (a LayerNorm normalises across channels, so removing one is
+  not exact; an attention's width is tied to its heads): in a transformer
+  the residual stream stays whole and its feed-forward layers are groups.
 - :func:`prune_coupled`: one joint score per channel, the **mean of its
   members' unit scores**; channels selected per group (``scope="layer"``,
   the same fraction of each group) or over all groups (``"global"``, with
@@ -127,7 +131,7 @@ def _groups(model: nn.Module, example: torch.Tensor) -> tuple[object, list[tuple
     for group in graph.get_all_groups(ignored_layers=[output], root_module_types=list(PRUNABLE_TYPES)):
         if _meets_untracked(group, tp):
             continue
-        members, norms = [], []
+        members, norms, others = [], [], []
         for item in group:
             module = item.dep.target.module
             if module not in names or not graph.is_out_channel_pruning_fn(item.dep.handler):
@@ -139,7 +143,11 @@ def _groups(model: nn.Module, example: torch.Tensor) -> tuple[object, list[tuple
                 members.append(f"{names[module]}.weight")
             elif isinstance(module, _NORMS):
                 norms.append(names[module])
-        if members:
+            else:  # a LayerNorm (normalises across the channels), an attention, an embedding...
+                others.append(module)
+        # Removing a channel that such a module also sees is not exact (a LayerNorm's mean and variance would
+        # change) or not supported: the group is left alone, never pruned.
+        if members and not others:
             members = sorted(set(members), key=lambda key: order[key.rpartition(".")[0]])
             norms = sorted(set(norms), key=order.__getitem__)
             found.append((group, ChannelGroup(tuple(members), tuple(norms), len(group[0].idxs))))

@@ -617,7 +617,8 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
             needed when ``forward`` has Python control flow that ``torch.fx``
             cannot trace symbolically (the project's ``conv`` model has one),
             and for residual networks: given it, a model whose channels are
-            tied by residual adds is shrunk by
+            tied by residual adds, or any model that is not a single chain
+            but whose channel groups can be traced, is shrunk by
             :func:`bingo.coupled.shrink_coupled` (Torch-Pruning's dependency
             graph: coupled channels removed from every layer at once).
 
@@ -633,20 +634,30 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
             connections, concatenation, a layer used twice, an unsupported op
             between layers, grouped convs, BatchNorm without running stats).
     """
-    if input_shape is not None:
-        from .coupled import channel_groups, is_coupled, shrink_coupled
+    if input_shape is None:
+        return _shrink_chain(model, None)
+    from .coupled import channel_groups, is_coupled, shrink_coupled
 
-        shape = tuple(int(d) for d in input_shape)
-        try:
-            groups = channel_groups(model, shape)
-        except ConfigError:
-            groups = []  # not traceable as a graph of coupled channels: the chain path below says what it cannot follow
-        if is_coupled(groups):  # a residual network: removal by dependency graph
-            return shrink_coupled(model, shape)
+    shape = tuple(int(d) for d in input_shape)
+    try:
+        groups = channel_groups(model, shape)
+    except ConfigError:
+        groups = []  # not traceable as a graph of coupled channels: the chain path says what it cannot follow
+    if is_coupled(groups):  # a residual network: removal by dependency graph
+        return shrink_coupled(model, shape)
+    try:
+        return _shrink_chain(model, shape)
+    except ConfigError:
+        if not groups:
+            raise
+        return shrink_coupled(model, shape)  # not a chain (a transformer block, a branch), but its groups are known
+
+
+def _shrink_chain(model: nn.Module, input_shape: tuple[int, ...] | None) -> nn.Module:
     net = copy.deepcopy(model)
     make_permanent(net)
     name = type(model).__name__
-    chain = _chain(_trace(net, None if input_shape is None else tuple(int(d) for d in input_shape)), net)
+    chain = _chain(_trace(net, input_shape), net)
     steps = [_classify(node, net) for node in chain]
 
     seen: dict[int, str] = {}
