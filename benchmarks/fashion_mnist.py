@@ -99,6 +99,24 @@ def _demoted(markdown: str) -> str:
     return "\n".join("#### " + line.lstrip("#").lstrip() if line.startswith("#") else line for line in markdown.splitlines())
 
 
+def ddp_limits() -> str:
+    """What limits two processes on this machine, with the gradient sizes computed from the models."""
+    from bingo.models import build_model
+    from bingo.shrink import count_parameters
+
+    sizes = {name: count_parameters(build_model(name, (1, 28, 28), 10)) for name in ("lenet300", "conv")}  # Fashion-MNIST's
+    return (
+        "\n**What limits it here.** This machine has 2 cores, and one process already uses both (two intra-op "
+        "threads), so a second process adds no arithmetic; what it adds is DistributedDataParallel's gradient "
+        f"all-reduce every step over gloo's TCP loopback ({sizes['lenet300']:,} float32 values, "
+        f"{sizes['lenet300'] * 4 / 2**20:.1f} MiB, for lenet300; {sizes['conv']:,}, {sizes['conv'] * 4 / 2**20:.1f} MiB, "
+        "for conv), bingo's per-step average of the loss, and the average of each fake pass's measurements. On "
+        "lenet300 a training step is a few milliseconds, so that overhead roughly halves the throughput; on conv a "
+        "step is tens of milliseconds of convolution and two processes come close to one. Two processes pay off "
+        "where each has cores (or a GPU) of its own; this table shows the cost of DDP here, not its scaling.\n"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-run", action="store_true", help="only rewrite BENCHMARKS.md from existing results")
@@ -118,6 +136,7 @@ def main() -> int:
         subprocess.run([sys.executable, "benchmarks/ddp_throughput.py"], cwd=ROOT, check=True)
     size_text = (ROOT / "benchmarks/results/size_latency.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
     ddp_text = (ROOT / "benchmarks/results/ddp_throughput.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
+    ddp_text += ddp_limits()
     results = json.loads((ROOT / OUT / "results.json").read_text())
     targets_text = ""
     for epochs in TARGETS_FINETUNE:

@@ -272,16 +272,16 @@ def main() -> None:
         " so the speed-up stays far below the MAC reduction and small differences between sparsities are noise.",
         "- Masked models do the dense model's arithmetic: `torch.nn.utils.prune` recomputes"
         " `weight = weight_orig * mask` in a forward pre-hook on every call, full-size, and the"
-        " multiplications still run on the zeros, so at batch 1 the hook makes them slower. (At batch 256"
-        " the masked conv has measured slightly faster than dense here, up to about 1.2×; the cause"
-        " was not pinned down. It is far from the shrunk model's speed-up.)"
+        " multiplications still run on the zeros, so at batch 1 the hook makes them slower; at batch 256"
+        " they run at about the dense speed (the ranges above)."
         " Only physical removal (`bingo.shrink`) makes a model substantially faster.",
         "- The dense transformer runs PyTorch's fused encoder-layer kernel in inference"
         " (`torch._transformer_encoder_layer_fwd`: projections, attention and feed-forward in one call);"
         " the shrunk one cannot (its attention is a `bingo.PrunedMultiheadAttention`: four Linear calls and"
         " `scaled_dot_product_attention`), so at batch 1, where per-call overhead dominates, it is not faster"
-        " despite fewer MACs, and at batch 256 its speed-up stays below the MAC reduction of the attention."
-        " Heads are a small share of this model's MACs (the feed-forward and embedding are not pruned here).",
+        " despite fewer MACs; at batch 256 the speed-up roughly follows the MAC reduction."
+        " Only the attention's projections shrink here (the embedding, the feed-forward layers and the head"
+        " are not pruned), so the MAC ratio cannot fall below their share.",
     ])
     text = header + "\n\n" + "\n\n".join(sections) + "\n\n" + explanation + "\n"
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
