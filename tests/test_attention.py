@@ -209,12 +209,42 @@ def test_a_transformer_is_searched_without_being_perturbed_and_probes_reach_q_k_
 
 def test_compensation_fits_the_transformer_layers_it_can_and_names_the_attention_weights_it_leaves():
     model = TransformerClassifier(layers=1)
+    dense = copy.deepcopy(model).eval()
     bingo.prune(model, bingo.magnitude_scores(model), 0.5)
-    calibration = torch.randn(64, 5, 8)
+    uncompensated = copy.deepcopy(model).eval()
+    calibration = torch.randn(256, 5, 8)
     with pytest.warns(UserWarning, match="compensate left some weights as they were") as caught:
         result = bingo.compensate(model, None, calibration)
-    assert set(result.layers) == {"embed.weight", "encoder.layers.0.linear1.weight", "encoder.layers.0.linear2.weight", "head.weight"}
-    assert [entry.split(":")[0] for entry in result.skipped] == [
-        "encoder.layers.0.self_attn.out_proj.weight", "encoder.layers.0.self_attn.in_proj_weight"]
-    assert "attention q/k/v projections are not compensated" in str(caught[0].message)
-    assert all(result.error_after[key] <= result.error_before[key] for key in result.layers)
+    assert set(result.layers) == {"embed.weight", "encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.linear1.weight",
+                                  "encoder.layers.0.linear2.weight", "head.weight"}
+    assert [entry.split(":")[0] for entry in result.skipped] == ["encoder.layers.0.self_attn.out_proj.weight"]
+    assert "never called as a module" in str(caught[0].message)
+    assert all(result.error_after[key] < result.error_before[key] for key in result.layers)
+    attention = model.encoder.layers[0].self_attn
+    assert bool((attention.in_proj_weight[~attention.in_proj_weight_mask.bool()] == 0).all())  # masks kept
+    # and the model as a whole is closer to the dense one than without the re-fit
+    x = torch.randn(64, 5, 8)
+    with torch.no_grad():
+        gap = (model.eval()(x) - dense(x)).square().mean()
+        assert gap < (uncompensated(x) - dense(x)).square().mean()
+
+
+def test_the_q_k_v_refit_is_the_least_squares_solution_on_the_kept_inputs():
+    """Only in_proj pruned, so the attention's inputs are the dense ones: each kept row is a plain least-squares fit."""
+    model = TransformerClassifier(layers=1, tokens=True)  # 30 token vectors of 16 dimensions: a design of full rank
+    dense = copy.deepcopy(model).eval()
+    key = "encoder.layers.0.self_attn.in_proj_weight"
+    bingo.prune(model, bingo.magnitude_scores(model, include=["*in_proj*"]), 0.5)
+    calibration = torch.randint(0, 30, (256, 5))
+    result = bingo.compensate(model, None, calibration, damping=0.0)
+    assert result.layers == (key,) and result.error_after[key] < result.error_before[key]
+    with torch.no_grad():
+        x = dense.embed(calibration).reshape(-1, 16).double()  # what the attention sees, pruned or not
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        attention, dense_attention = model.encoder.layers[0].self_attn, dense.encoder.layers[0].self_attn
+        for row in (0, 17, 40):  # one row of each of q, k and v
+            kept = torch.cat([attention.in_proj_weight_mask[row].bool(), torch.tensor([True])])
+            target = design[:, :16] @ dense_attention.in_proj_weight[row].double() + float(dense_attention.in_proj_bias[row])
+            solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
+            got = torch.cat([attention.in_proj_weight_orig[row], attention.in_proj_bias[row : row + 1]]).double()[kept]
+            torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)

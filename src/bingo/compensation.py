@@ -53,7 +53,7 @@ from torch import nn
 from .errors import ConfigError, check_choice
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .layers import ATTENTION_PROJECTIONS
-from .pruning import apply_masks, refresh_masked
+from .pruning import _masked_names, apply_masks, make_permanent, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
 
@@ -74,11 +74,44 @@ class CompensationResult:
 
 
 def _masked_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        (f"{name}.weight" if name else "weight"): module
-        for name, module in model.named_modules()
-        if hasattr(module, "weight_mask") and isinstance(module, (nn.Linear, nn.Conv2d))
-    }
+    layers = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if hasattr(module, "weight_mask") and isinstance(module, (nn.Linear, nn.Conv2d)):
+            layers[f"{prefix}weight"] = module
+        elif isinstance(module, nn.MultiheadAttention) and hasattr(module, "in_proj_weight_mask"):
+            layers[f"{prefix}in_proj_weight"] = module
+    return layers
+
+
+@contextmanager
+def _attention_inputs(attention: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Collect an ``nn.MultiheadAttention``'s (query, key, value) while the block runs, as ``(tokens, embed)`` rows."""
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("query", "key", "value")
+        tensors = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names)]
+        seen.append(tuple(t.detach().reshape(-1, t.shape[-1]) for t in tensors))
+
+    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _projection_blocks(attention: nn.MultiheadAttention, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(weight, bias) of the q, k and v blocks of a packed ``in_proj``: three ``(E, E)`` slices."""
+    e = attention.embed_dim
+    return [(weight[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e]) for i in range(3)]
+
+
+def _with_ones(rows: torch.Tensor, bias: bool) -> torch.Tensor:
+    rows = rows.float()
+    if bias:
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1)
+    return rows
 
 
 def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: torch.Tensor) -> list[str]:
@@ -116,6 +149,8 @@ def _targets(module: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
 
 
 def _unsupported(module: nn.Module) -> str | None:
+    if isinstance(module, nn.MultiheadAttention) and (not module._qkv_same_embed_dim or module.bias_k is not None):
+        return "attention with separate q/k/v weights or bias_k is not supported"
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
         return "grouped, non-zero-padded or 'same'-padded convolutions are not supported"
     return None
@@ -242,9 +277,12 @@ def compensate(
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned Linear/Conv2d of ``model``, in place.
 
-    Pruned attention weights (``MultiheadAttention``'s q/k/v projections and
-    its ``out_proj``, which attention reads without calling it) are left as
-    they are and listed in ``skipped``, with a warning.
+    A pruned ``nn.MultiheadAttention.in_proj_weight`` is re-fitted too: its
+    q, k and v blocks each as a Linear of the query, key and value the
+    attention is called with. Its ``out_proj`` (which attention reads
+    without calling it, so its input cannot be captured) and separate
+    q/k/v weights are left as they are and listed in ``skipped``, with a
+    warning.
 
     Args:
         model: the pruned model. ``masks`` (keep-masks as :func:`bingo.prune`
@@ -298,14 +336,26 @@ def compensate(
             if key not in order:  # its input cannot be captured: the owner reads the weight itself
                 skipped.append(f"{key}: never called as a module in the forward pass (MultiheadAttention reads its out_proj weight directly)")
         for name, module in model.named_modules():
-            for projection in ATTENTION_PROJECTIONS:
+            for projection in ATTENTION_PROJECTIONS[1:]:  # separate q/k/v weights: not fitted
                 if isinstance(module, nn.MultiheadAttention) and hasattr(module, f"{projection}_mask"):
-                    skipped.append(f"{name}.{projection}: attention q/k/v projections are not compensated")
+                    skipped.append(f"{name}.{projection}: separate q/k/v projections are not compensated")
         for key in order:
             module = layers[key]
             reason = _unsupported(module)
             if reason:
                 skipped.append(f"{key}: {reason}")
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                dense_attention = reference_layers[key.rpartition(".")[0]]
+                fit = _fit_attention(model, reference, module, dense_attention, calibration, batch_size, float(damping), process_group)
+                calls += fit["calls"]
+                if fit["error"] == 0.0:
+                    continue
+                refresh_masked(model)
+                fitted.append(key)
+                before[key] = fit["error"] / max(fit["rows"], 1)
+                if fit["failed"]:
+                    skipped.append(f"{key}: {fit['failed']} output unit(s) kept their weights (ill-conditioned)")
                 continue
             dense_module = reference_layers[key.rpartition(".")[0]]
             d = module.weight_orig[0].numel() + (1 if module.bias is not None else 0)
@@ -369,19 +419,96 @@ def compensate(
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls)
 
 
+def _fit_attention(
+    model: nn.Module, reference: nn.Module, attention: nn.MultiheadAttention, dense: nn.MultiheadAttention,
+    calibration: torch.Tensor, batch_size: int, damping: float, process_group: object | None,
+) -> dict:
+    """Re-fit the kept q, k and v rows of a pruned ``in_proj`` to the dense attention's projections, in place.
+
+    Each block (q, k, v) is a Linear of its own input (the query, key and
+    value the attention is called with; all the same for self-attention),
+    fitted like any layer: the pruned network's inputs, the dense network's
+    projections as the target.
+    """
+    has_bias = attention.in_proj_bias is not None
+    d = attention.embed_dim + (1 if has_bias else 0)
+    hessians = [torch.zeros(d, d, dtype=torch.float64) for _ in range(3)]
+    crosses = [torch.zeros(d, attention.embed_dim, dtype=torch.float64) for _ in range(3)]
+    error, rows, calls = 0.0, 0, 0
+    weight = attention.in_proj_weight_orig
+    bias = getattr(attention, "in_proj_bias_orig", attention.in_proj_bias)
+    masked = _projection_blocks(attention, attention.in_proj_weight_orig * attention.in_proj_weight_mask,
+                                None if bias is None else bias * getattr(attention, "in_proj_bias_mask", torch.ones_like(bias)))
+    targets_of = _projection_blocks(dense, dense.in_proj_weight, dense.in_proj_bias)
+    with torch.no_grad(), torch.random.fork_rng():
+        for start in range(0, len(calibration), batch_size):
+            batch = calibration[start : start + batch_size]
+            with _attention_inputs(attention) as mine:
+                model(batch)
+            with _attention_inputs(dense) as theirs:
+                reference(batch)
+            calls += 2
+            for block in range(3):
+                x, x_dense = mine[0][block], theirs[0][block]
+                target = F.linear(x_dense, *targets_of[block]).cpu()
+                design = _with_ones(x, has_bias).cpu()
+                hessians[block] += (design.T @ design).double()
+                crosses[block] += (design.T @ target.float()).double()
+                error += float((F.linear(x, *masked[block]).cpu().double() - target.double()).square().sum())
+                rows += target.numel()
+    for block in range(3):
+        sum_over_ranks(hessians[block], process_group)
+        sum_over_ranks(crosses[block], process_group)
+    totals = sum_over_ranks(torch.tensor([error, float(rows)], dtype=torch.float64), process_group)
+    error, rows = float(totals[0]), int(totals[1])
+    failed = 0
+    if error == 0.0:
+        return {"error": error, "rows": rows, "calls": calls, "failed": failed}
+    keep_all = attention.in_proj_weight_mask.bool().cpu()
+    bias_keep_all = getattr(attention, "in_proj_bias_mask", torch.ones(keep_all.shape[0])).bool().cpu()
+    e = attention.embed_dim
+    with torch.no_grad():
+        for block in range(3):
+            keep = keep_all[block * e : (block + 1) * e]
+            if has_bias:
+                keep = torch.cat([keep, bias_keep_all[block * e : (block + 1) * e, None]], dim=1)
+            solution = _solve_rows(hessians[block], crosses[block], keep, damping)
+            ok = ~solution.isnan().any(dim=1)
+            failed += int((~ok).sum())
+            rows_of_block = torch.arange(block * e, (block + 1) * e)[ok]
+            weight[rows_of_block.to(weight.device)] = solution[ok, :e].to(weight.dtype).to(weight.device)
+            if has_bias:
+                bias[rows_of_block.to(bias.device)] = solution[ok, e].to(bias.dtype).to(bias.device)
+    return {"error": error, "rows": rows, "calls": calls, "failed": failed}
+
+
 def _lifted(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every mask lifted: the weights as they were before pruning zeroed them."""
     import copy
 
-    from torch.nn.utils import prune as torch_prune
-
     dense = copy.deepcopy(model)
     for module in dense.modules():
-        for name in ("weight", "bias"):
-            if hasattr(module, f"{name}_mask"):
-                getattr(module, f"{name}_mask").fill_(1)
-                torch_prune.remove(module, name)
+        for name in _masked_names(module):  # weight, bias, in_proj_weight, in_proj_bias...
+            getattr(module, f"{name}_mask").fill_(1)
+    make_permanent(dense)
     return dense
+
+
+def _output_hook(module: nn.Module, store: dict, key: str):
+    """Record ``module``'s output under ``key``; for an attention, the output of its q/k/v projections."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, out))
+
+    def projections(attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        weight = masked_value(attention, "in_proj_weight") if hasattr(attention, "in_proj_weight_mask") else attention.in_proj_weight
+        bias = attention.in_proj_bias
+        if bias is not None and hasattr(attention, "in_proj_bias_mask"):
+            bias = masked_value(attention, "in_proj_bias")
+        tensors = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value"))]
+        blocks = _projection_blocks(attention, weight, bias)
+        store[key] = torch.cat([F.linear(t.reshape(-1, t.shape[-1]), *block) for t, block in zip(tensors, blocks)])
+
+    return module.register_forward_pre_hook(projections, with_kwargs=True)
 
 
 def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: torch.Tensor, batch_size: int,
@@ -400,8 +527,8 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
             for start in range(0, len(calibration), batch_size):
                 batch = calibration[start : start + batch_size]
                 got, want = {}, {}
-                handles = [mine[k.rpartition(".")[0]].register_forward_hook(lambda m, a, o, k=k: got.__setitem__(k, o)) for k in keys]
-                handles += [theirs[k.rpartition(".")[0]].register_forward_hook(lambda m, a, o, k=k: want.__setitem__(k, o)) for k in keys]
+                handles = [_output_hook(mine[k.rpartition(".")[0]], got, k) for k in keys]
+                handles += [_output_hook(theirs[k.rpartition(".")[0]], want, k) for k in keys]
                 try:
                     model(batch)
                     reference(batch)
