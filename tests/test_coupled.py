@@ -214,3 +214,28 @@ def test_a_stream_through_a_layernorm_or_an_attention_is_left_whole_and_the_feed
     x = torch.randn(4, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_a_resnet_to_an_accuracy_floor_keeps_tied_channels_together():
+    model = _resnet()
+    groups = bingo.channel_groups(model, SHAPE)
+    x, y = torch.randn(32, *SHAPE), torch.randint(0, 10, (32,))
+    model.eval()
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)  # the dense model is right on every sample: accuracy 1.0
+
+    def accuracy(candidate):
+        with torch.no_grad():
+            return float((candidate.eval()(x).argmax(dim=1) == y).float().mean())
+
+    result = bingo.prune_to_accuracy(model, bingo.magnitude_scores(model, "neuron"), accuracy, min_accuracy=0.5,
+                                     scope="layer", groups=groups)
+    assert result.dense_accuracy == 1.0 and result.accuracy >= 0.5 and 0 < result.sparsity < 1
+    assert result.accuracy == accuracy(model)
+    for group in groups:
+        for key in group.members:
+            assert torch.equal(result.masks[key], result.masks[group.key])
+    small = bingo.shrink(model, SHAPE)  # every pruned channel goes: nothing kept, no warning
+    assert bingo.count_parameters(small) < bingo.count_parameters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model(x), atol=1e-5, rtol=1e-5)

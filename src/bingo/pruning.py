@@ -358,8 +358,13 @@ def prune_to_accuracy(
     max_drop: float | None = None,
     scope: str = "global",
     seed: int = 0,
+    groups: list | None = None,
 ) -> AccuracyFloorResult:
     """Prune as far as possible while ``evaluate(model) >= floor`` (the paper's rule).
+
+    With ``groups`` (:func:`bingo.channel_groups`; neuron scores), every
+    probe prunes tied channels together with :func:`bingo.prune_coupled`,
+    and the sparsity is the fraction of the groups' channels.
 
     The floor is ``min_accuracy`` (absolute) or ``dense - max_drop`` (relative to
     the unpruned model); give exactly one. Entries are removed in score order
@@ -375,6 +380,8 @@ def prune_to_accuracy(
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)
+    if groups:
+        return _coupled_to_accuracy(model, scores, evaluate, groups, min_accuracy, max_drop, scope, seed)
     effective = _effective_scores(model, scores)
     shapes = {key: s.shape for key, s in effective.items()}
     # Step j of the bisection is sparsity j / steps. In the global scopes (global, lamp)
@@ -426,3 +433,35 @@ def prune_to_accuracy(
     total = sum(math.prod(s) for s in shapes.values())
     pruned = int(sum((~m).sum() for m in masks.values()))
     return AccuracyFloorResult(masks, pruned / total, lo_acc, floor, dense, evaluations)
+
+
+def _coupled_to_accuracy(
+    model: nn.Module, scores: dict[str, torch.Tensor], evaluate: Callable[[nn.Module], float], groups: list,
+    min_accuracy: float | None, max_drop: float | None, scope: str, seed: int,
+) -> AccuracyFloorResult:
+    """:func:`prune_to_accuracy` over tied channels: the same bisection, each probe a :func:`bingo.prune_coupled`."""
+    from .coupled import prune_coupled
+
+    sizes = [group.channels for group in groups if any(key in scores for key in group.members)]
+    steps = max(sizes) if scope == "layer" else sum(sizes)
+    evaluations = 1
+    dense = float(evaluate(model))
+    floor = float(min_accuracy) if min_accuracy is not None else dense - float(max_drop)
+    lo, lo_acc, hi = 0, dense, steps
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = copy.deepcopy(model)
+        try:
+            prune_coupled(trial, scores, groups, mid / steps, scope, seed=seed)
+        except ConfigError:  # a group left with no channels: never allowed
+            hi = mid
+            continue
+        acc = float(evaluate(trial))
+        evaluations += 1
+        if acc >= floor:
+            lo, lo_acc = mid, acc
+        else:
+            hi = mid
+    masks = prune_coupled(model, scores, groups, lo / steps, scope, seed=seed)
+    sparsity = sum(int((~masks[group.key]).sum()) for group in groups if group.key in masks) / sum(sizes)
+    return AccuracyFloorResult(masks, sparsity, lo_acc, floor, dense, evaluations)

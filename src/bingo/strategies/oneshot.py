@@ -132,6 +132,7 @@ class OneShotStrategy(Strategy):
         floor = prune_to_accuracy(
             model, scores, validation_accuracy,
             min_accuracy=min_accuracy, max_drop=max_drop, scope=self.config.scope, seed=experiment.seed,
+            groups=experiment.coupled_groups() if self.config.granularity == "neuron" else None,
         )
         calls += self._compensate(experiment, dense, model)
         masks = {key: mask.bool() for key, mask in floor.masks.items()}
