@@ -441,11 +441,14 @@ def test_calibration_is_one_before_any_probe():
     assert search.estimator.calibration() == {"1.weight": 1.0, "3.weight": 1.0, "5.weight": 1.0}
 
 
-def test_hybrid_needs_the_loss_metric():
+def test_hybrid_needs_the_loss_metric_and_takes_it_by_default():
+    assert bingo.TicketSearch(make_mlp(), estimator="hybrid").config.metric == "loss"  # the estimator's own default
+    assert bingo.TicketSearch(make_mlp(), estimator="taylor").config.metric == "loss"
+    assert bingo.TicketSearch(make_mlp()).config.metric == "accuracy"  # the paper's probe
     with pytest.raises(
         ConfigError, match=r"^estimator 'hybrid' calibrates loss estimates and needs metric='loss', got 'accuracy'$"
     ):
-        bingo.TicketSearch(make_mlp(), estimator="hybrid")
+        bingo.TicketSearch(make_mlp(), estimator="hybrid", metric="accuracy")
     with pytest.raises(ConfigError, match="needs metric='loss', got <function"):
         bingo.TicketSearch(make_mlp(), estimator="hybrid", metric=lambda outputs, targets: 0.0)
     with pytest.raises(ConfigError, match="unknown estimator 'fisher'; valid choices: probe, taylor, hybrid"):

@@ -56,7 +56,7 @@ class SearchConfig:
     estimator: str | Estimator = field(default="probe", metadata={"help": "what scores the weights: probe (fake passes, the paper), taylor (from the training gradients, no extra passes), hybrid (taylor, each layer calibrated by fake passes), or any registered estimator", "choices": lambda: tuple(ESTIMATORS)})
     fraction: float = field(default=0.01, metadata={"help": "fraction of a layer's weights (or units) reset per fake pass, in (0, 1]"})
     mode: str = field(default="reset", metadata={"help": "what a probed weight is set to: its initial value, or zero", "choices": MODES})
-    metric: str | Metric = field(default="accuracy", metadata={"help": "what a fake pass measures (higher = better; a callable in the library)", "choices": METRICS})
+    metric: str | Metric | None = field(default=None, metadata={"help": "what a fake pass measures (higher = better; a callable in the library); default: the estimator's own (accuracy for probe, as in the paper; loss for taylor and hybrid)", "choices": METRICS})
     granularity: str = field(default="weight", metadata={"help": "score single weights, or whole neurons / output channels", "choices": GRANULARITIES})
     rule: str | None = field(default=None, metadata={"help": "probe: default read-out of the probes' sums: mean (relative drop, averaged), paper (the author's s <- (s + |dA|) / 2), contrast (mean drop when probed minus when not); with --target it also decides the focus; default: the estimator's own", "choices": RULES})
     every: int | None = field(default=1, metadata={"help": "fake passes on every k-th training step only; none given (bingo's preset): chosen from the number of layers so that fake passes cost about 5% of training (bingo.estimators.fake_pass.auto_every)"})
@@ -75,6 +75,9 @@ class SearchConfig:
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction!r}")
         check_choice("mode", self.mode, MODES)
+        if self.metric is None:  # the estimator's own: hybrid calibrates in loss, the paper's probe measures accuracy
+            estimator = self.estimator if isinstance(self.estimator, Estimator) else ESTIMATORS.get(self.estimator)
+            object.__setattr__(self, "metric", getattr(estimator, "default_metric", "accuracy"))
         if not callable(self.metric):
             check_choice("metric", self.metric, METRICS)
         check_choice("granularity", self.granularity, GRANULARITIES)

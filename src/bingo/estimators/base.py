@@ -45,6 +45,8 @@ class Estimator(ABC):
     name: ClassVar[str] = ""
     #: read-outs ``significance(rule=...)`` accepts, the default first; empty = a single read-out
     rules: ClassVar[tuple[str, ...]] = ()
+    #: the metric a search with this estimator uses when none is given (``SearchConfig(metric=None)``)
+    default_metric: ClassVar[str] = "accuracy"
 
     def __init__(self) -> None:
         self.search: TicketSearch | None = None

@@ -40,6 +40,7 @@ class TaylorEstimator(Estimator):
     """
 
     name = "taylor"
+    default_metric = "loss"  # its scores are loss changes; hybrid's fake passes calibrate them in loss
 
     def __init__(self, decay: float = 0.99) -> None:
         super().__init__()
