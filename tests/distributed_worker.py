@@ -36,13 +36,18 @@ def main() -> None:
     die_at = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[4] == "--die-at" else None
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = make_mlp() if model_name == "mlp" else make_cnn()
+    # every rank initialises its own weights: DDP makes them rank 0's, and so must the search's θ0
+    model = make_mlp(seed=rank) if model_name == "mlp" else make_cnn(seed=rank)
     x, y = tiny_data((128, 16), 4) if model_name == "mlp" else tiny_data((128, 1, 4, 4), 3)
     # "group": the collectives go through an explicitly passed process group (all ranks, a new group object)
     group = dist.new_group(list(range(world))) if attach == "group" else None
-    ddp = DistributedDataParallel(model, process_group=group)
-    search = bingo.TicketSearch(ddp if attach == "wrapper" else model, estimator="hybrid", metric="loss",
-                                mode="zero", every=2, fraction=0.2, seed=0, process_group=group)
+    settings = dict(estimator="hybrid", metric="loss", mode="reset", every=2, fraction=0.2, seed=0, process_group=group)
+    if attach == "wrapper":
+        ddp = DistributedDataParallel(model, process_group=group)
+        search = bingo.TicketSearch(ddp, **settings)
+    else:  # the search first, on weights that still differ between ranks
+        search = bingo.TicketSearch(model, **settings)
+        ddp = DistributedDataParallel(model, process_group=group)
     torch.manual_seed(1 + rank)  # dropout differs per rank, as it would on real shards
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
     scheduler = bingo.SparsityScheduler(ddp, search.significance, 0.5, start_step=4, end_step=12, frequency=4)
@@ -73,6 +78,7 @@ def main() -> None:
     bingo.distributed.broadcast_buffers(ddp, group)  # the last forward counted each rank's own batch in BatchNorm
     state = {
         "scores": scores,
+        "theta0": search.theta0,
         "masks": masks,
         "weights": {k: v.clone() for k, v in model.state_dict().items()},
         "compensated": list(result.layers),

@@ -239,3 +239,24 @@ def test_pruning_a_resnet_to_an_accuracy_floor_keeps_tied_channels_together():
     assert bingo.count_parameters(small) < bingo.count_parameters(model)
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class SigmoidResidual(nn.Module):
+    """A residual stream through a sigmoid: a zero channel becomes 0.5 before it is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(self.stem(x))
+        return self.head(torch.sigmoid(self.b(torch.sigmoid(self.a(s))) + s))
+
+
+def test_shrink_refuses_rather_than_drop_a_constant_a_sigmoid_makes():
+    model = SigmoidResidual()
+    groups = bingo.channel_groups(model, (3,))
+    bingo.prune_coupled(model, bingo.magnitude_scores(model, "neuron"), groups, 0.5)
+    with pytest.raises(ConfigError, match=r"^cannot shrink SigmoidResidual exactly: removing its zero channels changes its output by "):
+        bingo.shrink(model, (3,))

@@ -143,3 +143,12 @@ def test_a_head_pruned_transformer_exports_without_its_heads_and_runs_without_bi
     x = torch.randn(5, 128)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(str(result.program)).module()(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_attentions_with_extra_key_slots_are_left_whole_by_shrink_heads():
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"a": nn.MultiheadAttention(16, 4, batch_first=True, add_zero_attn=True)})
+    with torch.no_grad():
+        holder["a"].in_proj_weight[32:36] = 0  # head 0's v rows
+        holder["a"].in_proj_bias[32:36] = 0
+    assert isinstance(bingo.shrink_heads(holder)["a"], nn.MultiheadAttention)  # the zero-attention slot needs the original

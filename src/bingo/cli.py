@@ -380,7 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _one_line_warnings():  # e.g. classes absent from training, caveats about the scores
         data = load_dataset(args.data, args.data_dir, seed=args.seed)
         if args.train_samples is not None:
-            data = training_subset(data, args.train_samples)
+            data = training_subset(data, args.train_samples, seed=args.seed)
         experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
         if args.sparsity is not None:
             outcomes, floor = list(strategy.run(experiment, sparsities)), None
@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     joined = False
     try:
-        if args.command == "run":  # under torchrun: join the job's process group (gloo on CPU, nccl on GPUs)
+        if args.command == "run":  # under torchrun: join the job's process group (gloo: the CLI trains on the CPU)
             joined = distributed.init_from_environment()
         elif os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # every process would write the same files
             raise ConfigError(f"'bingo {args.command}' runs in one process; under torchrun only 'bingo run' is distributed")

@@ -271,6 +271,39 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor,
     return exact, rows_zero & ~exact
 
 
+def _check_same_outputs(model: nn.Module, shrunk: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> None:
+    """Refuse a shrunk model whose eval outputs differ from the masked one's on the example (or seeded random) inputs.
+
+    A channel that is zero where its layers meet can still become a nonzero
+    constant before it is read (a sigmoid, a softplus, an add of a buffer);
+    removing it would drop that constant. The graph does not say what maps
+    zero to zero, so the result is checked instead.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        x = example_inputs
+    else:
+        parameter = next(model.parameters())
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn((4, *example_inputs), generator=generator).to(device=parameter.device, dtype=parameter.dtype)
+    modes = [(m, m.training) for m in [*model.modules(), *shrunk.modules()]]
+    try:
+        model.eval()
+        shrunk.eval()
+        with torch.no_grad():
+            want, got = model(x), shrunk(x)
+    finally:
+        for module, training in modes:
+            module.training = training
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    gap = float((want - got).abs().max()) if want.numel() else 0.0
+    if not gap <= 1e-4 * max(1.0, scale):
+        raise ConfigError(
+            f"cannot shrink {type(model).__name__} exactly: removing its zero channels changes its output by {gap:.3g} "
+            "(something between its layers turns a zero channel into a constant, e.g. a sigmoid); "
+            "shrink keeps the masked model's outputs or refuses"
+        )
+
+
 def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> nn.Module:
     """A physically smaller copy of ``model`` without its zero channels, coupled ones removed from every layer at once.
 
@@ -282,6 +315,10 @@ def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, .
     mode the result computes what the masked model does, to float rounding.
     Channels with zero weights whose BatchNorm is not masked are kept, with
     a warning (removing them would drop the constant the BatchNorm adds).
+    The result is checked against the masked model on ``example_inputs`` (a
+    tensor) or seeded random inputs of that shape: if removal changed the
+    output (an activation that maps zero to a constant, such as a sigmoid,
+    between the layers), :class:`ConfigError`.
     """
     net = copy.deepcopy(unwrap(model))
     make_permanent(net)
@@ -300,6 +337,7 @@ def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, .
         root = group[0].dep.target.module
         pruning_group = graph.get_pruning_group(root, group[0].dep.handler, remove)
         pruning_group.prune()
+    _check_same_outputs(unwrap(model), net, example_inputs)
     if kept_shifted:
         warnings.warn(
             f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "

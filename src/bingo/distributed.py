@@ -46,6 +46,7 @@ __all__ = [
     "active",
     "barrier",
     "broadcast_buffers",
+    "broadcast_tensors",
     "init_from_environment",
     "is_main_process",
     "mean_over_ranks",
@@ -131,14 +132,19 @@ def broadcast_buffers(model: nn.Module, group: object | None = None) -> None:
     :func:`bingo.training.train` and at the start of :func:`bingo.compensate`.
     No-op when not distributed. The source is ``group``'s first rank.
     """
+    broadcast_tensors(list(unwrap(model).buffers()), group)
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor], group: object | None = None) -> None:
+    """Make every rank's ``tensors`` the first rank's of ``group``, in place (no-op when not distributed)."""
     if not active(group):
         return
     source = 0 if group is None else dist.get_global_rank(group, 0)
-    for buffer in unwrap(model).buffers():
-        if buffer.is_floating_point() or buffer.dtype in (torch.int64, torch.int32, torch.bool):
-            moved = buffer.to(_device())
+    with torch.no_grad():
+        for tensor in tensors:
+            moved = tensor.to(_device())
             dist.broadcast(moved, src=source, group=group)
-            buffer.copy_(moved.to(buffer.device))
+            tensor.copy_(moved.to(tensor.device))
 
 
 def shard(index: torch.Tensor) -> torch.Tensor:
@@ -150,13 +156,14 @@ def shard(index: torch.Tensor) -> torch.Tensor:
     return index[rank() :: world_size()] if active() else index
 
 
-def init_from_environment() -> bool:
+def init_from_environment(backend: str = "gloo") -> bool:
     """Join the process group that ``torchrun`` describes in the environment; True if this run is distributed.
 
     Reads ``WORLD_SIZE`` (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` as
-    ``torchrun`` sets them). Backend: ``nccl`` when CUDA is available, else
-    ``gloo``. Does nothing when ``WORLD_SIZE`` is unset or 1, or when a
-    process group already exists.
+    ``torchrun`` sets them). ``backend``: ``gloo`` (CPU tensors: what ``bingo
+    run`` trains on) or ``nccl`` (a process per GPU; the device is set from
+    ``LOCAL_RANK``). Does nothing when ``WORLD_SIZE`` is unset or 1, or when
+    a process group already exists.
     """
     size = os.environ.get("WORLD_SIZE")
     if size is None or dist.is_initialized():
@@ -170,7 +177,6 @@ def init_from_environment() -> bool:
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: start distributed runs with torchrun")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)

@@ -248,7 +248,8 @@ def shrink_heads(model: nn.Module) -> nn.Module:
     A head is removed when its output is exactly zero: its v rows and v
     bias are all zero (what :func:`prune_heads` leaves) or its ``out_proj``
     columns are. Masks are made permanent first; ``model`` is not changed;
-    each attention keeps at least one head. Outputs equal the masked
+    each attention keeps at least one head. Attentions with ``bias_k`` /
+    ``add_zero_attn`` are left as they are. Outputs equal the masked
     model's to float rounding, in eval and training mode (dropout aside).
     """
     net = copy.deepcopy(unwrap(model))
@@ -256,6 +257,8 @@ def shrink_heads(model: nn.Module) -> nn.Module:
     for parent in list(net.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.MultiheadAttention) or not child._qkv_same_embed_dim:
+                continue
+            if child.bias_k is not None or child.add_zero_attn:  # PrunedMultiheadAttention has neither: left whole
                 continue
             removed = _removed_heads(child)
             if not removed.any():

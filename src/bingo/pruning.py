@@ -443,6 +443,8 @@ def _coupled_to_accuracy(
     from .coupled import prune_coupled
 
     sizes = [group.channels for group in groups if any(key in scores for key in group.members)]
+    if not sizes:
+        raise ConfigError("none of the coupled channel groups has scores: pass neuron-granularity scores of their layers")
     steps = max(sizes) if scope == "layer" else sum(sizes)
     evaluations = 1
     dense = float(evaluate(model))

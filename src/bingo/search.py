@@ -31,7 +31,7 @@ from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
-from .distributed import unwrap
+from .distributed import broadcast_tensors, unwrap
 from .layers import GRANULARITIES, Coverage, coverage, find_layers, weight_of
 
 __all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
@@ -176,6 +176,9 @@ class TicketSearch:
             for key, module in layers.items():
                 if isinstance(getattr(module, "bias", None), torch.Tensor):
                     self.theta0_bias[key] = weight_of(module, "bias").detach().clone()
+        # θ0 is rank 0's on every rank, as DDP makes the weights: a model initialised differently per rank
+        # and searched before DDP's first broadcast would otherwise reset probes to different values.
+        broadcast_tensors([*self.theta0.values(), *self.theta0_bias.values()], process_group)
         self.estimator = get_estimator(config.estimator, config)
         self.estimator.attach(self)
 

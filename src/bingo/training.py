@@ -254,8 +254,11 @@ def train(
     ``DistributedDataParallel``: every rank draws the same global batch (one
     data order, seeded the same) and trains on its shard of it
     (:func:`bingo.distributed.shard`), so the global batch is the
-    one-process batch; the loss checked for divergence is the mean over
-    ranks; only rank 0 writes the checkpoint and shows progress.
+    one-process batch (the gradient is the mean of the shards' mean losses:
+    the one-process gradient when the shards are equal in size); a last
+    global batch with fewer than two samples per process is dropped; the
+    loss checked for divergence is the mean over ranks; only rank 0 writes
+    the checkpoint and shows progress.
 
     Training stops with a :class:`~bingo.errors.TrainingError` when it
     diverges: a loss that is not finite (checked every step, before the
@@ -298,6 +301,10 @@ def train(
             permutation = torch.randperm(n, generator=order)
             loss_sum = 0.0
             for i in range(0, n, config.batch_size):
+                if distributed.active() and len(permutation[i : i + config.batch_size]) < 2 * distributed.world_size():
+                    # Under DDP, a last global batch too small to give every process two samples is dropped
+                    # (an empty shard has no loss; BatchNorm needs two values): on every rank alike.
+                    continue
                 index = distributed.shard(permutation[i : i + config.batch_size])
                 x, y = data.x_train[index], data.y_train[index]
                 loss = F.cross_entropy(trained(x), y)

@@ -285,17 +285,18 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ConfigError(f"search.step: the model cannot take these inputs (shape {shape}): {reason}") from exc
             before = float(metric(outputs, batch.targets)) if outputs is not None else batch.score(model, metric)
-            if not math.isfinite(before):
-                raise BingoError(
-                    f"search.step: the metric is {before} on this batch before any reset, so the model's outputs are not "
-                    "finite: training diverged (try a lower learning rate)"
-                )
             probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
             after = {key: batch.score(model, metric, tensors) for key, tensors in probes.items()}
         # Under torch.distributed every rank measured its own batch on the same subsets:
         # the mean over ranks is what every rank's estimator records (bingo.distributed).
+        # Checked after the average, so that a rank with a non-finite batch makes every rank stop, not wait.
         before, *changed = mean_over_ranks([before, *after.values()], search.process_group)
         after = dict(zip(after, changed))
+        if not math.isfinite(before):
+            raise BingoError(
+                f"search.step: the metric is {before} on this batch before any reset, so the model's outputs are not "
+                "finite: training diverged (try a lower learning rate)"
+            )
     finally:
         for module, training in modes:
             module.training = training
