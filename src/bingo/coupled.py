@@ -127,8 +127,13 @@ def _groups(model: nn.Module, example: torch.Tensor) -> tuple[object, list[tuple
     names = {module: name for name, module in model.named_modules()}
     order = {name: position for position, (name, _) in enumerate(model.named_modules())}
     output = model.get_submodule(output_layer_name(model).rpartition(".")[0])
+    try:
+        all_groups = list(graph.get_all_groups(ignored_layers=[output], root_module_types=list(PRUNABLE_TYPES)))
+    except Exception as exc:  # noqa: BLE001 - the graph library's own failure on an unusual model, in one line
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"cannot find the coupled channels of {type(model).__name__}: {reason}") from None
     found = []
-    for group in graph.get_all_groups(ignored_layers=[output], root_module_types=list(PRUNABLE_TYPES)):
+    for group in all_groups:
         if _meets_untracked(group, tp):
             continue
         members, norms, others = [], [], []

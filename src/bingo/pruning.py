@@ -259,7 +259,7 @@ def pruned_parameters(model: nn.Module) -> int:
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
-    """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights)."""
+    """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights of two or more dimensions)."""
     zeros = total = 0
     for module_name, module in unwrap(model).named_modules():
         for name in ("weight", *ATTENTION_PROJECTIONS):
@@ -267,8 +267,8 @@ def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
             weight = getattr(module, name, None)
             if not isinstance(weight, torch.Tensor) or (keys is not None and key not in keys):
                 continue
-            if keys is None and not hasattr(module, f"{name}_mask"):
-                continue
+            if keys is None and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
+                continue  # by default: masked weight matrices and filters (not a BatchNorm's masked scale)
             zeros += int((weight == 0).sum())
             total += weight.numel()
     return zeros / total if total else 0.0
