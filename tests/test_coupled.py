@@ -260,3 +260,22 @@ def test_shrink_refuses_rather_than_drop_a_constant_a_sigmoid_makes():
     bingo.prune_coupled(model, bingo.magnitude_scores(model, "neuron"), groups, 0.5)
     with pytest.raises(ConfigError, match=r"^cannot shrink SigmoidResidual exactly: removing its zero channels changes its output by "):
         bingo.shrink(model, (3,))
+
+
+def test_gradual_pruning_of_a_resnet_prunes_tied_channels_together_on_the_schedule():
+    model = _resnet()
+    groups = bingo.channel_groups(model, SHAPE)
+    scheduler = bingo.SparsityScheduler(model, lambda: bingo.magnitude_scores(model, "neuron"), 0.5, start_step=0,
+                                        end_step=4, frequency=2, scope="layer", groups=groups)
+    for _ in range(4):
+        scheduler.step()
+    masks = scheduler.finish()
+    total = sum(g.channels for g in groups)
+    assert sum(int((~masks[g.key]).sum()) for g in groups) == total // 2
+    for group in groups:
+        assert all(torch.equal(masks[key], masks[group.key]) for key in group.members)
+    x = torch.randn(4, *SHAPE)
+    small = bingo.shrink(model, SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+    assert bingo.count_parameters(small) < 0.3 * bingo.count_parameters(model)

@@ -97,6 +97,9 @@ class SparsityScheduler:
         frequency: ``Δt``, steps between updates.
         scope: ``"global"`` (one ranking over all scored entries) or ``"layer"``.
         seed: tie-breaking seed of the selection.
+        groups: neuron scores on a residual network: the tied channels of
+            :func:`bingo.channel_groups`, pruned together by
+            :func:`bingo.prune_coupled` at every update.
 
     The masks themselves travel in the model's ``state_dict`` (load them with
     :func:`bingo.load_pruned_state_dict`); :meth:`state_dict` holds only
@@ -115,6 +118,7 @@ class SparsityScheduler:
         frequency: int = 1,
         scope: str = "global",
         seed: int = 0,
+        groups: list | None = None,
     ) -> None:
         if not callable(scores):
             raise ConfigError(f"scores must be a callable returning {{weight key: tensor}}, got {type(scores).__name__}")
@@ -127,6 +131,7 @@ class SparsityScheduler:
         self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
         self.start_step, self.end_step, self.frequency = int(start_step), int(end_step), int(frequency)
         self.scope, self.seed = scope, int(seed)
+        self.groups = list(groups) if groups else None  #: tied channels pruned together (bingo.channel_groups)
         self.last_step = 0  #: optimizer steps taken so far (0 = construction)
         self.last_sparsity = 0.0  #: the sparsity the latest update pruned to (0 before the first)
         self._update()
@@ -144,9 +149,16 @@ class SparsityScheduler:
         if not is_update_step(self.last_step, self.start_step, self.end_step, self.frequency):
             return None
         sparsity = self.sparsity_at(self.last_step)
-        masks = prune(self.model, self.scores(), sparsity, self.scope, seed=self.seed)
+        masks = self._prune(self.scores(), sparsity)
         self.last_sparsity = sparsity
         return masks
+
+    def _prune(self, scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+        if self.groups:
+            from .coupled import prune_coupled
+
+            return prune_coupled(self.model, scores, self.groups, sparsity, self.scope, seed=self.seed)
+        return prune(self.model, scores, sparsity, self.scope, seed=self.seed)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Bring the model to ``final_sparsity`` now, if it is not there yet; return its keep-masks.
@@ -157,9 +169,13 @@ class SparsityScheduler:
         """
         scores = self.scores()
         masks = current_masks(self.model, scores)
-        pruned = sum(int((~mask).sum()) for mask in masks.values())
-        if pruned != prune_count(self.final_sparsity, sum(s.numel() for s in scores.values())):
-            masks = prune(self.model, scores, self.final_sparsity, self.scope, seed=self.seed)
+        if self.groups:  # tied channels count once, by each group's first member
+            keys = [group.key for group in self.groups if group.key in masks]
+            pruned, total = sum(int((~masks[key]).sum()) for key in keys), sum(masks[key].numel() for key in keys)
+        else:
+            pruned, total = sum(int((~mask).sum()) for mask in masks.values()), sum(s.numel() for s in scores.values())
+        if pruned != prune_count(self.final_sparsity, total):
+            masks = self._prune(scores, self.final_sparsity)
         self.last_sparsity = self.final_sparsity
         return masks
 

@@ -108,6 +108,7 @@ class ScheduledStrategy(Strategy):
         scheduler = SparsityScheduler(
             model, scores, target, initial_sparsity=config.initial_sparsity, start_step=start_step,
             end_step=end_step, frequency=config.frequency, scope="global", seed=experiment.seed,
+            groups=experiment.coupled_groups() if getattr(config, "granularity", "weight") == "neuron" else None,
         )  # step 0: prunes at once if the schedule starts there
         seconds = time.perf_counter() - start
         trained = experiment.train(
