@@ -8,6 +8,7 @@ own prune hook on the attention module for in_proj_weight.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -207,18 +208,18 @@ def test_a_transformer_is_searched_without_being_perturbed_and_probes_reach_q_k_
     assert bool((model.encoder.layers[0].self_attn.in_proj_weight[~masks["encoder.layers.0.self_attn.in_proj_weight"]] == 0).all())
 
 
-def test_compensation_fits_the_transformer_layers_it_can_and_names_the_attention_weights_it_leaves():
+def test_compensation_fits_every_pruned_layer_of_a_transformer_attention_included():
     model = TransformerClassifier(layers=1)
     dense = copy.deepcopy(model).eval()
     bingo.prune(model, bingo.magnitude_scores(model), 0.5)
     uncompensated = copy.deepcopy(model).eval()
     calibration = torch.randn(256, 5, 8)
-    with pytest.warns(UserWarning, match="compensate left some weights as they were") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out
         result = bingo.compensate(model, None, calibration)
-    assert set(result.layers) == {"embed.weight", "encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.linear1.weight",
-                                  "encoder.layers.0.linear2.weight", "head.weight"}
-    assert [entry.split(":")[0] for entry in result.skipped] == ["encoder.layers.0.self_attn.out_proj.weight"]
-    assert "never called as a module" in str(caught[0].message)
+    assert result.layers == ("embed.weight", "encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.self_attn.out_proj.weight",
+                             "encoder.layers.0.linear1.weight", "encoder.layers.0.linear2.weight", "head.weight")  # network order
+    assert result.skipped == ()
     assert all(result.error_after[key] < result.error_before[key] for key in result.layers)
     attention = model.encoder.layers[0].self_attn
     assert bool((attention.in_proj_weight[~attention.in_proj_weight_mask.bool()] == 0).all())  # masks kept
@@ -247,4 +248,29 @@ def test_the_q_k_v_refit_is_the_least_squares_solution_on_the_kept_inputs():
             target = design[:, :16] @ dense_attention.in_proj_weight[row].double() + float(dense_attention.in_proj_bias[row])
             solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
             got = torch.cat([attention.in_proj_weight_orig[row], attention.in_proj_bias[row : row + 1]]).double()[kept]
+            torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)
+
+
+def test_the_out_proj_refit_is_the_least_squares_solution_on_the_attention_output():
+    """Only out_proj pruned: its input is the dense attention's output before out_proj, computed here with out_proj = I."""
+    model = TransformerClassifier(layers=1, tokens=True)
+    dense = copy.deepcopy(model).eval()
+    key = "encoder.layers.0.self_attn.out_proj.weight"
+    bingo.prune(model, bingo.magnitude_scores(model, include=["*out_proj*"]), 0.5)
+    calibration = torch.randint(0, 30, (256, 5))
+    result = bingo.compensate(model, None, calibration, damping=0.0)
+    assert result.layers == (key,) and result.error_after[key] < 0.5 * result.error_before[key]
+    with torch.no_grad():
+        identity = copy.deepcopy(dense.encoder.layers[0].self_attn)
+        identity.out_proj.weight.copy_(torch.eye(16))
+        identity.out_proj.bias.zero_()
+        tokens = dense.embed(calibration)
+        x = identity(tokens, tokens, tokens, need_weights=False)[0].reshape(-1, 16).double()
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        out_proj, dense_out_proj = model.encoder.layers[0].self_attn.out_proj, dense.encoder.layers[0].self_attn.out_proj
+        for row in (0, 7, 15):
+            kept = torch.cat([out_proj.weight_mask[row].bool(), torch.tensor([True])])
+            target = design[:, :16] @ dense_out_proj.weight[row].double() + float(dense_out_proj.bias[row])
+            solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
+            got = torch.cat([out_proj.weight_orig[row], out_proj.bias[row : row + 1]]).double()[kept]
             torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)

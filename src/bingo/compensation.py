@@ -40,6 +40,7 @@ it) is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Iterator
@@ -85,6 +86,36 @@ def _masked_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextmanager
+def _out_proj_calls(attention: nn.MultiheadAttention) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Collect (input, output) of ``attention``'s out_proj while the block runs.
+
+    ``nn.MultiheadAttention`` applies its out_proj with
+    ``torch.nn.functional.linear`` inside ``F.multi_head_attention_forward``,
+    never through the module: that call is recorded (recognised by its
+    weight), with PyTorch's fused attention fast path, which computes it
+    inside one kernel, switched off for the block. Empty if this PyTorch
+    computes it some other way.
+    """
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = F.linear
+
+    def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        output = original(input, weight, bias)
+        if weight is attention.out_proj.weight:
+            seen.append((input.detach().reshape(-1, input.shape[-1]), output.detach().reshape(-1, output.shape[-1])))
+        return output
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    F.linear = linear
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield seen
+    finally:
+        F.linear = original
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@contextmanager
 def _attention_inputs(attention: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Collect an ``nn.MultiheadAttention``'s (query, key, value) while the block runs, as ``(tokens, embed)`` rows."""
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -119,6 +150,10 @@ def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: torch
     order: list[str] = []
     by_module = {id(m): k for k, m in layers.items()}
     handles = [m.register_forward_pre_hook(lambda m, a: order.append(by_module[id(m)])) for m in layers.values()]
+    # An attention never calls its out_proj: its place is the attention's call, after the q/k/v projections.
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and id(module.out_proj) in by_module:
+            handles.append(module.register_forward_hook(lambda m, a, o: order.append(by_module[id(m.out_proj)])))
     try:
         with torch.no_grad():
             model(sample)
@@ -277,12 +312,12 @@ def compensate(
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned Linear/Conv2d of ``model``, in place.
 
-    A pruned ``nn.MultiheadAttention.in_proj_weight`` is re-fitted too: its
-    q, k and v blocks each as a Linear of the query, key and value the
-    attention is called with. Its ``out_proj`` (which attention reads
-    without calling it, so its input cannot be captured) and separate
-    q/k/v weights are left as they are and listed in ``skipped``, with a
-    warning.
+    A pruned ``nn.MultiheadAttention`` is re-fitted too: the q, k and v
+    blocks of its ``in_proj_weight`` each as a Linear of the query, key and
+    value the attention is called with, and its ``out_proj`` (which the
+    attention applies with ``F.linear``, never calling the module) on the
+    input of that call (:func:`_out_proj_calls`). Separate q/k/v weights
+    are left as they are and listed in ``skipped``, with a warning.
 
     Args:
         model: the pruned model. ``masks`` (keep-masks as :func:`bingo.prune`
@@ -334,7 +369,9 @@ def compensate(
         order = _network_order(model, layers, calibration[:1])
         for key in layers:
             if key not in order:  # its input cannot be captured: the owner reads the weight itself
-                skipped.append(f"{key}: never called as a module in the forward pass (MultiheadAttention reads its out_proj weight directly)")
+                skipped.append(f"{key}: never called as a module in the forward pass")
+        out_projections = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        dense_attentions = {id(m.out_proj): m for m in reference.modules() if isinstance(m, nn.MultiheadAttention)}
         for name, module in model.named_modules():
             for projection in ATTENTION_PROJECTIONS[1:]:  # separate q/k/v weights: not fitted
                 if isinstance(module, nn.MultiheadAttention) and hasattr(module, f"{projection}_mask"):
@@ -358,6 +395,7 @@ def compensate(
                     skipped.append(f"{key}: {fit['failed']} output unit(s) kept their weights (ill-conditioned)")
                 continue
             dense_module = reference_layers[key.rpartition(".")[0]]
+            attention = out_projections.get(id(module))  # an attention's out_proj: its calls are F.linear's
             d = module.weight_orig[0].numel() + (1 if module.bias is not None else 0)
             hessian = torch.zeros(d, d, dtype=torch.float64)
             cross = torch.zeros(d, module.weight_orig.shape[0], dtype=torch.float64)
@@ -366,10 +404,19 @@ def compensate(
             with torch.no_grad(), torch.random.fork_rng():
                 for start in range(0, len(calibration), batch_size):
                     batch = calibration[start : start + batch_size]
-                    with _capture(module, "input") as inputs, _capture(module, "output") as outputs:
-                        model(batch)
-                    with _capture(dense_module, "output") as targets:
-                        reference(batch)
+                    if attention is not None:
+                        with _out_proj_calls(attention) as mine:
+                            model(batch)
+                        with _out_proj_calls(dense_attentions[id(dense_module)]) as theirs:
+                            reference(batch)
+                        if not mine or not theirs:
+                            break  # this PyTorch applies out_proj some other way: left as it is (below)
+                        inputs, outputs, targets = [mine[0][0]], [mine[0][1]], [theirs[0][1]]
+                    else:
+                        with _capture(module, "input") as inputs, _capture(module, "output") as outputs:
+                            model(batch)
+                        with _capture(dense_module, "output") as targets:
+                            reference(batch)
                     calls += 2
                     design = _design(module, inputs[0]).cpu()
                     target = _targets(module, targets[0]).cpu()
@@ -378,6 +425,9 @@ def compensate(
                     cross += (design.T @ target.float()).double()
                     error += float((_targets(module, outputs[0]).cpu() - target).square().sum())
                     rows_seen += target.numel()
+            if attention is not None and rows_seen == 0:  # the same on every rank: the same PyTorch
+                skipped.append(f"{key}: this PyTorch applies an attention's out_proj without F.linear; not compensated")
+                continue
             # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
             sum_over_ranks(hessian, process_group)
             sum_over_ranks(cross, process_group)
@@ -517,6 +567,7 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
     if not keys:
         return {}
     mine, theirs = dict(model.named_modules()), dict(reference.named_modules())
+    attention_of = {id(m.out_proj): m for net in (model, reference) for m in net.modules() if isinstance(m, nn.MultiheadAttention)}
     sums = dict.fromkeys(keys, 0.0)
     counts = dict.fromkeys(keys, 0)
     modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
@@ -527,14 +578,23 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
             for start in range(0, len(calibration), batch_size):
                 batch = calibration[start : start + batch_size]
                 got, want = {}, {}
-                handles = [_output_hook(mine[k.rpartition(".")[0]], got, k) for k in keys]
-                handles += [_output_hook(theirs[k.rpartition(".")[0]], want, k) for k in keys]
-                try:
-                    model(batch)
-                    reference(batch)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                for net, modules, store in ((model, mine, got), (reference, theirs, want)):
+                    handles = []
+                    with contextlib.ExitStack() as stack:
+                        calls = {}
+                        for k in keys:
+                            module = modules[k.rpartition(".")[0]]
+                            if id(module) in attention_of:  # an attention's out_proj: seen through F.linear
+                                calls[k] = stack.enter_context(_out_proj_calls(attention_of[id(module)]))
+                            else:
+                                handles.append(_output_hook(module, store, k))
+                        try:
+                            net(batch)
+                        finally:
+                            for handle in handles:
+                                handle.remove()
+                        for k, seen in calls.items():
+                            store[k] = seen[0][1]
                 for k in keys:
                     sums[k] += float((got[k].double() - want[k].double()).square().sum())
                     counts[k] += got[k].numel()
