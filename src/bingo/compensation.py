@@ -40,19 +40,18 @@ it) is left as it is.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, check_choice
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
+from .errors import ConfigError, check_choice
 from .layers import ATTENTION_PROJECTIONS
 from .pruning import _masked_names, apply_masks, make_permanent, masked_value, refresh_masked
 
@@ -580,7 +579,7 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
                 got, want = {}, {}
                 for net, modules, store in ((model, mine, got), (reference, theirs, want)):
                     handles = []
-                    with contextlib.ExitStack() as stack:
+                    with ExitStack() as stack:
                         calls = {}
                         for k in keys:
                             module = modules[k.rpartition(".")[0]]
