@@ -274,3 +274,28 @@ def test_the_out_proj_refit_is_the_least_squares_solution_on_the_attention_outpu
             solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
             got = torch.cat([out_proj.weight_orig[row], out_proj.bias[row : row + 1]]).double()[kept]
             torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)
+
+
+def test_a_two_input_transformer_is_compensated_from_a_tuple_of_calibration_inputs():
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TransformerClassifier(layers=1, tokens=True)
+
+        def forward(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            h = self.inner.encoder(self.inner.embed(tokens), src_key_padding_mask=padding)
+            return self.inner.head(h.masked_fill(padding[..., None], 0).sum(1) / (~padding).sum(1, keepdim=True))
+
+    model = Padded()
+    dense = copy.deepcopy(model).eval()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.6)
+    uncompensated = copy.deepcopy(model).eval()
+    tokens = torch.randint(0, 30, (128, 5))
+    padding = torch.arange(5) >= torch.randint(2, 6, (128, 1))
+    result = bingo.compensate(model, None, (tokens, padding))
+    assert "inner.encoder.layers.0.self_attn.out_proj.weight" in result.layers and result.skipped == ()
+    with torch.no_grad():
+        gap = (model.eval()(tokens, padding) - dense(tokens, padding)).square().mean()
+        assert gap < (uncompensated(tokens, padding) - dense(tokens, padding)).square().mean()
+    with pytest.raises(bingo.ConfigError, match=r"^compensate needs calibration inputs: a non-empty tensor \(N, \.\.\.\) "):
+        bingo.compensate(model, None, [tokens, padding])

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -52,10 +53,14 @@ from torch import nn
 
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
+from .estimators.fake_pass import Batch, first_tensor
 from .layers import ATTENTION_PROJECTIONS
 from .pruning import _masked_names, apply_masks, make_permanent, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
+
+#: calibration inputs as the model takes them: a tensor ``(N, ...)``, or a tuple / dict of tensors whose first dimension is N
+Calibration = torch.Tensor | tuple | Mapping
 
 #: what :func:`compensate` does with BatchNorm statistics afterwards
 BATCHNORM_CHOICES = ("keep", "reestimate")
@@ -82,6 +87,37 @@ def _masked_layers(model: nn.Module) -> dict[str, nn.Module]:
         elif isinstance(module, nn.MultiheadAttention) and hasattr(module, "in_proj_weight_mask"):
             layers[f"{prefix}in_proj_weight"] = module
     return layers
+
+
+def _slice(value: Any, index: slice) -> Any:
+    """``value`` (a tensor, or tuples and dicts of them) cut to ``index`` along the batch dimension; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    if isinstance(value, tuple):
+        return tuple(_slice(v, index) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _slice(v, index) for k, v in value.items()}
+    return value
+
+
+def _samples(calibration: Any) -> int:
+    """How many calibration samples: the first dimension of its first tensor."""
+    return len(first_tensor(calibration))
+
+
+def _batches(calibration: Any, batch_size: int) -> Iterator[Batch]:
+    """The calibration inputs in batches, each called as the model takes it (``model(x)``, ``model(*x)``, ``model(**x)``)."""
+    for start in range(0, _samples(calibration), batch_size):
+        yield Batch(inputs=_slice(calibration, slice(start, start + batch_size)))
+
+
+def _check_calibration(calibration: Any) -> None:
+    first = first_tensor(calibration) if isinstance(calibration, (torch.Tensor, tuple, Mapping)) else None
+    if first is None or first.dim() < (2 if isinstance(calibration, torch.Tensor) else 1) or len(first) == 0:
+        raise ConfigError(
+            "compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples, "
+            "or a tuple / dict of such tensors as the model takes them (model(*x), model(**x))"
+        )
 
 
 @contextmanager
@@ -144,7 +180,7 @@ def _with_ones(rows: torch.Tensor, bias: bool) -> torch.Tensor:
     return rows
 
 
-def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: torch.Tensor) -> list[str]:
+def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: Batch) -> list[str]:
     """Keys of ``layers`` in the order the forward pass calls them (one sample)."""
     order: list[str] = []
     by_module = {id(m): k for k, m in layers.items()}
@@ -155,7 +191,7 @@ def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: torch
             handles.append(module.register_forward_hook(lambda m, a, o: order.append(by_module[id(m.out_proj)])))
     try:
         with torch.no_grad():
-            model(sample)
+            sample.outputs(model)
     finally:
         for handle in handles:
             handle.remove()
@@ -258,7 +294,7 @@ def _solve_rows(hessian: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, 
     return weights
 
 
-def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size: int = 256, *,
+def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size: int = 256, *,
                          process_group: object | None = None) -> int:
     """Recompute every BatchNorm's running mean and variance on ``calibration`` (cumulative average).
 
@@ -284,8 +320,8 @@ def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size
             norm.momentum = None  # cumulative moving average: every calibration batch counts equally
             norm.train()
         with torch.no_grad(), torch.random.fork_rng():
-            for start in range(0, len(calibration), batch_size):
-                model(calibration[start : start + batch_size])
+            for batch in _batches(calibration, batch_size):
+                batch.outputs(model)
                 calls += 1
             for norm in norms:
                 for statistic in (norm.running_mean, norm.running_var):
@@ -301,7 +337,7 @@ def reestimate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size
 def compensate(
     model: nn.Module,
     masks: dict[str, torch.Tensor] | None,
-    calibration: torch.Tensor,
+    calibration: Calibration,
     *,
     reference: nn.Module | None = None,
     damping: float = 0.01,
@@ -322,8 +358,10 @@ def compensate(
         model: the pruned model. ``masks`` (keep-masks as :func:`bingo.prune`
             returns them; None = the masks already on the model) are applied
             first if they are not on it yet.
-        calibration: input samples from the training set, ``(N, ...)`` as
-            the model takes them (a few hundred to a few thousand).
+        calibration: input samples from the training set, as the model
+            takes them (a few hundred to a few thousand): a tensor ``(N, ...)``
+            (``model(x)``), a tuple of tensors (``model(*x)``) or a dict
+            (``model(**x)``), every tensor with the N samples first.
         reference: the dense network whose layer outputs are the targets.
             Default: the model itself with its masks lifted (right after a
             prune, ``weight_orig`` still holds the dense weights; after a
@@ -343,8 +381,7 @@ def compensate(
         Masks are unchanged.
     """
     check_choice("batchnorm", batchnorm, BATCHNORM_CHOICES)
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() < 2 or len(calibration) == 0:
-        raise ConfigError("compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples")
+    _check_calibration(calibration)
     if not 0.0 <= float(damping) < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
     start_time = time.perf_counter()
@@ -365,7 +402,7 @@ def compensate(
     try:
         model.eval()
         reference.eval()
-        order = _network_order(model, layers, calibration[:1])
+        order = _network_order(model, layers, Batch(inputs=_slice(calibration, slice(0, 1))))
         for key in layers:
             if key not in order:  # its input cannot be captured: the owner reads the weight itself
                 skipped.append(f"{key}: never called as a module in the forward pass")
@@ -401,21 +438,20 @@ def compensate(
             error = 0.0
             rows_seen = 0
             with torch.no_grad(), torch.random.fork_rng():
-                for start in range(0, len(calibration), batch_size):
-                    batch = calibration[start : start + batch_size]
+                for batch in _batches(calibration, batch_size):
                     if attention is not None:
                         with _out_proj_calls(attention) as mine:
-                            model(batch)
+                            batch.outputs(model)
                         with _out_proj_calls(dense_attentions[id(dense_module)]) as theirs:
-                            reference(batch)
+                            batch.outputs(reference)
                         if not mine or not theirs:
                             break  # this PyTorch applies out_proj some other way: left as it is (below)
                         inputs, outputs, targets = [mine[0][0]], [mine[0][1]], [theirs[0][1]]
                     else:
                         with _capture(module, "input") as inputs, _capture(module, "output") as outputs:
-                            model(batch)
+                            batch.outputs(model)
                         with _capture(dense_module, "output") as targets:
-                            reference(batch)
+                            batch.outputs(reference)
                     calls += 2
                     design = _design(module, inputs[0]).cpu()
                     target = _targets(module, targets[0]).cpu()
@@ -462,7 +498,7 @@ def compensate(
         for module, training in modes:
             module.training = training
     after = _errors(model, reference, fitted, calibration, batch_size, process_group)
-    calls += 2 * ((len(calibration) + batch_size - 1) // batch_size)
+    calls += 2 * ((_samples(calibration) + batch_size - 1) // batch_size)
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls)
@@ -470,7 +506,7 @@ def compensate(
 
 def _fit_attention(
     model: nn.Module, reference: nn.Module, attention: nn.MultiheadAttention, dense: nn.MultiheadAttention,
-    calibration: torch.Tensor, batch_size: int, damping: float, process_group: object | None,
+    calibration: Calibration, batch_size: int, damping: float, process_group: object | None,
 ) -> dict:
     """Re-fit the kept q, k and v rows of a pruned ``in_proj`` to the dense attention's projections, in place.
 
@@ -490,12 +526,11 @@ def _fit_attention(
                                 None if bias is None else bias * getattr(attention, "in_proj_bias_mask", torch.ones_like(bias)))
     targets_of = _projection_blocks(dense, dense.in_proj_weight, dense.in_proj_bias)
     with torch.no_grad(), torch.random.fork_rng():
-        for start in range(0, len(calibration), batch_size):
-            batch = calibration[start : start + batch_size]
+        for batch in _batches(calibration, batch_size):
             with _attention_inputs(attention) as mine:
-                model(batch)
+                batch.outputs(model)
             with _attention_inputs(dense) as theirs:
-                reference(batch)
+                batch.outputs(reference)
             calls += 2
             for block in range(3):
                 x, x_dense = mine[0][block], theirs[0][block]
@@ -560,7 +595,7 @@ def _output_hook(module: nn.Module, store: dict, key: str):
     return module.register_forward_pre_hook(projections, with_kwargs=True)
 
 
-def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: torch.Tensor, batch_size: int,
+def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: Calibration, batch_size: int,
             process_group: object | None = None) -> dict[str, float]:
     """Mean squared error of each layer's output against the dense one's, on the calibration data."""
     if not keys:
@@ -574,8 +609,7 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
         model.eval()
         reference.eval()
         with torch.no_grad(), torch.random.fork_rng():
-            for start in range(0, len(calibration), batch_size):
-                batch = calibration[start : start + batch_size]
+            for batch in _batches(calibration, batch_size):
                 got, want = {}, {}
                 for net, modules, store in ((model, mine, got), (reference, theirs, want)):
                     handles = []
@@ -588,7 +622,7 @@ def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration
                             else:
                                 handles.append(_output_hook(module, store, k))
                         try:
-                            net(batch)
+                            batch.outputs(net)
                         finally:
                             for handle in handles:
                                 handle.remove()
