@@ -240,15 +240,22 @@ def test_the_q_k_v_refit_is_the_least_squares_solution_on_the_kept_inputs():
     result = bingo.compensate(model, None, calibration, damping=0.0)
     assert result.layers == (key,) and result.error_after[key] < result.error_before[key]
     with torch.no_grad():
-        x = dense.embed(calibration).reshape(-1, 16).double()  # what the attention sees, pruned or not
-        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        x = dense.embed(calibration)  # what the attention sees, pruned or not
         attention, dense_attention = model.encoder.layers[0].self_attn, dense.encoder.layers[0].self_attn
-        for row in (0, 17, 40):  # one row of each of q, k and v
-            kept = torch.cat([attention.in_proj_weight_mask[row].bool(), torch.tensor([True])])
-            target = design[:, :16] @ dense_attention.in_proj_weight[row].double() + float(dense_attention.in_proj_bias[row])
-            solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
-            got = torch.cat([attention.in_proj_weight_orig[row], attention.in_proj_bias[row : row + 1]]).double()[kept]
-            torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)
+        _assert_rows_are_least_squares(x, attention.in_proj_weight_orig, attention.in_proj_bias, attention.in_proj_weight_mask,
+                                       dense_attention.in_proj_weight, dense_attention.in_proj_bias, rows=(0, 17, 40))  # q, k, v
+
+
+def _assert_rows_are_least_squares(x, weight, bias, mask, dense_weight, dense_bias, rows) -> None:
+    """Each of ``rows`` (weights on the kept inputs, and the bias) is the least-squares fit of the dense row's outputs on ``x``."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    for row in rows:
+        kept = torch.cat([mask[row].bool(), torch.tensor([True])])
+        target = x @ dense_weight[row].double() + float(dense_bias[row])
+        solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
+        got = torch.cat([weight[row], bias[row : row + 1]]).double()[kept]
+        torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)
 
 
 def test_the_out_proj_refit_is_the_least_squares_solution_on_the_attention_output():
@@ -265,15 +272,10 @@ def test_the_out_proj_refit_is_the_least_squares_solution_on_the_attention_outpu
         identity.out_proj.weight.copy_(torch.eye(16))
         identity.out_proj.bias.zero_()
         tokens = dense.embed(calibration)
-        x = identity(tokens, tokens, tokens, need_weights=False)[0].reshape(-1, 16).double()
-        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        x = identity(tokens, tokens, tokens, need_weights=False)[0]
         out_proj, dense_out_proj = model.encoder.layers[0].self_attn.out_proj, dense.encoder.layers[0].self_attn.out_proj
-        for row in (0, 7, 15):
-            kept = torch.cat([out_proj.weight_mask[row].bool(), torch.tensor([True])])
-            target = design[:, :16] @ dense_out_proj.weight[row].double() + float(dense_out_proj.bias[row])
-            solution = torch.linalg.lstsq(design[:, kept], target[:, None]).solution.flatten()
-            got = torch.cat([out_proj.weight_orig[row], out_proj.bias[row : row + 1]]).double()[kept]
-            torch.testing.assert_close(got, solution, atol=1e-4, rtol=1e-4)
+        _assert_rows_are_least_squares(x, out_proj.weight_orig, out_proj.bias, out_proj.weight_mask,
+                                       dense_out_proj.weight, dense_out_proj.bias, rows=(0, 7, 15))
 
 
 def test_a_two_input_transformer_is_compensated_from_a_tuple_of_calibration_inputs():

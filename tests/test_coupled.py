@@ -37,16 +37,21 @@ def _resnet() -> nn.Module:
 
 
 class TinyResidual(nn.Module):
-    """stem -> (a -> b) + stem -> head: channels of stem and b are tied by the add."""
+    """stem -> (a -> b) + stem -> head: channels of stem and b are tied by the add.
 
-    def __init__(self) -> None:
+    ``activation=torch.sigmoid`` turns a zero channel into 0.5 before it is read.
+    """
+
+    def __init__(self, activation=torch.relu) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.activation = activation
         self.stem, self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.relu(self.stem(x))
-        return self.head(torch.relu(self.b(torch.relu(self.a(s))) + s))
+        act = self.activation
+        s = act(self.stem(x))
+        return self.head(act(self.b(act(self.a(s))) + s))
 
 
 def test_resnet_groups_tie_each_stage_residual_stream():
@@ -69,9 +74,10 @@ def test_joint_score_is_the_mean_of_the_members_hand_computed():
     model = TinyResidual()
     groups = bingo.channel_groups(model, (3,))
     assert [g.members for g in groups] == [("stem.weight", "b.weight"), ("a.weight",)]
-    scores = {"stem.weight": torch.tensor([1.0, 2.0, 3.0, 10.0]), "b.weight": torch.tensor([3.0, 0.0, 3.0, 0.0]),
+    scores = {"stem.weight": torch.tensor([6.0, 1.0, 4.0, 5.0]), "b.weight": torch.tensor([0.0, 1.0, 4.0, 5.0]),
               "a.weight": torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])}
-    masks = bingo.prune_coupled(model, scores, groups, 0.5)  # joint [2, 1, 3, 5]: channels 1 and 0 go
+    # joint mean [3, 1, 4, 5]: channels 1 and 0 go (the max, or the first member alone, would take 1 and 2)
+    masks = bingo.prune_coupled(model, scores, groups, 0.5)
     assert masks["stem.weight"].tolist() == masks["b.weight"].tolist() == [False, False, True, True]
     assert masks["a.weight"].tolist() == [True, True, True, False, False, False]
     x = torch.randn(5, 3)
@@ -241,24 +247,11 @@ def test_pruning_a_resnet_to_an_accuracy_floor_keeps_tied_channels_together():
         torch.testing.assert_close(small.eval()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-class SigmoidResidual(nn.Module):
-    """A residual stream through a sigmoid: a zero channel becomes 0.5 before it is read."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem, self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(self.stem(x))
-        return self.head(torch.sigmoid(self.b(torch.sigmoid(self.a(s))) + s))
-
-
 def test_shrink_refuses_rather_than_drop_a_constant_a_sigmoid_makes():
-    model = SigmoidResidual()
+    model = TinyResidual(activation=torch.sigmoid)
     groups = bingo.channel_groups(model, (3,))
     bingo.prune_coupled(model, bingo.magnitude_scores(model, "neuron"), groups, 0.5)
-    with pytest.raises(ConfigError, match=r"^cannot shrink SigmoidResidual exactly: removing its zero channels changes its output by "):
+    with pytest.raises(ConfigError, match=r"^cannot shrink TinyResidual exactly: removing its zero channels changes its output by "):
         bingo.shrink(model, (3,))
 
 

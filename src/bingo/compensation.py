@@ -54,7 +54,7 @@ from torch import nn
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
 from .estimators.fake_pass import Batch, first_tensor
-from .layers import ATTENTION_PROJECTIONS
+from .layers import ATTENTION_PROJECTIONS, attention_inputs
 from .pruning import _masked_names, apply_masks, make_permanent, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
@@ -156,9 +156,7 @@ def _attention_inputs(attention: nn.Module) -> Iterator[list[tuple[torch.Tensor,
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        names = ("query", "key", "value")
-        tensors = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names)]
-        seen.append(tuple(t.detach().reshape(-1, t.shape[-1]) for t in tensors))
+        seen.append(tuple(t.detach().reshape(-1, t.shape[-1]) for t in attention_inputs(args, kwargs)))
 
     handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -588,7 +586,7 @@ def _output_hook(module: nn.Module, store: dict, key: str):
         bias = attention.in_proj_bias
         if bias is not None and hasattr(attention, "in_proj_bias_mask"):
             bias = masked_value(attention, "in_proj_bias")
-        tensors = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value"))]
+        tensors = attention_inputs(args, kwargs)
         blocks = _projection_blocks(attention, weight, bias)
         store[key] = torch.cat([F.linear(t.reshape(-1, t.shape[-1]), *block) for t, block in zip(tensors, blocks)])
 

@@ -27,6 +27,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
+    "attention_inputs",
     "Coverage",
     "GRANULARITIES",
     "PRUNABLE_TYPES",
@@ -148,6 +149,11 @@ def output_layer_name(model: nn.Module) -> str:
         kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
         raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no {kinds}")
     return output
+
+
+def attention_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(query, key, value)`` of an ``nn.MultiheadAttention`` call, from a forward hook's ``args`` and ``kwargs``."""
+    return tuple(args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value")))
 
 
 def parameter_name(key: str) -> str:

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .layers import attention_inputs
 from .pruning import make_permanent, masked_value
 
 __all__ = ["count_flops", "count_parameters", "shrink"]
@@ -167,9 +168,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     def attention_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> None:
         nonlocal macs
-        names = ("query", "key", "value")
-        tensors = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names)]
-        query, key, value = (t.numel() // t.shape[-1] for t in tensors)  # tokens of each
+        query, key, value = (t.numel() // t.shape[-1] for t in attention_inputs(args, kwargs))  # tokens of each
         e = module.embed_dim
         macs += query * e * e + key * e * module.kdim + value * e * module.vdim + query * e * e
 
