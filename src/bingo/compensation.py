@@ -55,7 +55,7 @@ from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
 from .estimators.fake_pass import Batch, first_tensor
 from .layers import ATTENTION_PROJECTIONS, attention_inputs
-from .pruning import _masked_names, apply_masks, make_permanent, masked_value, refresh_masked
+from .pruning import masked_names, apply_masks, make_permanent, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
 
@@ -570,7 +570,7 @@ def _lifted(model: nn.Module) -> nn.Module:
 
     dense = copy.deepcopy(model)
     for module in dense.modules():
-        for name in _masked_names(module):  # weight, bias, in_proj_weight, in_proj_bias...
+        for name in masked_names(module):  # weight, bias, in_proj_weight, in_proj_bias...
             getattr(module, f"{name}_mask").fill_(1)
     make_permanent(dense)
     return dense

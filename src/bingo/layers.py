@@ -1,16 +1,23 @@
 """Which weights BINGO scores, and how to reach them by name.
 
-A *layer* here is a module that owns a prunable weight matrix: by default the
-``weight`` of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``, and the
-q/k/v projections of every ``nn.MultiheadAttention`` (``in_proj_weight``, or
+A *layer* here is a module that owns a prunable weight matrix, as the layer
+types of :mod:`bingo.layer_types` define it: by default the ``weight`` of
+every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and Hugging Face
+``Conv1D`` (GPT-2), and the q/k/v projections of every
+``nn.MultiheadAttention`` (``in_proj_weight``, or
 ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when keys and values
-have their own sizes: bare parameters that attention uses without calling a
-layer). Layers are keyed by the name of the weight in
+have their own sizes). Layers are keyed by the name of the weight in
 ``model.named_parameters()`` (``"fc1.weight"``,
 ``"encoder.layers.0.self_attn.in_proj_weight"``), the key used by scores and
 masks everywhere in the package; :func:`parameter_name` is its last part. A
 weight that ``torch.nn.utils.prune`` has already reparametrised
 (``weight_orig`` plus ``weight_mask``) keeps its logical key.
+
+A *tied* parameter, one tensor that two modules use (GPT-2's ``lm_head`` and
+``transformer.wte``), is one weight with one key: the first name
+``named_parameters()`` gives it. It is left out by default (pruning it
+prunes both uses, and its role in each differs); an ``include`` that names
+any of its names chooses it, under that one key.
 """
 
 from __future__ import annotations
@@ -24,27 +31,29 @@ from torch import nn
 
 from .distributed import unwrap
 from .errors import ConfigError
+from .layer_types import ATTENTION_PROJECTIONS, LayerType, attention_inputs, layer_type_of
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "attention_inputs",
+    "bias_name_of",
     "Coverage",
     "GRANULARITIES",
     "PRUNABLE_TYPES",
     "coverage",
     "find_layers",
+    "has_units",
     "output_layer_name",
     "parameter_name",
+    "tied_weights",
+    "unit_axis",
     "unit_count",
     "weight_of",
     "weight_parameter_name",
 ]
 
-#: Module types whose ``weight`` is scored and pruned by default.
+#: The module types Torch-Pruning's dependency graph treats as channel roots (structured pruning).
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-#: The weights of ``nn.MultiheadAttention`` scored by default (whichever it has).
-ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 #: What one score stands for: a single weight, or a whole unit (a row of a
 #: Linear weight, a filter of a Conv) with its bias entry.
@@ -57,20 +66,39 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
 
 
-def _weight_names(module: nn.Module) -> list[str]:
+def _weight_names(module: nn.Module, layer_type: LayerType | None) -> list[str]:
     """Names of ``module``'s own weights of two or more dimensions that can be scored."""
+    candidates = layer_type.weights(module) if layer_type is not None else ("weight",)
     names = []
-    for name in ("weight", *ATTENTION_PROJECTIONS):
+    for name in candidates:
         weight = getattr(module, name, None)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
             names.append(name)
     return names
 
 
-def _default_layer(module: nn.Module, name: str) -> bool:
-    if isinstance(module, nn.MultiheadAttention):
-        return name in ATTENTION_PROJECTIONS
-    return isinstance(module, PRUNABLE_TYPES) and name == "weight"
+@dataclass(frozen=True)
+class _Candidate:
+    key: str
+    module: nn.Module
+    name: str
+    layer_type: LayerType | None
+
+
+def _candidates(model: nn.Module) -> list[list[_Candidate]]:
+    """Every scorable weight, grouped by parameter: a tied parameter's names together, first name first."""
+    groups: dict[int, list[_Candidate]] = {}
+    for module_name, module in model.named_modules():
+        layer_type = layer_type_of(module)
+        for name in _weight_names(module, layer_type):
+            key = f"{module_name}.{name}" if module_name else name
+            groups.setdefault(id(weight_of(module, name)), []).append(_Candidate(key, module, name, layer_type))
+    return list(groups.values())
+
+
+def tied_weights(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{key: (other names of the same parameter, ...)}`` for every scorable weight two or more modules share."""
+    return {group[0].key: tuple(c.key for c in group[1:]) for group in _candidates(unwrap(model)) if len(group) > 1}
 
 
 def find_layers(
@@ -83,14 +111,15 @@ def find_layers(
 
     ``include`` and ``exclude`` are glob patterns (``fnmatch``) matched against
     the weight key (``"features.0.weight"``) or the module name
-    (``"features.0"``). ``include=None`` means the ``weight`` of every module
-    of :data:`PRUNABLE_TYPES` and the :data:`ATTENTION_PROJECTIONS` of every
-    ``nn.MultiheadAttention``; an explicit ``include`` may also name other
-    modules that have a weight of two or more dimensions (an embedding).
+    (``"features.0"``). ``include=None`` means the weights every registered
+    layer type scores by default (:mod:`bingo.layer_types`), less tied
+    parameters; an explicit ``include`` may also name other modules that
+    have a weight of two or more dimensions (an embedding), and a tied
+    parameter by any of its names (it is keyed by its first).
 
     ``granularity="neuron"`` scores units, a row with its bias entry, so it
-    takes only weights named ``weight`` (attention's packed q/k/v rows are
-    not units; heads are) and leaves out the output layer
+    takes only weights whose layer type has units (attention's packed q/k/v
+    rows are not units; heads are) and leaves out the output layer
     (:func:`output_layer_name`), whose units are the model's outputs. A
     module may own several keys. Raises :class:`ConfigError` when nothing is
     left to score.
@@ -98,40 +127,49 @@ def find_layers(
     model = unwrap(model)  # a DDP wrapper's keys are its inner module's
     include = None if include is None else list(include)
     exclude = list(exclude)
+    output = output_layer_name(model, required=False) if granularity == "neuron" else None
     layers: dict[str, nn.Module] = {}
-    for module_name, module in model.named_modules():
-        for name in _weight_names(module):
-            key = f"{module_name}.{name}" if module_name else name
-            if include is None:
-                wanted = _default_layer(module, name)
-            else:
-                wanted = _matches(key, include)
-            if wanted and not _matches(key, exclude):
-                layers[key] = module
-    if granularity == "neuron":
-        output = output_layer_name(model)
-        layers = {key: module for key, module in layers.items() if parameter_name(key) == "weight" and key != output}
-        if not layers:
-            raise ConfigError(
-                f"neuron granularity needs a hidden layer; the only layer selected is the output layer {output!r}, "
-                "whose units are the model's outputs (attention q/k/v projections are not scored as neurons)"
-            )
-    if not layers:
-        kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
+    for group in _candidates(model):
+        first = group[0]
+        if include is None:
+            wanted = len(group) == 1 and first.layer_type is not None and first.layer_type.scored_by_default
+        else:
+            wanted = any(_matches(c.key, include) for c in group)
+        if not wanted or any(_matches(c.key, exclude) for c in group):
+            continue
+        if granularity == "neuron":
+            if output in (c.key for c in group):
+                continue
+            if first.layer_type is not None and not first.layer_type.has_units(first.module, first.name):
+                continue
+        layers[first.key] = first.module
+    if not layers and granularity == "neuron":
         raise ConfigError(
-            f"{type(model).__name__} has no weights to score (looked for {kinds}, MultiheadAttention"
-            f"{'' if include is None else ' matching ' + repr(include)}"
-            f"{'' if not exclude else ' not matching ' + repr(exclude)})"
+            f"neuron granularity needs a hidden layer; the only layer selected is the output layer {output!r}, "
+            "whose units are the model's outputs (attention q/k/v projections are not scored as neurons)"
+        )
+    if not layers:
+        raise ConfigError(
+            f"{type(model).__name__} has no weights to score (looked for the registered layer types: "
+            f"{', '.join(_type_names())}"
+            f"{'' if include is None else '; matching ' + repr(include)}"
+            f"{'' if not exclude else '; not matching ' + repr(exclude)})"
         )
     return layers
 
 
-def output_layer_name(model: nn.Module) -> str:
+def _type_names() -> list[str]:
+    from .layer_types import LAYER_TYPES
+
+    return [t.name for t in LAYER_TYPES if t.scored_by_default]
+
+
+def output_layer_name(model: nn.Module, *, required: bool = True) -> str | None:
     """The key (``"<module>.weight"``) of ``model``'s output layer.
 
-    Assumed to be the last module of :data:`PRUNABLE_TYPES` in
-    ``model.named_modules()`` order, i.e. the last layer that
-    :func:`find_layers` finds by default. That is registration order, not the
+    Assumed to be the last module in ``model.named_modules()`` order whose
+    layer type can map to outputs (a Linear, a conv, a ``Conv1D``; not an
+    embedding or an attention). That is registration order, not the
     order of ``forward``: a model that registers its head before its body
     must leave the head out of the scored layers by hand (``exclude``).
 
@@ -139,21 +177,17 @@ def output_layer_name(model: nn.Module) -> str:
     neuron granularity never probes or prunes the output layer's units (they
     are the model's outputs), and a selection that does not include the
     output layer simply has nothing dropped. Raises :class:`ConfigError` when
-    ``model`` has no such layer.
+    ``model`` has no such layer (or returns None with ``required=False``).
     """
     output = None
     for module_name, module in unwrap(model).named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
+        layer_type = layer_type_of(module)
+        if layer_type is not None and layer_type.maps_to_outputs and "weight" in _weight_names(module, layer_type):
             output = f"{module_name}.weight" if module_name else "weight"
-    if output is None:
-        kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
-        raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no {kinds}")
+    if output is None and required:
+        raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no layer of the registered types "
+                          f"({', '.join(_type_names())})")
     return output
-
-
-def attention_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(query, key, value)`` of an ``nn.MultiheadAttention`` call, from a forward hook's ``args`` and ``kwargs``."""
-    return tuple(args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value")))
 
 
 def parameter_name(key: str) -> str:
@@ -175,9 +209,29 @@ def weight_of(module: nn.Module, key: str = "weight") -> torch.Tensor:
     return getattr(module, weight_parameter_name(module, key))
 
 
+def unit_axis(module: nn.Module, key: str = "weight") -> int:
+    """The axis of weight ``key`` that indexes units (its layer type's; 0 for a module no type handles)."""
+    layer_type = layer_type_of(module)
+    return 0 if layer_type is None else layer_type.unit_axis(module, parameter_name(key))
+
+
+def has_units(module: nn.Module, key: str = "weight") -> bool:
+    """Whether weight ``key`` has units neuron granularity may score (not an attention's packed q/k/v rows)."""
+    layer_type = layer_type_of(module)
+    return True if layer_type is None else layer_type.has_units(module, parameter_name(key))
+
+
+def bias_name_of(module: nn.Module, key: str = "weight") -> str | None:
+    """The bias whose entries go with weight ``key``'s units, or None."""
+    layer_type = layer_type_of(module)
+    if layer_type is None:
+        return "bias" if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+    return layer_type.bias_name(module, parameter_name(key))
+
+
 def unit_count(module: nn.Module, key: str = "weight") -> int:
-    """Number of output units: rows of a Linear weight, filters of a Conv."""
-    return weight_of(module, key).shape[0]
+    """Number of output units: rows of a Linear weight, filters of a conv, columns of a ``Conv1D`` weight."""
+    return weight_of(module, key).shape[unit_axis(module, key)]
 
 
 @dataclass(frozen=True)
@@ -196,7 +250,7 @@ class Coverage:
                 f"parameters ({share:.1%}); not scored: {rest or 'nothing'}")
 
 
-_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_PROJECTIONS = ATTENTION_PROJECTIONS
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -209,8 +263,9 @@ def _kind(module: nn.Module, name: str) -> str:
         return "attention q/k/v projections (MultiheadAttention.in_proj_weight)"
     if isinstance(module, _NORMS):
         return "normalisation"
-    if isinstance(module, PRUNABLE_TYPES) and name == "weight":
-        return f"{type(module).__name__} weights left out"
+    layer_type = layer_type_of(module)
+    if layer_type is not None and name in layer_type.weights(module):
+        return f"{layer_type.name} weights left out"
     return f"{type(module).__name__}.{name}"
 
 
@@ -219,8 +274,13 @@ def coverage(model: nn.Module, keys: Iterable[str]) -> Coverage:
     keys = set(keys)
     scored = total = tensors = 0
     unscored: dict[str, int] = {}
+    tied = tied_weights(model)
+    seen: set[int] = set()
     for module_name, module in unwrap(model).named_modules():
         for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:  # a tied parameter counts once
+                continue
+            seen.add(id(parameter))
             logical = name.removesuffix("_orig")  # a pruned weight keeps its logical name
             key = f"{module_name}.{logical}" if module_name else logical
             total += parameter.numel()
@@ -228,6 +288,6 @@ def coverage(model: nn.Module, keys: Iterable[str]) -> Coverage:
                 scored += parameter.numel()
                 tensors += 1
             else:
-                kind = _kind(module, logical)
+                kind = f"tied weights ({' = '.join((key, *tied[key]))})" if key in tied else _kind(module, logical)
                 unscored[kind] = unscored.get(kind, 0) + parameter.numel()
     return Coverage(tensors, scored, total, dict(sorted(unscored.items(), key=lambda item: -item[1])))

@@ -26,7 +26,8 @@ from torch.nn.utils import prune as torch_prune
 
 from .errors import CheckpointError, ConfigError, check_choice
 from .distributed import unwrap
-from .layers import ATTENTION_PROJECTIONS, parameter_name, weight_of, weight_parameter_name
+from .layer_types import expand_units, layer_type_of, unit_matrix
+from .layers import ATTENTION_PROJECTIONS, bias_name_of, has_units, parameter_name, tied_weights, unit_axis, weight_of, weight_parameter_name
 from .selection import SCOPES, select_masks
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "load_pruned_state_dict",
     "pruned_parameters",
     "make_permanent",
+    "masked_names",
     "masked_value",
     "model_sparsity",
     "prune",
@@ -47,15 +49,17 @@ __all__ = [
 def _module(model: nn.Module, key: str) -> nn.Module:
     model = unwrap(model)  # keys name the inner module's parameters
     module_name, _, attr = key.rpartition(".")
-    if attr not in ("weight", *ATTENTION_PROJECTIONS):
-        raise ConfigError(
-            f"score key {key!r} does not name a weight (expected '<module>.weight' or a MultiheadAttention's "
-            f"'<module>.{{{','.join(ATTENTION_PROJECTIONS)}}}')"
-        )
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
         raise ConfigError(f"score key {key!r} names no module of {type(model).__name__}") from None
+    layer_type = layer_type_of(module)
+    names = layer_type.weights(module) if layer_type is not None else ("weight",)
+    if attr not in names and attr not in ("weight", *ATTENTION_PROJECTIONS):
+        raise ConfigError(
+            f"score key {key!r} does not name a weight (expected '<module>.weight' or a MultiheadAttention's "
+            f"'<module>.{{{','.join(ATTENTION_PROJECTIONS)}}}')"
+        )
     if not isinstance(getattr(module, weight_parameter_name(module, attr), None), torch.Tensor):
         raise ConfigError(f"score key {key!r} names {module_name or 'the model'} ({type(module).__name__}), which has no {attr}")
     return module
@@ -65,13 +69,14 @@ def _is_neuron(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> boo
     weight = weight_of(module, key)
     if mask_or_scores.shape == weight.shape:
         return False
-    if mask_or_scores.shape == weight.shape[:1]:
-        if parameter_name(key) != "weight":
+    units = weight.shape[unit_axis(module, key)]
+    if mask_or_scores.shape == (units,):
+        if not has_units(module, key):
             raise ConfigError(f"scores for {key!r} are per unit; attention q/k/v projections take one score per weight, shaped {tuple(weight.shape)}")
         return True
     raise ConfigError(
         f"scores for {key!r} have shape {tuple(mask_or_scores.shape)}; expected the weight's "
-        f"{tuple(weight.shape)} (weight granularity) or ({weight.shape[0]},) (neuron granularity)"
+        f"{tuple(weight.shape)} (weight granularity) or ({units},) (neuron granularity)"
     )
 
 
@@ -82,9 +87,10 @@ def _mask_of(module: nn.Module, key: str) -> torch.Tensor | None:
 def _unit_mask_of(module: nn.Module, key: str) -> torch.Tensor:
     """Units still alive: a unit is pruned when its whole weight row is masked."""
     mask = _mask_of(module, key)
+    axis = unit_axis(module, key)
     if mask is None:
-        return torch.ones(weight_of(module, key).shape[0], dtype=torch.bool)
-    return mask.reshape(mask.shape[0], -1).bool().any(dim=1).cpu()
+        return torch.ones(weight_of(module, key).shape[axis], dtype=torch.bool)
+    return unit_matrix(mask, axis).bool().any(dim=1).cpu()
 
 
 def current_masks(model: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,11 +129,11 @@ def refresh_masked(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for module in model.modules():
-            for name in _masked_names(module):
+            for name in masked_names(module):
                 setattr(module, name, masked_value(module, name))
 
 
-def _masked_names(module: nn.Module) -> list[str]:
+def masked_names(module: nn.Module) -> list[str]:
     """Names of ``module``'s tensors that ``torch.nn.utils.prune`` masks (``"weight"``, ``"bias"``, ``"in_proj_weight"``...)."""
     return [
         buffer_name[: -len("_mask")]
@@ -145,7 +151,7 @@ def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
     forward already holds the product, so swapping in a detached copy of the
     same values changes no gradient and makes the model copyable again.
     """
-    for name in _masked_names(module):
+    for name in masked_names(module):
         tensor = module.__dict__.get(name)
         if tensor is not None and tensor.grad_fn is not None:
             setattr(module, name, tensor.detach())
@@ -168,7 +174,7 @@ def _mask_out_proj(attention: nn.Module, inputs: object) -> None:
     torch's own hook would; :func:`_detach_out_proj` detaches it afterwards.
     """
     projection = attention.out_proj
-    for name in _masked_names(projection):
+    for name in masked_names(projection):
         setattr(projection, name, masked_value(projection, name))
 
 
@@ -192,31 +198,49 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     masks whole units (rows/filters and their bias entries). Masks combine with
     any already on the module (an entry once pruned stays pruned). Keys name
     the weight (``"fc1.weight"``, ``"attn.in_proj_weight"``), so one module
-    may carry several masks.
+    may carry several masks. A tied parameter (one tensor two modules use)
+    gets the same mask on every module that uses it, so it stays one
+    parameter with one mask.
     """
+    tied = tied_weights(model)
     for key, mask in masks.items():
         module = _module(model, key)
         weight = weight_of(module, key)
         mask = mask.to(device=weight.device, dtype=weight.dtype)
+        bias_mask = None
         if _is_neuron(module, mask, key):
-            unit_mask = mask
-            mask = unit_mask.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).contiguous()
-            if getattr(module, "bias", None) is not None:
-                torch_prune.custom_from_mask(module, "bias", unit_mask)
-        torch_prune.custom_from_mask(module, parameter_name(key), mask)
-        _ensure_copyable(module)
+            bias_mask = mask
+            mask = expand_units(mask, weight, unit_axis(module, key))
+        for alias in (key, *tied.get(key, ())):
+            owner = _module(model, alias) if alias != key else module
+            if bias_mask is not None and bias_name_of(owner, alias) is not None:
+                torch_prune.custom_from_mask(owner, bias_name_of(owner, alias), bias_mask)
+            torch_prune.custom_from_mask(owner, parameter_name(alias), mask)
+            _ensure_copyable(owner)
     _ensure_attention_masked(model)
 
 
 def make_permanent(model: nn.Module) -> None:
-    """Bake every mask into its parameter (``prune.remove``) and drop the masks and hooks."""
+    """Bake every mask into its parameter (``prune.remove``) and drop the masks and hooks.
+
+    A tied parameter stays tied: ``prune.remove`` gives each module its own
+    new parameter, so the modules that shared one are made to share the first again.
+    """
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
-        for name in _masked_names(module):
+        for name in masked_names(module):
+            shared.setdefault(id(getattr(module, f"{name}_orig")), []).append((module, name))
+    for module in model.modules():
+        for name in masked_names(module):
             torch_prune.remove(module, name)
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for handle_id, hook in list(hooks.items()):
                 if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
                     del hooks[handle_id]
+    for users in shared.values():
+        first, first_name = users[0]
+        for module, name in users[1:]:
+            setattr(module, name, getattr(first, first_name))
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -261,12 +285,17 @@ def pruned_parameters(model: nn.Module) -> int:
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights of two or more dimensions)."""
     zeros = total = 0
+    seen: set[int] = set()  # a tied weight counts once
     for module_name, module in unwrap(model).named_modules():
         for name in ("weight", *ATTENTION_PROJECTIONS):
             key = f"{module_name}.{name}" if module_name else name
             weight = getattr(module, name, None)
             if not isinstance(weight, torch.Tensor) or (keys is not None and key not in keys):
                 continue
+            parameter = weight_of(module, name)
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
             if keys is None and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
                 continue  # by default: masked weight matrices and filters (not a BatchNorm's masked scale)
             zeros += int((weight == 0).sum())

@@ -1,0 +1,43 @@
+"""``nn.Conv1d`` and ``nn.Conv2d``: units are filters (axis 0); a re-fit sees the input unfolded into patches.
+
+The unit matrix of a filter bank ``(out, C, k…)`` is ``(out, C·k…)`` in
+``unfold``'s column order, so one output position is one row of the design
+matrix ``X`` (``N·P × C·k…``) and ``X Wᵀ + b`` is the convolution. Grouped
+convolutions, padding other than zeros, and ``padding="same"`` are not
+re-fitted (the unfold would not be the convolution).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LayerType, Refit, register_layer_type
+
+
+def _patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(conv, nn.Conv1d):  # a length-L signal is a 1 × L image
+        patches = F.unfold(x.unsqueeze(2), (1, conv.kernel_size[0]), dilation=(1, conv.dilation[0]),
+                           padding=(0, conv.padding[0]), stride=(1, conv.stride[0]))
+    else:
+        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·k…)
+
+
+def conv_patches(module: nn.Module, args: tuple, kwargs: dict, output: object) -> torch.Tensor:
+    x = args[0] if args else kwargs["input"]
+    if x.dim() == module.weight.dim() - 1:
+        x = x.unsqueeze(0)  # an unbatched input
+    return _patches(module, x)
+
+
+@register_layer_type
+class ConvLayer(LayerType):
+    name = "Conv"
+    module_type = (nn.Conv1d, nn.Conv2d)
+
+    def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "grouped, non-zero-padded or 'same'-padded convolutions are not re-fitted"
+        return [Refit(rows=slice(None), design=conv_patches)]

@@ -1,0 +1,32 @@
+"""Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2, GPT): ``y = x W + b`` with ``W`` stored ``in × out``.
+
+An affine map of the last axis like ``nn.Linear``, with the weight
+transposed: its units (output features) are the *columns* of ``W``
+(axis 1). Recognised without importing transformers: when transformers is
+not loaded, no module can be one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+from .base import LayerType, Refit, register_layer_type
+from .linear import last_axis_rows
+
+
+@register_layer_type
+class HuggingFaceConv1DLayer(LayerType):
+    name = "Conv1D"
+
+    def matches(self, module: nn.Module) -> bool:
+        utils = sys.modules.get("transformers.pytorch_utils")
+        conv1d = getattr(utils, "Conv1D", None)
+        return conv1d is not None and isinstance(module, conv1d)
+
+    def unit_axis(self, module: nn.Module, name: str) -> int:
+        return 1
+
+    def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
+        return [Refit(rows=slice(None), design=last_axis_rows)]

@@ -1,0 +1,22 @@
+"""``nn.Linear``: ``y = x Wᵀ + b``, units are the rows of ``W``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LayerType, Refit, register_layer_type
+
+
+def last_axis_rows(module: nn.Module, args: tuple, kwargs: dict, output: object):
+    """The input's feature vectors, ``(…, fan-in) -> (rows, fan-in)``: the design of any affine map of the last axis."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    return x.reshape(-1, x.shape[-1])
+
+
+@register_layer_type
+class LinearLayer(LayerType):
+    name = "Linear"
+    module_type = nn.Linear
+
+    def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
+        return [Refit(rows=slice(None), design=last_axis_rows)]
