@@ -9,12 +9,16 @@ squares problem per layer, in network order:
 
 - the **input** of layer ``l`` is what the *pruned* network (with the layers
   before ``l`` already compensated) feeds it on calibration data, ``X``
-  (``N × d``; a Conv2d's input unfolded into its patches, ``N·P × C·kh·kw``),
-  with a column of ones when the layer has a bias;
+  (``N × d``; a conv's input unfolded into its patches, ``N·P × C·kh·kw``),
+  with a column of ones when the layer has a bias. How a layer's input
+  becomes ``X`` is its layer type's (:mod:`bingo.layer_types`: a forward
+  hook on the module, never a patched function), and so is which rows of
+  its weight one problem fits (an attention's q, k and v blocks are three);
 - the **target** is the *dense* network's output of that layer on the dense
-  inputs, ``Y``: so every layer also corrects the error the pruning of the
-  layers before it introduced (SparseGPT's own target, the current weights
-  on the pruned inputs, corrects only the layer's own pruning);
+  inputs, ``Y = X_dense W_denseᵀ + b_dense``: so every layer also corrects
+  the error the pruning of the layers before it introduced (SparseGPT's own
+  target, the current weights on the pruned inputs, corrects only the
+  layer's own pruning);
 - each output unit ``r`` keeps the inputs its mask keeps, ``S_r``, and gets
   ``w_r = argmin ‖X[:, S_r] w − Y[:, r]‖² + λ‖w‖²``, solved from the
   Hessian ``H = XᵀX`` (each batch's product in float32, summed and solved
@@ -35,16 +39,20 @@ by at most 0.2 points and cut the Fashion-MNIST ResNet from 0.572 to 0.363 at
 90%, so ``"keep"`` stays the default.
 The masks are never changed: it works for masks from any method. A layer
 that already gives the dense output exactly (nothing pruned in it or before
-it) is left as it is.
+it) is left as it is. A masked weight that cannot be re-fitted (a layer type
+without a re-fit, such as an embedding; a tied weight, whose re-fit for one
+use would change the other; a module no layer type handles) is listed in
+``CompensationResult.skipped`` with the reason, and a warning says so: never
+left silently. Masked vectors (biases, a BatchNorm's scale) follow their
+units and are not reported.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +62,9 @@ from torch import nn
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
 from .estimators.fake_pass import Batch, first_tensor
-from .layers import ATTENTION_PROJECTIONS, attention_inputs
-from .pruning import masked_names, apply_masks, make_permanent, masked_value, refresh_masked
+from .layer_types import Refit, from_unit_matrix, layer_type_of, unit_matrix
+from .layers import tied_weights
+from .pruning import apply_masks, make_permanent, masked_names, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
 
@@ -76,17 +85,6 @@ class CompensationResult:
     error_after: dict[str, float]  #: the same after it
     seconds: float
     forward_passes: int  #: forward calls of the model (pruned and dense) on calibration batches
-
-
-def _masked_layers(model: nn.Module) -> dict[str, nn.Module]:
-    layers = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if hasattr(module, "weight_mask") and isinstance(module, (nn.Linear, nn.Conv2d)):
-            layers[f"{prefix}weight"] = module
-        elif isinstance(module, nn.MultiheadAttention) and hasattr(module, "in_proj_weight_mask"):
-            layers[f"{prefix}in_proj_weight"] = module
-    return layers
 
 
 def _slice(value: Any, index: slice) -> Any:
@@ -120,57 +118,6 @@ def _check_calibration(calibration: Any) -> None:
         )
 
 
-@contextmanager
-def _out_proj_calls(attention: nn.MultiheadAttention) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Collect (input, output) of ``attention``'s out_proj while the block runs.
-
-    ``nn.MultiheadAttention`` applies its out_proj with
-    ``torch.nn.functional.linear`` inside ``F.multi_head_attention_forward``,
-    never through the module: that call is recorded (recognised by its
-    weight), with PyTorch's fused attention fast path, which computes it
-    inside one kernel, switched off for the block. Empty if this PyTorch
-    computes it some other way.
-    """
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = F.linear
-
-    def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        output = original(input, weight, bias)
-        if weight is attention.out_proj.weight:
-            seen.append((input.detach().reshape(-1, input.shape[-1]), output.detach().reshape(-1, output.shape[-1])))
-        return output
-
-    fast = torch.backends.mha.get_fastpath_enabled()
-    F.linear = linear
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield seen
-    finally:
-        F.linear = original
-        torch.backends.mha.set_fastpath_enabled(fast)
-
-
-@contextmanager
-def _attention_inputs(attention: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Collect an ``nn.MultiheadAttention``'s (query, key, value) while the block runs, as ``(tokens, embed)`` rows."""
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append(tuple(t.detach().reshape(-1, t.shape[-1]) for t in attention_inputs(args, kwargs)))
-
-    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _projection_blocks(attention: nn.MultiheadAttention, weight: torch.Tensor, bias: torch.Tensor | None):
-    """(weight, bias) of the q, k and v blocks of a packed ``in_proj``: three ``(E, E)`` slices."""
-    e = attention.embed_dim
-    return [(weight[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e]) for i in range(3)]
-
-
 def _with_ones(rows: torch.Tensor, bias: bool) -> torch.Tensor:
     rows = rows.float()
     if bias:
@@ -178,64 +125,114 @@ def _with_ones(rows: torch.Tensor, bias: bool) -> torch.Tensor:
     return rows
 
 
-def _network_order(model: nn.Module, layers: dict[str, nn.Module], sample: Batch) -> list[str]:
-    """Keys of ``layers`` in the order the forward pass calls them (one sample)."""
+@dataclass(frozen=True)
+class _Target:
+    """One masked weight to re-fit: where it is, its unit axis and bias, and its layer type's problems."""
+
+    key: str
+    module_name: str
+    name: str
+    axis: int
+    bias: str | None
+    refits: tuple[Refit, ...]
+
+
+def _targets_and_skipped(model: nn.Module) -> tuple[list[_Target], list[str]]:
+    """Every masked weight of ``model``: those its layer type can re-fit, and why each other one cannot."""
+    tied = tied_weights(model)
+    second_users = {alias for aliases in tied.values() for alias in aliases}
+    targets, skipped = [], []
+    for module_name, module in model.named_modules():
+        names = masked_names(module)
+        layer_type = layer_type_of(module)
+        for name in names:
+            key = f"{module_name}.{name}" if module_name else name
+            if key in second_users or getattr(module, f"{name}_orig").dim() < 2:
+                continue  # reported under the tied weight's first name; vectors follow their units
+            if layer_type is None:
+                skipped.append(f"{key}: no layer type is registered for {type(module).__name__} "
+                               "(bingo.layer_types.register_layer_type)")
+                continue
+            if key in tied:
+                skipped.append(f"{key}: tied to {', '.join(tied[key])}; a re-fit for one use would change the other")
+                continue
+            refits = layer_type.refits(module, name)
+            if isinstance(refits, str):
+                skipped.append(f"{key}: {refits}")
+                continue
+            targets.append(_Target(key, module_name, name, layer_type.unit_axis(module, name),
+                                   layer_type.bias_name(module, name), tuple(refits)))
+    return targets, skipped
+
+
+class _Hooks:
+    """Forward hooks that hand each refit's design rows to a sink, on one network.
+
+    While one design is computed, other hooks stay quiet: a design may call
+    the module again (an attention's out_proj input is a replay of its call).
+    """
+
+    def __init__(self) -> None:
+        self.handles: list = []
+        self.busy = False
+
+    def add(self, net: nn.Module, target: _Target, refit: Refit, sink: Callable[[torch.Tensor], None]) -> None:
+        name = target.module_name if refit.hook_on == "self" else target.module_name.rpartition(".")[0]
+        module = net.get_submodule(name) if name else net
+
+        def call(m: nn.Module, args: tuple, kwargs: dict, output: object = None) -> None:
+            if self.busy:
+                return
+            self.busy = True
+            try:
+                sink(refit.design(m, args, kwargs, output).detach())
+            finally:
+                self.busy = False
+
+        if refit.when == "pre":
+            handle = module.register_forward_pre_hook(lambda m, a, k: call(m, a, k), with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(lambda m, a, k, o: call(m, a, k, o), with_kwargs=True)
+        self.handles.append(handle)
+
+    def __enter__(self) -> "_Hooks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _network_order(model: nn.Module, targets: list[_Target], sample: Batch) -> list[_Target]:
+    """``targets`` in the order the forward pass first reaches them (one sample); those it never reaches are left out."""
     order: list[str] = []
-    by_module = {id(m): k for k, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda m, a: order.append(by_module[id(m)])) for m in layers.values()]
-    # An attention never calls its out_proj: its place is the attention's call, after the q/k/v projections.
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) and id(module.out_proj) in by_module:
-            handles.append(module.register_forward_hook(lambda m, a, o: order.append(by_module[id(m.out_proj)])))
-    try:
+    with _Hooks() as hooks:
+        for target in targets:
+            for refit in target.refits:
+                hooks.add(model, target, refit, lambda x, key=target.key: order.append(key))
         with torch.no_grad():
             sample.outputs(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order))
+    by_key = {t.key: t for t in targets}
+    return [by_key[key] for key in dict.fromkeys(order)]
 
 
-def _design(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The least-squares design matrix of a layer's input: rows = output positions, columns = weights (+ bias)."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw), the weight's flattened order
-    else:
-        rows = inputs.reshape(-1, inputs.shape[-1])
-    rows = rows.float()
-    if module.bias is not None:
-        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1)
-    return rows
+def _parameters(net: nn.Module, target: _Target, masked: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight's unit matrix ``(units, fan-in)`` and its bias as ``net`` computes with them (masked if asked)."""
+    module = net.get_submodule(target.module_name) if target.module_name else net
+
+    def value(name: str) -> torch.Tensor:
+        if masked and hasattr(module, f"{name}_mask"):
+            return masked_value(module, name)
+        return getattr(module, f"{name}_orig") if hasattr(module, f"{name}_orig") else getattr(module, name)
+
+    bias = None if target.bias is None or getattr(module, target.bias, None) is None else value(target.bias).detach()
+    return unit_matrix(value(target.name).detach(), target.axis), bias
 
 
-def _targets(module: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
-    """A layer's outputs as rows matching :func:`_design`: ``(N·P, out)``."""
-    if isinstance(module, nn.Conv2d):
-        return outputs.permute(0, 2, 3, 1).reshape(-1, outputs.shape[1]).double()
-    return outputs.reshape(-1, outputs.shape[-1]).double()
-
-
-def _unsupported(module: nn.Module) -> str | None:
-    if isinstance(module, nn.MultiheadAttention) and (not module._qkv_same_embed_dim or module.bias_k is not None):
-        return "attention with separate q/k/v weights or bias_k is not supported"
-    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-        return "grouped, non-zero-padded or 'same'-padded convolutions are not supported"
-    return None
-
-
-@contextmanager
-def _capture(module: nn.Module, kind: str) -> Iterator[list[torch.Tensor]]:
-    """Collect a module's inputs (``kind="input"``) or outputs (``"output"``) while the block runs."""
-    seen: list[torch.Tensor] = []
-    if kind == "input":
-        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    else:
-        handle = module.register_forward_hook(lambda m, args, out: seen.append(out.detach()))
-    try:
-        yield seen
-    finally:
-        handle.remove()
+def _affine(design: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, refit: Refit) -> torch.Tensor:
+    """``X W[rows]ᵀ + b[bias_rows]``: one refit's output from its design rows."""
+    return F.linear(design.to(weight.dtype), weight[refit.rows], None if bias is None else bias[refit.bias_rows])
 
 
 def _solve_rows(hessian: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, damping: float, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
@@ -343,14 +340,16 @@ def compensate(
     batchnorm: str = "keep",
     process_group: object | None = None,
 ) -> CompensationResult:
-    """Re-fit the surviving weights (and biases) of every pruned Linear/Conv2d of ``model``, in place.
+    """Re-fit the surviving weights (and biases) of every pruned layer of ``model``, in place.
 
-    A pruned ``nn.MultiheadAttention`` is re-fitted too: the q, k and v
-    blocks of its ``in_proj_weight`` each as a Linear of the query, key and
-    value the attention is called with, and its ``out_proj`` (which the
-    attention applies with ``F.linear``, never calling the module) on the
-    input of that call (:func:`_out_proj_calls`). Separate q/k/v weights
-    are left as they are and listed in ``skipped``, with a warning.
+    Every masked weight whose layer type (:mod:`bingo.layer_types`) defines
+    a re-fit is re-fitted: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``,
+    Hugging Face ``Conv1D`` (GPT-2), and an ``nn.MultiheadAttention``'s q,
+    k and v blocks (each as a Linear of the query, key and value the
+    attention is called with, packed or separate) and ``out_proj`` (on the
+    heads' output, recovered by replaying the call with ``out_proj`` the
+    identity). Every other masked weight is listed in ``skipped`` with the
+    reason, with a warning.
 
     Args:
         model: the pruned model. ``masks`` (keep-masks as :func:`bingo.prune`
@@ -388,179 +387,123 @@ def compensate(
     broadcast_buffers(model, process_group)  # BatchNorm statistics: rank 0's on every rank, as DDP's next forward would make them
     if masks:
         apply_masks(model, masks)
-    layers = _masked_layers(model)
-    if not layers:
-        raise ConfigError(f"{type(model).__name__} has no pruned Linear or Conv2d layer to compensate; prune it first")
+    targets, skipped = _targets_and_skipped(model)
+    if not targets and not skipped:
+        raise ConfigError(f"{type(model).__name__} has no pruned layer to compensate; prune it first")
     if reference is None:
         reference = _lifted(model)
-    reference_layers = dict(reference.named_modules())
     modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
     calls = 0
-    fitted, skipped, before, after = [], [], {}, {}
+    fitted, before = [], {}
     try:
         model.eval()
         reference.eval()
-        order = _network_order(model, layers, Batch(inputs=_slice(calibration, slice(0, 1))))
-        for key in layers:
-            if key not in order:  # its input cannot be captured: the owner reads the weight itself
-                skipped.append(f"{key}: never called as a module in the forward pass")
-        out_projections = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-        dense_attentions = {id(m.out_proj): m for m in reference.modules() if isinstance(m, nn.MultiheadAttention)}
-        for name, module in model.named_modules():
-            for projection in ATTENTION_PROJECTIONS[1:]:  # separate q/k/v weights: not fitted
-                if isinstance(module, nn.MultiheadAttention) and hasattr(module, f"{projection}_mask"):
-                    skipped.append(f"{name}.{projection}: separate q/k/v projections are not compensated")
-        for key in order:
-            module = layers[key]
-            reason = _unsupported(module)
-            if reason:
-                skipped.append(f"{key}: {reason}")
-                continue
-            if isinstance(module, nn.MultiheadAttention):
-                dense_attention = reference_layers[key.rpartition(".")[0]]
-                fit = _fit_attention(model, reference, module, dense_attention, calibration, batch_size, float(damping), process_group)
-                calls += fit["calls"]
-                if fit["error"] == 0.0:
-                    continue
-                refresh_masked(model)
-                fitted.append(key)
-                before[key] = fit["error"] / max(fit["rows"], 1)
-                if fit["failed"]:
-                    skipped.append(f"{key}: {fit['failed']} output unit(s) kept their weights (ill-conditioned)")
-                continue
-            dense_module = reference_layers[key.rpartition(".")[0]]
-            attention = out_projections.get(id(module))  # an attention's out_proj: its calls are F.linear's
-            d = module.weight_orig[0].numel() + (1 if module.bias is not None else 0)
-            hessian = torch.zeros(d, d, dtype=torch.float64)
-            cross = torch.zeros(d, module.weight_orig.shape[0], dtype=torch.float64)
-            error = 0.0
-            rows_seen = 0
-            with torch.no_grad(), torch.random.fork_rng():
-                for batch in _batches(calibration, batch_size):
-                    if attention is not None:
-                        with _out_proj_calls(attention) as mine:
-                            batch.outputs(model)
-                        with _out_proj_calls(dense_attentions[id(dense_module)]) as theirs:
-                            batch.outputs(reference)
-                        if not mine or not theirs:
-                            break  # this PyTorch applies out_proj some other way: left as it is (below)
-                        inputs, outputs, targets = [mine[0][0]], [mine[0][1]], [theirs[0][1]]
-                    else:
-                        with _capture(module, "input") as inputs, _capture(module, "output") as outputs:
-                            batch.outputs(model)
-                        with _capture(dense_module, "output") as targets:
-                            batch.outputs(reference)
-                    calls += 2
-                    design = _design(module, inputs[0]).cpu()
-                    target = _targets(module, targets[0]).cpu()
-                    # float32 products of one batch (4x faster than float64 here), summed in float64
-                    hessian += (design.T @ design).double()
-                    cross += (design.T @ target.float()).double()
-                    error += float((_targets(module, outputs[0]).cpu() - target).square().sum())
-                    rows_seen += target.numel()
-            if attention is not None and rows_seen == 0:  # the same on every rank: the same PyTorch
-                skipped.append(f"{key}: this PyTorch applies an attention's out_proj without F.linear; not compensated")
-                continue
-            # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
-            sum_over_ranks(hessian, process_group)
-            sum_over_ranks(cross, process_group)
-            totals = sum_over_ranks(torch.tensor([error, float(rows_seen)], dtype=torch.float64), process_group)
-            error, rows_seen = float(totals[0]), int(totals[1])
-            if error == 0.0:
+        order = _network_order(model, targets, Batch(inputs=_slice(calibration, slice(0, 1))))
+        reached = {t.key for t in order}
+        skipped += [f"{t.key}: never called as a module in the forward pass" for t in targets if t.key not in reached]
+        for target in order:
+            fit = _fit(model, reference, target, calibration, batch_size, float(damping), process_group)
+            calls += fit["calls"]
+            if fit["error"] == 0.0:
                 # Nothing pruned in or before this layer: it already gives the dense output exactly,
                 # and a re-fit could only move it by the damping (at sparsity 0, every layer).
                 continue
-            keep = module.weight_mask.reshape(module.weight_mask.shape[0], -1).bool().cpu()
-            if module.bias is not None:
-                bias_keep = getattr(module, "bias_mask", torch.ones(keep.shape[0])).bool().cpu()
-                keep = torch.cat([keep, bias_keep[:, None]], dim=1)
-            solution = _solve_rows(hessian, cross, keep, float(damping))
-            failed = solution.isnan().any(dim=1)
-            with torch.no_grad():
-                weight = module.weight_orig
-                flat = weight.view(weight.shape[0], -1)
-                columns = flat.shape[1]
-                ok = ~failed
-                flat[ok.to(weight.device)] = solution[ok, :columns].to(weight.dtype).to(weight.device)
-                if module.bias is not None:
-                    bias = module.bias_orig if hasattr(module, "bias_orig") else module.bias
-                    bias[ok.to(bias.device)] = solution[ok, columns].to(bias.dtype).to(bias.device)
             refresh_masked(model)
-            fitted.append(key)
-            before[key] = error / max(rows_seen, 1)
-            if failed.any():
-                skipped.append(f"{key}: {int(failed.sum())} output unit(s) kept their weights (ill-conditioned)")
+            fitted.append(target.key)
+            before[target.key] = fit["error"] / max(fit["rows"], 1)
+            if fit["failed"]:
+                skipped.append(f"{target.key}: {fit['failed']} output unit(s) kept their weights (ill-conditioned)")
         if batchnorm == "reestimate":
             calls += reestimate_batchnorm(model, calibration, batch_size, process_group=process_group)
     finally:
         for module, training in modes:
             module.training = training
-    after = _errors(model, reference, fitted, calibration, batch_size, process_group)
+    by_key = {t.key: t for t in targets}
+    after = _errors(model, reference, [by_key[k] for k in fitted], calibration, batch_size, process_group)
     calls += 2 * ((_samples(calibration) + batch_size - 1) // batch_size)
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls)
 
 
-def _fit_attention(
-    model: nn.Module, reference: nn.Module, attention: nn.MultiheadAttention, dense: nn.MultiheadAttention,
-    calibration: Calibration, batch_size: int, damping: float, process_group: object | None,
-) -> dict:
-    """Re-fit the kept q, k and v rows of a pruned ``in_proj`` to the dense attention's projections, in place.
+def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: Calibration, batch_size: int,
+         damping: float, process_group: object | None) -> dict:
+    """Re-fit the kept entries of one masked weight to the dense layer's outputs, in place.
 
-    Each block (q, k, v) is a Linear of its own input (the query, key and
-    value the attention is called with; all the same for self-attention),
-    fitted like any layer: the pruned network's inputs, the dense network's
-    projections as the target.
+    Each of the layer type's refits is a least-squares problem of its own
+    (its rows, its design): ``H = XᵀX`` and ``XᵀY`` accumulated over the
+    calibration batches, then solved row by row on each row's kept inputs.
     """
-    has_bias = attention.in_proj_bias is not None
-    d = attention.embed_dim + (1 if has_bias else 0)
-    hessians = [torch.zeros(d, d, dtype=torch.float64) for _ in range(3)]
-    crosses = [torch.zeros(d, attention.embed_dim, dtype=torch.float64) for _ in range(3)]
+    weight, bias = _parameters(model, target, masked=True)
+    dense_weight, dense_bias = _parameters(reference, target, masked=False)
+    has_bias = bias is not None
+    problems = []
+    for refit in target.refits:
+        d = weight.shape[1] + (1 if has_bias else 0)
+        out = weight[refit.rows].shape[0]
+        problems.append({"hessian": torch.zeros(d, d, dtype=torch.float64),
+                         "cross": torch.zeros(d, out, dtype=torch.float64)})
     error, rows, calls = 0.0, 0, 0
-    weight = attention.in_proj_weight_orig
-    bias = getattr(attention, "in_proj_bias_orig", attention.in_proj_bias)
-    masked = _projection_blocks(attention, attention.in_proj_weight_orig * attention.in_proj_weight_mask,
-                                None if bias is None else bias * getattr(attention, "in_proj_bias_mask", torch.ones_like(bias)))
-    targets_of = _projection_blocks(dense, dense.in_proj_weight, dense.in_proj_bias)
     with torch.no_grad(), torch.random.fork_rng():
         for batch in _batches(calibration, batch_size):
-            with _attention_inputs(attention) as mine:
+            mine = [[] for _ in target.refits]
+            theirs = [[] for _ in target.refits]
+            with _Hooks() as hooks:
+                for refit, sink in zip(target.refits, mine):
+                    hooks.add(model, target, refit, sink.append)
                 batch.outputs(model)
-            with _attention_inputs(dense) as theirs:
+            with _Hooks() as hooks:
+                for refit, sink in zip(target.refits, theirs):
+                    hooks.add(reference, target, refit, sink.append)
                 batch.outputs(reference)
             calls += 2
-            for block in range(3):
-                x, x_dense = mine[0][block], theirs[0][block]
-                target = F.linear(x_dense, *targets_of[block]).cpu()
+            for refit, problem, x, x_dense in zip(target.refits, problems, mine, theirs):
+                if not x:
+                    continue
+                x, x_dense = torch.cat(x), torch.cat(x_dense)
+                wanted = _affine(x_dense, dense_weight, dense_bias, refit).float().cpu()
                 design = _with_ones(x, has_bias).cpu()
-                hessians[block] += (design.T @ design).double()
-                crosses[block] += (design.T @ target.float()).double()
-                error += float((F.linear(x, *masked[block]).cpu().double() - target.double()).square().sum())
-                rows += target.numel()
-    for block in range(3):
-        sum_over_ranks(hessians[block], process_group)
-        sum_over_ranks(crosses[block], process_group)
+                # float32 products of one batch (4x faster than float64 here), summed in float64
+                problem["hessian"] += (design.T @ design).double()
+                problem["cross"] += (design.T @ wanted).double()
+                error += float((_affine(x, weight, bias, refit).cpu().double() - wanted.double()).square().sum())
+                rows += wanted.numel()
+    for problem in problems:
+        # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
+        sum_over_ranks(problem["hessian"], process_group)
+        sum_over_ranks(problem["cross"], process_group)
     totals = sum_over_ranks(torch.tensor([error, float(rows)], dtype=torch.float64), process_group)
     error, rows = float(totals[0]), int(totals[1])
     failed = 0
     if error == 0.0:
         return {"error": error, "rows": rows, "calls": calls, "failed": failed}
-    keep_all = attention.in_proj_weight_mask.bool().cpu()
-    bias_keep_all = getattr(attention, "in_proj_bias_mask", torch.ones(keep_all.shape[0])).bool().cpu()
-    e = attention.embed_dim
+    module = model.get_submodule(target.module_name) if target.module_name else model
+    keep_all = unit_matrix(getattr(module, f"{target.name}_mask"), target.axis).bool().cpu()
+    bias_keep_all = None
+    if has_bias:
+        bias_mask = getattr(module, f"{target.bias}_mask", None)
+        bias_keep_all = torch.ones(len(bias), dtype=torch.bool) if bias_mask is None else bias_mask.bool().cpu()
+    parameter = getattr(module, f"{target.name}_orig")
+    new_weight = unit_matrix(parameter.detach(), target.axis).clone()
+    bias_parameter = None
+    if has_bias:
+        bias_parameter = getattr(module, f"{target.bias}_orig", None)
+        bias_parameter = getattr(module, target.bias) if bias_parameter is None else bias_parameter
     with torch.no_grad():
-        for block in range(3):
-            keep = keep_all[block * e : (block + 1) * e]
+        for refit, problem in zip(target.refits, problems):
+            keep = keep_all[refit.rows]
             if has_bias:
-                keep = torch.cat([keep, bias_keep_all[block * e : (block + 1) * e, None]], dim=1)
-            solution = _solve_rows(hessians[block], crosses[block], keep, damping)
+                keep = torch.cat([keep, bias_keep_all[refit.bias_rows][:, None]], dim=1)
+            solution = _solve_rows(problem["hessian"], problem["cross"], keep, damping)
             ok = ~solution.isnan().any(dim=1)
             failed += int((~ok).sum())
-            rows_of_block = torch.arange(block * e, (block + 1) * e)[ok]
-            weight[rows_of_block.to(weight.device)] = solution[ok, :e].to(weight.dtype).to(weight.device)
+            units = torch.arange(len(new_weight))[refit.rows][ok]
+            columns = new_weight.shape[1]
+            new_weight[units.to(new_weight.device)] = solution[ok, :columns].to(new_weight.dtype).to(new_weight.device)
             if has_bias:
-                bias[rows_of_block.to(bias.device)] = solution[ok, e].to(bias.dtype).to(bias.device)
+                entries = torch.arange(len(bias_parameter))[refit.bias_rows][ok]
+                bias_parameter[entries.to(bias_parameter.device)] = solution[ok, columns].to(bias_parameter.dtype).to(bias_parameter.device)
+        parameter.copy_(from_unit_matrix(new_weight, parameter, target.axis))
     return {"error": error, "rows": rows, "calls": calls, "failed": failed}
 
 
@@ -576,61 +519,41 @@ def _lifted(model: nn.Module) -> nn.Module:
     return dense
 
 
-def _output_hook(module: nn.Module, store: dict, key: str):
-    """Record ``module``'s output under ``key``; for an attention, the output of its q/k/v projections."""
-    if not isinstance(module, nn.MultiheadAttention):
-        return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, out))
-
-    def projections(attention: nn.Module, args: tuple, kwargs: dict) -> None:
-        weight = masked_value(attention, "in_proj_weight") if hasattr(attention, "in_proj_weight_mask") else attention.in_proj_weight
-        bias = attention.in_proj_bias
-        if bias is not None and hasattr(attention, "in_proj_bias_mask"):
-            bias = masked_value(attention, "in_proj_bias")
-        tensors = attention_inputs(args, kwargs)
-        blocks = _projection_blocks(attention, weight, bias)
-        store[key] = torch.cat([F.linear(t.reshape(-1, t.shape[-1]), *block) for t, block in zip(tensors, blocks)])
-
-    return module.register_forward_pre_hook(projections, with_kwargs=True)
-
-
-def _errors(model: nn.Module, reference: nn.Module, keys: list[str], calibration: Calibration, batch_size: int,
+def _errors(model: nn.Module, reference: nn.Module, targets: list[_Target], calibration: Calibration, batch_size: int,
             process_group: object | None = None) -> dict[str, float]:
-    """Mean squared error of each layer's output against the dense one's, on the calibration data."""
-    if not keys:
+    """Mean squared error of each layer's output against the dense one's, on the calibration data.
+
+    A layer's output is computed in its hook from its design rows, so only
+    outputs, not inputs, are held for all layers at once.
+    """
+    if not targets:
         return {}
-    mine, theirs = dict(model.named_modules()), dict(reference.named_modules())
-    attention_of = {id(m.out_proj): m for net in (model, reference) for m in net.modules() if isinstance(m, nn.MultiheadAttention)}
-    sums = dict.fromkeys(keys, 0.0)
-    counts = dict.fromkeys(keys, 0)
+    sums = dict.fromkeys((t.key for t in targets), 0.0)
+    counts = dict.fromkeys((t.key for t in targets), 0)
     modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
+    parameters = {(id(net), t.key): _parameters(net, t, masked=True) for net in (model, reference) for t in targets}
     try:
         model.eval()
         reference.eval()
         with torch.no_grad(), torch.random.fork_rng():
             for batch in _batches(calibration, batch_size):
-                got, want = {}, {}
-                for net, modules, store in ((model, mine, got), (reference, theirs, want)):
-                    handles = []
-                    with ExitStack() as stack:
-                        calls = {}
-                        for k in keys:
-                            module = modules[k.rpartition(".")[0]]
-                            if id(module) in attention_of:  # an attention's out_proj: seen through F.linear
-                                calls[k] = stack.enter_context(_out_proj_calls(attention_of[id(module)]))
-                            else:
-                                handles.append(_output_hook(module, store, k))
-                        try:
-                            batch.outputs(net)
-                        finally:
-                            for handle in handles:
-                                handle.remove()
-                        for k, seen in calls.items():
-                            store[k] = seen[0][1]
-                for k in keys:
-                    sums[k] += float((got[k].double() - want[k].double()).square().sum())
-                    counts[k] += got[k].numel()
+                outputs: dict[int, dict[tuple[str, int], list[torch.Tensor]]] = {id(model): {}, id(reference): {}}
+                for net in (model, reference):
+                    with _Hooks() as hooks:
+                        for t in targets:
+                            weight, bias = parameters[(id(net), t.key)]
+                            for i, refit in enumerate(t.refits):
+                                store = outputs[id(net)].setdefault((t.key, i), [])
+                                hooks.add(net, t, refit, lambda x, w=weight, b=bias, r=refit, s=store: s.append(_affine(x, w, b, r)))
+                        batch.outputs(net)
+                for (key, i), got in outputs[id(model)].items():
+                    want = outputs[id(reference)].get((key, i), [])
+                    for g, w in zip(got, want):
+                        sums[key] += float((g.double() - w.double()).square().sum())
+                        counts[key] += g.numel()
     finally:
         for module, training in modes:
             module.training = training
+    keys = [t.key for t in targets]
     totals = sum_over_ranks(torch.tensor([[sums[k], float(counts[k])] for k in keys], dtype=torch.float64), process_group)
     return {k: float(total) / max(float(count), 1.0) for k, (total, count) in zip(keys, totals)}

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, check_choice
-from .layers import GRANULARITIES, find_layers, parameter_name, weight_of
+from .layer_types import unit_matrix
+from .layers import GRANULARITIES, find_layers, parameter_name, unit_axis, weight_of
 from .selection import NAN_CAUSES, check_scores_finite
 
 __all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scores"]
@@ -42,7 +43,7 @@ def magnitude_scores(
         if granularity == "weight":
             scores[key] = weight.abs().cpu()
         else:
-            scores[key] = weight.reshape(weight.shape[0], -1).norm(dim=1).cpu()
+            scores[key] = unit_matrix(weight, unit_axis(module, key)).norm(dim=1).cpu()
     return scores
 
 
@@ -59,7 +60,7 @@ def random_scores(
     scores = {}
     for key, module in _layers(model, granularity, include, exclude).items():
         weight = weight_of(module, key)
-        shape = weight.shape if granularity == "weight" else weight.shape[:1]
+        shape = weight.shape if granularity == "weight" else (weight.shape[unit_axis(module, key)],)
         scores[key] = torch.rand(shape, generator=generator)
     return scores
 

@@ -32,7 +32,7 @@ from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
 from .distributed import broadcast_tensors, unwrap
-from .layers import GRANULARITIES, Coverage, coverage, find_layers, weight_of
+from .layers import GRANULARITIES, Coverage, bias_name_of, coverage, find_layers, unit_axis, weight_of
 
 __all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
 
@@ -174,8 +174,9 @@ class TicketSearch:
         self.theta0_bias: dict[str, torch.Tensor] = {}  # neurons: a probed unit's bias is reset too
         if config.granularity == "neuron":
             for key, module in layers.items():
-                if isinstance(getattr(module, "bias", None), torch.Tensor):
-                    self.theta0_bias[key] = weight_of(module, "bias").detach().clone()
+                bias = bias_name_of(module, key)
+                if bias is not None:
+                    self.theta0_bias[key] = weight_of(module, bias).detach().clone()
         # θ0 is rank 0's on every rank, as DDP makes the weights: a model initialised differently per rank
         # and searched before DDP's first broadcast would otherwise reset probes to different values.
         broadcast_tensors([*self.theta0.values(), *self.theta0_bias.values()], process_group)
@@ -193,7 +194,11 @@ class TicketSearch:
     def unit_shape(self, key: str) -> torch.Size:
         """Shape of layer ``key``'s scores: the weight's, or ``(out_units,)`` for neurons."""
         shape = self.theta0[key].shape
-        return shape if self.config.granularity == "weight" else shape[:1]
+        return shape if self.config.granularity == "weight" else shape[self.unit_axis(key) : self.unit_axis(key) + 1]
+
+    def unit_axis(self, key: str) -> int:
+        """The axis of layer ``key``'s weight that holds its units (its layer type's: 1 for GPT-2's ``Conv1D``)."""
+        return unit_axis(self.layers[key], key)
 
     @torch.no_grad()
     def step(self, inputs_or_closure: Any, targets: torch.Tensor | None = None) -> dict[str, float]:

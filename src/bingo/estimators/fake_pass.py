@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from ..errors import BingoError, ConfigError
 from ..distributed import mean_over_ranks
-from ..layers import weight_of, weight_parameter_name
+from ..layers import bias_name_of, weight_of, weight_parameter_name
 from ..pruning import refresh_masked
 
 if TYPE_CHECKING:
@@ -243,11 +243,15 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
     weight = weight_of(module, key).detach()
     subset = subset.to(weight.device)
     probe = weight.clone()
-    rows = probe.view(weight.shape[0], -1) if search.config.granularity == "neuron" else probe.view(-1)
-    rows[subset] = search.theta0[key].view_as(rows)[subset] if reset else 0
+    if search.config.granularity == "neuron":  # whole units: index the unit axis (a view, so the write lands in probe)
+        axis = search.unit_axis(key)
+        rows, initial = probe.movedim(axis, 0), search.theta0[key].movedim(axis, 0)
+    else:
+        rows, initial = probe.view(-1), search.theta0[key].view(-1)
+    rows[subset] = initial[subset] if reset else 0
     tensors = {prefix + weight_parameter_name(module, key): probe}
     if key in search.theta0_bias:
-        name = weight_parameter_name(module, "bias")
+        name = weight_parameter_name(module, bias_name_of(module, key))
         bias = getattr(module, name).detach().clone()
         bias[subset] = search.theta0_bias[key][subset] if reset else 0
         tensors[prefix + name] = bias

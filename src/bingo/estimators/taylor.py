@@ -9,6 +9,7 @@ import torch
 
 from ..errors import BingoError, ConfigError
 from ..layers import weight_of
+from ..layer_types import unit_matrix
 from .base import Estimator, register_estimator
 from .fake_pass import Batch
 
@@ -79,7 +80,7 @@ class TaylorEstimator(Estimator):
             else:  # the sign of Δ = -w does not matter once squared
                 change = weight.grad.detach() * weight.detach()
             if search.config.granularity == "neuron":
-                change = change.reshape(change.shape[0], -1).sum(dim=1)
+                change = unit_matrix(change, search.unit_axis(key)).sum(dim=1)
             entry["taylor_steps"] += 1
             new_weight = 1.0 / float(entry["taylor_steps"]) if self.decay == 1.0 else 1.0 - self.decay
             entry["taylor_average"].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
