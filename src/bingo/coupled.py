@@ -53,6 +53,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
+from .layer_types import unit_matrix
 from .layers import PRUNABLE_TYPES, output_layer_name
 from .pruning import _ensure_copyable, apply_masks, make_permanent
 from .selection import SCOPES, select_masks
@@ -183,7 +184,7 @@ def _dead_units(module: nn.Module) -> torch.Tensor:
     mask = getattr(module, "weight_mask", None)
     if mask is None:
         return torch.zeros(module.weight.shape[0], dtype=torch.bool)
-    return ~mask.reshape(mask.shape[0], -1).bool().any(dim=1).cpu()
+    return ~unit_matrix(mask).bool().any(dim=1).cpu()
 
 
 def prune_coupled(

@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .layer_types import layer_type_of, unit_matrix
+from .layers import unit_axis
 from .data import Dataset
 from .io import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .pruning import load_pruned_state_dict, make_permanent
@@ -212,7 +214,7 @@ def _unit_pruned(model: nn.Module) -> bool:
         mask = getattr(module, "weight_mask", None)
         if mask is None or mask.dim() < 2:
             continue
-        rows = mask.reshape(mask.shape[0], -1).bool()
+        rows = unit_matrix(mask, unit_axis(module)).bool()
         uniform = (rows.all(dim=1) | ~rows.any(dim=1)).all()
         if uniform and not rows.any(dim=1).all():
             return True
@@ -221,11 +223,19 @@ def _unit_pruned(model: nn.Module) -> bool:
 
 def _weight_sparsity(model: nn.Module) -> float:
     zeros = total = 0
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
+    for module in _weight_layers(model).values():
+        zeros += int((module.weight == 0).sum())
+        total += module.weight.numel()
     return zeros / total if total else 0.0
+
+
+def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules of a registered layer type that have a weight matrix (``weight``), by name."""
+    return {
+        name: module for name, module in model.named_modules()
+        if layer_type_of(module) is not None and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() >= 2
+    }
 
 
 def _write_program(program, path: Path) -> Path:
@@ -377,11 +387,7 @@ def export_model(
         "parameters": count_parameters(net),
         "weight_sparsity": _weight_sparsity(net),
         "shrunk": bool(shrink_units),
-        "layers": {
-            name: list(module.weight.shape)
-            for name, module in net.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
-        },
+        "layers": {name: list(module.weight.shape) for name, module in _weight_layers(net).items()},
         "attention_heads": {
             name: module.num_heads for name, module in net.named_modules() if hasattr(module, "num_heads")
         },
