@@ -203,3 +203,17 @@ def test_separate_qkv_projections_are_refitted_each_on_its_own_input():
                            key_rows @ dense_k.T + dense_bias[8:16], keep)
     torch.testing.assert_close(attention.k_proj_weight_orig.detach().double(), expected[:, :5], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(attention.in_proj_bias[8:16].detach().double(), expected[:, 5], atol=1e-4, rtol=1e-4)
+
+
+def test_a_chain_of_gpt2_conv1d_layers_shrinks_exactly_and_counts_its_macs():
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 4), nn.ReLU(), Conv1D(5, 6), nn.ReLU(), Conv1D(3, 5))
+    assert bingo.count_flops(model, (7, 4)) == 7 * (4 * 6 + 6 * 5 + 5 * 3)
+    bingo.apply_masks(model, {"0.weight": torch.tensor([True, False, True, True, False, True]),
+                              "2.weight": torch.tensor([False, True, True, True, True])})
+    small = bingo.shrink(model)
+    assert isinstance(small[0], Conv1D) and small[0].weight.shape == (4, 4) and small[2].weight.shape == (4, 4)
+    assert small[4].weight.shape == (4, 3)
+    x = torch.randn(2, 7, 4)
+    torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=1e-5)
+    assert bingo.count_flops(small, (7, 4)) == 7 * (4 * 4 + 4 * 4 + 4 * 3)

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -79,12 +78,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .layers import attention_inputs
+from .layer_types import layer_type_of
+from .layers import attention_inputs, unit_axis
 from .pruning import make_permanent, masked_value
 
 __all__ = ["count_flops", "count_parameters", "shrink"]
 
-_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 _POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -138,6 +137,18 @@ def count_parameters(model: nn.Module, *, nonzero: bool = False) -> int:
 
 
 @torch.no_grad()
+def _maps_inputs(module: nn.Module) -> bool:
+    """A layer that computes its outputs from its inputs with its ``weight`` (a Linear, a conv, a ``Conv1D``; not a lookup)."""
+    layer_type = layer_type_of(module)
+    return layer_type is not None and layer_type.maps_to_outputs and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _shrinkable(module: nn.Module) -> bool:
+    """A layer whose type can rebuild it with fewer units and inputs (:meth:`bingo.layer_types.LayerType.resized`)."""
+    layer_type = layer_type_of(module)
+    return layer_type is not None and layer_type.shrinkable
+
+
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one sample through every Linear and Conv layer.
 
@@ -161,10 +172,8 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         nonlocal macs
         if id(module) in inside_attention:
             return
-        if isinstance(module, nn.Linear):
-            macs += output.numel() * module.in_features
-        else:
-            macs += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        weight = module.weight  # every output entry costs one MAC per weight of its unit (fan-in)
+        macs += output.numel() * (weight.numel() // weight.shape[unit_axis(module)])
 
     def attention_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> None:
         nonlocal macs
@@ -173,7 +182,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         macs += query * e * e + key * e * module.kdim + value * e * module.vdim + query * e * e
 
     modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _maps_inputs(m)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
                 if isinstance(m, nn.MultiheadAttention)]
     try:
@@ -247,9 +256,16 @@ def _is_shape_query(node: fx.Node) -> bool:
     return False
 
 
+class _LayerTracer(fx.Tracer):
+    """torch.fx's tracer, keeping every layer a layer type can shrink as one call (not only ``torch.nn``'s own)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return _shrinkable(module) or super().is_leaf_module(module, qualified_name)
+
+
 def _trace(model: nn.Module, input_shape: tuple[int, ...] | None) -> fx.Graph:
     try:
-        return fx.symbolic_trace(model).graph
+        return _LayerTracer().trace(model)
     except Exception as exc:  # TraceError on control flow, or any error inside forward
         if input_shape is None:
             raise ConfigError(
@@ -381,7 +397,7 @@ def _classify(node: fx.Node, model: nn.Module) -> _Step:
     if node.op == "call_module":
         module = model.get_submodule(node.target)
         kind = type(module)
-        if kind in _LAYER_TYPES:
+        if _shrinkable(module):
             return _Step(node, "layer", node.target, module)
         if kind in _NORM_TYPES:
             return _Step(node, "norm", node.target, module)
@@ -437,7 +453,7 @@ class _Layer:
 
     name: str
     module: nn.Module
-    weight: torch.Tensor
+    weight: torch.Tensor  # units first: (out, in) for an affine map, (out, in, *kernel) for a conv
     bias: torch.Tensor | None
     dead: torch.Tensor  # (out,) bool: incoming weights all zero
     keep_out: torch.Tensor  # (out,) bool
@@ -462,7 +478,7 @@ def _bn_eval(norm: nn.Module, c: torch.Tensor, label: str) -> torch.Tensor:
 def _fold_pair(producer: _Layer, consumer: _Layer, between: list[_Step], model_name: str) -> None:
     """Decide which dead units of ``producer`` go, and fold their constant outputs into ``consumer``."""
     p, q = producer.module, consumer.module
-    p_conv = not isinstance(p, nn.Linear)
+    p_conv = producer.weight.dim() > 2  # a conv's filter bank; an affine map is (out, in)
     units = producer.weight.shape[0]
     where = f"between {producer.name!r} and {consumer.name!r}"
     c = producer.bias.detach().double().clone() if producer.bias is not None else torch.zeros(units, dtype=torch.float64)
@@ -502,16 +518,17 @@ def _fold_pair(producer: _Layer, consumer: _Layer, between: list[_Step], model_n
                 "follows BatchNorm, parameter-free activations, dropout, pooling and flatten only"
             )
 
-    if isinstance(q, nn.Linear):
+    q_affine = consumer.weight.dim() == 2
+    if q_affine:
         if p_conv and not flattened:
             raise ConfigError(f"cannot shrink {model_name}: Linear {consumer.name!r} takes the output of conv {producer.name!r} without a flatten")
-        block, rest = divmod(q.in_features, units)
+        block, rest = divmod(consumer.weight.shape[1], units)
         if rest or (not p_conv and block != 1):
             raise ConfigError(
-                f"cannot shrink {model_name}: {consumer.name!r} takes {q.in_features} features, which do not split "
+                f"cannot shrink {model_name}: {consumer.name!r} takes {consumer.weight.shape[1]} features, which do not split "
                 f"into the {units} units of {producer.name!r}"
             )
-        columns = consumer.weight.reshape(q.out_features, units, block)
+        columns = consumer.weight.reshape(consumer.weight.shape[0], units, block)
         zero_padded = False
     else:
         if not p_conv or flattened or type(q) is not type(p) or q.in_channels != units:
@@ -548,7 +565,7 @@ def _fold_pair(producer: _Layer, consumer: _Layer, between: list[_Step], model_n
         per_unit = columns.detach().double().sum(-1)[:, remove.to(columns.device)]  # (out_q, removed)
         consumer.bias_shift += (per_unit.cpu() @ c[remove])
     producer.keep_out = ~remove
-    consumer.keep_in = (~remove).repeat_interleave(columns.shape[-1]) if isinstance(q, nn.Linear) else ~remove
+    consumer.keep_in = (~remove).repeat_interleave(columns.shape[-1]) if q_affine else ~remove
 
 
 def _rebuilt_layer(layer: _Layer) -> nn.Module:
@@ -557,22 +574,13 @@ def _rebuilt_layer(layer: _Layer) -> nn.Module:
     keep_in = layer.keep_in.to(layer.weight.device)
     weight = layer.weight.detach()[keep_out][:, keep_in]
     shift = layer.bias_shift[layer.keep_out]
-    need_bias = layer.bias is not None or bool((shift != 0).any())
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=need_bias, **factory)
-    else:
-        new = type(old)(
-            weight.shape[1], weight.shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
-            dilation=old.dilation, groups=1, bias=need_bias, padding_mode=old.padding_mode, **factory,
-        )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if need_bias:
-            bias = layer.bias.detach()[keep_out].double() if layer.bias is not None else torch.zeros(len(shift), dtype=torch.float64)
-            new.bias.copy_((bias.cpu() + shift).to(weight.dtype))
+    bias = None
+    if layer.bias is not None or bool((shift != 0).any()):
+        bias = layer.bias.detach()[keep_out].double() if layer.bias is not None else torch.zeros(len(shift), dtype=torch.float64)
+        bias = (bias.cpu() + shift).to(weight.dtype).to(weight.device)
+    new = layer_type_of(old).resized(old, weight, bias)
     new.weight.requires_grad_(old.weight.requires_grad)
-    if need_bias and old.bias is not None:
+    if bias is not None and old.bias is not None:
         new.bias.requires_grad_(old.bias.requires_grad)
     new.train(old.training)
     return new
@@ -676,7 +684,7 @@ def _shrink_chain(model: nn.Module, input_shape: tuple[int, ...] | None) -> nn.M
     layers = []
     for i in positions:
         module = steps[i].module
-        weight = module.weight.detach()
+        weight = module.weight.detach().movedim(unit_axis(module), 0)  # units first, whatever the layer's storage
         bias = module.bias.detach() if module.bias is not None else None
         units = weight.shape[0]
         layers.append(_Layer(

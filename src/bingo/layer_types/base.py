@@ -85,6 +85,8 @@ class LayerType:
     scored_by_default: ClassVar[bool] = True
     #: may be a model's output layer (its units are then the model's outputs)
     maps_to_outputs: ClassVar[bool] = True
+    #: :func:`bingo.shrink` may rebuild it smaller (:meth:`resized`)
+    shrinkable: ClassVar[bool] = False
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.module_type)
@@ -108,6 +110,14 @@ class LayerType:
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         """The least-squares problems that re-fit weight ``name``, or why it cannot be re-fitted."""
         return f"no re-fit is defined for {type(module).__name__} ({self.name})"
+
+    def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """A new module like ``module`` computing with ``weight`` (units first: ``(out, in, …)``) and ``bias``.
+
+        What :func:`bingo.shrink` puts in place of a layer that lost units or
+        inputs; only asked of types with ``shrinkable = True``.
+        """
+        raise NotImplementedError(f"{self.name} layers cannot be shrunk")
 
 
 #: every registered layer type, in registration order (later ones are asked first)

@@ -37,6 +37,20 @@ class ConvLayer(LayerType):
     name = "Conv"
     module_type = (nn.Conv1d, nn.Conv2d)
 
+    shrinkable = True
+
+    def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        new = type(module)(
+            weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=1, bias=bias is not None, padding_mode=module.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
+
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
             return "grouped, non-zero-padded or 'same'-padded convolutions are not re-fitted"

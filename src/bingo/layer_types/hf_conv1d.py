@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 from .base import LayerType, Refit, register_layer_type
@@ -28,5 +29,17 @@ class HuggingFaceConv1DLayer(LayerType):
     def unit_axis(self, module: nn.Module, name: str) -> int:
         return 1
 
+    shrinkable = True
+
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=last_axis_rows)]
+
+    def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        new = type(module)(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=weight.dtype)  # Conv1D(nf, nx)
+        with torch.no_grad():
+            new.weight.copy_(weight.T)  # stored in × out
+            if bias is None:
+                new.bias.zero_()
+            else:
+                new.bias.copy_(bias)
+        return new

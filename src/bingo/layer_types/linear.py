@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import LayerType, Refit, register_layer_type
@@ -18,5 +19,15 @@ class LinearLayer(LayerType):
     name = "Linear"
     module_type = nn.Linear
 
+    shrinkable = True
+
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=last_axis_rows)]
+
+    def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
