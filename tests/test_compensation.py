@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_one_linear_layer_matches_closed_form_least_squares():
     dense = copy.deepcopy(layer)
     x = torch.randn(200, 6)
     keep = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    result = bingo.compensate(layer, {"0.weight": keep}, x, damping=0.0)
+    result = bingo.compensate(layer, {"0.weight": keep}, x, damping=0.0, validation=0.0)
     assert result.layers == ("0.weight",)
     with torch.no_grad():
         y = dense(x).double().numpy()
@@ -50,7 +51,7 @@ def test_targets_are_the_dense_outputs_so_later_layers_correct_earlier_pruning()
     scores = bingo.magnitude_scores(model)
     bingo.prune(model, scores, 0.6)
     x = data[0]
-    result = bingo.compensate(model, None, x, damping=0.0)
+    result = bingo.compensate(model, None, x, damping=0.0, validation=0.0)
     assert result.layers == ("1.weight", "3.weight", "5.weight")  # network order
     # The output layer's target is the dense network's output: its re-fit sees the pruned inputs.
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_conv_layers_are_fitted_on_unfolded_patches():
     dense = copy.deepcopy(model)
     bingo.prune(model, bingo.magnitude_scores(model), 0.5)
     x = data[0]
-    result = bingo.compensate(model, None, x, damping=1e-6)
+    result = bingo.compensate(model, None, x, damping=1e-6, validation=0.0)
     assert result.layers == ("0.weight", "5.weight", "9.weight")
     # Closed form for the conv layer: its inputs are the raw images (nothing pruned before it).
     patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 9).double().numpy()
@@ -153,8 +154,8 @@ def test_compensated_outcome_counts_its_calibration_passes():
     plain = next(get_strategy("magnitude").run(experiment, [0.8]))
     config = OneShotConfig(compensation=CompensationConfig(compensate=True, calibration_samples=300))
     compensated = next(get_strategy("magnitude", config).run(experiment, [0.8]))
-    # 3 layers x (pruned + dense forward) x 2 batches of 256, plus the 2 x 2 forwards of the error check
-    assert compensated.forward_passes - plain.forward_passes == 3 * 2 * 2 + 2 * 2
+    # 3 layers x (pruned + dense forward) x (2 batches of the 270 fitted + 1 of the 30 held out), plus the 2 x 2 of the error check
+    assert compensated.forward_passes - plain.forward_passes == 3 * 2 * 3 + 2 * 2
     assert compensated.train_steps == plain.train_steps
     assert torch.equal(torch.cat([m.flatten() for m in compensated.masks.values()]), torch.cat([m.flatten() for m in plain.masks.values()]))
 
@@ -231,3 +232,29 @@ def test_row_solves_stay_within_their_memory_chunk_whatever_the_mix_of_kept_coun
         block = hessian[kept][:, kept]
         expected = torch.linalg.solve(block + 0.01 * block.diagonal().mean() * torch.eye(len(kept), dtype=torch.float64), cross[kept, row])
         torch.testing.assert_close(solution[row, kept], expected)
+
+
+def test_a_refit_that_does_worse_on_held_out_samples_is_undone_and_said_so():
+    torch.manual_seed(0)
+    # independent inputs: the kept weights are already the best on average, so an exact fit to 27 samples (20 kept
+    # inputs and a bias per unit) fits their noise; correlated inputs: the survivors can stand in for the pruned ones
+    mixing = torch.randn(12, 40)
+    layer = nn.Sequential(nn.Linear(40, 6))
+    masks = bingo.prune(layer, bingo.magnitude_scores(layer), 0.5)
+    pruned = copy.deepcopy(layer)
+    few = torch.randn(30, 40)
+    with pytest.warns(UserWarning, match=r"0.weight: the re-fit reproduced the dense outputs worse on the 3 held-out"):
+        result = bingo.compensate(layer, None, few, damping=0.0)
+    assert result.layers == () and torch.equal(layer[0].weight_orig, pruned[0].weight_orig)  # left exactly as it was
+    assert torch.equal(layer[0].bias, pruned[0].bias)
+    many = torch.randn(2000, 12) @ mixing + 0.3 * torch.randn(2000, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bingo.compensate(layer, None, many, damping=0.0)
+    assert result.layers == ("0.weight",) and result.error_after["0.weight"] < result.error_before["0.weight"]
+    # the check is a held-out one: the same few samples with it off are fitted (in-sample error can only drop)
+    layer = copy.deepcopy(pruned)
+    result = bingo.compensate(layer, None, few, damping=0.0, validation=0.0)
+    assert result.layers == ("0.weight",)
+    with pytest.raises(ConfigError, match=r"^validation must be a fraction in \[0, 1\), got 1.5$"):
+        bingo.compensate(layer, None, few, validation=1.5)

@@ -54,7 +54,7 @@ def test_readme_layer_type_is_scored_pruned_by_column_and_refitted_exactly(readm
     dense = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     masks = _random_masks(model)
     x = torch.randn(200, 6)
-    result = bingo.compensate(model, None, x, damping=0.0)
+    result = bingo.compensate(model, None, x, damping=0.0, validation=0.0)
     assert result.layers == ("0.weight",) and result.skipped == ()
     design = torch.cat([x, torch.ones(200, 1)], 1)
     keep = torch.cat([masks["0.weight"].T, torch.ones(5, 1, dtype=torch.bool)], 1)
@@ -71,7 +71,7 @@ def test_gpt2_conv1d_is_scored_by_default_with_units_on_its_columns_and_refitted
     dense = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     masks = _random_masks(model)
     x = torch.randn(3, 70, 6)  # (batch, tokens, features): every token is a row
-    result = bingo.compensate(model, None, x, damping=0.0)
+    result = bingo.compensate(model, None, x, damping=0.0, validation=0.0)
     assert result.layers == ("0.weight",) and result.skipped == ()
     rows = x.reshape(-1, 6)
     keep = torch.cat([masks["0.weight"].T, torch.ones(5, 1, dtype=torch.bool)], 1)
@@ -88,7 +88,7 @@ def test_conv1d_is_refitted_as_lstsq_on_its_unfolded_patches(padding, stride, di
     dense_w, dense_b = conv.weight.detach().clone(), conv.bias.detach().clone()
     masks = _random_masks(model)
     x = torch.randn(40, 3, 12)
-    result = bingo.compensate(model, None, x, damping=0.0)
+    result = bingo.compensate(model, None, x, damping=0.0, validation=0.0)
     assert result.layers == ("0.weight",) and result.skipped == ()
     padded = F.pad(x, (padding, padding))
     patches = padded.unfold(2, dilation * 2 + 1, stride)[..., ::dilation]  # (N, C, P, k)
@@ -195,7 +195,7 @@ def test_separate_qkv_projections_are_refitted_each_on_its_own_input():
     x = torch.randn(30, 4, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped
-        result = bingo.compensate(model, None, x, damping=0.0)
+        result = bingo.compensate(model, None, x, damping=0.0, validation=0.0)
     assert set(result.layers) == set(masks)
     key_rows = x[..., 8:13].reshape(-1, 5)
     keep = torch.cat([masks["attention.k_proj_weight"], torch.ones(8, 1, dtype=torch.bool)], 1)

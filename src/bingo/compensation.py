@@ -103,6 +103,14 @@ def _samples(calibration: Any) -> int:
     return len(first_tensor(calibration))
 
 
+def _numbered_batches(calibration: Any, batch_size: int, split: int) -> Iterator[tuple[int, Batch]]:
+    """``(first sample, batch)`` over the calibration inputs, no batch straddling sample ``split``."""
+    samples = _samples(calibration)
+    for begin, end in ((0, split), (split, samples)):
+        for start in range(begin, end, batch_size):
+            yield start, Batch(inputs=_slice(calibration, slice(start, min(start + batch_size, end))))
+
+
 def _batches(calibration: Any, batch_size: int) -> Iterator[Batch]:
     """The calibration inputs in batches, each called as the model takes it (``model(x)``, ``model(*x)``, ``model(**x)``)."""
     for start in range(0, _samples(calibration), batch_size):
@@ -338,6 +346,7 @@ def compensate(
     damping: float = 0.01,
     batch_size: int = 256,
     batchnorm: str = "keep",
+    validation: float = 0.1,
     process_group: object | None = None,
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned layer of ``model``, in place.
@@ -365,6 +374,12 @@ def compensate(
             fine-tune it does not, so pass the dense model).
         damping: relative Tikhonov damping ``λ / mean(diag H)``.
         batch_size: calibration batch size (memory only).
+        validation: the fraction of the calibration samples (the last ones)
+            held out of the fit to check it: a layer whose re-fit reproduces
+            the dense outputs on them worse than the pruned layer as it was
+            (an exact fit on too few samples for its kept inputs overfits) is
+            put back as it was and listed in ``skipped``. 0 turns the check
+            off; with fewer than 10 samples there is none.
         batchnorm: ``"keep"`` the BatchNorm statistics (the fit targets the
             dense layer outputs, which those statistics describe), or
             ``"reestimate"`` them on the calibration data afterwards
@@ -381,6 +396,8 @@ def compensate(
     _check_calibration(calibration)
     if not 0.0 <= float(damping) < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
+    if not 0.0 <= float(validation) < 1.0:
+        raise ConfigError(f"validation must be a fraction in [0, 1), got {validation!r}")
     start_time = time.perf_counter()
     model = unwrap(model)  # the inner module of a DDP wrapper: its forwards need no collectives
     reference = None if reference is None else unwrap(reference)
@@ -402,8 +419,11 @@ def compensate(
         reached = {t.key for t in order}
         skipped += [f"{t.key}: never called as a module in the forward pass" for t in targets if t.key not in reached]
         for target in order:
-            fit = _fit(model, reference, target, calibration, batch_size, float(damping), process_group)
+            fit = _fit(model, reference, target, calibration, batch_size, float(damping), float(validation), process_group)
             calls += fit["calls"]
+            if fit["worse"]:
+                skipped.append(f"{target.key}: {fit['worse']}")
+                continue
             if fit["error"] == 0.0:
                 # Nothing pruned in or before this layer: it already gives the dense output exactly,
                 # and a re-fit could only move it by the damping (at sparsity 0, every layer).
@@ -427,12 +447,16 @@ def compensate(
 
 
 def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: Calibration, batch_size: int,
-         damping: float, process_group: object | None) -> dict:
+         damping: float, validation: float, process_group: object | None) -> dict:
     """Re-fit the kept entries of one masked weight to the dense layer's outputs, in place.
 
     Each of the layer type's refits is a least-squares problem of its own
     (its rows, its design): ``H = XᵀX`` and ``XᵀY`` accumulated over the
     calibration batches, then solved row by row on each row's kept inputs.
+    The held-out samples (``validation``) are summarised the same way, which
+    gives the squared error of any weights on them without keeping them:
+    ``‖X w − y‖² = wᵀHw − 2 wᵀXᵀy + ‖y‖²``. If the re-fit's is larger than
+    the pruned weights', nothing is written and ``worse`` says why.
     """
     weight, bias = _parameters(model, target, masked=True)
     dense_weight, dense_bias = _parameters(reference, target, masked=False)
@@ -444,8 +468,15 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
         problems.append({"hessian": torch.zeros(d, d, dtype=torch.float64),
                          "cross": torch.zeros(d, out, dtype=torch.float64)})
     error, rows, calls = 0.0, 0, 0
+    samples = _samples(calibration)
+    held_out = int(samples * validation) if samples >= 10 else 0
+    fit_samples = samples - held_out
+    for problem in problems:
+        d, out = problem["cross"].shape
+        problem["check"] = {"hessian": torch.zeros(d, d, dtype=torch.float64), "cross": torch.zeros(d, out, dtype=torch.float64),
+                            "targets": torch.zeros((), dtype=torch.float64)}
     with torch.no_grad(), torch.random.fork_rng():
-        for batch in _batches(calibration, batch_size):
+        for start, batch in _numbered_batches(calibration, batch_size, fit_samples):
             mine = [[] for _ in target.refits]
             theirs = [[] for _ in target.refits]
             with _Hooks() as hooks:
@@ -463,20 +494,26 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
                 x, x_dense = torch.cat(x), torch.cat(x_dense)
                 wanted = _affine(x_dense, dense_weight, dense_bias, refit).float().cpu()
                 design = _with_ones(x, has_bias).cpu()
+                sums = problem if start < fit_samples else problem["check"]
                 # float32 products of one batch (4x faster than float64 here), summed in float64
-                problem["hessian"] += (design.T @ design).double()
-                problem["cross"] += (design.T @ wanted).double()
-                error += float((_affine(x, weight, bias, refit).cpu().double() - wanted.double()).square().sum())
-                rows += wanted.numel()
+                sums["hessian"] += (design.T @ design).double()
+                sums["cross"] += (design.T @ wanted).double()
+                if start < fit_samples:
+                    error += float((_affine(x, weight, bias, refit).cpu().double() - wanted.double()).square().sum())
+                    rows += wanted.numel()
+                else:
+                    sums["targets"] += wanted.double().square().sum()
     for problem in problems:
         # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
-        sum_over_ranks(problem["hessian"], process_group)
-        sum_over_ranks(problem["cross"], process_group)
+        for sums in (problem, problem["check"]):
+            sum_over_ranks(sums["hessian"], process_group)
+            sum_over_ranks(sums["cross"], process_group)
+        sum_over_ranks(problem["check"]["targets"], process_group)
     totals = sum_over_ranks(torch.tensor([error, float(rows)], dtype=torch.float64), process_group)
     error, rows = float(totals[0]), int(totals[1])
     failed = 0
     if error == 0.0:
-        return {"error": error, "rows": rows, "calls": calls, "failed": failed}
+        return {"error": error, "rows": rows, "calls": calls, "failed": failed, "worse": None}
     module = model.get_submodule(target.module_name) if target.module_name else model
     keep_all = unit_matrix(getattr(module, f"{target.name}_mask"), target.axis).bool().cpu()
     bias_keep_all = None
@@ -489,22 +526,42 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
     if has_bias:
         bias_parameter = getattr(module, f"{target.bias}_orig", None)
         bias_parameter = getattr(module, target.bias) if bias_parameter is None else bias_parameter
+    new_bias = None if bias_parameter is None else bias_parameter.detach().clone()
+    held_out_before = held_out_after = 0.0
+    for refit, problem in zip(target.refits, problems):
+        keep = keep_all[refit.rows]
+        if has_bias:
+            keep = torch.cat([keep, bias_keep_all[refit.bias_rows][:, None]], dim=1)
+        solution = _solve_rows(problem["hessian"], problem["cross"], keep, damping)
+        ok = ~solution.isnan().any(dim=1)
+        failed += int((~ok).sum())
+        units = torch.arange(len(new_weight))[refit.rows][ok]
+        columns = new_weight.shape[1]
+        new_weight[units.to(new_weight.device)] = solution[ok, :columns].to(new_weight.dtype).to(new_weight.device)
+        if has_bias:
+            entries = torch.arange(len(new_bias))[refit.bias_rows][ok]
+            new_bias[entries.to(new_bias.device)] = solution[ok, columns].to(new_bias.dtype).to(new_bias.device)
+        if held_out:
+            before_rows = torch.cat([weight[refit.rows], bias[refit.bias_rows][:, None]], 1) if has_bias else weight[refit.rows]
+            after_rows = torch.cat([new_weight[refit.rows], new_bias[refit.bias_rows][:, None]], 1) if has_bias else new_weight[refit.rows]
+            held_out_before += _held_out_error(problem["check"], before_rows)
+            held_out_after += _held_out_error(problem["check"], after_rows)
+    if held_out and held_out_after > held_out_before:
+        return {"error": error, "rows": rows, "calls": calls, "failed": 0,
+                "worse": (f"the re-fit reproduced the dense outputs worse on the {held_out} held-out calibration samples "
+                          f"({held_out_after:.4g} vs {held_out_before:.4g} squared error), so it was undone: it overfits "
+                          f"the {fit_samples} samples fitted; give more calibration samples")}
     with torch.no_grad():
-        for refit, problem in zip(target.refits, problems):
-            keep = keep_all[refit.rows]
-            if has_bias:
-                keep = torch.cat([keep, bias_keep_all[refit.bias_rows][:, None]], dim=1)
-            solution = _solve_rows(problem["hessian"], problem["cross"], keep, damping)
-            ok = ~solution.isnan().any(dim=1)
-            failed += int((~ok).sum())
-            units = torch.arange(len(new_weight))[refit.rows][ok]
-            columns = new_weight.shape[1]
-            new_weight[units.to(new_weight.device)] = solution[ok, :columns].to(new_weight.dtype).to(new_weight.device)
-            if has_bias:
-                entries = torch.arange(len(bias_parameter))[refit.bias_rows][ok]
-                bias_parameter[entries.to(bias_parameter.device)] = solution[ok, columns].to(bias_parameter.dtype).to(bias_parameter.device)
         parameter.copy_(from_unit_matrix(new_weight, parameter, target.axis))
-    return {"error": error, "rows": rows, "calls": calls, "failed": failed}
+        if has_bias:
+            bias_parameter.copy_(new_bias)
+    return {"error": error, "rows": rows, "calls": calls, "failed": failed, "worse": None}
+
+
+def _held_out_error(check: dict, rows: torch.Tensor) -> float:
+    """``Σ_r ‖X w_r − y_r‖²`` over held-out samples summarised by ``H = XᵀX``, ``XᵀY`` and ``‖Y‖²``; rows ``(out, d)``."""
+    w = rows.detach().double().cpu()
+    return float((w @ check["hessian"] * w).sum() - 2 * (w * check["cross"].T).sum() + check["targets"])
 
 
 def _lifted(model: nn.Module) -> nn.Module:
