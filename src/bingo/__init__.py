@@ -13,17 +13,8 @@ from .export import ExportResult, RawInputModel, export_checkpoint, export_model
 from .estimators import ESTIMATORS, Estimator, register_estimator
 from .io import load_scores, save_scores
 from .layers import coverage, find_layers
-from .pruning import (
-    AccuracyFloorResult,
-    apply_masks,
-    current_masks,
-    load_pruned_state_dict,
-    make_permanent,
-    model_sparsity,
-    pruned_parameters,
-    prune,
-    prune_to_accuracy,
-)
+from .masks import apply_masks, current_masks, load_pruned_state_dict, make_permanent, model_sparsity, pruned_parameters
+from .pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from .schedule import SparsityScheduler, gmp_sparsity
 from .scoring import combine_ranks, magnitude_scores, random_scores
 from .search import SearchConfig, TicketSearch

@@ -28,7 +28,8 @@ from .errors import BingoError, ConfigError
 from .io import write_json
 from .models import MODELS, build_model
 from .layers import coverage
-from .pruning import prune, pruned_parameters
+from .masks import pruned_parameters
+from .pruning import prune
 from .scoring import magnitude_scores, random_scores
 from .search import TicketSearch
 from .selection import check_sparsity

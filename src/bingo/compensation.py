@@ -64,7 +64,7 @@ from .errors import ConfigError, check_choice
 from .estimators.fake_pass import Batch, first_tensor
 from .layer_types import Refit, from_unit_matrix, layer_type_of, unit_matrix
 from .layers import tied_weights
-from .pruning import apply_masks, make_permanent, masked_names, masked_value, refresh_masked
+from .masks import apply_masks, make_permanent, masked_names, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
 

@@ -55,7 +55,7 @@ from .distributed import unwrap
 from .errors import ConfigError, check_choice
 from .layer_types import unit_matrix
 from .layers import PRUNABLE_TYPES, output_layer_name
-from .pruning import _ensure_copyable, apply_masks, make_permanent
+from .masks import apply_masks, keep_copyable, make_permanent
 from .selection import SCOPES, select_masks
 
 __all__ = ["ChannelGroup", "channel_groups", "is_coupled", "prune_coupled", "shrink_coupled"]
@@ -252,7 +252,7 @@ def prune_coupled(
             for tensor in ("weight", "bias"):
                 if isinstance(getattr(norm, tensor, None), torch.Tensor):
                     torch_prune.custom_from_mask(norm, tensor, channels.to(getattr(norm, tensor).device))
-            _ensure_copyable(norm)
+            keep_copyable(norm)
     apply_masks(model, masks)
     return masks
 

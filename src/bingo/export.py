@@ -40,7 +40,7 @@ from .layer_types import layer_type_of, unit_matrix
 from .layers import unit_axis
 from .data import Dataset
 from .io import atomic_write, load_checkpoint, save_checkpoint, write_json
-from .pruning import load_pruned_state_dict, make_permanent
+from .masks import load_pruned_state_dict, make_permanent
 from .shrink import count_parameters, shrink
 
 __all__ = [

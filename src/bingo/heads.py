@@ -38,7 +38,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
-from .pruning import _ensure_attention_masked, _ensure_copyable, make_permanent
+from .masks import keep_copyable, make_permanent, mask_attention_outputs
 from .selection import SCOPES, select_masks
 
 __all__ = ["PrunedMultiheadAttention", "head_scores", "prune_heads", "shrink_heads"]
@@ -92,7 +92,7 @@ def head_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, 
 
 def _mask(module: nn.Module, name: str, keep: torch.Tensor) -> None:
     torch_prune.custom_from_mask(module, name, keep.to(getattr(module, name).device))
-    _ensure_copyable(module)
+    keep_copyable(module)
 
 
 def prune_heads(
@@ -135,7 +135,7 @@ def prune_heads(
             _mask(attention, "in_proj_bias", rows)
         columns = heads.repeat_interleave(attention.head_dim)
         _mask(attention.out_proj, "weight", columns[None, :].expand(attention.embed_dim, -1).contiguous())
-    _ensure_attention_masked(unwrap(model))
+    mask_attention_outputs(unwrap(model))
     return keep
 
 

@@ -1,15 +1,10 @@
-"""Application: putting keep-masks on a model, and the one-shot prune.
+"""The one-shot prune: scores in, masks on the model, to a sparsity or to an accuracy floor.
 
-Masks go on through ``torch.nn.utils.prune.custom_from_mask``, so a pruned
-model looks exactly like one pruned with PyTorch's own utilities: the module
-holds ``weight_orig`` and a ``weight_mask`` buffer, ``prune.remove`` (or
-:func:`make_permanent`) bakes the zeros in, the masks travel in
-``state_dict``, and masked weights stay zero through further training.
-
-Two granularities, told apart by the shape of the scores:
-- weight: scores shaped like the weight, one mask entry per weight;
-- neuron: scores of shape ``(out_units,)``; pruning a unit zeroes its whole
-  row / filter and its bias entry.
+Selection (:mod:`bingo.selection`) decides which entries go from the scores;
+:mod:`bingo.masks` puts the masks on. What is here ties the two together:
+:func:`prune` to a target sparsity, :func:`prune_to_accuracy` as far as a
+held-out accuracy allows (the paper's rule), by one bisection whether the
+units are single weights, whole units or tied channel groups.
 """
 
 from __future__ import annotations
@@ -22,285 +17,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
-from .errors import CheckpointError, ConfigError, check_choice
-from .distributed import unwrap
-from .layer_types import expand_units, layer_type_of, unit_matrix
-from .layers import ATTENTION_PROJECTIONS, bias_name_of, has_units, parameter_name, tied_weights, unit_axis, weight_of, weight_parameter_name
+from .coupled import prune_coupled
+from .errors import ConfigError, check_choice
+from .masks import apply_masks, check_units_left, current_masks
 from .selection import SCOPES, select_masks
 
-__all__ = [
-    "AccuracyFloorResult",
-    "apply_masks",
-    "current_masks",
-    "load_pruned_state_dict",
-    "pruned_parameters",
-    "make_permanent",
-    "masked_names",
-    "masked_value",
-    "model_sparsity",
-    "prune",
-    "prune_to_accuracy",
-    "refresh_masked",
-]
-
-
-def _module(model: nn.Module, key: str) -> nn.Module:
-    model = unwrap(model)  # keys name the inner module's parameters
-    module_name, _, attr = key.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
-        raise ConfigError(f"score key {key!r} names no module of {type(model).__name__}") from None
-    layer_type = layer_type_of(module)
-    names = layer_type.weights(module) if layer_type is not None else ("weight",)
-    if attr not in names and attr not in ("weight", *ATTENTION_PROJECTIONS):
-        raise ConfigError(
-            f"score key {key!r} does not name a weight (expected '<module>.weight' or a MultiheadAttention's "
-            f"'<module>.{{{','.join(ATTENTION_PROJECTIONS)}}}')"
-        )
-    if not isinstance(getattr(module, weight_parameter_name(module, attr), None), torch.Tensor):
-        raise ConfigError(f"score key {key!r} names {module_name or 'the model'} ({type(module).__name__}), which has no {attr}")
-    return module
-
-
-def _is_neuron(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> bool:
-    weight = weight_of(module, key)
-    if mask_or_scores.shape == weight.shape:
-        return False
-    units = weight.shape[unit_axis(module, key)]
-    if mask_or_scores.shape == (units,):
-        if not has_units(module, key):
-            raise ConfigError(f"scores for {key!r} are per unit; attention q/k/v projections take one score per weight, shaped {tuple(weight.shape)}")
-        return True
-    raise ConfigError(
-        f"scores for {key!r} have shape {tuple(mask_or_scores.shape)}; expected the weight's "
-        f"{tuple(weight.shape)} (weight granularity) or ({units},) (neuron granularity)"
-    )
-
-
-def _mask_of(module: nn.Module, key: str) -> torch.Tensor | None:
-    return getattr(module, f"{parameter_name(key)}_mask", None)
-
-
-def _unit_mask_of(module: nn.Module, key: str) -> torch.Tensor:
-    """Units still alive: a unit is pruned when its whole weight row is masked."""
-    mask = _mask_of(module, key)
-    axis = unit_axis(module, key)
-    if mask is None:
-        return torch.ones(weight_of(module, key).shape[axis], dtype=torch.bool)
-    return unit_matrix(mask, axis).bool().any(dim=1).cpu()
-
-
-def current_masks(model: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keep-masks already on ``model`` for the keys (and granularity) of ``like``."""
-    masks = {}
-    for key, ref in like.items():
-        module = _module(model, key)
-        if _is_neuron(module, ref, key):
-            masks[key] = _unit_mask_of(module, key)
-        else:
-            mask = _mask_of(module, key)
-            masks[key] = torch.ones(ref.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
-    return masks
-
-
-def masked_value(module: nn.Module, name: str) -> torch.Tensor:
-    """``<name>_orig * <name>_mask``: the value of a masked tensor that the forward pass uses.
-
-    The same product (mask cast to the parameter's dtype) that
-    ``torch.nn.utils.prune`` computes before every forward; with autograd
-    history unless called under ``torch.no_grad()``. ``AttributeError`` if
-    ``name`` is not masked on ``module``.
-    """
-    orig = getattr(module, f"{name}_orig")
-    return getattr(module, f"{name}_mask").to(dtype=orig.dtype) * orig
-
-
-def refresh_masked(model: nn.Module) -> None:
-    """Set every masked tensor of ``model`` to :func:`masked_value` now.
-
-    ``torch.nn.utils.prune`` refreshes ``module.weight`` only in a forward
-    pre-hook, so after writing into ``weight_orig`` or the mask (loading a
-    state dict, rewinding to θ0) ``module.weight`` holds the old values until
-    the next forward. Stored without autograd history, as bingo keeps it: a
-    tensor with a grad_fn on the module makes ``copy.deepcopy`` fail.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            for name in masked_names(module):
-                setattr(module, name, masked_value(module, name))
-
-
-def masked_names(module: nn.Module) -> list[str]:
-    """Names of ``module``'s tensors that ``torch.nn.utils.prune`` masks (``"weight"``, ``"bias"``, ``"in_proj_weight"``...)."""
-    return [
-        buffer_name[: -len("_mask")]
-        for buffer_name, _ in module.named_buffers(recurse=False)
-        if buffer_name.endswith("_mask") and hasattr(module, buffer_name[: -len("_mask")] + "_orig")
-    ]
-
-
-def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
-    """Forward hook: after the forward, hold the masked tensors detached.
-
-    ``torch.nn.utils.prune`` recomputes ``weight = weight_orig * weight_mask``
-    before every forward and leaves that non-leaf tensor on the module, which
-    makes ``copy.deepcopy`` of a pruned model fail. The autograd graph of this
-    forward already holds the product, so swapping in a detached copy of the
-    same values changes no gradient and makes the model copyable again.
-    """
-    for name in masked_names(module):
-        tensor = module.__dict__.get(name)
-        if tensor is not None and tensor.grad_fn is not None:
-            setattr(module, name, tensor.detach())
-
-
-def _ensure_copyable(module: nn.Module) -> None:
-    if not any(hook is _detach_masked for hook in module._forward_hooks.values()):
-        module.register_forward_hook(_detach_masked)
-    _detach_masked(module, None, None)
-
-
-def _mask_out_proj(attention: nn.Module, inputs: object) -> None:
-    """Forward pre-hook of an ``nn.MultiheadAttention``: recompute its pruned ``out_proj``'s masked tensors.
-
-    ``MultiheadAttention.forward`` reads ``out_proj.weight`` and ``.bias``
-    directly and never calls ``out_proj``, so the pre-hook
-    ``torch.nn.utils.prune`` puts on ``out_proj`` never runs: the weight would
-    stay the tensor of the moment of pruning, and ``weight_orig`` would get no
-    gradient (frozen, silently). Recomputed here with autograd history, as
-    torch's own hook would; :func:`_detach_out_proj` detaches it afterwards.
-    """
-    projection = attention.out_proj
-    for name in masked_names(projection):
-        setattr(projection, name, masked_value(projection, name))
-
-
-def _detach_out_proj(attention: nn.Module, inputs: object, output: object) -> None:
-    _detach_masked(attention.out_proj, inputs, output)
-
-
-def _ensure_attention_masked(model: nn.Module) -> None:
-    """Hooks on every ``nn.MultiheadAttention`` whose ``out_proj`` is pruned (once), so its mask applies in training."""
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) and hasattr(module.out_proj, "weight_mask"):
-            if not any(hook is _mask_out_proj for hook in module._forward_pre_hooks.values()):
-                module.register_forward_pre_hook(_mask_out_proj)
-                module.register_forward_hook(_detach_out_proj)
-
-
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Put keep-masks on ``model`` through ``torch.nn.utils.prune.custom_from_mask``.
-
-    A mask shaped like the weight masks weights; a mask of shape ``(out_units,)``
-    masks whole units (rows/filters and their bias entries). Masks combine with
-    any already on the module (an entry once pruned stays pruned). Keys name
-    the weight (``"fc1.weight"``, ``"attn.in_proj_weight"``), so one module
-    may carry several masks. A tied parameter (one tensor two modules use)
-    gets the same mask on every module that uses it, so it stays one
-    parameter with one mask.
-    """
-    tied = tied_weights(model)
-    for key, mask in masks.items():
-        module = _module(model, key)
-        weight = weight_of(module, key)
-        mask = mask.to(device=weight.device, dtype=weight.dtype)
-        bias_mask = None
-        if _is_neuron(module, mask, key):
-            bias_mask = mask
-            mask = expand_units(mask, weight, unit_axis(module, key))
-        for alias in (key, *tied.get(key, ())):
-            owner = _module(model, alias) if alias != key else module
-            if bias_mask is not None and bias_name_of(owner, alias) is not None:
-                torch_prune.custom_from_mask(owner, bias_name_of(owner, alias), bias_mask)
-            torch_prune.custom_from_mask(owner, parameter_name(alias), mask)
-            _ensure_copyable(owner)
-    _ensure_attention_masked(model)
-
-
-def make_permanent(model: nn.Module) -> None:
-    """Bake every mask into its parameter (``prune.remove``) and drop the masks and hooks.
-
-    A tied parameter stays tied: ``prune.remove`` gives each module its own
-    new parameter, so the modules that shared one are made to share the first again.
-    """
-    shared: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name in masked_names(module):
-            shared.setdefault(id(getattr(module, f"{name}_orig")), []).append((module, name))
-    for module in model.modules():
-        for name in masked_names(module):
-            torch_prune.remove(module, name)
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for handle_id, hook in list(hooks.items()):
-                if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
-                    del hooks[handle_id]
-    for users in shared.values():
-        first, first_name = users[0]
-        for module, name in users[1:]:
-            setattr(module, name, getattr(first, first_name))
-
-
-def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load the ``state_dict`` of a pruned model into a fresh (unpruned) one.
-
-    Every ``<module>.<name>_mask`` entry is first put on ``model`` as a mask,
-    so the keys ``weight_orig`` / ``weight_mask`` exist; then the state is
-    loaded strictly. Raises :class:`CheckpointError` if it does not fit.
-    """
-    for key, value in state_dict.items():
-        if not key.endswith("_mask"):
-            continue
-        module_name, _, attr = key.rpartition(".")
-        name = attr[: -len("_mask")]
-        try:
-            module = model.get_submodule(module_name) if module_name else model
-            target = getattr(module, name)
-        except AttributeError:
-            raise CheckpointError(f"state dict masks {key!r}, which this model does not have") from None
-        if hasattr(module, f"{name}_mask"):
-            continue
-        if not isinstance(target, torch.Tensor) or target.shape != value.shape:
-            raise CheckpointError(
-                f"state dict mask {key!r} has shape {tuple(value.shape)}, the model's {name} has "
-                f"{tuple(getattr(target, 'shape', ()))}"
-            )
-        torch_prune.custom_from_mask(module, name, value.to(target.device, dtype=torch.bool))
-        _ensure_copyable(module)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise CheckpointError(f"state dict does not fit the model: {lines[-1] if lines else exc}") from None
-    refresh_masked(model)  # so that module.weight right after loading holds the loaded values
-
-
-def pruned_parameters(model: nn.Module) -> int:
-    """How many parameter entries the masks on ``model`` remove (weights and, for pruned units, biases)."""
-    return sum(int((buffer == 0).sum()) for name, buffer in model.named_buffers() if name.endswith("_mask"))
-
-
-def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
-    """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights of two or more dimensions)."""
-    zeros = total = 0
-    seen: set[int] = set()  # a tied weight counts once
-    for module_name, module in unwrap(model).named_modules():
-        for name in ("weight", *ATTENTION_PROJECTIONS):
-            key = f"{module_name}.{name}" if module_name else name
-            weight = getattr(module, name, None)
-            if not isinstance(weight, torch.Tensor) or (keys is not None and key not in keys):
-                continue
-            parameter = weight_of(module, name)
-            if id(parameter) in seen:
-                continue
-            seen.add(id(parameter))
-            if keys is None and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
-                continue  # by default: masked weight matrices and filters (not a BatchNorm's masked scale)
-            zeros += int((weight == 0).sum())
-            total += weight.numel()
-    return zeros / total if total else 0.0
+__all__ = ["AccuracyFloorResult", "largest_passing", "prune", "prune_to_accuracy"]
 
 
 def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -311,15 +34,6 @@ def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict
         key: torch.where(existing[key], s.detach().float().cpu(), torch.tensor(-math.inf))
         for key, s in scores.items()
     }
-
-
-def _check_units_left(masks: dict[str, torch.Tensor], model: nn.Module) -> None:
-    for key, mask in masks.items():
-        if _is_neuron(_module(model, key), mask, key) and not mask.any():
-            raise ConfigError(
-                f"this sparsity would remove every unit of {key.rsplit('.', 1)[0]!r} "
-                f"({mask.numel()} units); lower the sparsity or use scope='layer'"
-            )
 
 
 def prune(
@@ -352,7 +66,7 @@ def prune(
     """
     check_choice("scope", scope, SCOPES)
     masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed)
-    _check_units_left(masks, model)
+    check_units_left(masks, model)
     apply_masks(model, masks)
     applied = current_masks(model, scores)
     pruned = sum(int((~m).sum()) for m in applied.values())
@@ -409,90 +123,68 @@ def prune_to_accuracy(
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)
-    if groups:
-        return _coupled_to_accuracy(model, scores, evaluate, groups, min_accuracy, max_drop, scope, seed)
-    effective = _effective_scores(model, scores)
-    shapes = {key: s.shape for key, s in effective.items()}
-    # Step j of the bisection is sparsity j / steps. In the global scopes (global, lamp)
-    # steps is the number of entries, so select_masks prunes round(j / steps * steps) = j
-    # of them; per layer it prunes round(j / steps * n_l) of each layer's n_l.
-    if scope == "layer":
-        steps = max(s.numel() for s in effective.values())
-    else:
-        steps = sum(s.numel() for s in effective.values())
-
-    def masks_at(j: int) -> dict[str, torch.Tensor]:
-        return select_masks(effective, j / steps, scope, seed)
-
-    evaluations = 0
+    dense = float(evaluate(model))
+    floor = float(min_accuracy) if min_accuracy is not None else dense - float(max_drop)
+    evaluations = 1
 
     def accuracy_at(j: int) -> float:
         nonlocal evaluations
-        masks = masks_at(j)
-        try:
-            _check_units_left(masks, model)
-        except ConfigError:
-            return -math.inf  # a layer left with no units: never allowed, whatever the floor
         trial = copy.deepcopy(model)
-        apply_masks(trial, masks)
+        try:
+            prune_at(trial, j)
+        except ConfigError:
+            return -math.inf  # a layer or group left with no units: never allowed, whatever the floor
         evaluations += 1
         return float(evaluate(trial))
 
-    already = int(sum((~m).sum() for m in current_masks(model, scores).values()))
-    dense = float(evaluate(model))
-    evaluations += 1
-    if min_accuracy is not None:
-        floor = float(min_accuracy)
+    if groups:
+        sizes = [group.channels for group in groups if any(key in scores for key in group.members)]
+        if not sizes:
+            raise ConfigError("none of the coupled channel groups has scores: pass neuron-granularity scores of their layers")
+        steps, start = (max(sizes) if scope == "layer" else sum(sizes)), 0
+
+        def prune_at(net: nn.Module, j: int) -> dict[str, torch.Tensor]:
+            return prune_coupled(net, scores, groups, j / steps, scope, seed=seed)
     else:
-        floor = dense - float(max_drop)
-    if not (0.0 <= floor <= 1.0) and min_accuracy is not None:
-        raise ConfigError(f"min_accuracy must be in [0, 1], got {min_accuracy!r}")
-    # Bisection for the largest j with accuracy >= floor; j = 0 prunes nothing new.
-    lo, lo_acc = (0, dense) if scope == "layer" else (already, dense)
-    hi = steps  # pruning everything is never allowed; treated as failing
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        acc = accuracy_at(mid)
-        if acc >= floor:
-            lo, lo_acc = mid, acc
+        effective = _effective_scores(model, scores)
+        # Step j is sparsity j / steps. In the global scopes (global, lamp) steps is the number of
+        # entries, so select_masks prunes round(j / steps * steps) = j of them; per layer it prunes
+        # round(j / steps * n_l) of each layer's n_l.
+        if scope == "layer":
+            steps = max(s.numel() for s in effective.values())
         else:
-            hi = mid
-    masks = masks_at(lo)
-    apply_masks(model, masks)
-    total = sum(math.prod(s) for s in shapes.values())
-    pruned = int(sum((~m).sum() for m in masks.values()))
-    return AccuracyFloorResult(masks, pruned / total, lo_acc, floor, dense, evaluations)
+            steps = sum(s.numel() for s in effective.values())
+        already = int(sum((~m).sum() for m in current_masks(model, scores).values()))
+        start = 0 if scope == "layer" else already
+
+        def prune_at(net: nn.Module, j: int) -> dict[str, torch.Tensor]:
+            masks = select_masks(effective, j / steps, scope, seed)
+            check_units_left(masks, net)
+            apply_masks(net, masks)
+            return masks
+
+    # pruning everything (j = steps) is never allowed: treated as failing
+    j, accuracy = largest_passing(start, steps, accuracy_at, floor, dense)
+    masks = prune_at(model, j)
+    if groups:
+        sparsity = sum(int((~masks[group.key]).sum()) for group in groups if group.key in masks) / sum(sizes)
+    else:
+        sparsity = int(sum((~m).sum() for m in masks.values())) / sum(m.numel() for m in masks.values())
+    return AccuracyFloorResult(masks, sparsity, accuracy, floor, dense, evaluations)
 
 
-def _coupled_to_accuracy(
-    model: nn.Module, scores: dict[str, torch.Tensor], evaluate: Callable[[nn.Module], float], groups: list,
-    min_accuracy: float | None, max_drop: float | None, scope: str, seed: int,
-) -> AccuracyFloorResult:
-    """:func:`prune_to_accuracy` over tied channels: the same bisection, each probe a :func:`bingo.prune_coupled`."""
-    from .coupled import prune_coupled
+def largest_passing(low: int, high: int, value_at: Callable[[int], float], floor: float, low_value: float) -> tuple[int, float]:
+    """The largest ``j`` in ``[low, high)`` with ``value_at(j) >= floor``, and its value, by bisection.
 
-    sizes = [group.channels for group in groups if any(key in scores for key in group.members)]
-    if not sizes:
-        raise ConfigError("none of the coupled channel groups has scores: pass neuron-granularity scores of their layers")
-    steps = max(sizes) if scope == "layer" else sum(sizes)
-    evaluations = 1
-    dense = float(evaluate(model))
-    floor = float(min_accuracy) if min_accuracy is not None else dense - float(max_drop)
-    lo, lo_acc, hi = 0, dense, steps
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        trial = copy.deepcopy(model)
-        try:
-            prune_coupled(trial, scores, groups, mid / steps, scope, seed=seed)
-        except ConfigError:  # a group left with no channels: never allowed
-            hi = mid
-            continue
-        acc = float(evaluate(trial))
-        evaluations += 1
-        if acc >= floor:
-            lo, lo_acc = mid, acc
+    ``low`` is taken to pass (with ``low_value``) and ``high`` to fail; about
+    ``log2(high - low)`` calls. Exact when the value falls monotonically in
+    ``j``; otherwise some passing ``j``, whose value is measured, never interpolated.
+    """
+    while high - low > 1:
+        middle = (low + high) // 2
+        value = value_at(middle)
+        if value >= floor:
+            low, low_value = middle, value
         else:
-            hi = mid
-    masks = prune_coupled(model, scores, groups, lo / steps, scope, seed=seed)
-    sparsity = sum(int((~masks[group.key]).sum()) for group in groups if group.key in masks) / sum(sizes)
-    return AccuracyFloorResult(masks, sparsity, lo_acc, floor, dense, evaluations)
+            high = middle
+    return low, low_value

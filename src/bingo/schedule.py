@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, check_choice
-from .pruning import current_masks, prune
+from .masks import current_masks
+from .pruning import prune
 from .selection import SCOPES, check_sparsity, prune_count
 
 __all__ = ["SparsityScheduler", "gmp_sparsity", "is_update_step"]

@@ -80,7 +80,7 @@ from torch import nn
 from .errors import ConfigError
 from .layer_types import layer_type_of
 from .layers import attention_inputs, unit_axis
-from .pruning import make_permanent, masked_value
+from .masks import make_permanent, masked_value
 
 __all__ = ["count_flops", "count_parameters", "shrink"]
 

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from ..errors import BingoError, ConfigError
 from ..distributed import mean_over_ranks
 from ..layers import bias_name_of, weight_of, weight_parameter_name
-from ..pruning import refresh_masked
+from ..masks import refresh_masked
 
 if TYPE_CHECKING:
     from ..search import TicketSearch

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..compensation import CompensationResult, compensate
 from ..errors import ConfigError, check_choice
-from ..pruning import AccuracyFloorResult, current_masks, prune, prune_to_accuracy
+from ..masks import current_masks
+from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from ..schedule import SparsityScheduler
 from ..search import SearchConfig, TicketSearch
 from ..selection import SCOPES, check_sparsity

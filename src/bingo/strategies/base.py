@@ -23,7 +23,7 @@ from ..coupled import ChannelGroup, channel_groups, is_coupled
 from ..data import Dataset
 from ..errors import ConfigError
 from ..models import build_model
-from ..pruning import refresh_masked
+from ..masks import refresh_masked
 from ..search import TicketSearch
 from ..training import TrainConfig, evaluate, train
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, check_choice
 from ..layers import output_layer_name
-from ..pruning import current_masks, prune
+from ..masks import current_masks
+from ..pruning import prune
 from ..scoring import magnitude_scores
 from ..selection import check_sparsity, prune_count
 from .base import Experiment, Outcome, Strategy, register, rewind
