@@ -158,10 +158,11 @@ def find_layers(
     return layers
 
 
-def _type_names() -> list[str]:
+def _type_names(outputs: bool = False) -> list[str]:
+    """Names of the registered layer types scored by default (or that can be an output layer)."""
     from .layer_types import LAYER_TYPES
 
-    return [t.name for t in LAYER_TYPES if t.scored_by_default]
+    return [t.name for t in LAYER_TYPES if (t.maps_to_outputs if outputs else t.scored_by_default)]
 
 
 def output_layer_name(model: nn.Module, *, required: bool = True) -> str | None:
@@ -185,8 +186,8 @@ def output_layer_name(model: nn.Module, *, required: bool = True) -> str | None:
         if layer_type is not None and layer_type.maps_to_outputs and "weight" in _weight_names(module, layer_type):
             output = f"{module_name}.weight" if module_name else "weight"
     if output is None and required:
-        raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no layer of the registered types "
-                          f"({', '.join(_type_names())})")
+        raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no layer of a type that "
+                          f"maps inputs to outputs ({', '.join(_type_names(outputs=True))})")
     return output
 
 
