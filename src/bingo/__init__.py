@@ -25,8 +25,8 @@ from .pruning import (
     prune_to_accuracy,
 )
 from .schedule import SparsityScheduler, gmp_sparsity
-from .scoring import combine_ranks, magnitude_scores, random_scores
-from .search import SearchConfig, TicketSearch
+from .scoring import bingo_scores, combine_ranks, magnitude_scores, random_scores
+from .search import BINGO_SEARCH, SearchConfig, TicketSearch
 from .selection import select_masks
 from .shrink import count_flops, count_parameters, shrink
 
@@ -40,6 +40,7 @@ __all__ = [
     "prune_coupled",
     "shrink_coupled",
     "AccuracyFloorResult",
+    "BINGO_SEARCH",
     "BingoError",
     "CheckpointError",
     "CompensationResult",
@@ -54,6 +55,7 @@ __all__ = [
     "TicketSearch",
     "TrainingError",
     "apply_masks",
+    "bingo_scores",
     "combine_ranks",
     "compensate",
     "count_flops",
