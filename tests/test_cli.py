@@ -22,7 +22,7 @@ import torch
 
 import bingo
 import bingo.cli as cli
-import bingo.export
+import bingo.model_file
 import bingo.strategies
 import bingo.io as bingo_io
 from bingo import load_pruned_state_dict, load_scores
@@ -554,7 +554,7 @@ def test_failed_run_leaves_existing_output_unchanged(capsys, run_args, out, exis
     def full_disk(obj, path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(bingo.export, "save_checkpoint", full_disk)
+    monkeypatch.setattr(bingo.model_file, "save_checkpoint", full_disk)
     code, _, err = call(capsys, *run_args("--sparsity", "0.5", "--save", tmp_path / "model.pt"))
     assert_user_error(code, err, r"No space left on device: .*model\.pt$")
     assert out.read_bytes() == existing_out

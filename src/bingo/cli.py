@@ -134,7 +134,7 @@ def _one_line_warnings():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .model_file import export_checkpoint
 
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         raise ConfigError(f"export folder {args.dir} is a file; give a folder")
@@ -450,7 +450,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         save_scores(scores, args.scores)
         report["scores_file"] = args.scores
     if args.save:
-        from .export import save_model_file
+        from .model_file import save_model_file
 
         save_model_file(
             args.save, pruned_model, architecture=args.model, data=data, granularity=granularity,
