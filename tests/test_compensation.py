@@ -122,7 +122,7 @@ def test_compensate_never_perturbs_rng_or_train_flags_and_refuses_bad_input():
 def test_cli_compensation_for_any_one_shot_method_and_the_accuracy_floor(tmp_path, capsys):
     import json
 
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     base = ["run", "--data", "digits", "--model", "mlp", "--epochs", "2", "--no-progress", "--method", "magnitude"]
     plain, comp = tmp_path / "plain.json", tmp_path / "comp.json"
@@ -143,10 +143,10 @@ def test_cli_compensation_for_any_one_shot_method_and_the_accuracy_floor(tmp_pat
 
 
 def test_compensated_outcome_counts_its_calibration_passes():
-    from bingo.data import load_dataset
-    from bingo.strategies import Experiment, get_strategy
-    from bingo.strategies.oneshot import CompensationConfig, OneShotConfig
-    from bingo.training import TrainConfig
+    from bingo.bench.data import load_dataset
+    from bingo.bench.strategies import Experiment, get_strategy
+    from bingo.bench.strategies.oneshot import CompensationConfig, OneShotConfig
+    from bingo.bench.training import TrainConfig
 
     data = load_dataset("digits")
     experiment = Experiment(data, "mlp", TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
@@ -181,10 +181,10 @@ def test_layers_that_already_give_the_dense_output_are_left_exactly_as_they_are(
 
 
 def test_the_batchnorm_setting_reaches_compensate_through_the_strategy():
-    from bingo.data import load_dataset
-    from bingo.strategies import Experiment, get_strategy
-    from bingo.strategies.oneshot import CompensationConfig, OneShotConfig
-    from bingo.training import TrainConfig
+    from bingo.bench.data import load_dataset
+    from bingo.bench.strategies import Experiment, get_strategy
+    from bingo.bench.strategies.oneshot import CompensationConfig, OneShotConfig
+    from bingo.bench.training import TrainConfig
 
     experiment = Experiment(load_dataset("digits"), "conv", TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
     outcomes = {}

@@ -13,7 +13,7 @@ import bingo
 from bingo.errors import ConfigError
 from bingo.scoring import MAGNITUDE_WEIGHT, bingo_scores, combine_ranks, normalised_ranks
 from bingo.search import BINGO_SEARCH, SearchConfig, TicketSearch
-from bingo.strategies.oneshot import BINGO, BINGO_PAPER, BingoConfig
+from bingo.bench.strategies.oneshot import BINGO, BINGO_PAPER, BingoConfig
 from conftest import make_mlp, train_tiny
 
 

@@ -3,6 +3,10 @@
 A :class:`TicketSearch` learns a significance score per weight during one
 ordinary training run; :func:`prune` removes the least significant weights
 in one shot, through ``torch.nn.utils.prune``.
+
+This package is the library; the benchmark harness (datasets, model zoo,
+training loops, baselines, ``bingo compare``, plots, the ``bingo`` command)
+is :mod:`bingo.bench`, which ``import bingo`` does not load.
 """
 
 from .compensation import CompensationResult, compensate, reestimate_batchnorm

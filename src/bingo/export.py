@@ -176,7 +176,7 @@ class RawInputModel(nn.Module):
     ``forward(raw)``: ``raw`` is float32 of shape ``(N, *raw_shape)``; it is
     reshaped to ``(N, *input_shape)`` and standardised as
     ``x = (raw - offset) / scale`` (the same float32 operations as
-    :meth:`bingo.data.Dataset.preprocess`, so integer raw values give inputs
+    :meth:`bingo.bench.data.Dataset.preprocess`, so integer raw values give inputs
     bit-identical to the dataset's), then passed to ``model``.
     """
 
@@ -285,7 +285,7 @@ def export_model(
 
     Args:
         model: the trained (possibly masked) model; not modified.
-        preprocess: ``(offset, scale)`` of the dataset (:class:`bingo.data.Dataset`
+        preprocess: ``(offset, scale)`` of the dataset (:class:`bingo.bench.data.Dataset`
             ``.offset`` / ``.scale``): the model expects ``(raw - offset) / scale``.
         input_shape: the model's per-sample input shape (``Dataset.input_shape``).
         out_dir: folder to write; created if needed, existing files replaced.
@@ -401,10 +401,10 @@ def export_checkpoint(
     """Export the ``--save`` file of ``bingo run`` with :func:`export_model`.
 
     The file names one of the benchmark harness's models, so this is
-    :func:`bingo.model_file.export_checkpoint` (see there for the
+    :func:`bingo.bench.model_file.export_checkpoint` (see there for the
     file's contents and the errors); the harness is imported only when this
     is called, never by ``import bingo``.
     """
-    from .model_file import export_checkpoint as export
+    from .bench.model_file import export_checkpoint as export
 
     return export(checkpoint, out_dir, shrink_units=shrink_units, onnx=onnx)

@@ -19,9 +19,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..scoring import MAGNITUDE_WEIGHT, check_magnitude_weight
-from ..search import BINGO_SEARCH, SearchConfig, TicketSearch
+from ...errors import ConfigError
+from ...scoring import MAGNITUDE_WEIGHT, check_magnitude_weight
+from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
 from .base import Experiment, register
 from .gmp import ScheduleConfig, ScheduledStrategy
 from .oneshot import BingoConfig

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compensation import BATCHNORM_CHOICES, compensate
-from ..coupled import prune_coupled
-from ..errors import ConfigError, check_choice
-from ..layers import GRANULARITIES
-from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
-from ..scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight, magnitude_scores, random_scores
-from ..search import BINGO_SEARCH, SearchConfig, TicketSearch
-from ..selection import SCOPES
+from ...compensation import BATCHNORM_CHOICES, compensate
+from ...coupled import prune_coupled
+from ...errors import ConfigError, check_choice
+from ...layers import GRANULARITIES
+from ...pruning import AccuracyFloorResult, prune, prune_to_accuracy
+from ...scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight, magnitude_scores, random_scores
+from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
+from ...selection import SCOPES
 from ..training import evaluate
 from .base import DenseRun, Experiment, Outcome, Strategy, register
 

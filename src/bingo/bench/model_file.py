@@ -1,7 +1,7 @@
 """The ``--save`` file of ``bingo run``: a pruned harness model with what it takes to rebuild it, and its export.
 
 :func:`save_model_file` writes it; :func:`export_checkpoint` rebuilds the named
-model (:data:`bingo.models.MODELS`) and exports it with
+model (:data:`bingo.bench.models.MODELS`) and exports it with
 :func:`bingo.export_model`. ``bingo.export_checkpoint`` is this function,
 imported when called.
 """
@@ -13,10 +13,10 @@ import os
 
 from torch import nn
 
-from .errors import CheckpointError
-from .export import ExportResult, export_model
-from .io import load_checkpoint, save_checkpoint
-from .pruning import load_pruned_state_dict
+from ..errors import CheckpointError
+from ..export import ExportResult, export_model
+from ..io import load_checkpoint, save_checkpoint
+from ..pruning import load_pruned_state_dict
 from .data import Dataset
 from .models import build_model
 
@@ -68,7 +68,7 @@ def export_checkpoint(
     """Export the ``--save`` file of ``bingo run`` with :func:`bingo.export_model`.
 
     The checkpoint is a dict with ``kind: "bingo-model"``, ``model`` (a name
-    in :data:`bingo.models.MODELS`), ``input_shape``, ``num_classes``,
+    in :data:`bingo.bench.models.MODELS`), ``input_shape``, ``num_classes``,
     ``preprocess: {offset, scale}``, ``state_dict`` (with masks) and
     optionally ``sparsity`` and ``accuracy``, which go to ``model.json``, and
     ``raw_shape``, the per-sample shape of the dataset's own layout that the
