@@ -13,9 +13,9 @@ from __future__ import annotations
 import copy
 
 import bingo
-from bingo.data import load_dataset
-from bingo.models import build_model
-from bingo.training import TrainConfig, evaluate, train
+from bingo.bench.data import load_dataset
+from bingo.bench.models import build_model
+from bingo.bench.training import TrainConfig, evaluate, train
 
 VARIANTS = ("pruned", "+ BN re-estimated", "+ compensation", "+ compensation + BN re-estimated")
 

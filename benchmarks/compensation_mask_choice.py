@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 import bingo
-from bingo.data import load_dataset
+from bingo.bench.data import load_dataset
 from bingo.io import atomic_write
-from bingo.strategies import BingoStrategy, Experiment
-from bingo.training import TrainConfig
+from bingo.bench.strategies import BingoStrategy, Experiment
+from bingo.bench.training import TrainConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "compensation_mask_choice.md"
 SPARSITIES = (0.9, 0.95, 0.98)

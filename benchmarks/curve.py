@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bingo.io import atomic_write
-from bingo.report import aggregate
+from bingo.bench.report import aggregate
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path("benchmarks/results/curve")

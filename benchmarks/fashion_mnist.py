@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bingo.io import atomic_write
-from bingo.report import aggregate, markdown_tables
+from bingo.bench.report import aggregate, markdown_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the main comparison: every method on Fashion-MNIST / LeNet-300-100 (run by curve.py)
@@ -101,7 +101,7 @@ def _demoted(markdown: str) -> str:
 
 def ddp_limits() -> str:
     """What limits two processes on this machine, with the gradient sizes computed from the models."""
-    from bingo.models import build_model
+    from bingo.bench.models import build_model
     from bingo.shrink import count_parameters
 
     sizes = {name: count_parameters(build_model(name, (1, 28, 28), 10)) for name in ("lenet300", "conv")}  # Fashion-MNIST's

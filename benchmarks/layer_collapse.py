@@ -30,10 +30,10 @@ import time
 import torch
 
 import bingo
-from bingo.data import load_dataset
-from bingo.models import MODELS, build_model
+from bingo.bench.data import load_dataset
+from bingo.bench.models import MODELS, build_model
 from bingo.selection import MIN_KEEP, select_masks
-from bingo.training import TrainConfig, evaluate, train
+from bingo.bench.training import TrainConfig, evaluate, train
 
 ALLOCATIONS = ("global, no floor", "global", "layer", "lamp")
 

@@ -52,10 +52,10 @@ from pathlib import Path
 import torch
 
 import bingo
-from bingo.data import FASHION_MNIST_DIR, Dataset, load_dataset
+from bingo.bench.data import FASHION_MNIST_DIR, Dataset, load_dataset
 from bingo.io import atomic_write
-from bingo.models import build_model
-from bingo.training import TrainConfig, evaluate, train
+from bingo.bench.models import build_model
+from bingo.bench.training import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "size_latency.md"

@@ -38,7 +38,7 @@ def accuracy(net: nn.Module) -> float:
 
 
 dense = accuracy(model)
-scores = bingo.combine_ranks([search.significance(), bingo.magnitude_scores(model)])
+scores = bingo.bingo_scores(search, model)
 masks = bingo.prune(model, scores, sparsity=0.8)
 pruned = accuracy(model)
 bingo.compensate(model, masks, x_train[:1024])

@@ -56,7 +56,7 @@ def accuracy(model):
 
 
 dense = accuracy(model)
-masks = bingo.prune(model, bingo.combine_ranks([search.significance(), bingo.magnitude_scores(model)]), sparsity=0.7)
+masks = bingo.prune(model, bingo.bingo_scores(search, model), sparsity=0.7)
 pruned = accuracy(model)
 train(model, 100)  # fine-tune: pruned weights stay zero, every kept one (q/k/v and out_proj included) trains
 qkv = masks["encoder.layers.0.self_attn.in_proj_weight"]

@@ -42,7 +42,7 @@ for epoch in range(10):
         optimizer.step()
         search.step(lambda net: F.cross_entropy(net(f, m), y))  # or search.step((f, m), y)
 
-masks = bingo.prune(model, bingo.combine_ranks([search.significance(), bingo.magnitude_scores(model)]), sparsity=0.7)
+masks = bingo.prune(model, bingo.bingo_scores(search, model), sparsity=0.7)
 with torch.no_grad():
     accuracy = float((model(features, mask).argmax(dim=1) == labels).float().mean())
 print(f"pruned to {bingo.model_sparsity(model):.2f} sparsity; training accuracy {accuracy:.3f}")

@@ -117,7 +117,7 @@ def call(capsys, *argv: str) -> tuple[int, str, str]:
     argparse errors leave ``main`` as ``SystemExit``; a real process would
     exit with its code, so it is returned the same way.
     """
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     try:
         code = main([str(a) for a in argv])

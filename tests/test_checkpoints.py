@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import bingo
-from bingo.cli import main
-from bingo.data import load_dataset
+from bingo.bench.cli import main
+from bingo.bench.data import load_dataset
 from bingo.errors import CheckpointError
 from bingo.io import load_checkpoint, save_checkpoint
-from bingo.models import build_model
-from bingo.training import TrainConfig, train
+from bingo.bench.models import build_model
+from bingo.bench.training import TrainConfig, train
 
 NOT_OURS = "is not a bingo checkpoint (corrupt or from another program)"
 

@@ -1,6 +1,6 @@
-"""Tests for the ``bingo`` command line (bingo.cli).
+"""Tests for the ``bingo`` command line (bingo.bench.cli).
 
-Almost everything calls :func:`bingo.cli.main` in-process with tiny settings
+Almost everything calls :func:`bingo.bench.cli.main` in-process with tiny settings
 (scikit-learn digits, the small MLP, one or two epochs, no progress bar);
 one test runs ``python -m bingo`` as a real process to prove the exit codes
 and that no traceback reaches the user.
@@ -21,16 +21,16 @@ import scipy.stats
 import torch
 
 import bingo
-import bingo.cli as cli
-import bingo.export
-import bingo.strategies
+import bingo.bench.cli as cli
+import bingo.bench.model_file
+import bingo.bench.strategies
 import bingo.io as bingo_io
 from bingo import load_pruned_state_dict, load_scores
 from conftest import assert_user_error, call
-from bingo.data import load_dataset
+from bingo.bench.data import load_dataset
 from bingo.io import write_json
-from bingo.models import build_model
-from bingo.training import evaluate
+from bingo.bench.models import build_model
+from bingo.bench.training import evaluate
 
 SRC = Path(bingo.__file__).resolve().parents[1]
 
@@ -554,7 +554,7 @@ def test_failed_run_leaves_existing_output_unchanged(capsys, run_args, out, exis
     def full_disk(obj, path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(bingo.export, "save_checkpoint", full_disk)
+    monkeypatch.setattr(bingo.bench.model_file, "save_checkpoint", full_disk)
     code, _, err = call(capsys, *run_args("--sparsity", "0.5", "--save", tmp_path / "model.pt"))
     assert_user_error(code, err, r"No space left on device: .*model\.pt$")
     assert out.read_bytes() == existing_out
@@ -563,7 +563,7 @@ def test_failed_run_leaves_existing_output_unchanged(capsys, run_args, out, exis
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bingo.strategies.Experiment, "train", interrupted)
+    monkeypatch.setattr(bingo.bench.strategies.Experiment, "train", interrupted)
     code, _, err = call(capsys, *run_args("--sparsity", "0.5"))
     assert code == 130
     assert err.startswith("bingo: interrupted")

@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bingo.cli import main
+from bingo.bench.cli import main
 
 # Values that are valid, borderline or wrong for each option.
 NUMBERS = st.sampled_from(["0", "0.5", "0.9", "1", "1.5", "-0.1", "nan", "inf", "half", "", "0.5,0.9", "1e-9"])

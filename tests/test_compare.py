@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from bingo.compare import CompareConfig, mask_overlap, run_compare
-from bingo.data import load_dataset
+from bingo.bench.compare import CompareConfig, mask_overlap, run_compare
+from bingo.bench.data import load_dataset
 from bingo.estimators.fake_pass import auto_every
 from bingo.errors import CheckpointError, ConfigError
-from bingo.strategies import STRATEGIES, ImpConfig
+from bingo.bench.strategies import STRATEGIES, ImpConfig
 
 
 def _config(**overrides):
@@ -118,7 +118,7 @@ def test_bad_compare_settings(overrides, message):
 
 
 def test_cli_compare_end_to_end_all_methods(tmp_path, capsys):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     out = tmp_path / "cmp"
     code = main(
@@ -141,7 +141,7 @@ def test_cli_compare_end_to_end_all_methods(tmp_path, capsys):
 
 
 def test_cli_compare_resume_and_bad_method(tmp_path, capsys):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     out = tmp_path / "cmp"
     base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsities", "0.5", "--out", str(out), "--no-progress"]
@@ -160,7 +160,7 @@ def test_cli_compare_resume_and_bad_method(tmp_path, capsys):
 
 
 def test_cli_compare_finetune_budget_is_charged_to_every_method_that_takes_it(tmp_path):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
             "--methods", "bingo,magnitude,gmp,snip", "--sparsities", "0.8", "--gmp-frequency", "5", "--no-progress"]
@@ -182,7 +182,7 @@ def test_cli_compare_finetune_budget_is_charged_to_every_method_that_takes_it(tm
 def test_cli_compare_on_an_npz_dataset(tmp_path):
     import numpy as np
 
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     generator = np.random.default_rng(0)
     centres = generator.normal(size=(3, 1, 6, 6)) * 3
@@ -211,7 +211,7 @@ def test_cli_compare_on_an_npz_dataset(tmp_path):
 
 def _no_training(monkeypatch):
     """Make any training fail the test: a refusal must come before the first step."""
-    from bingo.strategies import Experiment
+    from bingo.bench.strategies import Experiment
 
     def refuse(*args, **kwargs):
         raise AssertionError("trained before refusing")
@@ -237,7 +237,7 @@ def test_compare_refuses_a_folder_holding_results_without_resume_or_overwrite(tm
 
 
 def test_cli_compare_overwrite_moves_the_earlier_results_aside(tmp_path, capsys):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     out = tmp_path / "cmp"
     base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsities", "0.5", "--out", str(out), "--no-progress"]
@@ -347,7 +347,7 @@ def test_resume_from_a_file_that_is_not_compare_results(tmp_path, content, why):
 
 
 def test_cli_compare_resume_from_a_list_is_one_line(tmp_path, capsys):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     (tmp_path / "results.json").write_text("[1,2,3]")
     code = main(["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--methods", "random",
@@ -361,9 +361,9 @@ def test_cli_compare_resume_from_a_list_is_one_line(tmp_path, capsys):
 def test_resume_accepts_settings_recorded_before_nested_configs(tmp_path):
     """A results.json from before the estimator refactor (flat bingo settings, batched, an unread rule) still resumes."""
     out = tmp_path / "cmp"
-    from bingo.strategies import BINGO
+    from bingo.bench.strategies import BINGO
 
-    from bingo.strategies import CompensationConfig
+    from bingo.bench.strategies import CompensationConfig
 
     # the default of those days: fake passes every 10th step, no compensation
     then = dataclasses.replace(BINGO, search=dataclasses.replace(BINGO.search, every=10), compensation=CompensationConfig(compensate=False))
@@ -388,7 +388,7 @@ def test_resume_accepts_settings_recorded_before_nested_configs(tmp_path):
 
 
 def test_resume_accepts_records_from_before_the_batchnorm_setting_and_refuses_a_real_change(tmp_path):
-    from bingo.strategies import CompensationConfig, OneShotConfig
+    from bingo.bench.strategies import CompensationConfig, OneShotConfig
 
     def config(batchnorm: str) -> CompareConfig:
         compensated = OneShotConfig(compensation=CompensationConfig(compensate=True, batchnorm=batchnorm))

@@ -123,7 +123,7 @@ def test_compensate_never_perturbs_rng_or_train_flags_and_refuses_bad_input():
 def test_cli_compensation_for_any_one_shot_method_and_the_accuracy_floor(tmp_path, capsys):
     import json
 
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     base = ["run", "--data", "digits", "--model", "mlp", "--epochs", "2", "--no-progress", "--method", "magnitude"]
     plain, comp = tmp_path / "plain.json", tmp_path / "comp.json"
@@ -144,10 +144,10 @@ def test_cli_compensation_for_any_one_shot_method_and_the_accuracy_floor(tmp_pat
 
 
 def test_compensated_outcome_counts_its_calibration_passes():
-    from bingo.data import load_dataset
-    from bingo.strategies import Experiment, get_strategy
-    from bingo.strategies.oneshot import CompensationConfig, OneShotConfig
-    from bingo.training import TrainConfig
+    from bingo.bench.data import load_dataset
+    from bingo.bench.strategies import Experiment, get_strategy
+    from bingo.bench.strategies.oneshot import CompensationConfig, OneShotConfig
+    from bingo.bench.training import TrainConfig
 
     data = load_dataset("digits")
     experiment = Experiment(data, "mlp", TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
@@ -182,10 +182,10 @@ def test_layers_that_already_give_the_dense_output_are_left_exactly_as_they_are(
 
 
 def test_the_batchnorm_setting_reaches_compensate_through_the_strategy():
-    from bingo.data import load_dataset
-    from bingo.strategies import Experiment, get_strategy
-    from bingo.strategies.oneshot import CompensationConfig, OneShotConfig
-    from bingo.training import TrainConfig
+    from bingo.bench.data import load_dataset
+    from bingo.bench.strategies import Experiment, get_strategy
+    from bingo.bench.strategies.oneshot import CompensationConfig, OneShotConfig
+    from bingo.bench.training import TrainConfig
 
     experiment = Experiment(load_dataset("digits"), "conv", TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
     outcomes = {}
@@ -236,18 +236,18 @@ def test_row_solves_stay_within_their_memory_chunk_whatever_the_mix_of_kept_coun
 
 def test_a_refit_that_does_worse_on_held_out_samples_is_undone_and_said_so():
     torch.manual_seed(0)
-    # independent inputs: the kept weights are already the best on average, so an exact fit to 27 samples (20 kept
+    # independent inputs: the kept weights are already the best on average, so an exact fit to 144 samples (100 kept
     # inputs and a bias per unit) fits their noise; correlated inputs: the survivors can stand in for the pruned ones
-    mixing = torch.randn(12, 40)
-    layer = nn.Sequential(nn.Linear(40, 6))
+    mixing = torch.randn(12, 200)
+    layer = nn.Sequential(nn.Linear(200, 6))
     masks = bingo.prune(layer, bingo.magnitude_scores(layer), 0.5)
     pruned = copy.deepcopy(layer)
-    few = torch.randn(30, 40)
-    with pytest.warns(UserWarning, match=r"0.weight: the re-fit reproduced the dense outputs worse on the 3 held-out"):
+    few = torch.randn(160, 200)
+    with pytest.warns(UserWarning, match=r"0.weight: the re-fit reproduced the dense outputs worse on the 16 held-out"):
         result = bingo.compensate(layer, None, few, damping=0.0)
     assert result.layers == () and torch.equal(layer[0].weight_orig, pruned[0].weight_orig)  # left exactly as it was
     assert torch.equal(layer[0].bias, pruned[0].bias)
-    many = torch.randn(2000, 12) @ mixing + 0.3 * torch.randn(2000, 40)
+    many = torch.randn(3000, 12) @ mixing + 0.3 * torch.randn(3000, 200)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = bingo.compensate(layer, None, many, damping=0.0)
@@ -258,3 +258,6 @@ def test_a_refit_that_does_worse_on_held_out_samples_is_undone_and_said_so():
     assert result.layers == ("0.weight",)
     with pytest.raises(ConfigError, match=r"^validation must be a fraction in \[0, 1\), got 1.5$"):
         bingo.compensate(layer, None, few, validation=1.5)
+    # fewer than 16 held out: no check, every sample fitted (15 of 159 would be too few to judge by)
+    layer = copy.deepcopy(pruned)
+    assert bingo.compensate(layer, None, few[:159], damping=0.0).layers == ("0.weight",)

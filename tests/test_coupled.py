@@ -12,8 +12,8 @@ from torch import nn
 
 import bingo
 from bingo import ConfigError
-from bingo.cli import main
-from bingo.models import build_model
+from bingo.bench.cli import main
+from bingo.bench.models import build_model
 from test_export import digits, raw_digits, run_torch_only  # noqa: F401 - digits is a fixture
 
 SHAPE = (1, 12, 12)

@@ -1,4 +1,4 @@
-"""Tests for bingo.data: IDX files, digits, .npz, Fashion-MNIST and MNIST download.
+"""Tests for bingo.bench.data: IDX files, digits, .npz, Fashion-MNIST and MNIST download.
 
 No test touches the network: MNIST downloads come from ``file://`` URLs of
 temporary folders holding generated IDX files.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from bingo import data
-from bingo.data import (
+from bingo.bench import data
+from bingo.bench.data import (
     DATASETS,
     FASHION_MNIST_DIR,
     IDX_FILES,
@@ -624,7 +624,7 @@ def test_all_is_declared():
 # hostile .npz and IDX contents (issue 9: items 4, 6 and 8)
 # --------------------------------------------------------------------------
 
-#: The documented bound on labels (``bingo.data.MAX_CLASSES``), spelled out so a change to it is a decision.
+#: The documented bound on labels (``bingo.bench.data.MAX_CLASSES``), spelled out so a change to it is a decision.
 MAX_CLASSES = 100_000
 
 
@@ -864,7 +864,7 @@ def test_many_untrained_classes_stay_one_line(tmp_path):
 
 
 def test_training_subset_draws_a_seeded_subset_of_the_training_split_only():
-    from bingo.data import training_subset
+    from bingo.bench.data import training_subset
 
     data = load_dataset("digits")
     subset = training_subset(data, 100)

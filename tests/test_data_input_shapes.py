@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bingo.errors import ConfigError
-from bingo.models import MODELS, ConvNet, build_model
+from bingo.bench.models import MODELS, ConvNet, build_model
 
 
 def test_conv_minimum_follows_its_pooling():

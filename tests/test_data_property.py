@@ -2,8 +2,8 @@
 
 Random small archives (random shapes, dtypes and byte orders, empty arrays,
 NaN and infinities, labels far beyond the class limit, missing members and
-members that are not ``.npy`` arrays) go through :func:`bingo.data.load_dataset`.
-Either it returns a :class:`~bingo.data.Dataset` whose invariants hold
+members that are not ``.npy`` arrays) go through :func:`bingo.bench.data.load_dataset`.
+Either it returns a :class:`~bingo.bench.data.Dataset` whose invariants hold
 (finite float32 inputs of one sample shape, int64 labels in
 ``[0, num_classes)``, non-empty training and test splits) or it raises a
 one-line :class:`~bingo.errors.DataError`; never any other exception, and no
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bingo.data import MAX_CLASSES, Dataset, load_dataset
+from bingo.bench.data import MAX_CLASSES, Dataset, load_dataset
 from bingo.errors import DataError
 
 MAX_EXAMPLES = 100

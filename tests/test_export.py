@@ -29,12 +29,12 @@ from bingo import (
     save_compact,
     state_dict_size,
 )
-from bingo.cli import main
-from bingo.data import load_dataset
+from bingo.bench.cli import main
+from bingo.bench.data import load_dataset
 from bingo.export import export_checkpoint
 from bingo.io import save_checkpoint
-from bingo.models import build_model
-from bingo.training import evaluate
+from bingo.bench.models import build_model
+from bingo.bench.training import evaluate
 
 from conftest import make_cnn
 

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bingo
-from bingo.cli import main
-from bingo.data import FASHION_MNIST_DIR, load_dataset
+from bingo.bench.cli import main
+from bingo.bench.data import FASHION_MNIST_DIR, load_dataset
 from bingo.errors import ConfigError
-from bingo.models import build_model
+from bingo.bench.models import build_model
 from bingo.selection import MIN_KEEP, SCOPES, floor_count, lamp_scores, select_masks
-from bingo.strategies.oneshot import OneShotConfig
-from bingo.training import TrainConfig, train
+from bingo.bench.strategies.oneshot import OneShotConfig
+from bingo.bench.training import TrainConfig, train
 from conftest import make_mlp
 
 INF = math.inf

@@ -70,6 +70,22 @@ def test_prunes_to_the_sparsity_when_fit_ends_with_compensation():
     assert callback.session.compensation is not None and set(callback.session.compensation.layers) == {"net.0.weight", "net.3.weight"}
 
 
+def test_the_prune_ranks_by_bingo_scores():
+    """The callback prunes by the core recipe, bingo.bingo_scores of its search, at its magnitude weight."""
+    callback = BingoCallback(sparsity=0.5, magnitude_weight=0.25, search=bingo.BINGO_SEARCH)
+    ranked = []
+    real = bingo.integrations.session.bingo_scores
+
+    def spy(search, model, magnitude_weight, **kwargs):
+        ranked.append((search, magnitude_weight))
+        return real(search, model, magnitude_weight, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bingo.integrations.session, "bingo_scores", spy)
+        _fit([callback])
+    assert ranked == [(callback.session.search, 0.25)] and callback.session.search.config.estimator == "hybrid"
+
+
 def test_search_state_travels_in_lightning_checkpoints(tmp_path):
     # No dropout here: Lightning does not restore the global RNG on resume, so dropout masks would differ.
     full = BingoCallback()
@@ -104,6 +120,10 @@ def test_accuracy_floor_and_bad_settings():
         BingoCallback(sparsity=0.5, min_accuracy=0.9, evaluate=accuracy)
     with pytest.raises(bingo.ConfigError, match=r"^an accuracy floor needs evaluate="):
         BingoCallback(min_accuracy=0.9)
+    with pytest.raises(bingo.ConfigError, match=r"^magnitude weight must be in \[0, 1\], got 1\.5$"):
+        BingoCallback(sparsity=0.5, magnitude_weight=1.5)
+    with pytest.raises(bingo.ConfigError, match=r"^search must be a SearchConfig, got dict$"):
+        BingoCallback(sparsity=0.5, search={"estimator": "taylor"})
 
 
 def test_gradual_pruning_during_fit_reaches_the_target_on_the_schedule():

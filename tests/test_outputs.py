@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bingo.strategies
+import bingo.bench.strategies
 from conftest import assert_user_error, call
 from bingo.errors import BingoError
 from bingo.io import atomic_write, save_scores, write_json
@@ -38,7 +38,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("trained before the output paths were checked")
 
-    monkeypatch.setattr(bingo.strategies.Experiment, "train", refuse)
+    monkeypatch.setattr(bingo.bench.strategies.Experiment, "train", refuse)
 
 
 # --------------------------------------------------------------------------

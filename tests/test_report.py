@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bingo import report
+from bingo.bench import report
 from bingo.errors import DataError
-from bingo.report import CSV_FIELDS, aggregate, markdown_tables, plot_accuracy, plot_cost, write_csv, write_report
+from bingo.bench.report import CSV_FIELDS, aggregate, markdown_tables, plot_accuracy, plot_cost, write_csv, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -176,7 +176,7 @@ def test_plots_reject_full_sparsity(tmp_path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, bingo.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
+    code = "import sys, bingo.bench.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -313,7 +313,7 @@ def test_every_file_gets_the_umask_permissions(tmp_path, umask):
 
     from bingo import export_model, magnitude_scores, prune, save_compact
     from bingo.io import save_checkpoint, save_scores, write_json
-    from bingo.models import build_model
+    from bingo.bench.models import build_model
 
     model = build_model("mlp", (16,), 3)
     prune(model, magnitude_scores(model), 0.5)

@@ -17,8 +17,8 @@ from torch import nn
 
 import bingo
 from bingo import ConfigError
-from bingo.cli import main
-from bingo.models import MODELS, BasicBlock, ResNet, build_model
+from bingo.bench.cli import main
+from bingo.bench.models import MODELS, BasicBlock, ResNet, build_model
 
 
 def _count(model: nn.Module) -> int:

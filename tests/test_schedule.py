@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 import bingo
 from bingo import SparsityScheduler, gmp_sparsity, load_pruned_state_dict, magnitude_scores
-from bingo.data import load_dataset
+from bingo.bench.data import load_dataset
 from bingo.errors import CheckpointError, ConfigError
 from bingo.schedule import is_update_step
 from bingo.selection import prune_count
-from bingo.strategies import (
+from bingo.bench.strategies import (
     BINGO,
     STRATEGIES,
     BingoConfig,
@@ -27,8 +27,8 @@ from bingo.strategies import (
     ScheduleConfig,
     get_strategy,
 )
-from bingo.strategies import gmp as gmp_module
-from bingo.training import TrainConfig
+from bingo.bench.strategies import gmp as gmp_module
+from bingo.bench.training import TrainConfig
 from conftest import make_mlp, tiny_data
 
 
@@ -315,7 +315,7 @@ def test_bingo_gradual_without_training_delivers_the_target(digits):
 
 
 def test_cli_compare_gmp_and_bingo_gradual(tmp_path, capsys):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     out = tmp_path / "cmp"
     code = main(

@@ -1,4 +1,4 @@
-"""Rank blending of score sets (bingo.scoring) and the default bingo's final score."""
+"""Rank blending of score sets (bingo.scoring) and the default bingo's final score (bingo.bingo_scores, and the harness's BingoConfig that calls it)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import bingo
 from bingo.errors import ConfigError
-from bingo.scoring import combine_ranks, normalised_ranks
-from bingo.search import SearchConfig, TicketSearch
-from bingo.strategies.oneshot import BINGO, BINGO_PAPER, BingoConfig
+from bingo.scoring import MAGNITUDE_WEIGHT, bingo_scores, combine_ranks, normalised_ranks
+from bingo.search import BINGO_SEARCH, SearchConfig, TicketSearch
+from bingo.bench.strategies.oneshot import BINGO, BINGO_PAPER, BingoConfig
 from conftest import make_mlp, train_tiny
 
 
@@ -166,3 +166,54 @@ def test_bingo_final_scores_of_a_real_search(granularity):
 def test_bingo_config_refuses_bad_magnitude_weight():
     with pytest.raises(ConfigError, match=r"magnitude weight must be in \[0, 1\], got -0\.5"):
         BingoConfig(magnitude_weight=-0.5)
+
+
+# --------------------------------------------------------------------------- bingo_scores, the core recipe
+
+
+def test_bingo_scores_by_hand_from_a_significance_dict():
+    """The by-hand cases above, through the core function: per weight and per neuron (told or read off the shapes)."""
+    model = two_linear([[-6.0, 1.0], [2.0, -5.0]], [[3.0, -4.0]])
+    significance = {"0.weight": torch.tensor([[0.1, 0.4], [0.3, 0.6]]), "2.weight": torch.tensor([[0.2, 0.5]])}
+    final = bingo_scores(significance, model, 0.25)
+    torch.testing.assert_close(final["0.weight"], torch.tensor([[0.25, 0.45], [0.35, 0.95]]))
+    torch.testing.assert_close(final["2.weight"], torch.tensor([[0.25, 0.75]]))
+    torch.testing.assert_close(bingo_scores(significance, model)["0.weight"], torch.tensor([[0.5, 0.3], [0.3, 0.9]]))
+
+    model = two_linear([[-3.0, 4.0], [0.0, 6.0], [1.0, 1.0]], [[1.0, 1.0, 1.0]])
+    per_unit = {"0.weight": torch.tensor([0.2, 0.9, 0.5])}
+    for granularity in (None, "neuron"):
+        torch.testing.assert_close(bingo_scores(per_unit, model, granularity=granularity)["0.weight"], torch.tensor([0.25, 1.0, 0.25]))
+    with pytest.raises(ConfigError, match="score sets mix granularities"):
+        bingo_scores(per_unit, model, granularity="weight")
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_bingo_scores_of_a_search_is_the_documented_blend(granularity):
+    data = torch.randn(64, 16, generator=torch.Generator().manual_seed(5)), torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(6))
+    model, search = train_tiny(make_mlp, data, lambda m: TicketSearch(m, config=BINGO_SEARCH, granularity=granularity))
+    significance = search.significance()
+    final = bingo_scores(search, model)  # the search's granularity, the default weight
+    assert MAGNITUDE_WEIGHT == 0.5 and list(final) == list(significance)
+    expected = combine_ranks([significance, bingo.magnitude_scores(model, granularity, include=list(significance))], [0.5, 0.5])
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    # the harness's bingo method ranks by exactly this
+    config = dataclasses.replace(BINGO, search=dataclasses.replace(BINGO.search, granularity=granularity))
+    assert all(torch.equal(config.final_scores(search, model)[k], final[k]) for k in final)
+    # weight 0: the significance itself; weight 1: the magnitude ranks over the searched keys
+    assert all(torch.equal(bingo_scores(search, model, 0.0)[k], significance[k]) for k in significance)
+    alone = combine_ranks([bingo.magnitude_scores(model, granularity, include=list(significance))])
+    assert all(torch.equal(bingo_scores(search, model, 1.0)[k], alone[k]) for k in alone)
+
+
+def test_bingo_presets_live_in_the_core():
+    assert bingo.BINGO_SEARCH is BINGO_SEARCH and bingo.bingo_scores is bingo_scores
+    assert BINGO.search == BINGO_SEARCH and BINGO.magnitude_weight == MAGNITUDE_WEIGHT
+    assert (BINGO_SEARCH.estimator, BINGO_SEARCH.metric, BINGO_SEARCH.mode, BINGO_SEARCH.every) == ("hybrid", "loss", "zero", None)
+
+
+@pytest.mark.parametrize("weight", [-0.5, 1.5, float("nan"), "heavy"])
+def test_bingo_scores_refuse_a_bad_magnitude_weight(weight):
+    model = two_linear([[1.0, 2.0]], [[1.0]])
+    with pytest.raises(ConfigError, match=r"^magnitude weight must be in \[0, 1\], got "):
+        bingo_scores({"0.weight": torch.ones(1, 2)}, model, weight)

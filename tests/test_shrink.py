@@ -18,7 +18,7 @@ from torch import nn
 
 import bingo
 from bingo import ConfigError, count_flops, count_parameters, magnitude_scores, shrink
-from bingo.models import build_model
+from bingo.bench.models import build_model
 
 from conftest import make_cnn, make_mlp
 

@@ -13,10 +13,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from bingo import magnitude_scores, prune
-from bingo.data import load_dataset
+from bingo.bench.data import load_dataset
 from bingo.errors import ConfigError
 from bingo.selection import prune_count
-from bingo.strategies import (
+from bingo.bench.strategies import (
     STRATEGIES,
     Experiment,
     GmpConfig,
@@ -29,8 +29,8 @@ from bingo.strategies import (
     rewind,
     snip_scores,
 )
-from bingo.strategies.imp import _layer_rounds
-from bingo.training import TrainConfig
+from bingo.bench.strategies.imp import _layer_rounds
+from bingo.bench.training import TrainConfig
 from conftest import make_cnn
 
 RECIPE = TrainConfig(epochs=1, batch_size=64)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import bingo
-from bingo.data import load_dataset
+from bingo.bench.data import load_dataset
 from bingo.errors import CheckpointError, ConfigError
-from bingo.models import MODELS, build_model
-from bingo.training import TrainConfig, evaluate, train
+from bingo.bench.models import MODELS, build_model
+from bingo.bench.training import TrainConfig, evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_non_finite_weights_at_epoch_end_stop_before_the_checkpoint(digits, tmp_
 
 
 def test_cli_reports_divergence_instead_of_chance_accuracy(tmp_path, capsys):
-    from bingo.cli import main
+    from bingo.bench.cli import main
 
     out = tmp_path / "r.json"
     code = main(["run", "--data", "digits", "--model", "mlp", "--method", "bingo-paper", "--lr", "1e6", "--epochs", "1",

@@ -3,6 +3,10 @@
 A :class:`TicketSearch` learns a significance score per weight during one
 ordinary training run; :func:`prune` removes the least significant weights
 in one shot, through ``torch.nn.utils.prune``.
+
+This package is the library; the benchmark harness (datasets, model zoo,
+training loops, baselines, ``bingo compare``, plots, the ``bingo`` command)
+is :mod:`bingo.bench`, which ``import bingo`` does not load.
 """
 
 from .compensation import CompensationResult, compensate, reestimate_batchnorm
@@ -16,8 +20,8 @@ from .layers import coverage, find_layers
 from .masks import apply_masks, current_masks, load_pruned_state_dict, make_permanent, model_sparsity, pruned_parameters
 from .pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from .schedule import SparsityScheduler, gmp_sparsity
-from .scoring import combine_ranks, magnitude_scores, random_scores
-from .search import SearchConfig, TicketSearch
+from .scoring import bingo_scores, combine_ranks, magnitude_scores, random_scores
+from .search import BINGO_SEARCH, SearchConfig, TicketSearch
 from .selection import select_masks
 from .shrink import count_flops, count_parameters, shrink
 
@@ -31,6 +35,7 @@ __all__ = [
     "prune_coupled",
     "shrink_coupled",
     "AccuracyFloorResult",
+    "BINGO_SEARCH",
     "BingoError",
     "CheckpointError",
     "CompensationResult",
@@ -45,6 +50,7 @@ __all__ = [
     "TicketSearch",
     "TrainingError",
     "apply_masks",
+    "bingo_scores",
     "combine_ranks",
     "compensate",
     "count_flops",

@@ -1,7 +1,7 @@
-"""``python -m bingo``: the same as the ``bingo`` command."""
+"""``python -m bingo``: the same as the ``bingo`` command (:mod:`bingo.bench.cli`)."""
 
 import sys
 
-from .cli import main
+from .bench.cli import main
 
 sys.exit(main())

@@ -71,6 +71,9 @@ __all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_
 #: calibration inputs as the model takes them: a tensor ``(N, ...)``, or a tuple / dict of tensors whose first dimension is N
 Calibration = torch.Tensor | tuple | Mapping
 
+#: the fewest held-out calibration samples :func:`compensate` checks a re-fit on
+MIN_HELD_OUT = 16
+
 #: what :func:`compensate` does with BatchNorm statistics afterwards
 BATCHNORM_CHOICES = ("keep", "reestimate")
 
@@ -379,7 +382,8 @@ def compensate(
             the dense outputs on them worse than the pruned layer as it was
             (an exact fit on too few samples for its kept inputs overfits) is
             put back as it was and listed in ``skipped``. 0 turns the check
-            off; with fewer than 10 samples there is none.
+            off; with fewer than :data:`MIN_HELD_OUT` (16) samples held out
+            there is none, and every sample is fitted.
         batchnorm: ``"keep"`` the BatchNorm statistics (the fit targets the
             dense layer outputs, which those statistics describe), or
             ``"reestimate"`` them on the calibration data afterwards
@@ -469,7 +473,9 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
                          "cross": torch.zeros(d, out, dtype=torch.float64)})
     error, rows, calls = 0.0, 0, 0
     samples = _samples(calibration)
-    held_out = int(samples * validation) if samples >= 10 else 0
+    held_out = int(samples * validation)
+    if held_out < MIN_HELD_OUT:  # too few to tell a better fit from noise: fit them all, unchecked
+        held_out = 0
     fit_samples = samples - held_out
     for problem in problems:
         d, out = problem["cross"].shape

@@ -129,7 +129,7 @@ def broadcast_buffers(model: nn.Module, group: object | None = None) -> None:
     of every forward: after the last training forward each rank's BatchNorm
     has also counted its own shard, so the ranks' statistics differ until the
     next forward. bingo calls this where it needs them equal: at the end of
-    :func:`bingo.training.train` and at the start of :func:`bingo.compensate`.
+    :func:`bingo.bench.training.train` and at the start of :func:`bingo.compensate`.
     No-op when not distributed. The source is ``group``'s first rank.
     """
     broadcast_tensors(list(unwrap(model).buffers()), group)

@@ -36,10 +36,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .io import atomic_write, write_json
 from .layer_types import layer_type_of, unit_matrix
 from .layers import unit_axis
-from .data import Dataset
-from .io import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .masks import load_pruned_state_dict, make_permanent
 from .shrink import count_parameters, shrink
 
@@ -179,7 +178,7 @@ class RawInputModel(nn.Module):
     ``forward(raw)``: ``raw`` is float32 of shape ``(N, *raw_shape)``; it is
     reshaped to ``(N, *input_shape)`` and standardised as
     ``x = (raw - offset) / scale`` (the same float32 operations as
-    :meth:`bingo.data.Dataset.preprocess`, so integer raw values give inputs
+    :meth:`bingo.bench.data.Dataset.preprocess`, so integer raw values give inputs
     bit-identical to the dataset's), then passed to ``model``.
     """
 
@@ -296,7 +295,7 @@ def export_model(
 
     Args:
         model: the trained (possibly masked) model; not modified.
-        preprocess: ``(offset, scale)`` of the dataset (:class:`bingo.data.Dataset`
+        preprocess: ``(offset, scale)`` of the dataset (:class:`bingo.bench.data.Dataset`
             ``.offset`` / ``.scale``): the model expects ``(raw - offset) / scale``.
         input_shape: the model's per-sample input shape (``Dataset.input_shape``).
         out_dir: folder to write; created if needed, existing files replaced.
@@ -398,42 +397,6 @@ def export_model(
     return ExportResult(directory, program_path, weights_path, metadata_path, onnx_path, net, bool(shrink_units))
 
 
-_CHECKPOINT_KEYS = ("model", "input_shape", "num_classes", "preprocess", "state_dict")
-
-
-def save_model_file(
-    path: str | os.PathLike,
-    model: nn.Module,
-    *,
-    architecture: str,
-    data: Dataset,
-    granularity: str,
-    sparsity: float,
-    accuracy: float,
-) -> None:
-    """Write the ``--save`` file of ``bingo run`` (atomically): what :func:`export_checkpoint` reads.
-
-    A dict with ``kind: "bingo-model"``, the architecture name, granularity,
-    the data's input and raw shapes, number of classes and preprocessing,
-    sparsity, accuracy and the pruned ``state_dict`` (with masks).
-    """
-    save_checkpoint(
-        {
-            "kind": "bingo-model",
-            "model": architecture,
-            "granularity": granularity,
-            "input_shape": list(data.input_shape),
-            "raw_shape": list(data.raw_shape),
-            "num_classes": data.num_classes,
-            "preprocess": {"offset": data.offset, "scale": data.scale},
-            "sparsity": sparsity,
-            "accuracy": accuracy,
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
-
-
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -443,42 +406,11 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export the ``--save`` file of ``bingo run`` with :func:`export_model`.
 
-    The checkpoint is a dict with ``kind: "bingo-model"``, ``model`` (a name
-    in :data:`bingo.models.MODELS`), ``input_shape``, ``num_classes``,
-    ``preprocess: {offset, scale}``, ``state_dict`` (with masks) and
-    optionally ``sparsity`` and ``accuracy``, which go to ``model.json``, and
-    ``raw_shape``, the per-sample shape of the dataset's own layout that the
-    exported program takes (default: ``input_shape``).
-
-    Raises:
-        CheckpointError: unreadable, not a bingo model file, or a state dict
-            that does not fit the named model.
+    The file names one of the benchmark harness's models, so this is
+    :func:`bingo.bench.model_file.export_checkpoint` (see there for the
+    file's contents and the errors); the harness is imported only when this
+    is called, never by ``import bingo``.
     """
-    from .models import build_model
+    from .bench.model_file import export_checkpoint as export
 
-    ckpt = load_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "bingo-model":
-        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{checkpoint} is not a bingo model file (kind {kind!r}); expected the --save file of 'bingo run'")
-    missing = [key for key in _CHECKPOINT_KEYS if key not in ckpt]
-    if missing:
-        raise CheckpointError(f"{checkpoint} lacks {', '.join(missing)}; a bingo model file has {', '.join(_CHECKPOINT_KEYS)}")
-    preprocess = ckpt["preprocess"]
-    if not isinstance(preprocess, dict) or not {"offset", "scale"} <= set(preprocess):
-        raise CheckpointError(f"{checkpoint}: preprocess must be {{offset, scale}}, got {preprocess!r}")
-    input_shape = tuple(int(d) for d in ckpt["input_shape"])
-    raw_shape = tuple(int(d) for d in ckpt.get("raw_shape", input_shape))
-    if math.prod(raw_shape) != math.prod(input_shape):
-        raise CheckpointError(f"{checkpoint}: raw_shape {list(raw_shape)} does not hold the {math.prod(input_shape)} values of input_shape {list(input_shape)}")
-    model = build_model(ckpt["model"], input_shape, int(ckpt["num_classes"]))
-    load_pruned_state_dict(model, ckpt["state_dict"])
-    metadata = {"architecture": ckpt["model"], "num_classes": int(ckpt["num_classes"]), "source": os.fspath(checkpoint)}
-    for key in ("sparsity", "accuracy", "granularity"):
-        if key in ckpt:
-            metadata[key] = ckpt[key]
-    if shrink_units is None and "granularity" in ckpt:
-        shrink_units = ckpt["granularity"] == "neuron"
-    return export_model(
-        model, (preprocess["offset"], preprocess["scale"]), input_shape, out_dir,
-        metadata=metadata, raw_shape=raw_shape, shrink_units=shrink_units, onnx=onnx,
-    )
+    return export(checkpoint, out_dir, shrink_units=shrink_units, onnx=onnx)

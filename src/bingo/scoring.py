@@ -1,6 +1,8 @@
-"""Reference scores that need no search (magnitude, random), and rank blending.
+"""Reference scores that need no search (magnitude, random), rank blending, and bingo's default score.
 
-Same contract as :meth:`bingo.TicketSearch.significance`: ``{weight key:
+:func:`bingo_scores` is the recipe the ``bingo`` method, the CLI and the
+trainer integrations prune by: a search's significance blended with weight
+magnitude by rank. Same contract as :meth:`bingo.TicketSearch.significance`: ``{weight key:
 tensor}``, higher = more significant, shaped like the weight (granularity
 ``"weight"``) or ``(out_units,)`` (``"neuron"``; the output layer is left out).
 """
@@ -8,6 +10,7 @@ tensor}``, higher = more significant, shaped like the weight (granularity
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,7 +20,21 @@ from .layer_types import unit_matrix
 from .layers import GRANULARITIES, find_layers, parameter_name, unit_axis, weight_of
 from .selection import NAN_CAUSES, check_scores_finite
 
-__all__ = ["combine_ranks", "magnitude_scores", "normalised_ranks", "random_scores"]
+if TYPE_CHECKING:
+    from .search import TicketSearch
+
+__all__ = [
+    "MAGNITUDE_WEIGHT",
+    "bingo_scores",
+    "check_magnitude_weight",
+    "combine_ranks",
+    "magnitude_scores",
+    "normalised_ranks",
+    "random_scores",
+]
+
+#: bingo's default weight of the magnitude rank in :func:`bingo_scores`: an equal blend with the significance.
+MAGNITUDE_WEIGHT = 0.5
 
 
 def _layers(model: nn.Module, granularity: str, include: Iterable[str] | None, exclude: Iterable[str]) -> dict[str, nn.Module]:
@@ -167,3 +184,70 @@ def combine_ranks(
     )
     pieces = torch.split(blended, [scores[0][k].numel() for k in keys])
     return {k: piece.float().reshape(scores[0][k].shape) for k, piece in zip(keys, pieces)}
+
+
+def check_magnitude_weight(magnitude_weight: float) -> float:
+    """``magnitude_weight`` as a float if it is in [0, 1]; :class:`ConfigError` otherwise."""
+    try:
+        value = float(magnitude_weight)
+    except (TypeError, ValueError):
+        raise ConfigError(f"magnitude weight must be in [0, 1], got {magnitude_weight!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"magnitude weight must be in [0, 1], got {magnitude_weight!r}")
+    return value
+
+
+def bingo_scores(
+    search: TicketSearch | Mapping[str, torch.Tensor],
+    model: nn.Module,
+    magnitude_weight: float = MAGNITUDE_WEIGHT,
+    *,
+    granularity: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """bingo's default score: a search's significance blended with weight magnitude by rank.
+
+    What the ``bingo`` method prunes by after training (and ``bingo-gradual``
+    at every update, and the trainer integrations when training ends):
+    ``combine_ranks([significance, magnitude], [1 - m, m])`` with
+    ``m = magnitude_weight``, where ``magnitude`` is
+    :func:`magnitude_scores` of ``model`` (``|w|`` per weight; the L2 norm of
+    each unit's incoming weights per neuron, the masked entries counting as
+    zero) over exactly the significance's keys.
+
+    Args:
+        search: a :class:`~bingo.TicketSearch` (its ``significance()`` is read
+            and its granularity used), or the ``{key: tensor}`` significance
+            itself.
+        model: the trained model the search watched, whose current weights
+            give the magnitudes.
+        magnitude_weight: weight of the magnitude rank, in [0, 1]. 0 returns
+            the significance unchanged (no ranking: the same tensors
+            ``significance()`` gives); 1 ranks by magnitude alone over the
+            searched keys.
+        granularity: ``"weight"`` or ``"neuron"``; default the search's, or,
+            for a significance dict, ``"neuron"`` when every score is
+            one-dimensional (one per unit) and ``"weight"`` otherwise.
+
+    Returns:
+        ``{key: tensor}`` with the significance's keys, order and shapes, in
+        [0, 1], higher = more significant (or the significance as it is, for
+        weight 0): what :func:`bingo.prune` ranks.
+
+    Raises:
+        ConfigError: a magnitude weight outside [0, 1], or a significance
+            that does not fit ``model`` (see :func:`combine_ranks`).
+    """
+    magnitude_weight = check_magnitude_weight(magnitude_weight)
+    if isinstance(search, Mapping):
+        significance = dict(search)
+    else:
+        significance = search.significance()
+        if granularity is None:
+            granularity = getattr(getattr(search, "config", None), "granularity", None)
+    if magnitude_weight == 0.0:
+        return significance
+    if granularity is None:
+        granularity = "neuron" if all(score.dim() == 1 for score in significance.values()) else "weight"
+    check_choice("granularity", granularity, GRANULARITIES)
+    magnitude = magnitude_scores(model, granularity, include=list(significance))
+    return combine_ranks([significance, magnitude], [1.0 - magnitude_weight, magnitude_weight])

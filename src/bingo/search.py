@@ -34,7 +34,7 @@ from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resol
 from .distributed import broadcast_tensors, unwrap
 from .layers import GRANULARITIES, Coverage, bias_name_of, coverage, find_layers, unit_axis, weight_of
 
-__all__ = ["GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
+__all__ = ["BINGO_SEARCH", "GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
 
 MODES = ("reset", "zero")
 METRICS = tuple(METRIC_FUNCTIONS)
@@ -108,6 +108,12 @@ class SearchConfig:
         data["include"] = None if self.include is None else list(self.include)
         data["exclude"] = list(self.exclude)
         return data
+
+
+#: bingo's default search (the ``bingo`` method's, the CLI's and the trainer integrations'): hybrid Taylor
+#: estimates calibrated by fake passes that zero the probed weights, measured in loss, every k-th step
+#: chosen from the number of layers. ``SearchConfig()`` itself is the paper's search.
+BINGO_SEARCH = SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=None)
 
 
 def _batch(inputs_or_closure: Any, targets: Any) -> Batch:

@@ -7,7 +7,6 @@ methods; everything that can be tested without a trainer is here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +18,9 @@ from ..errors import ConfigError, check_choice
 from ..masks import current_masks
 from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from ..schedule import SparsityScheduler
-from ..search import SearchConfig, TicketSearch
+from ..scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight
+from ..search import BINGO_SEARCH, SearchConfig, TicketSearch
 from ..selection import SCOPES, check_sparsity
-from ..strategies import BINGO
 
 __all__ = ["PruneAfterTraining"]
 
@@ -34,9 +33,10 @@ class PruneAfterTraining:
         min_accuracy / max_accuracy_drop with ``evaluate``: prune as far as
             ``evaluate(model)`` (higher = better, e.g. validation accuracy)
             stays at the floor (:func:`bingo.prune_to_accuracy`).
-        search: the search's settings (default: the ``bingo`` method's).
+        search: the search's settings (default: the ``bingo`` method's,
+            :data:`bingo.search.BINGO_SEARCH`).
         magnitude_weight: weight of the magnitude rank in the final score
-            (:meth:`bingo.strategies.BingoConfig.final_scores`).
+            (:func:`bingo.bingo_scores`).
         calibration: training inputs ``(N, ...)`` the model takes as one
             tensor; given, the survivors are compensated
             (:func:`bingo.compensate`) after the prune (and at every probe of
@@ -61,7 +61,7 @@ class PruneAfterTraining:
         max_accuracy_drop: float | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
         search: SearchConfig | None = None,
-        magnitude_weight: float = BINGO.magnitude_weight,
+        magnitude_weight: float = MAGNITUDE_WEIGHT,
         calibration: torch.Tensor | None = None,
         scope: str = "global",
         gradual: tuple[int, int] | None = None,
@@ -75,13 +75,17 @@ class PruneAfterTraining:
         if sparsity is not None:
             check_sparsity(sparsity)
         check_choice("scope", scope, SCOPES)
+        if search is not None and not isinstance(search, SearchConfig):
+            raise ConfigError(f"search must be a SearchConfig, got {type(search).__name__}")
         if gradual is not None and sparsity is None:
             raise ConfigError("gradual pruning needs the target: give sparsity= (an accuracy floor needs a prune after training)")
         self.gradual, self.frequency = gradual, frequency
         self.scheduler: SparsityScheduler | None = None
         self.sparsity, self.min_accuracy, self.max_accuracy_drop = sparsity, min_accuracy, max_accuracy_drop
         self.evaluate, self.calibration, self.scope = evaluate, calibration, scope
-        self.config = dataclasses.replace(BINGO, search=search or BINGO.search, magnitude_weight=magnitude_weight)
+        #: what the search runs with, and the magnitude rank's weight in the score it prunes by (:meth:`scores`)
+        self.search_config: SearchConfig = search or BINGO_SEARCH
+        self.magnitude_weight = check_magnitude_weight(magnitude_weight)
         self.search: TicketSearch | None = None
         self._pending: dict | None = None
         #: after :meth:`finish`: the masks, and what the floor and the compensation did
@@ -92,11 +96,11 @@ class PruneAfterTraining:
     def start(self, model: nn.Module) -> TicketSearch:
         """Attach the search to ``model`` (before its first optimizer step: θ0 is read now), or restore it."""
         if self.search is None or self.search.model is not model:
-            self.search = TicketSearch(model, config=self.config.search)
+            self.search = TicketSearch(model, config=self.search_config)
             if self.gradual is not None:
                 start_step, end_step = self.gradual
                 self.scheduler = SparsityScheduler(
-                    model, lambda: self.config.final_scores(self.search, model), self.sparsity,
+                    model, lambda: self.scores(model), self.sparsity,
                     start_step=start_step, end_step=end_step, frequency=self.frequency, scope=self.scope,
                 )
         if self._pending is not None:
@@ -115,6 +119,12 @@ class PruneAfterTraining:
             self.scheduler.step()
         return damages
 
+    def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What the prune ranks by: :func:`bingo.bingo_scores` of the search and ``model``, at :attr:`magnitude_weight`."""
+        if self.search is None:
+            raise ConfigError("PruneAfterTraining.scores before start(model)")
+        return bingo_scores(self.search, model, self.magnitude_weight)
+
     def finish(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Prune ``model`` once, by the search's significance blended with magnitude; returns the keep-masks."""
         if self.search is None or self.search.steps == 0:
@@ -122,7 +132,7 @@ class PruneAfterTraining:
         if self.scheduler is not None:  # pruned during training already
             self.masks = {key: mask.bool() for key, mask in current_masks(model, dict(self.search.theta0)).items()}
             return self.masks
-        scores = self.config.final_scores(self.search, model)
+        scores = self.scores(model)
         # the dense model, before pruning: compensation's targets
         reference = copy.deepcopy(model) if self.calibration is not None else None
         if self.sparsity is not None:

@@ -25,7 +25,7 @@ thousands separators. Spreads are the sample standard deviation over seeds
 
 Every file goes through :func:`bingo.io.atomic_write`, so a failure leaves
 the previous file intact. Matplotlib is imported only inside the plotting
-functions, so ``import bingo`` does not pay for it.
+functions, so ``import bingo.bench.report`` (and the CLI) does not pay for it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
-from .io import atomic_write
+from ..errors import DataError
+from ..io import atomic_write
 
 __all__ = ["CSV_FIELDS", "aggregate", "markdown_tables", "plot_accuracy", "plot_cost", "write_csv", "write_report"]
 

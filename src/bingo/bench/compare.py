@@ -1,6 +1,6 @@
 """``bingo compare``: every method on the same data, initial weights and data order.
 
-For each seed, an :class:`~bingo.strategies.Experiment` fixes θ0 and the data
+For each seed, an :class:`~bingo.bench.strategies.Experiment` fixes θ0 and the data
 order; each method delivers one pruned network per sparsity and is charged
 the whole wall time it needed (dense training and fine-tune included).
 Results go to ``DIR/results.json`` after every finished network (atomically),
@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_dataset, training_subset
-from .errors import CheckpointError, ConfigError
-from .io import load_scores, save_scores, write_json
+from ..errors import CheckpointError, ConfigError
+from ..io import load_scores, save_scores, write_json
 from .models import MODELS
-from .selection import check_sparsity
+from ..selection import check_sparsity
 from .configs import config_record
 from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
@@ -292,7 +292,7 @@ def run_compare(
     (move its outputs into ``out_dir/previous-<UTC time>/``, never deleting
     them, then start afresh). A resumed run delivers the same networks at the
     same cost as an uninterrupted one: a strategy with
-    :attr:`~bingo.strategies.Strategy.one_trajectory` (IMP) is asked again for
+    :attr:`~bingo.bench.strategies.Strategy.one_trajectory` (IMP) is asked again for
     every sparsity on its way, and only the missing ones are recorded.
 
     Returns the results dict (schema in the README: ``data, model, epochs,

@@ -4,7 +4,7 @@ For users who know the target sparsity before training. A
 :class:`~bingo.TicketSearch` watches the one training run per target and,
 at every update step of the :class:`~bingo.SparsityScheduler`, the weights
 are ranked by its significance blended with magnitude, exactly as the
-one-shot ``bingo`` ranks them (:meth:`BingoConfig.final_scores`). Everything
+one-shot ``bingo`` ranks them (:func:`bingo.bingo_scores`). Everything
 else is GMP's run (:class:`.gmp.ScheduledStrategy`), so the two stay
 comparable: they differ only in the score source.
 """
@@ -19,11 +19,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..search import SearchConfig, TicketSearch
+from ...errors import ConfigError
+from ...scoring import MAGNITUDE_WEIGHT, check_magnitude_weight
+from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
 from .base import Experiment, register
 from .gmp import ScheduleConfig, ScheduledStrategy
-from .oneshot import BINGO, BingoConfig
+from .oneshot import BingoConfig
 
 __all__ = ["GradualBingoConfig", "GradualBingoStrategy"]
 
@@ -34,14 +35,14 @@ class GradualBingoConfig(ScheduleConfig):
 
     label: ClassVar[str] = "bingo-gradual"
 
-    search: SearchConfig = field(default=BINGO.search, metadata={"help": "ticket search settings"})
-    magnitude_weight: float = field(default=BINGO.magnitude_weight, metadata={"help": "weight of the magnitude rank in the score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
+    search: SearchConfig = field(default=BINGO_SEARCH, metadata={"help": "ticket search settings"})
+    magnitude_weight: float = field(default=MAGNITUDE_WEIGHT, metadata={"help": "weight of the magnitude rank in the score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.search, SearchConfig):
             raise ConfigError(f"GradualBingoConfig.search must be a SearchConfig, got {type(self.search).__name__}")
-        _ = self.scoring  # BingoConfig checks the magnitude weight
+        check_magnitude_weight(self.magnitude_weight)
 
     @property
     def scoring(self) -> BingoConfig:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..layers import find_layers, weight_of
-from ..pruning import prune
+from ...errors import ConfigError
+from ...layers import find_layers, weight_of
+from ...pruning import prune
 from .base import Experiment, ForwardCounter, Outcome, Strategy, register
 
 __all__ = ["SnipConfig", "SnipStrategy", "snip_scores"]

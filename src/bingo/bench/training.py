@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from .. import distributed
 from .data import Dataset
-from .errors import CheckpointError, ConfigError, TrainingError, check_choice
-from .io import load_checkpoint, save_checkpoint
-from .search import TicketSearch
+from ..errors import CheckpointError, ConfigError, TrainingError, check_choice
+from ..io import load_checkpoint, save_checkpoint
+from ..search import TicketSearch
 
 __all__ = ["DIVERGED_LOSS_FACTOR", "OPTIMIZERS", "TrainConfig", "TrainResult", "evaluate", "load_model_state", "train"]
 

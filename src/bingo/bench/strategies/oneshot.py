@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compensation import BATCHNORM_CHOICES, compensate
-from ..coupled import prune_coupled
-from ..errors import ConfigError, check_choice
-from ..layers import GRANULARITIES
-from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
-from ..scoring import combine_ranks, magnitude_scores, random_scores
-from ..search import SearchConfig, TicketSearch
-from ..selection import SCOPES
+from ...compensation import BATCHNORM_CHOICES, compensate
+from ...coupled import prune_coupled
+from ...errors import ConfigError, check_choice
+from ...layers import GRANULARITIES
+from ...pruning import AccuracyFloorResult, prune, prune_to_accuracy
+from ...scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight, magnitude_scores, random_scores
+from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
+from ...selection import SCOPES
 from ..training import evaluate
 from .base import DenseRun, Experiment, Outcome, Strategy, register
 
@@ -165,11 +165,8 @@ class BingoConfig:
     :data:`BINGO` and :data:`BINGO_PAPER`.
     """
 
-    search: SearchConfig = field(
-        default=SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=None),
-        metadata={"help": "ticket search settings"},
-    )
-    magnitude_weight: float = field(default=0.5, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
+    search: SearchConfig = field(default=BINGO_SEARCH, metadata={"help": "ticket search settings"})
+    magnitude_weight: float = field(default=MAGNITUDE_WEIGHT, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021)", "choices": SCOPES})
     # On by default: without retraining, re-fitting the survivors is what makes a one-shot prune hold up (BENCHMARKS.md).
@@ -180,8 +177,7 @@ class BingoConfig:
             raise ConfigError(f"BingoConfig.search must be a SearchConfig, got {type(self.search).__name__}")
         _check_finetune(self.finetune_epochs)
         check_choice("scope", self.scope, SCOPES)
-        if not 0.0 <= self.magnitude_weight <= 1.0:
-            raise ConfigError(f"magnitude weight must be in [0, 1], got {self.magnitude_weight!r}")
+        check_magnitude_weight(self.magnitude_weight)
 
     @property
     def granularity(self) -> str:
@@ -189,21 +185,13 @@ class BingoConfig:
         return self.search.granularity
 
     def final_scores(self, search: TicketSearch, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The scores the one-shot prune ranks by, after training.
+        """The scores the one-shot prune ranks by, after training: :func:`bingo.bingo_scores`.
 
-        ``search.significance()`` alone when ``magnitude_weight`` is 0;
-        otherwise its global rank blended with the rank of the trained
-        weights' magnitude (L2 norm per unit for neurons) by
-        :func:`bingo.combine_ranks`, weights ``1 − m`` and ``m``.
+        ``search.significance()`` blended by rank with the trained weights'
+        magnitude, weights ``1 − magnitude_weight`` and ``magnitude_weight``,
+        at this config's granularity (the significance alone at weight 0).
         """
-        significance = search.significance()
-        if self.magnitude_weight == 0.0:
-            return significance
-        # Per weight first, for exactly the searched layers (a neuron search leaves the output layer out).
-        magnitude = magnitude_scores(model, "weight", include=list(significance))
-        if self.granularity == "neuron":
-            magnitude = {k: w.reshape(w.shape[0], -1).norm(dim=1) for k, w in magnitude.items()}
-        return combine_ranks([significance, magnitude], [1.0 - self.magnitude_weight, self.magnitude_weight])
+        return bingo_scores(search.significance(), model, self.magnitude_weight, granularity=self.granularity)
 
 
 #: the default ``bingo``: hybrid Taylor + calibrating fake passes, blended with magnitude, survivors compensated

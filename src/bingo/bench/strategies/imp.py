@@ -16,12 +16,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, check_choice
-from ..layers import output_layer_name
-from ..masks import current_masks
-from ..pruning import prune
-from ..scoring import magnitude_scores
-from ..selection import check_sparsity, prune_count
+from ...errors import ConfigError, check_choice
+from ...layers import output_layer_name
+from ...masks import current_masks
+from ...pruning import prune
+from ...scoring import magnitude_scores
+from ...selection import check_sparsity, prune_count
 from .base import Experiment, Outcome, Strategy, register, rewind
 
 __all__ = ["ImpConfig", "ImpStrategy", "imp_schedule"]

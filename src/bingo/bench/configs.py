@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["add_config_flags", "apply_flags", "config_leaves", "config_record"]
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import ConfigError, check_choice
+from ..errors import ConfigError, check_choice
 
 __all__ = ["MODELS", "BasicBlock", "ConvNet", "LeNet300", "ResNet", "SmallMLP", "build_model"]
 

@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..coupled import ChannelGroup, channel_groups, is_coupled
+from ...coupled import ChannelGroup, channel_groups, is_coupled
 from ..data import Dataset
-from ..errors import ConfigError
+from ...errors import ConfigError
 from ..models import build_model
-from ..masks import refresh_masked
-from ..search import TicketSearch
+from ...masks import refresh_masked
+from ...search import TicketSearch
 from ..training import TrainConfig, evaluate, train
 
 __all__ = [

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, distributed
+from .. import __version__, distributed
 from .data import DATASETS, load_dataset, training_subset
-from .compensation import compensate
+from ..compensation import compensate
 from .configs import add_config_flags, apply_flags, config_record
 from .environment import machine
-from .errors import BingoError, ConfigError
-from .io import write_json
+from ..errors import BingoError, ConfigError
+from ..io import write_json
 from .models import MODELS, build_model
-from .layers import coverage
-from .masks import pruned_parameters
-from .pruning import prune
-from .scoring import magnitude_scores, random_scores
-from .search import TicketSearch
-from .selection import check_sparsity
+from ..layers import coverage
+from ..masks import pruned_parameters
+from ..pruning import prune
+from ..scoring import magnitude_scores, random_scores
+from ..search import TicketSearch
+from ..selection import check_sparsity
 from .strategies import BINGO, BINGO_PAPER, STRATEGIES, Experiment, OneShotStrategy, get_strategy
 from .training import TrainConfig, evaluate, train
 
@@ -135,7 +135,7 @@ def _one_line_warnings():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .model_file import export_checkpoint
 
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         raise ConfigError(f"export folder {args.dir} is a file; give a folder")
@@ -312,7 +312,7 @@ def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     path under a file, or one whose nearest existing folder does not take
     new files. Paths are named as the user wrote them.
     """
-    from .io import folder_is_writable
+    from ..io import folder_is_writable
 
     target = Path(path)
     if folder and target.exists() and not target.is_dir():
@@ -446,12 +446,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not distributed.is_main_process():  # under torchrun: one set of outputs, written by rank 0
         return 0
     if args.scores:
-        from .io import save_scores
+        from ..io import save_scores
 
         save_scores(scores, args.scores)
         report["scores_file"] = args.scores
     if args.save:
-        from .export import save_model_file
+        from .model_file import save_model_file
 
         save_model_file(
             args.save, pruned_model, architecture=args.model, data=data, granularity=granularity,
@@ -459,7 +459,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         report["model_file"] = args.save
     if args.export:
-        from .export import export_model
+        from ..export import export_model
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -19,11 +19,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..schedule import SparsityScheduler, gmp_sparsity
-from ..scoring import magnitude_scores
-from ..search import TicketSearch
-from ..selection import check_sparsity
+from ...errors import ConfigError
+from ...schedule import SparsityScheduler, gmp_sparsity
+from ...scoring import magnitude_scores
+from ...search import TicketSearch
+from ...selection import check_sparsity
 from .base import Experiment, Outcome, Strategy, register
 
 __all__ = ["GmpConfig", "GmpStrategy", "ScheduleConfig", "ScheduledStrategy", "gmp_sparsity"]
