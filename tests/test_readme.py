@@ -83,3 +83,22 @@ def test_readme_custom_estimator_checkpoints_and_never_perturbs(readme_estimator
     other = bingo.TicketSearch(model, estimator=GradWeight(), include=["1"])
     with pytest.raises(bingo.CheckpointError):
         other.load_state_dict(search.state_dict())
+
+
+def test_readme_export_example_runs_and_the_program_standardises_raw_pixels(tmp_path, monkeypatch):
+    import textwrap
+
+    from bingo.models import build_model
+
+    model = build_model("lenet300", (1, 28, 28), 10, seed=0)
+    bingo.prune(model, bingo.magnitude_scores(model, "neuron"), 0.5)
+    model.eval()
+    raw_pixels = torch.randint(0, 256, (3, 28, 28), generator=torch.Generator().manual_seed(0))
+    namespace = {"bingo": bingo, "torch": torch, "model": model, "raw_pixels": raw_pixels}
+    monkeypatch.chdir(tmp_path)
+    exec(textwrap.dedent(_python_block("bingo.export_model(")), namespace)
+    result = namespace["result"]
+    assert result.shrunk and (tmp_path / "exported" / "model.json").exists()
+    with torch.no_grad():
+        expected = model((raw_pixels.float().reshape(3, 1, 28, 28) / 255 - 0.2860) / 0.3530)
+    torch.testing.assert_close(namespace["logits"], expected, atol=1e-4, rtol=1e-4)

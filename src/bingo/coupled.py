@@ -59,6 +59,7 @@ from .inputs import example_inputs as example_inputs_of
 from .layers import PRUNABLE_TYPES, output_layer_name
 from .pruning import _ensure_copyable, apply_masks, make_permanent
 from .selection import SCOPES, select_masks
+from .shrink import mark_shrunk
 
 __all__ = ["ChannelGroup", "channel_groups", "is_coupled", "prune_coupled", "shrink_coupled"]
 
@@ -341,6 +342,7 @@ def shrink_coupled(model: nn.Module, example_inputs: Any) -> nn.Module:
         root = group[0].dep.target.module
         pruning_group = graph.get_pruning_group(root, group[0].dep.handler, remove)
         pruning_group.prune()
+        mark_shrunk(net)
     _check_same_outputs(unwrap(model), net, example)
     if kept_shifted:
         warnings.warn(

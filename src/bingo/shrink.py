@@ -82,7 +82,21 @@ from .inputs import ExampleInputs, example_inputs
 from .layers import attention_inputs
 from .pruning import make_permanent, masked_value
 
-__all__ = ["count_flops", "count_parameters", "shrink"]
+__all__ = ["count_flops", "count_parameters", "is_shrunk", "mark_shrunk", "shrink"]
+
+#: Attribute set to True on a network from which :func:`shrink`, :func:`bingo.shrink_coupled` or
+#: :func:`bingo.shrink_heads` removed units or heads; it travels with the module (deepcopy, pickling).
+SHRUNK_ATTRIBUTE = "bingo_shrunk"
+
+
+def mark_shrunk(model: nn.Module) -> None:
+    """Record on ``model`` that units were physically removed from it (see :func:`is_shrunk`)."""
+    setattr(model, SHRUNK_ATTRIBUTE, True)
+
+
+def is_shrunk(model: nn.Module) -> bool:
+    """True if ``model`` (or the model it was copied from) lost units or heads to a bingo shrink: it is smaller than it was built."""
+    return bool(getattr(model, SHRUNK_ATTRIBUTE, False))
 
 _LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -697,4 +711,5 @@ def _shrink_chain(model: nn.Module, example: ExampleInputs | None) -> nn.Module:
         if not layer.keep_out.all():
             for step in layer.norms:
                 _replace(net, step.module, _rebuilt_norm(step.module, layer.keep_out))
+            mark_shrunk(net)
     return net
