@@ -300,6 +300,7 @@ def prune(
     scope: str = "global",
     *,
     seed: int = 0,
+    blocks: str | Callable[[str], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune ``model`` one-shot: remove the ``sparsity`` least significant entries.
 
@@ -311,9 +312,14 @@ def prune(
             to the entry (``round(sparsity * n)``).
         scope: ``"global"`` (one ranking over all scored entries, each layer
             keeping a floor: :data:`bingo.selection.MIN_KEEP`), ``"layer"``, or
-            ``"lamp"`` (one ranking by layer-normalised LAMP scores); see
+            ``"lamp"`` (one ranking by layer-normalised LAMP scores), or
+            ``"block"`` (each block, e.g. a transformer's ``h.0.``, pruned to
+            ``sparsity`` with one ranking inside it); see
             :func:`bingo.selection.select_masks`.
         seed: tie-breaking seed (see :mod:`bingo.selection`).
+        blocks: with ``scope="block"``, what a block is: a regex or ``key ->
+            block name`` (default: the path up to the first numeric index;
+            :func:`bingo.selection.block_of`).
 
     Returns:
         The keep-masks the model has now, keyed and shaped like ``scores``
@@ -322,7 +328,7 @@ def prune(
         model's (sparser than asked), and a warning says so.
     """
     check_choice("scope", scope, SCOPES)
-    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed)
+    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks)
     _check_units_left(masks, model)
     apply_masks(model, masks)
     applied = current_masks(model, scores)
@@ -419,7 +425,7 @@ def prune_to_accuracy(
     if not (0.0 <= floor <= 1.0) and min_accuracy is not None:
         raise ConfigError(f"min_accuracy must be in [0, 1], got {min_accuracy!r}")
     # Bisection for the largest j with accuracy >= floor; j = 0 prunes nothing new.
-    lo, lo_acc = (0, dense) if scope == "layer" else (already, dense)
+    lo, lo_acc = (0, dense) if scope in ("layer", "block") else (already, dense)
     hi = steps  # pruning everything is never allowed; treated as failing
     while hi - lo > 1:
         mid = (lo + hi) // 2
