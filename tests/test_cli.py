@@ -407,7 +407,7 @@ BAD_OPTIONS = [
     (("--granularity", "layer"), r"argument --granularity: invalid choice: 'layer' \(choose from 'weight', 'neuron'\)$"),
     (("--rule", "max"), r"argument --rule: invalid choice: 'max' \(choose from 'mean', 'paper', 'contrast'\)$"),
     (("--optimizer", "rmsprop"), r"argument --optimizer: invalid choice: 'rmsprop' \(choose from 'adam', 'sgd'\)$"),
-    (("--scope", "model"), r"argument --scope: invalid choice: 'model' \(choose from 'global', 'layer', 'lamp'\)$"),
+    (("--scope", "model"), r"argument --scope: invalid choice: 'model' \(choose from 'global', 'layer', 'lamp', 'block'\)$"),
     (("--magnitude-weight", "1.5"), r"magnitude weight must be in \[0, 1\], got 1\.5$"),
     (("--epochs", "two"), r"--epochs expects an int, got 'two'$"),
     (("--epochs", "-1"), r"epochs must be a whole number >= 0, got -1$"),

@@ -168,8 +168,8 @@ def test_coupled_errors_are_one_line():
         bingo.prune_coupled(model, {}, groups, 0.5)
     with pytest.raises(ConfigError, match=r"^scores for 'stem.0.weight' have shape \(3,\); coupled pruning takes one score per channel, \(16,\)$"):
         bingo.prune_coupled(model, {"stem.0.weight": torch.rand(3)}, groups, 0.5)
-    with pytest.raises(ConfigError, match=r"^cannot trace ResNet for coupled channels: "):
-        bingo.channel_groups(model, (2, 12, 12))  # the stem takes one channel
+    with pytest.raises(ConfigError, match=r"^channel_groups: ResNet cannot run on input_shape \(2, 12, 12\) .* its first layer 'stem\.0' \(Conv2d\) takes \(N, 1, H, W\)$"):
+        bingo.channel_groups(model, (2, 12, 12))  # the stem takes one channel: refused before tracing
 
 
 def test_cli_neuron_pruning_of_a_resnet_exports_a_shrunk_program_that_runs_without_bingo(tmp_path, digits, capsys):

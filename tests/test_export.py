@@ -7,6 +7,7 @@ batch sizes other than the one it was traced with.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -35,6 +36,7 @@ from bingo.export import export_checkpoint
 from bingo.io import save_checkpoint
 from bingo.bench.models import build_model
 from bingo.bench.training import evaluate
+from bingo.shrink import is_shrunk
 
 from conftest import make_cnn
 
@@ -210,6 +212,35 @@ def test_weight_level_export_bakes_masks_without_shrinking(tmp_path):
     program = torch.export.load(str(result.program)).module()
     raw = torch.randint(0, 17, (5, 8, 8)).float()
     torch.testing.assert_close(program(raw), model((raw.reshape(5, 64) - 3.0) / 2.0))
+
+
+def test_model_json_says_shrunk_for_a_model_shrunk_before_export_and_not_for_one_with_nothing_removed(tmp_path):
+    model = build_model("mlp", (64,), 10, seed=0)
+    bingo.prune(model, magnitude_scores(model, "neuron"), 0.5)
+    small = bingo.shrink(model, (64,))
+    assert bingo.count_parameters(small) < 0.6 * bingo.count_parameters(model)
+    # already shrunk: no neuron masks left, so the export itself removes nothing; the record says what the network is
+    for given, name in ((small, "pre"), (copy.deepcopy(small), "copy")):
+        result = export_model(given, (3.0, 2.0), (64,), tmp_path / name)
+        assert result.shrunk and json.loads(result.metadata.read_text())["shrunk"] is True
+    dense = build_model("mlp", (64,), 10, seed=0)
+    result = export_model(dense, (3.0, 2.0), (64,), tmp_path / "dense", shrink_units=True)  # shrink ran, nothing to remove
+    assert not result.shrunk and json.loads(result.metadata.read_text())["shrunk"] is False
+    assert not is_shrunk(dense) and not is_shrunk(result.model)
+
+
+def test_every_shrink_marks_the_network_it_removed_units_from():
+    resnet = build_model("resnet", (1, 12, 12), 10, seed=0)
+    groups = bingo.channel_groups(resnet, (1, 12, 12))
+    assert not is_shrunk(bingo.shrink_coupled(resnet, (1, 12, 12)))  # nothing pruned: nothing removed
+    bingo.prune_coupled(resnet, magnitude_scores(resnet, "neuron"), groups, 0.5)
+    assert is_shrunk(bingo.shrink_coupled(resnet, (1, 12, 12))) and is_shrunk(bingo.shrink(resnet, (1, 12, 12)))
+
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False)
+    assert not is_shrunk(bingo.shrink_heads(encoder))
+    bingo.prune_heads(encoder, {"layers.0.self_attn": torch.tensor([1.0, 2, 3, 4])}, 0.5)
+    assert is_shrunk(bingo.shrink_heads(encoder))
 
 
 def test_export_argument_errors(tmp_path):

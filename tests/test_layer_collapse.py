@@ -186,7 +186,7 @@ def test_no_floor_binds_on_trained_models_up_to_95_percent(data_name, model_name
 
 
 def test_lamp_is_a_scope_everywhere():
-    assert SCOPES == ("global", "layer", "lamp")
+    assert SCOPES == ("global", "layer", "lamp", "block")
     assert OneShotConfig(scope="lamp").scope == "lamp"
     model = make_mlp()
     scores = bingo.magnitude_scores(model)

@@ -80,7 +80,8 @@ def test_combine_ranks_needs_matching_sets():
     with pytest.raises(ConfigError, match=r"^combine_ranks needs score sets with the same shapes: 'x' is \(2,\) in set 0 and \(3,\) in set 1$"):
         combine_ranks([{"x": torch.zeros(2)}, {"x": torch.zeros(3)}])
     with pytest.raises(ConfigError, match=r"^combine_ranks needs score sets with the same keys: set 2 lacks 'y' and has extra 'z' compared with set 0; "
-                       r"score every set over the same layers \(the same include/exclude\)$"):
+                       r"score every set over the same layers: magnitude_scores\(model, like=<set 0>\) and random_scores\(model, like=<set 0>\) "
+                       r"score exactly its keys \(or pass the same include/exclude\)$"):
         combine_ranks([{"x": torch.zeros(2), "y": torch.zeros(1)}, {"y": torch.zeros(1), "x": torch.zeros(2)}, {"x": torch.zeros(2), "z": torch.zeros(1)}])
     with pytest.raises(ConfigError, match=r"^combine_ranks needs score sets with the same keys: set 1 lacks 'y' compared with set 0"):
         combine_ranks([{"x": torch.zeros(2), "y": torch.zeros(1)}, {"x": torch.zeros(2)}])
@@ -93,7 +94,7 @@ def test_combine_ranks_names_a_granularity_mismatch_and_the_fix(mlp):
     # weight-level magnitude: the keys differ too, but the granularity is what to fix.
     per_unit = bingo.magnitude_scores(mlp, "neuron")
     per_weight = bingo.magnitude_scores(mlp)
-    fix = r"; pass granularity 'neuron' to magnitude_scores/random_scores \(and the same include\) so every set scores the same units$"
+    fix = r"; pass granularity 'neuron' to magnitude_scores/random_scores \(and the same include\), or like=<set 0>, so every set scores the same units$"
     with pytest.raises(ConfigError, match=r"^combine_ranks: score sets mix granularities: '1\.weight' is per neuron \(12,\) in set 0 and per weight \(12, 16\) in set 1" + fix):
         combine_ranks([per_unit, per_weight])
     with pytest.raises(ConfigError, match=r"'1\.weight' is per neuron \(12,\) in set 1 and per weight \(12, 16\) in set 0" + fix):
@@ -217,3 +218,58 @@ def test_bingo_scores_refuse_a_bad_magnitude_weight(weight):
     model = two_linear([[1.0, 2.0]], [[1.0]])
     with pytest.raises(ConfigError, match=r"^magnitude weight must be in \[0, 1\], got "):
         bingo_scores({"0.weight": torch.ones(1, 2)}, model, weight)
+
+
+def _embedding_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
+def test_reference_scores_like_a_search_with_include_star_blend_with_it():
+    tokens = torch.randint(0, 10, (64, 3), generator=torch.Generator().manual_seed(1))
+    data = tokens, torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
+    model, search = train_tiny(_embedding_mlp, data, lambda m: TicketSearch(m, include=["*"]), steps=8)
+    significance = search.significance()
+    assert list(significance) == ["0.weight", "2.weight", "4.weight"]  # the embedding too
+    with pytest.raises(ConfigError, match=r"set 1 lacks '0\.weight' compared with set 0; .*magnitude_scores\(model, like=<set 0>\)"):
+        combine_ranks([significance, bingo.magnitude_scores(model)])  # the user's first try: the default scope
+
+    magnitude = bingo.magnitude_scores(model, like=significance)
+    assert list(magnitude) == list(significance)
+    for key, module in (("0.weight", model[0]), ("2.weight", model[2]), ("4.weight", model[4])):
+        assert torch.equal(magnitude[key], module.weight.detach().abs())
+    randoms = bingo.random_scores(model, seed=3, like=significance)
+    assert [tuple(v.shape) for v in randoms.values()] == [tuple(v.shape) for v in significance.values()]
+    assert all(torch.equal(a, b) for a, b in zip(randoms.values(), bingo.random_scores(model, seed=3, include=["*"]).values()))
+    blended = combine_ranks([significance, magnitude])
+    assert list(blended) == list(significance)
+
+
+def test_like_takes_each_keys_granularity_from_its_shape(mlp):
+    like = {"3.weight": torch.zeros(8), "1.weight": torch.zeros(12, 16)}  # per neuron, per weight; in this order
+    got = bingo.magnitude_scores(mlp, like=like)
+    assert list(got) == ["3.weight", "1.weight"]
+    torch.testing.assert_close(got["3.weight"], mlp[3].weight.detach().norm(dim=1))
+    assert torch.equal(got["1.weight"], mlp[1].weight.detach().abs())
+    assert tuple(bingo.random_scores(mlp, like=like)["3.weight"].shape) == (8,)
+    assert list(bingo.magnitude_scores(mlp, "neuron", like={"3.weight": torch.zeros(8)})) == ["3.weight"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"include": ["1"]}, r"^give like= or include=/exclude=, not both: like= scores exactly the keys of the scores it is given$"),
+        ({"exclude": ["5"]}, r"^give like= or include=/exclude=, not both"),
+        ({"like_keys": {"1.bias": (12,)}}, r"^like= names '1\.bias', which is not a weight of Sequential \(its weights: '1\.weight', '3\.weight', '5\.weight'\)$"),
+        ({"like_keys": {"fc.weight": (3,)}}, r"^like= names 'fc\.weight', which is not a weight of Sequential"),
+        ({"like_keys": {"1.weight": (16,)}}, r"^like= scores '1\.weight' with shape \(16,\); expected \(12, 16\) \(per weight\) or \(12,\) \(per neuron\)$"),
+        ({"like_keys": {"1.weight": (12,)}, "granularity": "weight"}, r"^like= scores '1\.weight' with shape \(12,\); expected \(12, 16\) \(per weight\)$"),
+        ({"like_keys": {"1.weight": (12,)}, "granularity": "pixel"}, r"^unknown granularity 'pixel'; valid choices: weight, neuron$"),
+    ],
+)
+def test_like_errors(mlp, kwargs, pattern):
+    kwargs = dict(kwargs)
+    like = {key: torch.zeros(shape) for key, shape in kwargs.pop("like_keys", {"1.weight": (12,)}).items()}
+    for scores in (bingo.magnitude_scores, bingo.random_scores):
+        with pytest.raises(ConfigError, match=pattern):
+            scores(mlp, like=like, **kwargs)

@@ -46,6 +46,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,10 +54,13 @@ from torch.nn.utils import prune as torch_prune
 
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
+from .inputs import ExampleInputs
+from .inputs import example_inputs as example_inputs_of
 from .layer_types import unit_matrix
 from .layers import PRUNABLE_TYPES, output_layer_name
 from .masks import apply_masks, keep_copyable, make_permanent
 from .selection import SCOPES, select_masks
+from .shrink import mark_shrunk
 
 __all__ = ["ChannelGroup", "channel_groups", "is_coupled", "prune_coupled", "shrink_coupled"]
 
@@ -85,20 +89,15 @@ def _tp():
     return torch_pruning
 
 
-def _example(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> torch.Tensor:
-    if isinstance(example_inputs, torch.Tensor):
-        return example_inputs
-    parameter = next(model.parameters())
-    return torch.zeros((2, *example_inputs), dtype=parameter.dtype, device=parameter.device)
-
-
-def _graph(model: nn.Module, example: torch.Tensor):
+def _graph(model: nn.Module, example: ExampleInputs):
     """Torch-Pruning's dependency graph of ``model``, its train/eval flags as they were (tracing sets eval)."""
     tp = _tp()
     modes = [(m, m.training) for m in model.modules()]
     try:
         with torch.enable_grad():  # the graph follows autograd
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            # forward_fn: called as the model takes its inputs (Torch-Pruning would first try model(*tensor), a batch split into samples)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.args or example.kwargs,
+                                                          forward_fn=lambda m, _: example(m), verbose=False)
     except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward: name what failed, in one line
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ConfigError(f"cannot trace {type(model).__name__} for coupled channels: {reason}") from None
@@ -122,7 +121,7 @@ def _meets_untracked(group, tp) -> bool:
     return False
 
 
-def _groups(model: nn.Module, example: torch.Tensor) -> tuple[object, list[tuple[object, ChannelGroup]]]:
+def _groups(model: nn.Module, example: ExampleInputs) -> tuple[object, list[tuple[object, ChannelGroup]]]:
     tp = _tp()
     graph = _graph(model, example)
     names = {module: name for name, module in model.named_modules()}
@@ -162,16 +161,20 @@ def _groups(model: nn.Module, example: torch.Tensor) -> tuple[object, list[tuple
     return graph, found
 
 
-def channel_groups(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """The groups of tied channels of ``model`` (see the module docstring), in the graph's order.
 
-    ``example_inputs`` is a batch the model takes, or the shape of one
-    sample (a batch of two zeros is traced). ``model`` is not changed.
+    ``example_inputs`` is the shape of one sample without the batch
+    dimension (``(1, 28, 28)``; a batch of two zeros is traced), or inputs
+    with a batch dimension as the model takes them: a tensor
+    (``torch.randn(1, 1, 28, 28)``), a tuple or a dict of tensors
+    (:mod:`bingo.inputs`). Inputs the model cannot run on are a one-line
+    :class:`ConfigError` before anything is traced. ``model`` is not changed.
     """
     model = unwrap(model)
     net = copy.deepcopy(model)
     make_permanent(net)  # the graph is traced on plain parameters
-    return [group for _, group in _groups(net, _example(net, example_inputs))[1]]
+    return [group for _, group in _groups(net, example_inputs_of(net, example_inputs, "channel_groups"))[1]]
 
 
 def is_coupled(groups: list[ChannelGroup]) -> bool:
@@ -277,7 +280,7 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor,
     return exact, rows_zero & ~exact
 
 
-def _check_same_outputs(model: nn.Module, shrunk: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> None:
+def _check_same_outputs(model: nn.Module, shrunk: nn.Module, example: ExampleInputs) -> None:
     """Refuse a shrunk model whose eval outputs differ from the masked one's on the example (or seeded random) inputs.
 
     A channel that is zero where its layers meet can still become a nonzero
@@ -285,18 +288,13 @@ def _check_same_outputs(model: nn.Module, shrunk: nn.Module, example_inputs: tor
     removing it would drop that constant. The graph does not say what maps
     zero to zero, so the result is checked instead.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        x = example_inputs
-    else:
-        parameter = next(model.parameters())
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn((4, *example_inputs), generator=generator).to(device=parameter.device, dtype=parameter.dtype)
+    inputs = example.random(batch=4, seed=0)
     modes = [(m, m.training) for m in [*model.modules(), *shrunk.modules()]]
     try:
         model.eval()
         shrunk.eval()
         with torch.no_grad():
-            want, got = model(x), shrunk(x)
+            want, got = inputs(model), inputs(shrunk)
     finally:
         for module, training in modes:
             module.training = training
@@ -310,7 +308,7 @@ def _check_same_outputs(model: nn.Module, shrunk: nn.Module, example_inputs: tor
         )
 
 
-def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, ...]) -> nn.Module:
+def shrink_coupled(model: nn.Module, example_inputs: Any) -> nn.Module:
     """A physically smaller copy of ``model`` without its zero channels, coupled ones removed from every layer at once.
 
     A channel is removed when it is exactly zero in its whole group (every
@@ -321,14 +319,16 @@ def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, .
     mode the result computes what the masked model does, to float rounding.
     Channels with zero weights whose BatchNorm is not masked are kept, with
     a warning (removing them would drop the constant the BatchNorm adds).
-    The result is checked against the masked model on ``example_inputs`` (a
-    tensor) or seeded random inputs of that shape: if removal changed the
+    The result is checked against the masked model on ``example_inputs``
+    (inputs as the model takes them, or seeded random samples of one
+    sample's shape, as for :func:`channel_groups`): if removal changed the
     output (an activation that maps zero to a constant, such as a sigmoid,
     between the layers), :class:`ConfigError`.
     """
     net = copy.deepcopy(unwrap(model))
     make_permanent(net)
-    graph, found = _groups(net, _example(net, example_inputs))
+    example = example_inputs_of(net, example_inputs, "shrink_coupled")
+    graph, found = _groups(net, example)
     kept_shifted = 0
     plan = []
     for group, info in found:
@@ -343,7 +343,8 @@ def shrink_coupled(model: nn.Module, example_inputs: torch.Tensor | tuple[int, .
         root = group[0].dep.target.module
         pruning_group = graph.get_pruning_group(root, group[0].dep.handler, remove)
         pruning_group.prune()
-    _check_same_outputs(unwrap(model), net, example_inputs)
+        mark_shrunk(net)
+    _check_same_outputs(unwrap(model), net, example)
     if kept_shifted:
         warnings.warn(
             f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "

@@ -40,7 +40,7 @@ from .io import atomic_write, write_json
 from .layer_types import layer_type_of, unit_matrix
 from .layers import unit_axis
 from .masks import load_pruned_state_dict, make_permanent
-from .shrink import count_parameters, shrink
+from .shrink import count_parameters, is_shrunk, shrink
 
 __all__ = [
     "COMPACT_FORMAT",
@@ -204,7 +204,7 @@ class ExportResult:
     metadata: Path  #: model.json
     onnx: Path | None  #: model.onnx, when asked for and possible
     model: nn.Module  #: the exported network: masks baked in, shrunk if it was
-    shrunk: bool  #: whether dead units were removed with :func:`bingo.shrink`
+    shrunk: bool  #: whether the network lost units or heads, by this export or before it (see model.json's "shrunk")
 
 
 def _unit_pruned(model: nn.Module) -> bool:
@@ -320,7 +320,13 @@ def export_model(
         - ``model.onnx`` (with ``onnx=True``): the same program as ONNX, weights
           embedded, so the file works on its own (no external-data sidecar).
         - ``model.json``: the caller's ``metadata`` plus input shapes,
-          preprocessing, parameter count, weight sparsity, layer shapes.
+          preprocessing, parameter count, weight sparsity, layer shapes, and
+          ``"shrunk"``: true when the exported network is physically smaller
+          than the model was built, units or heads removed by this export
+          or before it (a model returned by :func:`bingo.shrink`,
+          :func:`bingo.shrink_coupled` or :func:`bingo.shrink_heads` carries
+          that mark); false when nothing was removed, even if ``shrink_units``
+          ran and found no dead unit.
 
     Raises:
         ConfigError: bad preprocessing or shapes, metadata that is not JSON or
@@ -385,7 +391,7 @@ def export_model(
         "preprocess": {"offset": offset, "scale": scale, "formula": "x = (raw - offset) / scale", "in_program": True},
         "parameters": count_parameters(net),
         "weight_sparsity": _weight_sparsity(net),
-        "shrunk": bool(shrink_units),
+        "shrunk": is_shrunk(net),
         "layers": {name: list(module.weight.shape) for name, module in _weight_layers(net).items()},
         "attention_heads": {
             name: module.num_heads for name, module in net.named_modules() if hasattr(module, "num_heads")
@@ -394,7 +400,7 @@ def export_model(
         "torch_version": torch.__version__,
     }
     metadata_path = write_json(directory / "model.json", record)
-    return ExportResult(directory, program_path, weights_path, metadata_path, onnx_path, net, bool(shrink_units))
+    return ExportResult(directory, program_path, weights_path, metadata_path, onnx_path, net, is_shrunk(net))
 
 
 def export_checkpoint(

@@ -40,6 +40,7 @@ from .distributed import unwrap
 from .errors import ConfigError, check_choice
 from .masks import keep_copyable, make_permanent, mask_attention_outputs
 from .selection import SCOPES, select_masks
+from .shrink import mark_shrunk
 
 __all__ = ["PrunedMultiheadAttention", "head_scores", "prune_heads", "shrink_heads"]
 
@@ -266,4 +267,5 @@ def shrink_heads(model: nn.Module) -> nn.Module:
             if removed.all():
                 removed[0] = False  # an attention keeps one head
             setattr(parent, child_name, _without_heads(child, ~removed))
+            mark_shrunk(net)
     return net

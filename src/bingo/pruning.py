@@ -43,6 +43,7 @@ def prune(
     scope: str = "global",
     *,
     seed: int = 0,
+    blocks: str | Callable[[str], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune ``model`` one-shot: remove the ``sparsity`` least significant entries.
 
@@ -54,9 +55,14 @@ def prune(
             to the entry (``round(sparsity * n)``).
         scope: ``"global"`` (one ranking over all scored entries, each layer
             keeping a floor: :data:`bingo.selection.MIN_KEEP`), ``"layer"``, or
-            ``"lamp"`` (one ranking by layer-normalised LAMP scores); see
+            ``"lamp"`` (one ranking by layer-normalised LAMP scores), or
+            ``"block"`` (each block, e.g. a transformer's ``h.0.``, pruned to
+            ``sparsity`` with one ranking inside it); see
             :func:`bingo.selection.select_masks`.
         seed: tie-breaking seed (see :mod:`bingo.selection`).
+        blocks: with ``scope="block"``, what a block is: a regex or ``key ->
+            block name`` (default: the path up to the first numeric index;
+            :func:`bingo.selection.block_of`).
 
     Returns:
         The keep-masks the model has now, keyed and shaped like ``scores``
@@ -65,7 +71,7 @@ def prune(
         model's (sparser than asked), and a warning says so.
     """
     check_choice("scope", scope, SCOPES)
-    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed)
+    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks)
     check_units_left(masks, model)
     apply_masks(model, masks)
     applied = current_masks(model, scores)
@@ -155,7 +161,7 @@ def prune_to_accuracy(
         else:
             steps = sum(s.numel() for s in effective.values())
         already = int(sum((~m).sum() for m in current_masks(model, scores).values()))
-        start = 0 if scope == "layer" else already
+        start = 0 if scope in ("layer", "block") else already  # per layer or block: from nothing pruned
 
         def prune_at(net: nn.Module, j: int) -> dict[str, torch.Tensor]:
             masks = select_masks(effective, j / steps, scope, seed)

@@ -37,27 +37,64 @@ __all__ = [
 MAGNITUDE_WEIGHT = 0.5
 
 
-def _layers(model: nn.Module, granularity: str, include: Iterable[str] | None, exclude: Iterable[str]) -> dict[str, nn.Module]:
-    check_choice("granularity", granularity, GRANULARITIES)
-    layers = find_layers(model, include, exclude, granularity)
+def _layers(
+    model: nn.Module,
+    granularity: str | None,
+    include: Iterable[str] | None,
+    exclude: Iterable[str],
+    like: Mapping[str, torch.Tensor] | None,
+) -> dict[str, tuple[nn.Module, str]]:
+    """``{key: (module, granularity)}`` to score: chosen by include/exclude, or exactly the keys of ``like``."""
+    if like is None:
+        granularity = "weight" if granularity is None else granularity
+        check_choice("granularity", granularity, GRANULARITIES)
+        return {key: (module, granularity) for key, module in find_layers(model, include, exclude, granularity).items()}
+    if include is not None or list(exclude):
+        raise ConfigError("give like= or include=/exclude=, not both: like= scores exactly the keys of the scores it is given")
+    if granularity is not None:
+        check_choice("granularity", granularity, GRANULARITIES)
+    weights = find_layers(model, include=["*"])  # every weight a score can name
+    layers = {}
+    for key, reference in like.items():
+        if key not in weights:
+            raise ConfigError(f"like= names {key!r}, which is not a weight of {type(model).__name__} "
+                              f"(its weights: {', '.join(map(repr, weights))})")
+        shape, weight_shape = tuple(reference.shape), tuple(weight_of(weights[key], key).shape)
+        found = "weight" if shape == weight_shape else "neuron" if shape == weight_shape[:1] else None
+        if found is None or granularity not in (None, found):
+            want = {"weight": f"{weight_shape} (per weight)", "neuron": f"({weight_shape[0]},) (per neuron)"}
+            expected = want[granularity] if granularity else " or ".join(want.values())
+            raise ConfigError(f"like= scores {key!r} with shape {shape}; expected {expected}")
+        layers[key] = (weights[key], found)
     return layers
 
 
 def magnitude_scores(
     model: nn.Module,
-    granularity: str = "weight",
+    granularity: str | None = None,
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``|w|`` per weight, or the L2 norm of each unit's incoming weights per neuron."""
+    """``|w|`` per weight, or the L2 norm of each unit's incoming weights per neuron.
+
+    The weights scored are those of :func:`bingo.find_layers` (``include``,
+    ``exclude``, ``granularity``, default ``"weight"``), or, with
+    ``like=scores``, exactly the keys of ``scores`` at their granularity (a
+    tensor shaped like the weight: per weight; ``(out_units,)``: per neuron),
+    so ``combine_ranks([search.significance(), magnitude_scores(model,
+    like=search.significance())])`` blends the same entries whatever scope
+    the search used. ``like`` with ``include``/``exclude`` is a
+    :class:`ConfigError`, as is a key that is not a weight of ``model``.
+    """
     scores = {}
-    for key, module in _layers(model, granularity, include, exclude).items():
+    for key, (module, grain) in _layers(model, granularity, include, exclude, like).items():
         weight = weight_of(module, key).detach().float()
         mask = getattr(module, f"{parameter_name(key)}_mask", None)
         if mask is not None:
             weight = weight * mask
-        if granularity == "weight":
+        if grain == "weight":
             scores[key] = weight.abs().cpu()
         else:
             scores[key] = unit_matrix(weight, unit_axis(module, key)).norm(dim=1).cpu()
@@ -66,18 +103,22 @@ def magnitude_scores(
 
 def random_scores(
     model: nn.Module,
-    granularity: str = "weight",
+    granularity: str | None = None,
     seed: int = 0,
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Uniform random scores in [0, 1) from a seeded generator: the control."""
+    """Uniform random scores in [0, 1) from a seeded generator: the control.
+
+    Scores the weights :func:`magnitude_scores` would (``like=scores``: exactly the keys and shapes of ``scores``).
+    """
     generator = torch.Generator().manual_seed(seed)
     scores = {}
-    for key, module in _layers(model, granularity, include, exclude).items():
+    for key, (module, grain) in _layers(model, granularity, include, exclude, like).items():
         weight = weight_of(module, key)
-        shape = weight.shape if granularity == "weight" else (weight.shape[unit_axis(module, key)],)
+        shape = weight.shape if grain == "weight" else (weight.shape[unit_axis(module, key)],)
         scores[key] = torch.rand(shape, generator=generator)
     return scores
 
@@ -121,7 +162,7 @@ def _check_same_entries(scores: list[Mapping[str, torch.Tensor]]) -> None:
                 raise ConfigError(
                     f"combine_ranks: score sets mix granularities: {key!r} is per neuron {unit} in set {unit_set} "
                     f"and per weight {weight} in set {weight_set}; pass granularity 'neuron' to "
-                    "magnitude_scores/random_scores (and the same include) so every set scores the same units"
+                    "magnitude_scores/random_scores (and the same include), or like=<set 0>, so every set scores the same units"
                 )
         missing, extra = [k for k in first if k not in other], [k for k in other if k not in first]
         if missing or extra:
@@ -130,7 +171,8 @@ def _check_same_entries(scores: list[Mapping[str, torch.Tensor]]) -> None:
             )
             raise ConfigError(
                 f"combine_ranks needs score sets with the same keys: set {i} {' and '.join(parts)} compared with set 0; "
-                "score every set over the same layers (the same include/exclude)"
+                "score every set over the same layers: magnitude_scores(model, like=<set 0>) and "
+                "random_scores(model, like=<set 0>) score exactly its keys (or pass the same include/exclude)"
             )
         for key in first:
             a, b = tuple(first[key].shape), tuple(other[key].shape)
@@ -154,7 +196,8 @@ def combine_ranks(
     Why: BINGO's estimate of the loss change measures the damage a cut does
     at once and is the better ranking without fine-tuning; magnitude ranks
     better for what a network recovers after fine-tuning (BENCHMARKS.md,
-    ablation). ``combine_ranks([search.significance(), magnitude_scores(model)])``
+    ablation). ``combine_ranks([significance, magnitude_scores(model,
+    like=significance)])``, with ``significance = search.significance()``,
     is the default ``bingo`` score.
 
     Args:

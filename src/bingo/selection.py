@@ -4,7 +4,18 @@ Nothing here touches a model. Input is ``{key: scores}`` (any shapes), higher
 = more significant; output is ``{key: bool mask}`` of the same shapes, True =
 keep. The number pruned is exact: ``round(sparsity * n)``, the same rounding
 as ``torch.nn.utils.prune``, counted over all scores (``scope="global"`` and
-``scope="lamp"``) or per tensor (``scope="layer"``).
+``scope="lamp"``), per tensor (``scope="layer"``) or per block of tensors
+(``scope="block"``: one ranking inside each block, see :func:`block_of`).
+
+Which to use. ``"global"`` lets layers differ: on MLPs and CNNs it beats a
+uniform allocation (the layers that matter keep more). On a transformer one
+ranking over every block can leave single projections 98-99% sparse at 80%
+overall (their scores sit on a different scale), and transformer pruning
+(SparseGPT, Wanda) allocates uniformly instead: ``"layer"`` gives every
+weight tensor the same sparsity; ``"block"`` gives every block (by default
+the module path up to its first numeric index, ``transformer.h.0.``,
+``encoder.layers.1.``) the same sparsity and ranks globally inside it, so
+the tensors of one block still trade against each other.
 
 A ranking over all layers can empty a layer when its weights are all small
 next to another layer's (BatchNorm makes a layer's scale arbitrary), and an
@@ -29,14 +40,18 @@ would silently prune the first rows of every layer.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import torch
 
 from .errors import ConfigError, check_choice
 
 __all__ = [
+    "BLOCK_PATTERN",
     "MIN_KEEP",
     "SCOPES",
+    "block_of",
     "check_sparsity",
     "floor_count",
     "lamp_scores",
@@ -47,8 +62,16 @@ __all__ = [
 ]
 
 #: Where the sparsity budget is enforced: over all scored weights, per layer,
-#: or over all scored weights ranked by their LAMP scores (layer-normalised).
-SCOPES = ("global", "layer", "lamp")
+#: over all scored weights ranked by their LAMP scores (layer-normalised), or
+#: per block of layers (a transformer block), ranked together inside each.
+SCOPES = ("global", "layer", "lamp", "block")
+
+#: The default block of a key: its module path up to its first numeric index
+#: (``"transformer.h.0."`` of ``"transformer.h.0.attn.c_attn.weight"``).
+BLOCK_PATTERN = r"^(?:[^.]+\.)*?\d+\."
+
+#: How :func:`block_of` is told what a block is: a regex, or ``key -> block name``.
+Blocks = str | Callable[[str], str]
 
 #: Fraction of each tensor that the global scopes keep at least (see :func:`floor_count`).
 MIN_KEEP = 0.01
@@ -80,6 +103,32 @@ def floor_count(n: int, min_keep: float = MIN_KEEP) -> int:
     if min_keep == 0:
         return 0
     return min(n, max(1, math.ceil(min_keep * n)))
+
+
+def block_of(key: str, blocks: Blocks | None = None) -> str:
+    """The block that score ``key`` belongs to under ``scope="block"``.
+
+    ``blocks`` is a regex (``re.match`` from the key's start; the block is
+    the text it matches) or a function ``key -> block name``; ``None`` is
+    :data:`BLOCK_PATTERN`, the module path up to the first numeric index:
+    ``"transformer.h.0.mlp.c_fc.weight"`` -> ``"transformer.h.0."``,
+    ``"encoder.layers.1.self_attn.in_proj_weight"`` -> ``"encoder.layers.1."``,
+    ``"stages.0.1.conv1.weight"`` -> ``"stages.0."``, ``"0.weight"`` (a
+    Sequential) -> ``"0."``. A key the regex does not match (``"lm_head.weight"``,
+    an embedding, a plain model's ``"fc1.weight"``) is a block of its own.
+    """
+    if blocks is None or isinstance(blocks, str):
+        try:
+            match = re.match(BLOCK_PATTERN if blocks is None else blocks, key)
+        except re.error as exc:
+            raise ConfigError(f"blocks {blocks!r} is not a regular expression: {exc}") from None
+        return match.group(0) if match and match.group(0) else key
+    if callable(blocks):
+        block = blocks(key)
+        if not isinstance(block, str):
+            raise ConfigError(f"blocks({key!r}) returned {type(block).__name__}; it must return the block's name, a str")
+        return block
+    raise ConfigError(f"blocks must be a regular expression or a function key -> block name, got {type(blocks).__name__}")
 
 
 def _generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
@@ -188,6 +237,7 @@ def select_masks(
     generator: int | torch.Generator | None = None,
     *,
     min_keep: float = MIN_KEEP,
+    blocks: Blocks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks pruning the ``sparsity`` least significant entries.
 
@@ -197,24 +247,31 @@ def select_masks(
         scope: ``"global"`` ranks all entries together; ``"layer"`` prunes
             ``round(sparsity * n_l)`` from each tensor separately; ``"lamp"``
             ranks all entries together by their :func:`lamp_scores` (ties in
-            LAMP score broken by the score itself, then at random).
+            LAMP score broken by the score itself, then at random);
+            ``"block"`` prunes ``round(sparsity * n_b)`` from each block of
+            tensors (:func:`block_of`), ranking the block's entries together
+            as ``"global"`` does (with its floor).
         generator: seed or ``torch.Generator`` for tie-breaking (default seed 0).
         min_keep: the global scopes' floor: each tensor's
             :func:`floor_count` most significant entries (``max(1,
             ceil(min_keep * n_l))``) are pruned only after all others; 0
             turns it off. Unused with ``scope="layer"``.
+        blocks: what a block is with ``scope="block"`` (see
+            :func:`block_of`; default :data:`BLOCK_PATTERN`); only with that scope.
 
     Returns:
         ``{key: bool tensor}`` with the shapes of ``scores``; False = pruned.
         Exactly ``round(sparsity * N)`` entries are False (per tensor for
-        ``scope="layer"``). In the global scopes every tensor keeps at least
-        its floor whenever ``round(sparsity * N) <= N - Σ floors``; beyond
-        that the floors go too, least significant first.
+        ``scope="layer"``, per block for ``"block"``). In the global scopes
+        every tensor keeps at least its floor whenever ``round(sparsity * N)
+        <= N - Σ floors``; beyond that the floors go too, least significant first.
 
     Example: scores ``[1, 2, ..., 8]`` at 0.5 keep ``[F, F, F, F, T, T, T, T]``.
     """
     sparsity = check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
+    if blocks is not None and scope != "block":
+        raise ConfigError(f"blocks= says what a block is for scope='block'; scope is {scope!r}")
     if not scores:
         raise ConfigError("no scores to select from")
     check_scores_finite(scores)
@@ -226,11 +283,26 @@ def select_masks(
             order = pruning_order(s, gen)
             masks.update(masks_from_order(order, {key: s.shape}, prune_count(sparsity, s.numel())))
         return masks
+    if scope == "block":
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, s in scores.items():
+            grouped.setdefault(block_of(key, blocks), {})[key] = s
+        masks = {}
+        for block in grouped.values():
+            masks.update(_select_ranked(block, sparsity, False, gen, min_keep))
+        return {key: masks[key] for key in scores}
+    return _select_ranked(scores, sparsity, scope == "lamp", gen, min_keep)
+
+
+def _select_ranked(
+    scores: dict[str, torch.Tensor], sparsity: float, lamp: bool, gen: torch.Generator, min_keep: float
+) -> dict[str, torch.Tensor]:
+    """One ranking over all of ``scores`` (by LAMP score with ``lamp``), each tensor's floor last."""
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
     order = pruning_order(flat, gen)
-    if scope == "lamp":
-        lamp = torch.cat([lamp_scores(s).reshape(-1) for s in scores.values()])
-        order = order[torch.argsort(lamp[order], stable=True)]  # ties in LAMP keep the score order
+    if lamp:
+        lamp_flat = torch.cat([lamp_scores(s).reshape(-1) for s in scores.values()])
+        order = order[torch.argsort(lamp_flat[order], stable=True)]  # ties in LAMP keep the score order
     order = _floor_last(order, flat, [s.numel() for s in scores.values()], min_keep)
     shapes = {key: s.shape for key, s in scores.items()}
     return masks_from_order(order, shapes, prune_count(sparsity, flat.numel()))

@@ -66,7 +66,6 @@ hooks. The input model is not touched.
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 import warnings
 from collections.abc import Callable
@@ -78,11 +77,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .inputs import ExampleInputs, example_inputs
 from .layer_types import layer_type_of
 from .layers import attention_inputs, unit_axis
 from .masks import make_permanent, masked_value
 
-__all__ = ["count_flops", "count_parameters", "shrink"]
+__all__ = ["count_flops", "count_parameters", "is_shrunk", "mark_shrunk", "shrink"]
+
+#: Attribute set to True on a network from which :func:`shrink`, :func:`bingo.shrink_coupled` or
+#: :func:`bingo.shrink_heads` removed units or heads; it travels with the module (deepcopy, pickling).
+SHRUNK_ATTRIBUTE = "bingo_shrunk"
+
+
+def mark_shrunk(model: nn.Module) -> None:
+    """Record on ``model`` that units were physically removed from it (see :func:`is_shrunk`)."""
+    setattr(model, SHRUNK_ATTRIBUTE, True)
+
+
+def is_shrunk(model: nn.Module) -> bool:
+    """True if ``model`` (or the model it was copied from) lost units or heads to a bingo shrink: it is smaller than it was built."""
+    return bool(getattr(model, SHRUNK_ATTRIBUTE, False))
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 _POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -263,32 +277,27 @@ class _LayerTracer(fx.Tracer):
         return _shrinkable(module) or super().is_leaf_module(module, qualified_name)
 
 
-def _trace(model: nn.Module, input_shape: tuple[int, ...] | None) -> fx.Graph:
+def _trace(model: nn.Module, example: ExampleInputs | None) -> fx.Graph:
     try:
         return _LayerTracer().trace(model)
     except Exception as exc:  # TraceError on control flow, or any error inside forward
-        if input_shape is None:
+        if example is None:
             raise ConfigError(
                 f"cannot follow {type(model).__name__}.forward with torch.fx ({_first_line(exc)}); "
                 "pass input_shape=(per-sample shape) so shape-dependent control flow can be resolved"
             ) from None
-        reason = exc
     from torch.fx.experimental import meta_tracer
 
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not params:
-        raise ConfigError(f"cannot follow {type(model).__name__}.forward with torch.fx ({_first_line(reason)})")
     meta = copy.deepcopy(model).to("meta")
-    example = torch.empty((2, *input_shape), device="meta")
+    meta_args = {name: value.to("meta") for name, value in example.named(model).items() if isinstance(value, torch.Tensor)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return meta_tracer.symbolic_trace(meta, meta_args={params[0].name: example}).graph
+            return meta_tracer.symbolic_trace(meta, meta_args=meta_args).graph
     except Exception as exc:
         raise ConfigError(
-            f"cannot follow {type(model).__name__}.forward with torch.fx, even on meta tensors of shape "
-            f"{tuple(example.shape)} ({_first_line(exc)})"
+            f"cannot follow {type(model).__name__}.forward with torch.fx, even on meta tensors of {example.describe()} "
+            f"({_first_line(exc)})"
         ) from None
 
 
@@ -612,7 +621,7 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, child_name, new)
 
 
-def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+def shrink(model: nn.Module, input_shape: tuple[int, ...] | torch.Tensor | tuple | dict | None = None) -> nn.Module:
     """A new, physically smaller model without the dead hidden units of ``model``.
 
     Args:
@@ -620,9 +629,12 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
             (see the module docstring for what may come between them),
             typically after :func:`bingo.prune` with neuron-granularity scores
             (shape ``(out_units,)``). Masked or plain. Not modified.
-        input_shape: the shape of one input sample, e.g. ``(1, 28, 28)``;
-            needed when ``forward`` has Python control flow that ``torch.fx``
-            cannot trace symbolically (the project's ``conv`` model has one),
+        input_shape: the shape of one input sample without the batch
+            dimension, e.g. ``(1, 28, 28)``, or example inputs with a batch
+            dimension as the model takes them (``torch.randn(1, 1, 28, 28)``,
+            a tuple or a dict of tensors; :mod:`bingo.inputs`); needed when
+            ``forward`` has Python control flow that ``torch.fx`` cannot
+            trace symbolically (the project's ``conv`` model has one),
             and for residual networks: given it, a model whose channels are
             tied by residual adds, or any model that is not a single chain
             but whose channel groups can be traced, is shrunk by
@@ -637,34 +649,37 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
         float rounding. Masks are made permanent and no pruning hooks remain.
 
     Raises:
-        ConfigError: the graph is not a single supported chain (residual
-            connections, concatenation, a layer used twice, an unsupported op
-            between layers, grouped convs, BatchNorm without running stats).
+        ConfigError: ``input_shape`` does not fit the model (checked by one
+            forward pass before anything is traced: the message says which
+            convention is expected and what the first layer takes), or the
+            graph is not a single supported chain (residual connections,
+            concatenation, a layer used twice, an unsupported op between
+            layers, grouped convs, BatchNorm without running stats).
     """
     if input_shape is None:
         return _shrink_chain(model, None)
     from .coupled import channel_groups, is_coupled, shrink_coupled
 
-    shape = tuple(int(d) for d in input_shape)
+    example = example_inputs(model, input_shape, "shrink")
     try:
-        groups = channel_groups(model, shape)
+        groups = channel_groups(model, example)
     except ConfigError:
         groups = []  # not traceable as a graph of coupled channels: the chain path says what it cannot follow
     if is_coupled(groups):  # a residual network: removal by dependency graph
-        return shrink_coupled(model, shape)
+        return shrink_coupled(model, example)
     try:
-        return _shrink_chain(model, shape)
+        return _shrink_chain(model, example)
     except ConfigError:
         if not groups:
             raise
-        return shrink_coupled(model, shape)  # not a chain (a transformer block, a branch), but its groups are known
+        return shrink_coupled(model, example)  # not a chain (a transformer block, a branch), but its groups are known
 
 
-def _shrink_chain(model: nn.Module, input_shape: tuple[int, ...] | None) -> nn.Module:
+def _shrink_chain(model: nn.Module, example: ExampleInputs | None) -> nn.Module:
     net = copy.deepcopy(model)
     make_permanent(net)
     name = type(model).__name__
-    chain = _chain(_trace(net, input_shape), net)
+    chain = _chain(_trace(net, example), net)
     steps = [_classify(node, net) for node in chain]
 
     seen: dict[int, str] = {}
@@ -704,4 +719,5 @@ def _shrink_chain(model: nn.Module, input_shape: tuple[int, ...] | None) -> nn.M
         if not layer.keep_out.all():
             for step in layer.norms:
                 _replace(net, step.module, _rebuilt_norm(step.module, layer.keep_out))
+            mark_shrunk(net)
     return net

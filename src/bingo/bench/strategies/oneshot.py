@@ -66,7 +66,7 @@ class OneShotConfig:
     """Settings shared by the prune-once-after-training methods."""
 
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
-    scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021)", "choices": SCOPES})
+    scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021); block: prune each block (the path up to its first numeric index, e.g. h.0) to the sparsity, one ranking inside it", "choices": SCOPES})
     granularity: str = field(default="weight", metadata={"help": "prune single weights, or whole neurons / output channels (sparsity = fraction of hidden units)", "choices": GRANULARITIES})
     compensation: CompensationConfig = field(default=CompensationConfig(), metadata={"help": "compensation settings"})
 
@@ -168,7 +168,7 @@ class BingoConfig:
     search: SearchConfig = field(default=BINGO_SEARCH, metadata={"help": "ticket search settings"})
     magnitude_weight: float = field(default=MAGNITUDE_WEIGHT, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
-    scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021)", "choices": SCOPES})
+    scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021); block: prune each block (the path up to its first numeric index, e.g. h.0) to the sparsity, one ranking inside it", "choices": SCOPES})
     # On by default: without retraining, re-fitting the survivors is what makes a one-shot prune hold up (BENCHMARKS.md).
     compensation: CompensationConfig = field(default=CompensationConfig(compensate=True), metadata={"help": "compensation settings"})
 
