@@ -261,3 +261,32 @@ def test_a_refit_that_does_worse_on_held_out_samples_is_undone_and_said_so():
     # fewer than 16 held out: no check, every sample fitted (15 of 159 would be too few to judge by)
     layer = copy.deepcopy(pruned)
     assert bingo.compensate(layer, None, few[:159], damping=0.0).layers == ("0.weight",)
+
+
+def test_evaluate_guards_the_whole_model_and_undoes_a_refit_that_makes_it_worse():
+    torch.manual_seed(0)
+    model = make_mlp()
+    dense = copy.deepcopy(model).eval()
+    x = torch.randn(256, 16)
+    bingo.prune(model, bingo.magnitude_scores(model), 0.7)
+    pruned = copy.deepcopy(model)
+    calls = []
+
+    def prefers_the_pruned_weights(net):  # a held-out score under which any change is worse
+        calls.append(1)
+        return -float(sum((a - b).abs().sum() for a, b in zip(net.parameters(), pruned.parameters())))
+
+    with pytest.warns(UserWarning, match=r"every layer: evaluate\(\) gave -[0-9.e+]+ after the re-fit, -?0 before"):
+        result = bingo.compensate(model, None, x, evaluate=prefers_the_pruned_weights)
+    assert result.undone and result.evaluation[0] == 0.0 and result.evaluation[1] < 0 and len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pruned.state_dict().values()))
+    assert torch.equal(model[1].weight, pruned[1].weight)  # the masked tensor the forward uses, too
+
+    def close_to_dense(net):  # what the re-fit aims at: it improves, so it stays
+        with torch.no_grad():
+            return -float((net.eval()(x) - dense(x)).square().mean())
+
+    model = copy.deepcopy(pruned)
+    result = bingo.compensate(model, None, x, evaluate=close_to_dense)
+    assert not result.undone and result.layers and result.evaluation[1] > result.evaluation[0]
+    assert not torch.equal(model[1].weight, pruned[1].weight)

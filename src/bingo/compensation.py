@@ -88,6 +88,10 @@ class CompensationResult:
     error_after: dict[str, float]  #: the same after it
     seconds: float
     forward_passes: int  #: forward calls of the model (pruned and dense) on calibration batches
+    #: ``evaluate(model)`` before and after the re-fit, when it was given (higher = better)
+    evaluation: tuple[float, float] | None = None
+    #: True when ``evaluate`` said the re-fit made the model worse, so every layer was put back as pruned
+    undone: bool = False
 
 
 def _slice(value: Any, index: slice) -> Any:
@@ -350,6 +354,7 @@ def compensate(
     batch_size: int = 256,
     batchnorm: str = "keep",
     validation: float = 0.1,
+    evaluate: Callable[[nn.Module], float] | None = None,
     process_group: object | None = None,
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned layer of ``model``, in place.
@@ -384,6 +389,16 @@ def compensate(
             put back as it was and listed in ``skipped``. 0 turns the check
             off; with fewer than :data:`MIN_HELD_OUT` (16) samples held out
             there is none, and every sample is fitted.
+        evaluate: ``evaluate(model) -> float``, higher = better, on held-out
+            data with labels (minus a validation loss, an accuracy): the guard
+            compensation cannot have alone. Each layer's re-fit aims at the
+            dense network's outputs, so where the pruned model happens to be
+            better than the dense one on held-out data (a light prune can
+            regularise), a faithful re-fit makes it worse. Given
+            ``evaluate``, it is called before and after; if after is lower,
+            every weight (and BatchNorm statistic) is put back as pruned,
+            ``undone`` is True and ``skipped`` says why. Both values are in
+            ``evaluation``.
         batchnorm: ``"keep"`` the BatchNorm statistics (the fit targets the
             dense layer outputs, which those statistics describe), or
             ``"reestimate"`` them on the calibration data afterwards
@@ -411,6 +426,10 @@ def compensate(
     targets, skipped = _targets_and_skipped(model)
     if not targets and not skipped:
         raise ConfigError(f"{type(model).__name__} has no pruned layer to compensate; prune it first")
+    score_before, pruned_state = None, None
+    if evaluate is not None:
+        score_before = float(evaluate(model))
+        pruned_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     if reference is None:
         reference = _lifted(model)
     modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
@@ -445,9 +464,24 @@ def compensate(
     by_key = {t.key: t for t in targets}
     after = _errors(model, reference, [by_key[k] for k in fitted], calibration, batch_size, process_group)
     calls += 2 * ((_samples(calibration) + batch_size - 1) // batch_size)
+    evaluation, undone = None, False
+    if evaluate is not None:
+        score_after = float(evaluate(model))
+        evaluation = (score_before, score_after)
+        if score_after < score_before:
+            with torch.no_grad():
+                for name, value in model.state_dict().items():
+                    value.copy_(pruned_state[name])
+            refresh_masked(model)
+            undone = True
+            skipped.append(f"every layer: evaluate() gave {score_after:.6g} after the re-fit, {score_before:.6g} before, "
+                           "so the pruned weights were put back (the re-fit aims at the dense outputs, and this pruned "
+                           "model does better than that on the data evaluate() sees)")
+            after = dict(before)
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
-    return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls)
+    return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls,
+                              evaluation, undone)
 
 
 def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: Calibration, batch_size: int,
