@@ -302,7 +302,9 @@ def test_gpt2_prune_example_runs(examples, capsys):
     summary = example.main(["--steps", "30", "--width", "32", "--heads", "2", "--train-sequences", "512",
                             "--calibration-sequences", "64", "--json", str(out)])
     printed = capsys.readouterr().out.strip().splitlines()
-    assert re.match(r"^perplexity dense \d+\.\d\d; 50% pruned \d+\.\d\d, compensated \d+\.\d\d; 80% pruned \d+\.\d\d, compensated \d+\.\d\d$", printed[-1]), printed[-1]
+    number = r"\d+\.\d\d"
+    assert re.match(rf"^perplexity dense {number}; 50% pruned {number}, compensated {number}; 80% pruned {number}, compensated {number}$",
+                    printed[-1]), printed[-1]
     assert sorted(p.name for p in examples.iterdir()) == ["gpt2.json"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
     assert summary["train_steps"] == 30
