@@ -104,7 +104,7 @@ def run(steps: int = 400, seed: int = 0, width: int = 16, batch_size: int = 64, 
     model = MotifNet(width)
     searches, train_seconds = train(model, x_train, y_train, steps, batch_size, lr, seed)
     calibration = x_train[:calibration_samples]
-    scores = bingo.combine_ranks([searches["weight"].significance(), bingo.magnitude_scores(model)])
+    scores = bingo.bingo_scores(searches["weight"], model)
     results = []
     for sparsity in sparsities:
         pruned = copy.deepcopy(model)
@@ -116,7 +116,7 @@ def run(steps: int = 400, seed: int = 0, width: int = 16, batch_size: int = 64, 
                         "calibration_forwards": result.forward_passes})
 
     # Whole filters: half of the hidden units go (the head's units are the classes), then the network is rebuilt smaller.
-    unit_scores = bingo.combine_ranks([searches["neuron"].significance(), bingo.magnitude_scores(model, "neuron")])
+    unit_scores = bingo.bingo_scores(searches["neuron"], model)
     masked = copy.deepcopy(model)
     masks = bingo.prune(masked, unit_scores, sparsity=0.5, scope="layer")  # half of every hidden layer
     neuron_pruned = accuracy(masked, x_test, y_test)

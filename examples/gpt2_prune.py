@@ -139,13 +139,19 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, steps: int, batch_size: 
     return search, {"train_seconds": seconds, "search_seconds": search.seconds, "fake_passes": forwards[0] - steps}
 
 
-def prune_and_compensate(model: torch.nn.Module, scores: dict, sparsity: float, calibration: dict, held_out: torch.Tensor) -> dict:
-    """Prune a copy of ``model`` to ``sparsity`` of the scored weights, then compensate it; perplexity after each."""
+def prune_and_compensate(model: torch.nn.Module, scores: dict, sparsity: float, calibration: dict, held_out: torch.Tensor,
+                         validation: torch.Tensor) -> dict:
+    """Prune a copy of ``model`` to ``sparsity`` of the scored weights, then compensate it; perplexity after each.
+
+    Compensation is guarded by the validation split's loss (``evaluate=``): the
+    re-fit aims at the dense network's outputs, and where the pruned model
+    already does better than that (a light prune can), it is undone.
+    """
     pruned = copy.deepcopy(model)  # the tie between lm_head and wte survives deepcopy
     masks = bingo.prune(pruned, scores, sparsity=sparsity)
     removed = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     before = perplexity(pruned, held_out)
-    result = bingo.compensate(pruned, masks, calibration)
+    result = bingo.compensate(pruned, masks, calibration, evaluate=lambda m: -math.log(perplexity(m, validation)))
     return {
         "sparsity": sparsity,
         "scored_sparsity": removed,
@@ -153,6 +159,7 @@ def prune_and_compensate(model: torch.nn.Module, scores: dict, sparsity: float, 
         "compensated": perplexity(pruned, held_out),
         "layers": list(result.layers),
         "skipped": list(result.skipped),
+        "undone": result.undone,
         "calibration_forwards": result.forward_passes,
         "compensation_seconds": result.seconds,
     }
@@ -165,12 +172,13 @@ def run(steps: int = 300, seed: int = 0, layers: int = 2, width: int = 128, head
     chain = markov_chain(vocab, order, seed=seed)
     train_tokens = sample_sequences(chain, train_sequences, length, seed=seed + 1)
     held_out = sample_sequences(chain, held_out_sequences, length, seed=seed + 2)
+    validation = sample_sequences(chain, held_out_sequences // 2, length, seed=seed + 3)  # guards compensation; held_out reports
     model = build_model(vocab, length, layers, width, heads, seed=seed)
     search, cost = train(model, train_tokens, steps, batch_size, lr, seed)
     # The default ranking of `bingo`: the search's estimate blended with magnitude, over the same weights.
-    scores = bingo.combine_ranks([search.significance(), bingo.magnitude_scores(model)])
+    scores = bingo.bingo_scores(search, model)
     calibration = {"input_ids": train_tokens[:calibration_sequences]}  # compensate calls model(**calibration)
-    results = [prune_and_compensate(model, scores, s, calibration, held_out) for s in sparsities]
+    results = [prune_and_compensate(model, scores, s, calibration, held_out, validation) for s in sparsities]
     return {
         "settings": {"steps": steps, "seed": seed, "layers": layers, "width": width, "heads": heads, "vocab": vocab,
                      "order": order, "length": length, "batch_size": batch_size, "lr": lr, "train_sequences": train_sequences,

@@ -19,6 +19,9 @@ EXAMPLES = {
     "transformer_encoder.py": r"^q/k/v of layer 0 kept 0\.\d\d; pruned to 0\.70 of scored weights; training accuracy dense 0\.\d{3}, pruned 0\.\d{3}, fine-tuned 0\.\d{3}$",
     "lightning_callback.py": r"^search steps (\d+) \(= optimizer steps \1\); pruned test accuracy 0\.\d{3}$",
     "huggingface_trainer.py": r"^search steps \d+; \d+ weight tensors scored \(e\.g\. bert\.encoder\.layer\.0\.attention\.self\.query\.weight\); pruned [\d,]+ weights$",
+    "gpt2_prune.py": r"^perplexity dense \d+\.\d\d; 50% pruned \d+\.\d\d, compensated \d+\.\d\d; 80% pruned \d+\.\d\d, compensated \d+\.\d\d$",
+    "gpt2_trainer_callback.py": r"^search steps (\d+) \(= optimizer steps \1\); pruned 0\.50 of the scored weights, 8 layers re-fitted; held-out perplexity dense \d+\.\d\d, pruned and compensated \d+\.\d\d$",
+    "conv1d_sequence.py": r"^accuracy dense 0\.\d{3}; 50% pruned 0\.\d{3}, compensated 0\.\d{3}; 80% pruned 0\.\d{3}, compensated 0\.\d{3}; filters halved and shrunk 0\.\d{3}$",
 }
 
 

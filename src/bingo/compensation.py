@@ -74,6 +74,10 @@ Calibration = torch.Tensor | tuple | Mapping
 #: the fewest held-out calibration samples :func:`compensate` checks a re-fit on
 MIN_HELD_OUT = 16
 
+#: how much worse (relative squared error) on the held-out samples a re-fit may be and still stay: within it,
+#: the re-fit neither helps nor hurts measurably (a first layer fed independent inputs), and is kept
+HELD_OUT_TOLERANCE = 0.01
+
 #: what :func:`compensate` does with BatchNorm statistics afterwards
 BATCHNORM_CHOICES = ("keep", "reestimate")
 
@@ -385,6 +389,7 @@ def compensate(
         validation: the fraction of the calibration samples (the last ones)
             held out of the fit to check it: a layer whose re-fit reproduces
             the dense outputs on them worse than the pruned layer as it was
+            (by more than :data:`HELD_OUT_TOLERANCE`, 1%)
             (an exact fit on too few samples for its kept inputs overfits) is
             put back as it was and listed in ``skipped``. 0 turns the check
             off; with fewer than :data:`MIN_HELD_OUT` (16) samples held out
@@ -586,7 +591,7 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
             after_rows = torch.cat([new_weight[refit.rows], new_bias[refit.bias_rows][:, None]], 1) if has_bias else new_weight[refit.rows]
             held_out_before += _held_out_error(problem["check"], before_rows)
             held_out_after += _held_out_error(problem["check"], after_rows)
-    if held_out and held_out_after > held_out_before:
+    if held_out and held_out_after > held_out_before * (1 + HELD_OUT_TOLERANCE):
         return {"error": error, "rows": rows, "calls": calls, "failed": 0,
                 "worse": (f"the re-fit reproduced the dense outputs worse on the {held_out} held-out calibration samples "
                           f"({held_out_after:.4g} vs {held_out_before:.4g} squared error), so it was undone: it overfits "
