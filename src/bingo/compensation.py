@@ -594,8 +594,8 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
     if held_out and held_out_after > held_out_before * (1 + HELD_OUT_TOLERANCE):
         return {"error": error, "rows": rows, "calls": calls, "failed": 0,
                 "worse": (f"the re-fit reproduced the dense outputs worse on the {held_out} held-out calibration samples "
-                          f"({held_out_after:.4g} vs {held_out_before:.4g} squared error), so it was undone: it overfits "
-                          f"the {fit_samples} samples fitted; give more calibration samples")}
+                          f"({held_out_after:.4g} vs {held_out_before:.4g} squared error), so it was undone: the fit to "
+                          f"the {fit_samples} samples fitted does not generalise (more calibration samples may help)")}
     with torch.no_grad():
         parameter.copy_(from_unit_matrix(new_weight, parameter, target.axis))
         if has_bias:
