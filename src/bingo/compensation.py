@@ -473,7 +473,9 @@ def compensate(
     if evaluate is not None:
         score_after = float(evaluate(model))
         evaluation = (score_before, score_after)
-        if score_after < score_before:
+        # under torch.distributed: undone on every rank if evaluate() said worse on any (each may see its own data)
+        worse = sum_over_ranks(torch.tensor([float(score_after < score_before)], dtype=torch.float64), process_group)
+        if float(worse) > 0:
             with torch.no_grad():
                 for name, value in model.state_dict().items():
                     value.copy_(pruned_state[name])
@@ -554,8 +556,9 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
             sum_over_ranks(sums["hessian"], process_group)
             sum_over_ranks(sums["cross"], process_group)
         sum_over_ranks(problem["check"]["targets"], process_group)
-    totals = sum_over_ranks(torch.tensor([error, float(rows)], dtype=torch.float64), process_group)
-    error, rows = float(totals[0]), int(totals[1])
+    # held_out is summed too, so that every rank takes the same decision on the same totals
+    totals = sum_over_ranks(torch.tensor([error, float(rows), float(held_out)], dtype=torch.float64), process_group)
+    error, rows, held_out = float(totals[0]), int(totals[1]), int(totals[2])
     failed = 0
     if error == 0.0:
         return {"error": error, "rows": rows, "calls": calls, "failed": failed, "worse": None}
