@@ -96,6 +96,8 @@ class CompensationResult:
     evaluation: tuple[float, float] | None = None
     #: True when ``evaluate`` said the re-fit made the model worse, so every layer was put back as pruned
     undone: bool = False
+    #: masked weights left as they were because they already gave the dense output exactly (nothing pruned in or before them)
+    unchanged: tuple[str, ...] = ()
 
 
 def _slice(value: Any, index: slice) -> Any:
@@ -439,7 +441,7 @@ def compensate(
         reference = _lifted(model)
     modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
     calls = 0
-    fitted, before = [], {}
+    fitted, before, unchanged = [], {}, []
     try:
         model.eval()
         reference.eval()
@@ -455,6 +457,7 @@ def compensate(
             if fit["error"] == 0.0:
                 # Nothing pruned in or before this layer: it already gives the dense output exactly,
                 # and a re-fit could only move it by the damping (at sparsity 0, every layer).
+                unchanged.append(target.key)
                 continue
             refresh_masked(model)
             fitted.append(target.key)
@@ -488,7 +491,7 @@ def compensate(
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls,
-                              evaluation, undone)
+                              evaluation, undone, tuple(unchanged))
 
 
 def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: Calibration, batch_size: int,

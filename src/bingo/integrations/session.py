@@ -37,11 +37,12 @@ class PruneAfterTraining:
             :data:`bingo.search.BINGO_SEARCH`).
         magnitude_weight: weight of the magnitude rank in the final score
             (:func:`bingo.bingo_scores`).
-        calibration: training inputs ``(N, ...)`` the model takes as one
-            tensor; given, the survivors are compensated
+        calibration: training inputs as the model takes them (a tensor
+            ``(N, ...)``, a tuple for ``model(*x)``, a dict for
+            ``model(**x)``, every tensor N samples first); given, the survivors are compensated
             (:func:`bingo.compensate`) after the prune (and at every probe of
             an accuracy floor). None: no compensation.
-        scope: ``"global"``, ``"layer"`` or ``"lamp"`` (see :func:`bingo.prune`).
+        scope: ``"global"``, ``"layer"``, ``"lamp"`` or ``"block"`` (see :func:`bingo.prune`).
         gradual: ``(start_step, end_step)``: prune *during* training instead,
             ``bingo-gradual``'s way: a :class:`bingo.SparsityScheduler` on GMP's
             cubic schedule (every ``frequency`` optimizer steps) ranks by the
@@ -62,7 +63,7 @@ class PruneAfterTraining:
         evaluate: Callable[[nn.Module], float] | None = None,
         search: SearchConfig | None = None,
         magnitude_weight: float = MAGNITUDE_WEIGHT,
-        calibration: torch.Tensor | None = None,
+        calibration: torch.Tensor | tuple | dict | None = None,
         scope: str = "global",
         gradual: tuple[int, int] | None = None,
         frequency: int = 1,
