@@ -3,6 +3,7 @@ through it, checked against closed-form least squares; tied weights are one key;
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import bingo
+from bingo import ConfigError
 from bingo.layer_types import LAYER_TYPES, layer_type_of
 from test_readme import _python_block
 
@@ -195,8 +197,9 @@ def test_separate_qkv_projections_are_refitted_each_on_its_own_input():
     x = torch.randn(30, 4, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped
-        result = bingo.compensate(model, None, x, damping=0.0, validation=0.0)
-    assert set(result.layers) == set(masks)
+        result = bingo.compensate(model, None, x, damping=1e-9, validation=0.0)  # out_proj (unmasked, after them) is singular undamped
+    assert result.layers == ("attention.q_proj_weight", "attention.k_proj_weight", "attention.v_proj_weight",
+                             "attention.out_proj.weight")
     key_rows = x[..., 8:13].reshape(-1, 5)
     keep = torch.cat([masks["attention.k_proj_weight"], torch.ones(8, 1, dtype=torch.bool)], 1)
     expected = _lstsq_rows(torch.cat([key_rows, torch.ones(len(key_rows), 1)], 1),
@@ -217,3 +220,71 @@ def test_a_chain_of_gpt2_conv1d_layers_shrinks_exactly_and_counts_its_macs():
     x = torch.randn(2, 7, 4)
     torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=1e-5)
     assert bingo.count_flops(small, (7, 4)) == 7 * (4 * 4 + 4 * 4 + 4 * 3)
+
+
+def test_after_a_neuron_prune_the_unmasked_output_layer_is_refitted_on_the_pruned_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
+    dense = copy.deepcopy(model)
+    bingo.apply_masks(model, {"0.weight": torch.arange(32) % 2 == 0})  # half the hidden units; the output layer stays unmasked
+    x = torch.randn(400, 10)
+    with torch.no_grad():
+        before = (model(x) - dense(x)).square().mean()
+    result = bingo.compensate(model, None, x, damping=1e-8, validation=0.0)  # (the dead units' columns need a little)
+    assert result.layers == ("0.weight", "2.weight") and result.skipped == ()
+    with torch.no_grad():
+        hidden = torch.relu(model[0](x))  # what the pruned network feeds the output layer
+        design = torch.cat([hidden, torch.ones(len(x), 1)], 1)
+        expected = _lstsq_rows(design, dense(x), torch.cat([hidden.abs().sum(0) > 0, torch.tensor([True])]).expand(5, -1))
+        torch.testing.assert_close(torch.cat([model[2].weight, model[2].bias[:, None]], 1).double()[:, ::2],
+                                   expected[:, ::2], atol=1e-4, rtol=1e-4)
+        assert (model(x) - dense(x)).square().mean() < 0.5 * before
+
+
+def test_a_tied_weight_named_by_its_other_name_is_still_one_weight_with_one_mask():
+    torch.manual_seed(0)
+    model = TiedLM()
+    tokens = torch.randint(10, (16, 5))
+    bingo.prune(model, {"head.weight": torch.rand(10, 8), "hidden.weight": torch.rand(8, 8)}, 0.5)
+    assert torch.equal(model.embed.weight_mask, model.head.weight_mask) and not model.embed.weight_mask.all()
+    before = model(tokens)
+    bingo.make_permanent(model)
+    assert model.head.weight is model.embed.weight and torch.allclose(model(tokens), before)
+    # the same weight under both names: the masks combine, one mask on both uses
+    model = TiedLM()
+    first, second = torch.arange(80).reshape(10, 8) % 2 == 0, torch.arange(80).reshape(10, 8) % 3 == 0
+    bingo.apply_masks(model, {"embed.weight": first, "head.weight": second})
+    assert torch.equal(model.embed.weight_mask.bool(), first & second) and torch.equal(model.head.weight_mask.bool(), first & second)
+
+
+def test_neuron_scores_of_a_gpt2_conv1d_follow_its_unit_axis_through_like():
+    model = nn.Sequential(Conv1D(6, 4), nn.ReLU(), Conv1D(3, 6))
+    like = {"0.weight": torch.zeros(6)}  # six output units, the columns of the 4 × 6 weight
+    torch.testing.assert_close(bingo.magnitude_scores(model, like=like)["0.weight"], model[0].weight.detach().norm(dim=0))
+    with pytest.raises(ConfigError, match=r"expected \(4, 6\) \(per weight\) or \(6,\) \(per neuron\)$"):
+        bingo.magnitude_scores(model, like={"0.weight": torch.zeros(4)})
+
+
+def test_layer_type_errors_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"^register_layer_type takes a LayerType subclass or instance, got the class Linear$"):
+        bingo.layer_types.register_layer_type(nn.Linear)
+    with pytest.raises(ConfigError, match=r"^neuron granularity cannot score '0.weight': no layer type is registered for Bare"):
+        bingo.find_layers(nn.Sequential(Bare(), nn.Linear(4, 2)), include=["*"], granularity="neuron")
+
+
+@pytest.mark.parametrize("returned", [float("nan"), None, "high"])
+def test_compensate_refuses_an_evaluate_that_does_not_return_a_finite_number(returned):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    with pytest.raises(ConfigError, match=r"^compensate: evaluate\(model\) (must return a number|returned nan before)"):
+        bingo.compensate(model, None, torch.randn(32, 6), evaluate=lambda m: returned)
+
+
+def test_a_nan_score_after_the_refit_undoes_it():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    pruned = copy.deepcopy(model)
+    scores = iter([0.5, float("nan")])
+    with pytest.warns(UserWarning, match="every layer: evaluate"):
+        result = bingo.compensate(model, None, torch.randn(32, 6), evaluate=lambda m: next(scores))
+    assert result.undone and torch.equal(model[0].weight, pruned[0].weight)

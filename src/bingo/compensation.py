@@ -49,6 +49,7 @@ units and are not reported.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -86,7 +87,9 @@ BATCHNORM_CHOICES = ("keep", "reestimate")
 class CompensationResult:
     """What :func:`compensate` did."""
 
-    layers: tuple[str, ...]  #: weight keys re-fitted, in network order (not those that already matched the dense output)
+    #: weight keys re-fitted, in network order: the pruned ones (not those that already matched the dense output)
+    #: and the unmasked layers after them whose inputs the prune changed (the output layer of a neuron prune)
+    layers: tuple[str, ...]
     skipped: tuple[str, ...]  #: masked layers left as they were (unsupported kind), with the reason
     error_before: dict[str, float]  #: per layer, mean squared error vs the dense output before the re-fit
     error_after: dict[str, float]  #: the same after it
@@ -158,6 +161,33 @@ class _Target:
     refits: tuple[Refit, ...]
 
 
+def _followers(model: nn.Module) -> list[_Target]:
+    """Every unmasked weight a layer type can re-fit (not tied): downstream of a prune, its input changes too.
+
+    At neuron granularity the kept units of a pruned layer compute what they
+    did; what changes is the input of the layer after it, often the output
+    layer, which is never masked. These are re-fitted with every input kept.
+    """
+    tied = tied_weights(model)
+    shared = set(tied) | {alias for aliases in tied.values() for alias in aliases}
+    followers = []
+    for module_name, module in model.named_modules():
+        layer_type = layer_type_of(module)
+        if layer_type is None:
+            continue
+        for name in layer_type.weights(module):
+            key = f"{module_name}.{name}" if module_name else name
+            weight = getattr(module, name, None)
+            if (key in shared or hasattr(module, f"{name}_mask") or not isinstance(weight, torch.Tensor)
+                    or weight.dim() < 2):
+                continue
+            refits = layer_type.refits(module, name)
+            if isinstance(refits, (list, tuple)) and refits and all(isinstance(r, Refit) for r in refits):
+                followers.append(_Target(key, module_name, name, layer_type.unit_axis(module, name),
+                                         layer_type.bias_name(module, name), tuple(refits)))
+    return followers
+
+
 def _targets_and_skipped(model: nn.Module) -> tuple[list[_Target], list[str]]:
     """Every masked weight of ``model``: those its layer type can re-fit, and why each other one cannot."""
     tied = tied_weights(model)
@@ -181,6 +211,9 @@ def _targets_and_skipped(model: nn.Module) -> tuple[list[_Target], list[str]]:
             if isinstance(refits, str):
                 skipped.append(f"{key}: {refits}")
                 continue
+            if not isinstance(refits, (list, tuple)) or not refits or not all(isinstance(r, Refit) for r in refits):
+                raise ConfigError(f"layer type {layer_type.name!r}: refits({key!r}) must return a reason (str) or a "
+                                  f"non-empty list of Refit, got {refits!r}")
             targets.append(_Target(key, module_name, name, layer_type.unit_axis(module, name),
                                    layer_type.bias_name(module, name), tuple(refits)))
     return targets, skipped
@@ -435,7 +468,7 @@ def compensate(
         raise ConfigError(f"{type(model).__name__} has no pruned layer to compensate; prune it first")
     score_before, pruned_state = None, None
     if evaluate is not None:
-        score_before = float(evaluate(model))
+        score_before = _score(evaluate, model, "before")
         pruned_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     if reference is None:
         reference = _lifted(model)
@@ -445,9 +478,14 @@ def compensate(
     try:
         model.eval()
         reference.eval()
-        order = _network_order(model, targets, Batch(inputs=_slice(calibration, slice(0, 1))))
+        masked = {t.key for t in targets}
+        order = _network_order(model, targets + _followers(model), Batch(inputs=_slice(calibration, slice(0, 1))))
         reached = {t.key for t in order}
         skipped += [f"{t.key}: never called as a module in the forward pass" for t in targets if t.key not in reached]
+        # an unmasked layer before the first pruned one sees the dense inputs: nothing to correct there
+        first = next((i for i, t in enumerate(order) if t.key in masked), len(order))
+        order = order[first:]
+        by_key = {t.key: t for t in order}
         for target in order:
             fit = _fit(model, reference, target, calibration, batch_size, float(damping), float(validation), process_group)
             calls += fit["calls"]
@@ -457,7 +495,8 @@ def compensate(
             if fit["error"] == 0.0:
                 # Nothing pruned in or before this layer: it already gives the dense output exactly,
                 # and a re-fit could only move it by the damping (at sparsity 0, every layer).
-                unchanged.append(target.key)
+                if target.key in masked:
+                    unchanged.append(target.key)
                 continue
             refresh_masked(model)
             fitted.append(target.key)
@@ -469,15 +508,15 @@ def compensate(
     finally:
         for module, training in modes:
             module.training = training
-    by_key = {t.key: t for t in targets}
     after = _errors(model, reference, [by_key[k] for k in fitted], calibration, batch_size, process_group)
     calls += 2 * ((_samples(calibration) + batch_size - 1) // batch_size)
     evaluation, undone = None, False
     if evaluate is not None:
         score_after = float(evaluate(model))
         evaluation = (score_before, score_after)
-        # under torch.distributed: undone on every rank if evaluate() said worse on any (each may see its own data)
-        worse = sum_over_ranks(torch.tensor([float(score_after < score_before)], dtype=torch.float64), process_group)
+        # under torch.distributed: undone on every rank if evaluate() said worse on any (each may see its own data);
+        # NaN after the re-fit counts as worse
+        worse = sum_over_ranks(torch.tensor([float(not score_after >= score_before)], dtype=torch.float64), process_group)
         if float(worse) > 0:
             with torch.no_grad():
                 for name, value in model.state_dict().items():
@@ -492,6 +531,18 @@ def compensate(
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls,
                               evaluation, undone, tuple(unchanged))
+
+
+def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, when: str) -> float:
+    """``evaluate(model)`` as a finite float, or a :class:`ConfigError` that says what it returned."""
+    value = evaluate(model)
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"compensate: evaluate(model) must return a number (higher = better), got {value!r}") from None
+    if not math.isfinite(score):
+        raise ConfigError(f"compensate: evaluate(model) returned {score} {when} the re-fit; it must be a finite number")
+    return score
 
 
 def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: Calibration, batch_size: int,
@@ -542,6 +593,12 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
                 if not x:
                     continue
                 x, x_dense = torch.cat(x), torch.cat(x_dense)
+                if x.dim() != 2 or x.shape[1] != weight.shape[1] or x.shape != x_dense.shape:
+                    raise ConfigError(
+                        f"compensate: the design rows of {target.key!r} have shape {tuple(x.shape)} (dense network: "
+                        f"{tuple(x_dense.shape)}); its layer type's Refit.design must give (rows, {weight.shape[1]}), "
+                        "the fan-in of the weight's unit matrix, the same in both networks"
+                    )
                 wanted = _affine(x_dense, dense_weight, dense_bias, refit).float().cpu()
                 design = _with_ones(x, has_bias).cpu()
                 sums = problem if start < fit_samples else problem["check"]
@@ -566,12 +623,14 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
     if error == 0.0:
         return {"error": error, "rows": rows, "calls": calls, "failed": failed, "worse": None}
     module = model.get_submodule(target.module_name) if target.module_name else model
-    keep_all = unit_matrix(getattr(module, f"{target.name}_mask"), target.axis).bool().cpu()
+    mask = getattr(module, f"{target.name}_mask", None)  # None: a layer downstream of the prune, every input kept
+    keep_all = (torch.ones(weight.shape, dtype=torch.bool) if mask is None else unit_matrix(mask, target.axis).bool().cpu())
     bias_keep_all = None
     if has_bias:
         bias_mask = getattr(module, f"{target.bias}_mask", None)
         bias_keep_all = torch.ones(len(bias), dtype=torch.bool) if bias_mask is None else bias_mask.bool().cpu()
-    parameter = getattr(module, f"{target.name}_orig")
+    parameter = getattr(module, f"{target.name}_orig", None)
+    parameter = getattr(module, target.name) if parameter is None else parameter
     new_weight = unit_matrix(parameter.detach(), target.axis).clone()
     bias_parameter = None
     if has_bias:

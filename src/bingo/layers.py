@@ -140,6 +140,12 @@ def find_layers(
         if granularity == "neuron":
             if output in (c.key for c in group):
                 continue
+            if first.layer_type is None:
+                raise ConfigError(
+                    f"neuron granularity cannot score {first.key!r}: no layer type is registered for "
+                    f"{type(first.module).__name__}, so which axis holds its units is unknown "
+                    "(register one with bingo.layer_types.register_layer_type, or score it per weight)"
+                )
             if first.layer_type is not None and not first.layer_type.has_units(first.module, first.name):
                 continue
         layers[first.key] = first.module
@@ -183,8 +189,9 @@ def output_layer_name(model: nn.Module, *, required: bool = True) -> str | None:
     output = None
     for module_name, module in unwrap(model).named_modules():
         layer_type = layer_type_of(module)
-        if layer_type is not None and layer_type.maps_to_outputs and "weight" in _weight_names(module, layer_type):
-            output = f"{module_name}.weight" if module_name else "weight"
+        names = _weight_names(module, layer_type) if layer_type is not None and layer_type.maps_to_outputs else []
+        if names:
+            output = f"{module_name}.{names[0]}" if module_name else names[0]
     if output is None and required:
         raise ConfigError(f"cannot tell the output layer of {type(model).__name__}: it has no layer of a type that "
                           f"maps inputs to outputs ({', '.join(_type_names(outputs=True))})")
@@ -251,16 +258,17 @@ class Coverage:
                 f"parameters ({share:.1%}); not scored: {rest or 'nothing'}")
 
 
-_PROJECTIONS = ATTENTION_PROJECTIONS
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def _kind(module: nn.Module, name: str) -> str:
-    if name in ("bias", "in_proj_bias") or name.startswith("bias_"):
+    layer_type = layer_type_of(module)
+    biases = {layer_type.bias_name(module, w) for w in layer_type.weights(module)} if layer_type is not None else set()
+    if name in ("bias", "in_proj_bias") or name.startswith("bias_") or name in biases:
         return "biases"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embeddings"
-    if isinstance(module, nn.MultiheadAttention) and name in _PROJECTIONS:
+    if isinstance(module, nn.MultiheadAttention) and name in ATTENTION_PROJECTIONS:
         return "attention q/k/v projections (MultiheadAttention.in_proj_weight)"
     if isinstance(module, _NORMS):
         return "normalisation"

@@ -46,6 +46,7 @@ __all__ = [
 
 
 def weight_owner(model: nn.Module, key: str) -> nn.Module:
+    """The module that owns weight ``key`` (``"fc1.weight"`` -> ``fc1``); :class:`ConfigError` if there is none."""
     model = unwrap(model)  # keys name the inner module's parameters
     module_name, _, attr = key.rpartition(".")
     try:
@@ -65,6 +66,7 @@ def weight_owner(model: nn.Module, key: str) -> nn.Module:
 
 
 def is_unit_mask(module: nn.Module, mask_or_scores: torch.Tensor, key: str) -> bool:
+    """True if ``mask_or_scores`` is per unit ``(units,)``, False if per weight; :class:`ConfigError` for any other shape."""
     weight = weight_of(module, key)
     if mask_or_scores.shape == weight.shape:
         return False
@@ -157,6 +159,7 @@ def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
 
 
 def keep_copyable(module: nn.Module) -> None:
+    """Make a masked ``module`` ``deepcopy``-able now and after every forward (see :func:`_detach_masked`); idempotent."""
     if not any(hook is _detach_masked for hook in module._forward_hooks.values()):
         module.register_forward_hook(_detach_masked)
     _detach_masked(module, None, None)
@@ -202,7 +205,12 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     parameter with one mask.
     """
     tied = tied_weights(model)
-    for key, mask in masks.items():
+    canonical = {alias: key for key, aliases in tied.items() for alias in aliases}
+    merged: dict[str, torch.Tensor] = {}
+    for key, mask in masks.items():  # a tied weight named by another of its names is still one weight, one mask
+        key = canonical.get(key, key)
+        merged[key] = merged[key].bool() & mask.bool() if key in merged else mask
+    for key, mask in merged.items():
         module = weight_owner(model, key)
         weight = weight_of(module, key)
         mask = mask.to(device=weight.device, dtype=weight.dtype)
@@ -222,8 +230,11 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def make_permanent(model: nn.Module) -> None:
     """Bake every mask into its parameter (``prune.remove``) and drop the masks and hooks.
 
-    A tied parameter stays tied: ``prune.remove`` gives each module its own
-    new parameter, so the modules that shared one are made to share the first again.
+    A tied parameter stays tied: every module that uses it carries the same
+    mask (:func:`apply_masks`), ``prune.remove`` writes the masked values into
+    the shared ``_orig`` parameter and hands it back to each module; the
+    modules are made to share the first one's parameter again all the same,
+    so the tie holds whatever ``prune.remove`` does.
     """
     shared: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
@@ -286,7 +297,8 @@ def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     zeros = total = 0
     seen: set[int] = set()  # a tied weight counts once
     for module_name, module in unwrap(model).named_modules():
-        for name in ("weight", *ATTENTION_PROJECTIONS):
+        layer_type = layer_type_of(module)
+        for name in layer_type.weights(module) if layer_type is not None else ("weight",):
             key = f"{module_name}.{name}" if module_name else name
             weight = getattr(module, name, None)
             if not isinstance(weight, torch.Tensor) or (keys is not None and key not in keys):
@@ -303,6 +315,7 @@ def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
 
 
 def check_units_left(masks: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """:class:`ConfigError` if a unit mask would remove every unit of its layer."""
     for key, mask in masks.items():
         if is_unit_mask(weight_owner(model, key), mask, key) and not mask.any():
             raise ConfigError(

@@ -60,9 +60,10 @@ def _layers(
             raise ConfigError(f"like= names {key!r}, which is not a weight of {type(model).__name__} "
                               f"(its weights: {', '.join(map(repr, weights))})")
         shape, weight_shape = tuple(reference.shape), tuple(weight_of(weights[key], key).shape)
-        found = "weight" if shape == weight_shape else "neuron" if shape == weight_shape[:1] else None
+        units = weight_shape[unit_axis(weights[key], key)]
+        found = "weight" if shape == weight_shape else "neuron" if shape == (units,) else None
         if found is None or granularity not in (None, found):
-            want = {"weight": f"{weight_shape} (per weight)", "neuron": f"({weight_shape[0]},) (per neuron)"}
+            want = {"weight": f"{weight_shape} (per weight)", "neuron": f"({units},) (per neuron)"}
             expected = want[granularity] if granularity else " or ".join(want.values())
             raise ConfigError(f"like= scores {key!r} with shape {shape}; expected {expected}")
         layers[key] = (weights[key], found)

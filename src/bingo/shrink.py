@@ -3,7 +3,7 @@
 Masks (``torch.nn.utils.prune``) keep every tensor at full size: a model with
 half its units pruned is exactly as large and as slow as the dense one.
 :func:`shrink` rebuilds the network without those units: smaller
-``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers, the next layer's input
+smaller layers (every type :mod:`bingo.layer_types` can rebuild: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, GPT-2's ``Conv1D``), the next layer's input
 cut to match, ``BatchNorm`` parameters and running statistics sliced with them.
 
 Which units go. A *dead* unit is a hidden unit whose incoming weights are all
@@ -625,7 +625,7 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | torch.Tensor | tuple
     """A new, physically smaller model without the dead hidden units of ``model``.
 
     Args:
-        model: a model with a single chain of Linear / Conv1d / Conv2d layers
+        model: a model with a single chain of layers a layer type can rebuild (Linear, Conv1d, Conv2d, GPT-2 Conv1D)
             (see the module docstring for what may come between them),
             typically after :func:`bingo.prune` with neuron-granularity scores
             (shape ``(out_units,)``). Masked or plain. Not modified.

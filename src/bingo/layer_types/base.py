@@ -89,6 +89,7 @@ class LayerType:
     shrinkable: ClassVar[bool] = False
 
     def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is of this type (by default ``isinstance(module, module_type)``)."""
         return isinstance(module, self.module_type)
 
     def weights(self, module: nn.Module) -> tuple[str, ...]:
@@ -126,6 +127,8 @@ LAYER_TYPES: list[LayerType] = []
 
 def register_layer_type(layer_type: LayerType | type[LayerType]) -> LayerType:
     """Register a layer type (an instance, or a class, which is instantiated); usable as a class decorator."""
+    if isinstance(layer_type, type) and not issubclass(layer_type, LayerType):
+        raise ConfigError(f"register_layer_type takes a LayerType subclass or instance, got the class {layer_type.__name__}")
     instance = layer_type() if isinstance(layer_type, type) else layer_type
     if not isinstance(instance, LayerType):
         raise ConfigError(f"register_layer_type takes a LayerType subclass or instance, got {type(instance).__name__}")
