@@ -2,8 +2,9 @@
 
 Masks (``torch.nn.utils.prune``) keep every tensor at full size: a model with
 half its units pruned is exactly as large and as slow as the dense one.
-:func:`shrink` rebuilds the network without those units: smaller
-smaller layers (every type :mod:`bingo.layer_types` can rebuild: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, GPT-2's ``Conv1D``), the next layer's input
+:func:`shrink` rebuilds the network without those units: smaller layers
+(every type :mod:`bingo.layer_types` can rebuild: ``nn.Linear``,
+``nn.Conv1d``, ``nn.Conv2d``, GPT-2's ``Conv1D``), the next layer's input
 cut to match, ``BatchNorm`` parameters and running statistics sliced with them.
 
 Which units go. A *dead* unit is a hidden unit whose incoming weights are all
