@@ -263,7 +263,8 @@ def test_neuron_granularity_compensates_the_conv1d_filters_and_shrinks_them(trai
     assert [int(m.sum()) for m in masks.values()] == [8, 8]
     uncompensated = copy.deepcopy(masked)
     result, warned = _compensate(masked, masks, data["train"][0][:512])
-    assert set(result.layers) == {"conv1.weight", "conv2.weight"} and list(result.skipped) == [] and warned == []
+    # the head too: never masked, but its inputs changed
+    assert set(result.layers) == {"conv1.weight", "conv2.weight", "head.weight"} and list(result.skipped) == [] and warned == []
     x_test, y_test = data["held_out"]
     assert _output_error(masked, model, x_test) < _output_error(uncompensated, model, x_test)
     masked(x_test[:1])
@@ -292,6 +293,6 @@ def test_conv1d_example_runs(monkeypatch, tmp_path, capsys):
     for r in summary["results"]:
         assert set(r["layers"]) == set(summary["scored"]) and r["skipped"] == []
     neuron = summary["neuron"]
-    assert set(neuron["layers"]) == {"conv1.weight", "conv2.weight"} and neuron["skipped"] == []
+    assert set(neuron["layers"]) == {"conv1.weight", "conv2.weight", "head.weight"} and neuron["skipped"] == []
     assert abs(neuron["shrunk"] - neuron["compensated"]) <= 1 / 1024 and neuron["max_difference"] < 1e-4
     assert neuron["parameters"][1] < neuron["parameters"][0]
