@@ -112,7 +112,7 @@ def run(steps: int = 400, seed: int = 0, width: int = 16, batch_size: int = 64, 
         before = accuracy(pruned, x_test, y_test)
         result = bingo.compensate(pruned, masks, calibration)
         results.append({"sparsity": sparsity, "pruned": before, "compensated": accuracy(pruned, x_test, y_test),
-                        "layers": list(result.layers), "skipped": list(result.skipped),
+                        "layers": list(result.layers), "skipped": list(result.skipped), "unchanged": list(result.unchanged),
                         "calibration_forwards": result.forward_passes})
 
     # Whole filters: half of the hidden units go (the head's units are the classes), then the network is rebuilt smaller.
@@ -127,7 +127,7 @@ def run(steps: int = 400, seed: int = 0, width: int = 16, batch_size: int = 64, 
         difference = float((shrunk(x_test) - masked(x_test)).abs().max())
     neuron = {"units": {key: [int(m.sum()), m.numel()] for key, m in masks.items()}, "pruned": neuron_pruned,
               "compensated": accuracy(masked, x_test, y_test), "shrunk": accuracy(shrunk, x_test, y_test),
-              "layers": list(result.layers), "skipped": list(result.skipped),
+              "layers": list(result.layers), "skipped": list(result.skipped), "unchanged": list(result.unchanged),
               "parameters": [bingo.count_parameters(model), bingo.count_parameters(shrunk)], "max_difference": difference}
     return {
         "settings": {"steps": steps, "seed": seed, "width": width, "batch_size": batch_size, "lr": lr,

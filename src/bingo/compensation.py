@@ -54,7 +54,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +65,11 @@ from .errors import ConfigError, check_choice
 from .estimators.fake_pass import Batch, first_tensor
 from .layer_types import Refit, from_unit_matrix, layer_type_of, unit_matrix
 from .layers import tied_weights
+from .graph_pass import LayerByLayer, NotTraceable, Stop
+from .solvers import Solver, choose_solver, get_solver
 from .masks import apply_masks, make_permanent, masked_names, masked_value, refresh_masked
 
-__all__ = ["BATCHNORM_CHOICES", "CompensationResult", "compensate", "reestimate_batchnorm"]
+__all__ = ["BATCHNORM_CHOICES", "MODES", "CompensationResult", "compensate", "reestimate_batchnorm"]
 
 #: calibration inputs as the model takes them: a tensor ``(N, ...)``, or a tuple / dict of tensors whose first dimension is N
 Calibration = torch.Tensor | tuple | Mapping
@@ -81,6 +83,10 @@ HELD_OUT_TOLERANCE = 0.01
 
 #: what :func:`compensate` does with BatchNorm statistics afterwards
 BATCHNORM_CHOICES = ("keep", "reestimate")
+
+#: how :func:`compensate` runs the calibration data: "graph" = one pass, layer after layer (models torch.fx can
+#: trace); "per-layer" = the whole model again for every layer; "auto" = graph where it can, else per-layer
+MODES = ("auto", "graph", "per-layer")
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,18 @@ class CompensationResult:
     evaluation: tuple[float, float] | None = None
     #: True when ``evaluate`` said the re-fit made the model worse, so every layer was put back as pruned
     undone: bool = False
-    #: masked weights left as they were because they already gave the dense output exactly (nothing pruned in or before them)
+    #: masked weights left as they were because they already gave the dense output exactly (nothing pruned in or
+    #: before them), or because their re-fit did no better on the samples fitted (nothing to gain)
     unchanged: tuple[str, ...] = ()
+    #: "graph" (one pass of the calibration data, layer after layer) or "per-layer" (the model re-run for every
+    #: layer; the reason follows when "graph" was not possible)
+    mode: str = "per-layer"
+    #: in graph mode, the extra calls of single re-fitted layers (to capture their inputs), over all batches
+    layer_calls: int = 0
+    #: the solver each re-fitted layer used (see :mod:`bingo.solvers`)
+    solvers: dict[str, str] = field(default_factory=dict)
+    #: floating-point operations of the solves (each solver's estimate), beside the forward passes
+    solve_flops: float = 0.0
 
 
 def _slice(value: Any, index: slice) -> Any:
@@ -289,60 +305,6 @@ def _affine(design: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(design.to(weight.dtype), weight[refit.rows], None if bias is None else bias[refit.bias_rows])
 
 
-def _solve_rows(hessian: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, damping: float, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
-    """Per output row r, ``w_r`` on its kept columns from ``(H[S,S] + λI) w = cross[S, r]``; zeros elsewhere.
-
-    ``hessian`` is ``(d, d)``, ``cross`` ``(d, out)``, ``keep`` bool ``(out, d)``. Rows are solved in
-    batches: each row's kept columns are gathered into a ``k_max × k_max`` block, padded with identity
-    rows (zero right-hand side, so padding solves to 0), and factored by one batched Cholesky. A block
-    that is not positive definite is retried with 10× the damping, up to 5 times; rows still failing
-    come back as NaN.
-    """
-    out, d = keep.shape
-    weights = torch.zeros(out, d, dtype=torch.float64)
-    counts = keep.sum(dim=1)
-    order = torch.argsort(counts, stable=True)  # similar sizes together: little padding
-    start = 0
-    while start < out:
-        # Rows ascend in kept count, so a chunk's block is as wide as its last row's: take the longest run of
-        # rows whose (rows × k_last²) block fits in chunk_bytes (at least one row). Sizing it by the first
-        # row instead let one chunk take every row at the width of the widest (tens of GB on a 6,272-input layer).
-        widths = counts[order[start:]].clamp(min=1).double()
-        blocks = torch.arange(1, len(widths) + 1, dtype=torch.float64) * widths.square() * 8
-        size = max(1, int((blocks <= chunk_bytes).sum()))
-        rows = order[start : start + size]
-        k_max = max(int(counts[rows].max()), 1)
-        start += len(rows)
-        if int(counts[rows].max()) == 0:
-            continue
-        # kept column indices first, in column order; padding marked invalid
-        columns = torch.argsort((~keep[rows]).to(torch.int8), dim=1, stable=True)[:, :k_max]
-        valid = torch.arange(k_max)[None, :] < counts[rows][:, None]
-        pair = valid[:, :, None] & valid[:, None, :]
-        block = hessian[columns[:, :, None], columns[:, None, :]] * pair
-        diagonal = block.diagonal(dim1=1, dim2=2)
-        scale = (diagonal.sum(dim=1) / counts[rows].clamp(min=1)).clamp(min=1e-12)
-        rhs = cross[columns, rows[:, None]] * valid
-        pending = torch.arange(len(rows))
-        solution = torch.full((len(rows), k_max), float("nan"), dtype=torch.float64)
-        for attempt in range(6):
-            lam = damping * 10**attempt * scale[pending]
-            regularised = block[pending] + torch.diag_embed(torch.where(valid[pending], lam[:, None], torch.ones(1, dtype=torch.float64)))
-            factor, info = torch.linalg.cholesky_ex(regularised)
-            good = info == 0
-            solution[pending[good]] = torch.cholesky_solve(rhs[pending[good]].unsqueeze(-1), factor[good]).squeeze(-1)
-            pending = pending[~good]
-            if not len(pending):
-                break
-        solution = torch.where(valid, solution, torch.zeros(1, dtype=torch.float64))
-        solution[pending] = float("nan")  # numerically hopeless: the caller keeps these rows as they were
-        target = weights[rows]
-        target.scatter_(1, columns, solution)
-        target[pending] = float("nan")
-        weights[rows] = target
-    return weights
-
-
 def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size: int = 256, *,
                          process_group: object | None = None) -> int:
     """Recompute every BatchNorm's running mean and variance on ``calibration`` (cumulative average).
@@ -394,6 +356,8 @@ def compensate(
     batchnorm: str = "keep",
     validation: float = 0.1,
     evaluate: Callable[[nn.Module], float] | None = None,
+    solver: str | Solver = "auto",
+    mode: str = "auto",
     process_group: object | None = None,
 ) -> CompensationResult:
     """Re-fit the surviving weights (and biases) of every pruned layer of ``model``, in place.
@@ -452,6 +416,8 @@ def compensate(
         Masks are unchanged.
     """
     check_choice("batchnorm", batchnorm, BATCHNORM_CHOICES)
+    check_choice("mode", mode, MODES)
+    chosen = get_solver(solver)
     _check_calibration(calibration)
     if not 0.0 <= float(damping) < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
@@ -470,14 +436,21 @@ def compensate(
     if evaluate is not None:
         score_before = _score(evaluate, model, "before")
         pruned_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    if reference is None:
-        reference = _lifted(model)
-    modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
-    calls = 0
-    fitted, before, unchanged = [], {}, []
+    samples = _samples(calibration)
+    held_out = int(samples * float(validation))
+    if held_out < MIN_HELD_OUT:  # too few to tell a better fit from noise: fit them all, unchecked
+        held_out = 0
+    fit_samples = samples - held_out
+    numbered = list(_numbered_batches(calibration, batch_size, fit_samples))
+    starts, batches = [start for start, _ in numbered], [batch for _, batch in numbered]
+    calls, layer_calls, flops = 0, 0, 0.0
+    fitted, before, after, unchanged, used = [], {}, {}, [], {}
+    nets = [model] if reference is None else [model, reference]
+    modes = [(m, m.training) for net in nets for m in net.modules()]
+    mode_used = "per-layer"
     try:
-        model.eval()
-        reference.eval()
+        for net in nets:
+            net.eval()
         masked = {t.key for t in targets}
         order = _network_order(model, targets + _followers(model), Batch(inputs=_slice(calibration, slice(0, 1))))
         reached = {t.key for t in order}
@@ -485,31 +458,69 @@ def compensate(
         # an unmasked layer before the first pruned one sees the dense inputs: nothing to correct there
         first = next((i for i, t in enumerate(order) if t.key in masked), len(order))
         order = order[first:]
-        by_key = {t.key: t for t in order}
-        for target in order:
-            fit = _fit(model, reference, target, calibration, batch_size, float(damping), float(validation), process_group)
-            calls += fit["calls"]
+
+        def refit(target: _Target, wanted: list, designs: Designs) -> None:
+            nonlocal flops
+            fit = _fit(model, target, wanted, designs, starts, fit_samples, held_out, float(damping), process_group, chosen)
+            flops += fit["flops"]
             if fit["worse"]:
                 skipped.append(f"{target.key}: {fit['worse']}")
-                continue
-            if fit["error"] == 0.0:
-                # Nothing pruned in or before this layer: it already gives the dense output exactly,
-                # and a re-fit could only move it by the damping (at sparsity 0, every layer).
+                return
+            if fit["error"] == 0.0 or fit["no_gain"]:
+                # Nothing pruned in or before this layer: it already gives the dense output exactly, and a
+                # re-fit could only move it by the damping (at sparsity 0, every layer); or no re-fit does better.
                 if target.key in masked:
                     unchanged.append(target.key)
-                continue
+                return
             refresh_masked(model)
             fitted.append(target.key)
             before[target.key] = fit["error"] / max(fit["rows"], 1)
+            after[target.key] = fit["after"] / max(fit["rows"], 1)
+            used[target.key] = "+".join(dict.fromkeys(fit["solvers"]))
             if fit["failed"]:
                 skipped.append(f"{target.key}: {fit['failed']} output unit(s) kept their weights (ill-conditioned)")
+
+        runner, why = None, ""
+        if mode != "per-layer" and order:
+            stops = list(dict.fromkeys(_hook_module(t, r) for t in order for r in t.refits))
+            try:
+                runner = LayerByLayer(model, reference, [b.inputs for b in batches], stops)
+            except NotTraceable as exc:
+                if mode == "graph":
+                    raise ConfigError(f"compensate(mode='graph'): {exc}; mode='auto' falls back to one pass per layer") from None
+                why = str(exc)
+        with torch.no_grad(), torch.random.fork_rng():
+            if runner is not None:
+                mode_used = "graph"
+                at: dict[str, list[_Target]] = {}
+                for target in order:
+                    at.setdefault(_hook_module(target, target.refits[0]), []).append(target)
+                dense_net = model if reference is None else reference
+
+                def at_stop(name: str, stop: Stop) -> None:
+                    here = at.get(name, [])
+                    # every target's dense targets first: the re-fits below overwrite weights the dense side reads
+                    wanted = [_wanted(dense_net, t, _stop_designs(stop, "dense", t)) for t in here]
+                    for target, targets in zip(here, wanted):
+                        refit(target, targets, _stop_designs(stop, "pruned", target))
+
+                runner.run(at_stop)
+                calls, layer_calls = runner.forwards, runner.layer_runs
+            elif order:
+                mode_used = "per-layer" + (f" ({why})" if why else "")
+                dense_net = _lifted(model) if reference is None else reference
+                modes += [(m, m.training) for m in dense_net.modules()]
+                dense_net.eval()
+                counter = [0]
+                for target in order:
+                    wanted = _wanted(dense_net, target, _forward_designs(dense_net, target, batches, counter))
+                    refit(target, wanted, _forward_designs(model, target, batches, counter))
+                calls = counter[0]
         if batchnorm == "reestimate":
             calls += reestimate_batchnorm(model, calibration, batch_size, process_group=process_group)
     finally:
         for module, training in modes:
             module.training = training
-    after = _errors(model, reference, [by_key[k] for k in fitted], calibration, batch_size, process_group)
-    calls += 2 * ((_samples(calibration) + batch_size - 1) // batch_size)
     evaluation, undone = None, False
     if evaluate is not None:
         score_after = float(evaluate(model))
@@ -530,7 +541,7 @@ def compensate(
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls,
-                              evaluation, undone, tuple(unchanged))
+                              evaluation, undone, tuple(unchanged), mode_used, layer_calls, used, flops)
 
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, when: str) -> float:
@@ -545,90 +556,125 @@ def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, when: str) 
     return score
 
 
-def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: Calibration, batch_size: int,
-         damping: float, validation: float, process_group: object | None) -> dict:
-    """Re-fit the kept entries of one masked weight to the dense layer's outputs, in place.
+def _hook_module(target: _Target, refit: Refit) -> str:
+    """The name of the module whose call a refit's hook reads: the layer's own, or its parent's."""
+    return target.module_name if refit.hook_on == "self" else target.module_name.rpartition(".")[0]
 
+
+#: design rows of calibration batches: ``(batch index, [design per refit, None where the hook did not fire])``
+Designs = Iterator[tuple[int, list]]
+
+
+def _forward_designs(net: nn.Module, target: _Target, batches: list[Batch], counter: list[int]) -> Designs:
+    """Per-layer mode: the whole ``net`` called on each batch, the refits' hooks collecting its design rows."""
+    with _Hooks() as hooks:
+        captured: list[list[torch.Tensor]] = [[] for _ in target.refits]
+        for refit, sink in zip(target.refits, captured):
+            hooks.add(net, target, refit, sink.append)
+        for b, batch in enumerate(batches):
+            batch.outputs(net)
+            counter[0] += 1
+            yield b, [torch.cat(c) if c else None for c in captured]
+            for c in captured:
+                c.clear()
+
+
+def _stop_designs(stop: Stop, side: str, target: _Target) -> Designs:
+    """Graph mode: the design rows at one stop, from the module's inputs where every refit reads them before
+    the call (no extra call), else from calling the module alone with the refits' hooks on."""
+    if all(r.when == "pre" for r in target.refits):
+        module = stop.module(side)
+        for b in range(stop.batches):
+            args, kwargs = stop.inputs(side, b)
+            yield b, [r.design(module, args, kwargs, None).detach() for r in target.refits]
+        return
+    net = stop.runner.model if side == "pruned" or stop.runner.reference is None else stop.runner.reference
+    with _Hooks() as hooks:
+        captured: list[list[torch.Tensor]] = [[] for _ in target.refits]
+        for refit, sink in zip(target.refits, captured):
+            hooks.add(net, target, refit, sink.append)
+        for b in stop.run(side):
+            yield b, [torch.cat(c) if c else None for c in captured]
+            for c in captured:
+                c.clear()
+
+
+def _wanted(dense: nn.Module, target: _Target, designs: Designs) -> list[list[torch.Tensor | None]]:
+    """The dense layer's outputs on the dense inputs, per batch and refit (float64): the targets of the fit."""
+    dense_weight, dense_bias = _parameters(dense, target, masked=False)
+    wanted = []
+    for _, xs in designs:
+        wanted.append([None if x is None else _affine(x, dense_weight, dense_bias, r).double()
+                       for x, r in zip(xs, target.refits)])
+    return wanted
+
+
+def _fit(model: nn.Module, target: _Target, wanted: list[list[torch.Tensor | None]], designs: Designs, starts: list[int],
+         fit_samples: int, held_out: int, damping: float, process_group: object | None, solver: Solver | None) -> dict:
+    """Re-fit the kept entries of one masked weight to the dense layer's outputs ``wanted``, in place.
+
+    ``designs`` gives the layer's design rows in ``model`` (the pruned
+    network, the layers before it already re-fitted) per calibration batch.
     Each of the layer type's refits is a least-squares problem of its own
     (its rows, its design): ``H = XᵀX`` and ``XᵀY`` accumulated over the
-    calibration batches, then solved row by row on each row's kept inputs.
-    The held-out samples (``validation``) are summarised the same way, which
-    gives the squared error of any weights on them without keeping them:
-    ``‖X w − y‖² = wᵀHw − 2 wᵀXᵀy + ‖y‖²``. If the re-fit's is larger than
-    the pruned weights', nothing is written and ``worse`` says why.
+    batches whose first sample ``starts[b]`` is below ``fit_samples``, then
+    handed to the solver. The held-out samples are summarised the same way,
+    which gives the squared error of any weights on them without keeping
+    them: ``‖X w − y‖² = wᵀHw − 2 wᵀXᵀy + ‖y‖²``. If the re-fit's is larger
+    than the pruned weights', nothing is written and ``worse`` says why.
     """
     weight, bias = _parameters(model, target, masked=True)
-    dense_weight, dense_bias = _parameters(reference, target, masked=False)
     has_bias = bias is not None
-    problems = []
-    for refit in target.refits:
-        d = weight.shape[1] + (1 if has_bias else 0)
-        out = weight[refit.rows].shape[0]
-        problems.append({"hessian": torch.zeros(d, d, dtype=torch.float64),
-                         "cross": torch.zeros(d, out, dtype=torch.float64)})
-    error, rows, calls = 0.0, 0, 0
-    samples = _samples(calibration)
-    held_out = int(samples * validation)
-    if held_out < MIN_HELD_OUT:  # too few to tell a better fit from noise: fit them all, unchecked
-        held_out = 0
-    fit_samples = samples - held_out
-    for problem in problems:
-        d, out = problem["cross"].shape
-        problem["check"] = {"hessian": torch.zeros(d, d, dtype=torch.float64), "cross": torch.zeros(d, out, dtype=torch.float64),
-                            "targets": torch.zeros((), dtype=torch.float64)}
-    with torch.no_grad(), torch.random.fork_rng():
-        for start, batch in _numbered_batches(calibration, batch_size, fit_samples):
-            mine = [[] for _ in target.refits]
-            theirs = [[] for _ in target.refits]
-            with _Hooks() as hooks:
-                for refit, sink in zip(target.refits, mine):
-                    hooks.add(model, target, refit, sink.append)
-                batch.outputs(model)
-            with _Hooks() as hooks:
-                for refit, sink in zip(target.refits, theirs):
-                    hooks.add(reference, target, refit, sink.append)
-                batch.outputs(reference)
-            calls += 2
-            for refit, problem, x, x_dense in zip(target.refits, problems, mine, theirs):
-                if not x:
-                    continue
-                x, x_dense = torch.cat(x), torch.cat(x_dense)
-                if x.dim() != 2 or x.shape[1] != weight.shape[1] or x.shape != x_dense.shape:
-                    raise ConfigError(
-                        f"compensate: the design rows of {target.key!r} have shape {tuple(x.shape)} (dense network: "
-                        f"{tuple(x_dense.shape)}); its layer type's Refit.design must give (rows, {weight.shape[1]}), "
-                        "the fan-in of the weight's unit matrix, the same in both networks"
-                    )
-                wanted = _affine(x_dense, dense_weight, dense_bias, refit).float().cpu()
-                design = _with_ones(x, has_bias).cpu()
-                sums = problem if start < fit_samples else problem["check"]
-                # float32 products of one batch (4x faster than float64 here), summed in float64
-                sums["hessian"] += (design.T @ design).double()
-                sums["cross"] += (design.T @ wanted).double()
-                if start < fit_samples:
-                    error += float((_affine(x, weight, bias, refit).cpu().double() - wanted.double()).square().sum())
-                    rows += wanted.numel()
-                else:
-                    sums["targets"] += wanted.double().square().sum()
+    device = weight.device
+    d = weight.shape[1] + (1 if has_bias else 0)
+
+    def sums(out: int) -> dict:
+        return {"hessian": torch.zeros(d, d, dtype=torch.float64, device=device),
+                "cross": torch.zeros(d, out, dtype=torch.float64, device=device),
+                "targets": torch.zeros((), dtype=torch.float64, device=device)}
+
+    problems = [{"fit": sums(len(weight[r.rows])), "check": sums(len(weight[r.rows]))} for r in target.refits]
+    error, rows = 0.0, 0
+    for b, xs in designs:
+        for refit, problem, x, y in zip(target.refits, problems, xs, wanted[b]):
+            if x is None:
+                continue
+            if x.dim() != 2 or x.shape[1] != weight.shape[1] or y is None or len(x) != len(y):
+                raise ConfigError(
+                    f"compensate: the design rows of {target.key!r} have shape {tuple(x.shape)}; its layer "
+                    f"type's Refit.design must give (rows, {weight.shape[1]}), the fan-in of the weight's unit "
+                    "matrix, the same number of rows in the pruned and the dense network"
+                )
+            design = _with_ones(x, has_bias)
+            fitted = starts[b] < fit_samples
+            part = problem["fit" if fitted else "check"]
+            # float32 products of one batch (4x faster than float64 on a CPU), summed in float64
+            part["hessian"] += (design.T @ design).double()
+            part["cross"] += (design.T @ y.float()).double()
+            part["targets"] += y.square().sum()
+            if fitted:
+                error += float((_affine(x, weight, bias, refit).double() - y).square().sum())
+                rows += y.numel()
+        wanted[b] = [None] * len(target.refits)  # used: free it
     for problem in problems:
         # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
-        for sums in (problem, problem["check"]):
-            sum_over_ranks(sums["hessian"], process_group)
-            sum_over_ranks(sums["cross"], process_group)
-        sum_over_ranks(problem["check"]["targets"], process_group)
-    # held_out is summed too, so that every rank takes the same decision on the same totals
-    totals = sum_over_ranks(torch.tensor([error, float(rows), float(held_out)], dtype=torch.float64), process_group)
-    error, rows, held_out = float(totals[0]), int(totals[1]), int(totals[2])
-    failed = 0
+        for part in problem.values():
+            for value in part.values():
+                sum_over_ranks(value, process_group)
+    totals = sum_over_ranks(torch.tensor([error, float(rows)], dtype=torch.float64), process_group)
+    error, rows = float(totals[0]), int(totals[1])
+    result = {"error": error, "rows": rows, "failed": 0, "worse": None, "after": error, "solvers": (), "flops": 0.0,
+              "no_gain": False}
     if error == 0.0:
-        return {"error": error, "rows": rows, "calls": calls, "failed": failed, "worse": None}
+        return result
     module = model.get_submodule(target.module_name) if target.module_name else model
     mask = getattr(module, f"{target.name}_mask", None)  # None: a layer downstream of the prune, every input kept
-    keep_all = (torch.ones(weight.shape, dtype=torch.bool) if mask is None else unit_matrix(mask, target.axis).bool().cpu())
+    keep_all = (torch.ones(weight.shape, dtype=torch.bool, device=device) if mask is None
+                else unit_matrix(mask, target.axis).bool())
     bias_keep_all = None
     if has_bias:
         bias_mask = getattr(module, f"{target.bias}_mask", None)
-        bias_keep_all = torch.ones(len(bias), dtype=torch.bool) if bias_mask is None else bias_mask.bool().cpu()
+        bias_keep_all = torch.ones(len(bias), dtype=torch.bool, device=device) if bias_mask is None else bias_mask.bool()
     parameter = getattr(module, f"{target.name}_orig", None)
     parameter = getattr(module, target.name) if parameter is None else parameter
     new_weight = unit_matrix(parameter.detach(), target.axis).clone()
@@ -637,41 +683,54 @@ def _fit(model: nn.Module, reference: nn.Module, target: _Target, calibration: C
         bias_parameter = getattr(module, f"{target.bias}_orig", None)
         bias_parameter = getattr(module, target.bias) if bias_parameter is None else bias_parameter
     new_bias = None if bias_parameter is None else bias_parameter.detach().clone()
-    held_out_before = held_out_after = 0.0
+    held_out_before = held_out_after = after = 0.0
+    solvers, flops, failed = [], 0.0, 0
     for refit, problem in zip(target.refits, problems):
         keep = keep_all[refit.rows]
         if has_bias:
             keep = torch.cat([keep, bias_keep_all[refit.bias_rows][:, None]], dim=1)
-        solution = _solve_rows(problem["hessian"], problem["cross"], keep, damping)
+        chosen = solver or choose_solver(keep.shape[1], keep)
+        solution = chosen.solve(problem["fit"]["hessian"], problem["fit"]["cross"], keep, damping)
+        solvers.append(chosen.name)
+        flops += chosen.flops(keep.shape[1], keep)
         ok = ~solution.isnan().any(dim=1)
         failed += int((~ok).sum())
-        units = torch.arange(len(new_weight))[refit.rows][ok]
+        units = torch.arange(len(new_weight), device=device)[refit.rows][ok]
         columns = new_weight.shape[1]
-        new_weight[units.to(new_weight.device)] = solution[ok, :columns].to(new_weight.dtype).to(new_weight.device)
+        new_weight[units] = solution[ok, :columns].to(new_weight.dtype)
         if has_bias:
-            entries = torch.arange(len(new_bias))[refit.bias_rows][ok]
-            new_bias[entries.to(new_bias.device)] = solution[ok, columns].to(new_bias.dtype).to(new_bias.device)
+            entries = torch.arange(len(new_bias), device=device)[refit.bias_rows][ok]
+            new_bias[entries] = solution[ok, columns].to(new_bias.dtype)
+        before_rows = torch.cat([weight[refit.rows], bias[refit.bias_rows][:, None]], 1) if has_bias else weight[refit.rows]
+        after_rows = (torch.cat([new_weight[refit.rows], new_bias[refit.bias_rows][:, None]], 1) if has_bias
+                      else new_weight[refit.rows])
+        after += _squared_error(problem["fit"], after_rows)
         if held_out:
-            before_rows = torch.cat([weight[refit.rows], bias[refit.bias_rows][:, None]], 1) if has_bias else weight[refit.rows]
-            after_rows = torch.cat([new_weight[refit.rows], new_bias[refit.bias_rows][:, None]], 1) if has_bias else new_weight[refit.rows]
-            held_out_before += _held_out_error(problem["check"], before_rows)
-            held_out_after += _held_out_error(problem["check"], after_rows)
+            held_out_before += _squared_error(problem["check"], before_rows)
+            held_out_after += _squared_error(problem["check"], after_rows)
+    result.update(failed=failed, solvers=tuple(solvers), flops=flops, after=max(after, 0.0))
+    if after >= error:
+        # No better on the very samples fitted: nothing to gain (the kept filters of a first layer pruned by
+        # filters already compute the dense ones), or the damping's shrinkage costs more than the prune did.
+        result.update(failed=0, no_gain=True)
+        return result
     if held_out and held_out_after > held_out_before * (1 + HELD_OUT_TOLERANCE):
-        return {"error": error, "rows": rows, "calls": calls, "failed": 0,
-                "worse": (f"the re-fit reproduced the dense outputs worse on the {held_out} held-out calibration samples "
-                          f"({held_out_after:.4g} vs {held_out_before:.4g} squared error), so it was undone: the fit to "
-                          f"the {fit_samples} samples fitted does not generalise (more calibration samples may help)")}
+        result.update(failed=0, worse=(
+            f"the re-fit reproduced the dense outputs worse on the {held_out} held-out calibration samples "
+            f"({held_out_after:.4g} vs {held_out_before:.4g} squared error), so it was undone: the fit to "
+            f"the {fit_samples} samples fitted does not generalise (more calibration samples may help)"))
+        return result
     with torch.no_grad():
         parameter.copy_(from_unit_matrix(new_weight, parameter, target.axis))
         if has_bias:
             bias_parameter.copy_(new_bias)
-    return {"error": error, "rows": rows, "calls": calls, "failed": failed, "worse": None}
+    return result
 
 
-def _held_out_error(check: dict, rows: torch.Tensor) -> float:
-    """``Σ_r ‖X w_r − y_r‖²`` over held-out samples summarised by ``H = XᵀX``, ``XᵀY`` and ``‖Y‖²``; rows ``(out, d)``."""
-    w = rows.detach().double().cpu()
-    return float((w @ check["hessian"] * w).sum() - 2 * (w * check["cross"].T).sum() + check["targets"])
+def _squared_error(part: dict, rows: torch.Tensor) -> float:
+    """``Σ_r ‖X w_r − y_r‖²`` over samples summarised by ``H = XᵀX``, ``XᵀY`` and ``‖Y‖²``; rows ``(out, d)``."""
+    w = rows.detach().double()
+    return float((w @ part["hessian"] * w).sum() - 2 * (w * part["cross"].T).sum() + part["targets"])
 
 
 def _lifted(model: nn.Module) -> nn.Module:
@@ -684,43 +743,3 @@ def _lifted(model: nn.Module) -> nn.Module:
             getattr(module, f"{name}_mask").fill_(1)
     make_permanent(dense)
     return dense
-
-
-def _errors(model: nn.Module, reference: nn.Module, targets: list[_Target], calibration: Calibration, batch_size: int,
-            process_group: object | None = None) -> dict[str, float]:
-    """Mean squared error of each layer's output against the dense one's, on the calibration data.
-
-    A layer's output is computed in its hook from its design rows, so only
-    outputs, not inputs, are held for all layers at once.
-    """
-    if not targets:
-        return {}
-    sums = dict.fromkeys((t.key for t in targets), 0.0)
-    counts = dict.fromkeys((t.key for t in targets), 0)
-    modes = [(m, m.training) for m in model.modules()] + [(m, m.training) for m in reference.modules()]
-    parameters = {(id(net), t.key): _parameters(net, t, masked=True) for net in (model, reference) for t in targets}
-    try:
-        model.eval()
-        reference.eval()
-        with torch.no_grad(), torch.random.fork_rng():
-            for batch in _batches(calibration, batch_size):
-                outputs: dict[int, dict[tuple[str, int], list[torch.Tensor]]] = {id(model): {}, id(reference): {}}
-                for net in (model, reference):
-                    with _Hooks() as hooks:
-                        for t in targets:
-                            weight, bias = parameters[(id(net), t.key)]
-                            for i, refit in enumerate(t.refits):
-                                store = outputs[id(net)].setdefault((t.key, i), [])
-                                hooks.add(net, t, refit, lambda x, w=weight, b=bias, r=refit, s=store: s.append(_affine(x, w, b, r)))
-                        batch.outputs(net)
-                for (key, i), got in outputs[id(model)].items():
-                    want = outputs[id(reference)].get((key, i), [])
-                    for g, w in zip(got, want):
-                        sums[key] += float((g.double() - w.double()).square().sum())
-                        counts[key] += g.numel()
-    finally:
-        for module, training in modes:
-            module.training = training
-    keys = [t.key for t in targets]
-    totals = sum_over_ranks(torch.tensor([[sums[k], float(counts[k])] for k in keys], dtype=torch.float64), process_group)
-    return {k: float(total) / max(float(count), 1.0) for k, (total, count) in zip(keys, totals)}
