@@ -295,6 +295,6 @@ def test_conv1d_example_runs(monkeypatch, tmp_path, capsys):
     for r in summary["results"]:  # every scored layer re-fitted, or left as it was where no re-fit did better
         assert set(r["layers"]) | set(r.get("unchanged", [])) == set(summary["scored"]) and r["skipped"] == []
     neuron = summary["neuron"]
-    assert set(neuron["layers"]) == {"conv1.weight", "conv2.weight", "head.weight"} and neuron["skipped"] == []
+    assert set(neuron["layers"]) == {"conv2.weight", "head.weight"} and neuron["unchanged"] == ["conv1.weight"] and neuron["skipped"] == []
     assert abs(neuron["shrunk"] - neuron["compensated"]) <= 1 / 1024 and neuron["max_difference"] < 1e-4
     assert neuron["parameters"][1] < neuron["parameters"][0]
