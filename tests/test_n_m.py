@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bingo
+import bingo.bench.strategies.base
 from bingo.errors import ConfigError
 from bingo.selection import parse_n_m, parse_sparsity, select_n_m
 from conftest import assert_user_error, call
@@ -118,6 +119,16 @@ def test_parse_sparsity_tells_fractions_from_patterns():
     assert parse_sparsity("4:8") == (4, 8) and parse_sparsity(0.5) == 0.5 and parse_sparsity("0.5") == 0.5
     with pytest.raises(ConfigError, match=r"sparsity must be in \[0, 1\), got 1\.5$"):
         parse_sparsity(1.5)
+
+
+def test_is_n_m_checks_every_group():
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 1], [0, 0, 0, 1, 1, 0, 1, 0]])
+    assert bingo.is_n_m(mask, 2, 4) and bingo.is_n_m(mask.bool(), 2, 4) and not bingo.is_n_m(mask, 1, 4)
+    one_too_many = mask.clone()
+    one_too_many[1, 5] = 1  # the last group of the second row keeps 3 of 4
+    assert not bingo.is_n_m(one_too_many, 2, 4)
+    assert bingo.is_n_m(mask.T, 2, 4, axis=1) and not bingo.is_n_m(one_too_many.T, 2, 4, axis=1)
+    assert not bingo.is_n_m(torch.zeros(2, 6), 2, 4)  # a fan-in of 6 has no whole groups of 4
 
 
 def test_a_fan_in_that_is_not_a_multiple_of_m_names_the_layer_its_fan_in_and_m():
@@ -332,8 +343,13 @@ def test_cli_bad_patterns_exit_2_in_one_line(capsys, tmp_path, text):
     ("mlp", ("--method", "magnitude", "--granularity", "neuron"), r"--sparsity 2:4 \(an N:M pattern\) prunes single weights; it needs --granularity weight$"),
     ("conv", (), r"'features\.0\.weight' has fan-in 9, not a multiple of 4"),  # the first conv: 1 channel, 3 × 3
 ])
-def test_cli_n_m_that_cannot_run_is_refused_before_training(capsys, tmp_path, model, extra, pattern):
+def test_cli_n_m_that_cannot_run_is_refused_before_training(capsys, tmp_path, monkeypatch, model, extra, pattern):
     out = tmp_path / "out.json"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before refusing the pattern")
+
+    monkeypatch.setattr(bingo.bench.strategies.base.Experiment, "train", no_training)
     code, stdout, err = call(capsys, "run", "--data", "digits", "--model", model, "--epochs", "1", "--no-progress",
                              "--sparsity", "2:4", "--out", out, *extra)
     assert_user_error(code, err, pattern)
