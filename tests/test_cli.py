@@ -397,7 +397,7 @@ BAD_OPTIONS = [
     (("--sparsity", "-0.1"), r"sparsity must be in \[0, 1\), got -0\.1$"),
     (("--sparsity", "0.5,1.5"), r"sparsity must be in \[0, 1\), got 1\.5$"),
     (("--sparsity", "nan"), r"sparsity must be in \[0, 1\), got nan$"),
-    (("--sparsity", "half"), r"argument --sparsity: --sparsity expects numbers in \[0, 1\) separated by commas, got 'half'$"),
+    (("--sparsity", "half"), r"argument --sparsity: --sparsity expects fractions in \[0, 1\) or N:M patterns such as 2:4, separated by commas, got 'half'$"),
     (("--sparsity", ","), r"--sparsity needs at least one value$"),
     (("--fraction", "0"), r"fraction must be in \(0, 1\], got 0\.0$"),
     (("--fraction", "1.5"), r"fraction must be in \(0, 1\], got 1\.5$"),

@@ -22,7 +22,8 @@ from .pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from .schedule import SparsityScheduler, gmp_sparsity
 from .scoring import bingo_scores, combine_ranks, magnitude_scores, random_scores
 from .search import BINGO_SEARCH, SearchConfig, TicketSearch
-from .selection import select_masks
+from .selection import is_n_m, select_masks, select_n_m
+from .semi_structured import to_semi_structured
 from .shrink import count_flops, count_parameters, shrink
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "coverage",
     "find_layers",
     "gmp_sparsity",
+    "is_n_m",
     "load_compact",
     "load_scores",
     "load_pruned_state_dict",
@@ -76,8 +78,10 @@ __all__ = [
     "save_compact",
     "save_scores",
     "select_masks",
+    "select_n_m",
     "shrink",
     "state_dict_size",
+    "to_semi_structured",
 ]
 
 __version__ = "0.1.0"

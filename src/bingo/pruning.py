@@ -20,8 +20,9 @@ from torch import nn
 
 from .coupled import prune_coupled
 from .errors import ConfigError, check_choice
-from .masks import apply_masks, check_units_left, current_masks
-from .selection import SCOPES, select_masks
+from .layers import unit_axis
+from .masks import apply_masks, check_units_left, current_masks, is_unit_mask, weight_owner
+from .selection import SCOPES, n_m_groups, parse_sparsity, select_masks, select_n_m
 
 __all__ = ["AccuracyFloorResult", "largest_passing", "prune", "prune_to_accuracy"]
 
@@ -39,7 +40,7 @@ def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict
 def prune(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
-    sparsity: float,
+    sparsity: float | str,
     scope: str = "global",
     *,
     seed: int = 0,
@@ -52,13 +53,23 @@ def prune(
         scores: ``{"fc1.weight": tensor}``, higher = more significant, shaped
             like the weight (weight granularity) or ``(out_units,)`` (neuron).
         sparsity: fraction of the scored entries to prune, in [0, 1); exact
-            to the entry (``round(sparsity * n)``).
+            to the entry (``round(sparsity * n)``). Or an N:M pattern,
+            ``"2:4"``, ``"4:8"``, ``"1:4"``: at most N of every M consecutive
+            input weights of a unit are kept, the ``M - N`` least significant
+            of each group pruned (NVIDIA's and PyTorch's convention:
+            ``torch.sparse.to_sparse_semi_structured`` takes 2:4; see
+            :func:`bingo.selection.select_n_m`). A group runs along the
+            fan-in of one row of the weight's unit matrix (a Linear's row,
+            a ``Conv1D``'s column, a conv filter's flattened ``C·kh·kw``).
+            N:M needs one score per weight, and every fan-in a multiple of M.
         scope: ``"global"`` (one ranking over all scored entries, each layer
             keeping a floor: :data:`bingo.selection.MIN_KEEP`), ``"layer"``, or
             ``"lamp"`` (one ranking by layer-normalised LAMP scores), or
             ``"block"`` (each block, e.g. a transformer's ``h.0.``, pruned to
             ``sparsity`` with one ranking inside it); see
-            :func:`bingo.selection.select_masks`.
+            :func:`bingo.selection.select_masks`. An N:M pattern ignores
+            it (and ``blocks``): it gives every group, layer and block the
+            same sparsity, so every scope's budget holds.
         seed: tie-breaking seed (see :mod:`bingo.selection`).
         blocks: with ``scope="block"``, what a block is: a regex or ``key ->
             block name`` (default: the path up to the first numeric index;
@@ -68,9 +79,15 @@ def prune(
         The keep-masks the model has now, keyed and shaped like ``scores``
         (True = kept). Masks only shrink: on a model already pruned beyond
         ``sparsity`` nothing more is removed, the masks returned are the
-        model's (sparser than asked), and a warning says so.
+        model's (sparser than asked), and a warning says so. With N:M, a
+        group already pruned beyond ``M - N`` stays so, and a warning says
+        how many groups are.
     """
     check_choice("scope", scope, SCOPES)
+    target = parse_sparsity(sparsity)
+    if isinstance(target, tuple):
+        return _prune_n_m(model, scores, *target, seed=seed)
+    sparsity = target
     masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks)
     check_units_left(masks, model)
     apply_masks(model, masks)
@@ -84,6 +101,28 @@ def prune(
             stacklevel=2,
         )
     return applied
+
+
+def _prune_n_m(model: nn.Module, scores: dict[str, torch.Tensor], n: int, m: int, *, seed: int) -> dict[str, torch.Tensor]:
+    """:func:`prune` to the pattern N:M: :func:`bingo.selection.select_n_m` on each weight's unit matrix."""
+    axes = {}
+    for key, values in scores.items():
+        module = weight_owner(model, key)
+        if is_unit_mask(module, values, key):
+            raise ConfigError(f"N:M sparsity prunes single weights; the scores of {key!r} are per unit (neuron granularity, "
+                              f"shape {tuple(values.shape)}): score per weight")
+        axes[key] = unit_axis(module, key)
+    effective = _effective_scores(model, scores)
+    masks = select_n_m(effective, n, m, seed, axes=axes)
+    apply_masks(model, masks)
+    over = sum(int((n_m_groups(s == -math.inf, m, axes[key]).sum(-1) > m - n).sum()) for key, s in effective.items())
+    if over:
+        warnings.warn(
+            f"{over} groups of {m} were already pruned beyond {n}:{m} (more than {m - n} of {m} pruned); "
+            "masks only shrink, so they stay sparser",
+            stacklevel=3,
+        )
+    return current_masks(model, scores)
 
 
 @dataclass(frozen=True)

@@ -35,17 +35,29 @@ Ties are broken uniformly at random with a seeded generator, never by
 position: with accuracy-based BINGO scores many weights tie (a small probe
 often leaves the batch accuracy unchanged), and breaking those ties by index
 would silently prune the first rows of every layer.
+
+N:M semi-structured sparsity (:func:`select_n_m`, a ``sparsity`` of ``"2:4"``)
+is a pattern instead of a fraction, in the convention of NVIDIA's sparse
+tensor cores and ``torch.sparse.to_sparse_semi_structured``: at most N of
+every M consecutive weights are kept, so the ``M - N`` least significant of
+each group go (2:4 and 4:8 prune 50%, 1:4 prunes 75%). A group is M
+consecutive entries along the input (fan-in) axis of one unit: a row of a
+weight's unit matrix (:func:`bingo.layer_types.unit_matrix`), so GPT-2's
+``Conv1D`` (units on axis 1) is grouped along its inputs too, and a conv's
+filter along its flattened ``C·kh·kw`` fan-in.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable
 
 import torch
 
 from .errors import ConfigError, check_choice
+from .layer_types import from_unit_matrix, unit_matrix
 
 __all__ = [
     "BLOCK_PATTERN",
@@ -54,11 +66,16 @@ __all__ = [
     "block_of",
     "check_sparsity",
     "floor_count",
+    "is_n_m",
     "lamp_scores",
     "masks_from_order",
+    "n_m_groups",
+    "parse_n_m",
+    "parse_sparsity",
     "prune_count",
     "pruning_order",
     "select_masks",
+    "select_n_m",
 ]
 
 #: Where the sparsity budget is enforced: over all scored weights, per layer,
@@ -86,6 +103,40 @@ def check_sparsity(sparsity: float) -> float:
     if not (0.0 <= value < 1.0) or math.isnan(value):
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return value
+
+
+#: the pattern of an N:M sparsity: ``"2:4"``, whitespace allowed around the numbers
+_N_M = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _bad_sparsity(value: object) -> ConfigError:
+    return ConfigError(
+        "sparsity must be a fraction in [0, 1) or a pattern N:M (keep at most N of every M consecutive weights, "
+        f"0 < N < M) such as 2:4, got {value!r}"
+    )
+
+
+def parse_n_m(text: str) -> tuple[int, int]:
+    """``(N, M)`` of an N:M pattern: ``"2:4"`` -> ``(2, 4)``, ``"1:4"`` -> ``(1, 4)``.
+
+    N is how many of every M consecutive weights are *kept* (NVIDIA's and
+    PyTorch's convention), so ``0 < N < M``. Anything else (``"2:"``,
+    ``"5:4"``, ``"0:4"``, ``"a:b"``) is a one-line :class:`ConfigError`.
+    """
+    match = _N_M.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise _bad_sparsity(text)
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise _bad_sparsity(text)
+    return n, m
+
+
+def parse_sparsity(value: float | str) -> float | tuple[int, int]:
+    """A sparsity as given to :func:`bingo.prune`: a fraction in [0, 1) (a float), or ``(N, M)`` of a text ``"N:M"``."""
+    if isinstance(value, str) and ":" in value:
+        return parse_n_m(value)
+    return check_sparsity(value)
 
 
 def prune_count(sparsity: float, n: int) -> int:
@@ -306,3 +357,93 @@ def _select_ranked(
     order = _floor_last(order, flat, [s.numel() for s in scores.values()], min_keep)
     shapes = {key: s.shape for key, s in scores.items()}
     return masks_from_order(order, shapes, prune_count(sparsity, flat.numel()))
+
+
+def n_m_groups(tensor: torch.Tensor, m: int, axis: int = 0, *, key: str = "tensor") -> torch.Tensor:
+    """``tensor`` as ``(units, groups, m)``: each unit's fan-in (:func:`~bingo.layer_types.unit_matrix`) cut in groups of ``m``.
+
+    Consecutive entries of the flattened fan-in form a group: for a Linear
+    ``(out, in)`` weight, ``in`` in runs of ``m``; for GPT-2's ``Conv1D``
+    (``in × out``, ``axis=1``) the same along its inputs; for a conv filter
+    ``(C, kh, kw)`` the flattened ``C·kh·kw`` (kernel positions innermost).
+    :class:`ConfigError` naming ``key`` when the fan-in is not a multiple of
+    ``m``: a short tail group would not be N:M, and the semi-structured
+    kernels take whole groups only.
+    """
+    if tensor.dim() < 2:
+        raise ConfigError(f"N:M sparsity groups the inputs of each unit; {key!r} has shape {tuple(tensor.shape)}, "
+                          "not a weight with an input axis (per-unit scores: N:M needs one score per weight)")
+    rows = unit_matrix(tensor, axis)
+    if rows.shape[1] % m:
+        raise ConfigError(f"N:M sparsity groups every {m} consecutive inputs of a unit; {key!r} has fan-in {rows.shape[1]}, "
+                          f"not a multiple of {m} (the semi-structured kernels take whole groups only): leave it out "
+                          "of the scores (exclude=) or choose an M that divides it")
+    return rows.reshape(rows.shape[0], -1, m)
+
+
+def is_n_m(mask: torch.Tensor, n: int, m: int, axis: int = 0) -> bool:
+    """Whether ``mask`` (nonzero = kept) keeps at most ``n`` of every group of ``m`` (:func:`n_m_groups`).
+
+    False, not an error, when the fan-in is not a multiple of ``m``.
+    """
+    try:
+        groups = n_m_groups(mask, m, axis)
+    except ConfigError:
+        return False
+    return bool(((groups != 0).sum(-1) <= n).all())
+
+
+def select_n_m(
+    scores: dict[str, torch.Tensor],
+    n: int,
+    m: int,
+    generator: int | torch.Generator | None = None,
+    *,
+    axes: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks in the N:M pattern: in every group of ``m`` consecutive inputs of a unit, the ``n`` most significant kept.
+
+    Args:
+        scores: ``{key: tensor}`` shaped like the weights, higher = more
+            significant. ``-inf`` marks an entry already pruned: it stays
+            pruned (it is among a group's least significant), and a group
+            with more than ``m - n`` of them keeps them all pruned (masks
+            only shrink), so that group ends sparser than N:M.
+        n: weights kept per group, ``0 < n < m``.
+        m: group size, along the fan-in (see :func:`n_m_groups`).
+        generator: seed or ``torch.Generator`` for tie-breaking (default
+            seed 0): ties inside a group are broken uniformly at random,
+            never by position, as everywhere in selection.
+        axes: ``{key: unit axis}`` (the layer type's, e.g. 1 for GPT-2's
+            ``Conv1D``); keys not in it have units on axis 0.
+
+    Returns:
+        ``{key: bool tensor}`` shaped like ``scores``; exactly ``m - n``
+        False in every group (more only where ``-inf`` entries were more).
+        There is no scope: the pattern gives every group, tensor and block
+        the same sparsity ``1 - n / m``.
+
+    Example: a row ``[1, 2, ..., 8]`` at 2:4 keeps ``[F, F, T, T, F, F, T, T]``.
+    """
+    try:
+        n, m = operator.index(n), operator.index(m)
+    except TypeError:
+        raise _bad_sparsity(f"{n}:{m}") from None
+    if not 0 < n < m:
+        raise _bad_sparsity(f"{n}:{m}")
+    if not scores:
+        raise ConfigError("no scores to select from")
+    check_scores_finite(scores)
+    gen = _generator(generator)
+    axes = axes or {}
+    masks = {}
+    for key, values in scores.items():
+        axis = axes.get(key, 0)
+        groups = n_m_groups(values.detach().float().cpu(), m, axis, key=key)
+        shuffle = torch.rand(groups.shape, generator=gen).argsort(dim=-1)  # a random order inside each group
+        # least significant first; ties keep the random order (stable sort)
+        order = shuffle.gather(-1, groups.gather(-1, shuffle).argsort(dim=-1, stable=True))
+        keep = torch.ones(groups.shape, dtype=torch.bool).scatter_(-1, order[..., : m - n], False)
+        keep &= groups > -math.inf
+        masks[key] = from_unit_matrix(keep.reshape(groups.shape[0], -1), values, axis).contiguous()
+    return masks

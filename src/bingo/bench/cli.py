@@ -32,7 +32,7 @@ from ..masks import pruned_parameters
 from ..pruning import prune
 from ..scoring import magnitude_scores, random_scores
 from ..search import TicketSearch
-from ..selection import check_sparsity
+from ..selection import check_sparsity, parse_n_m
 from .strategies import BINGO, BINGO_PAPER, STRATEGIES, Experiment, OneShotStrategy, get_strategy
 from .training import TrainConfig, evaluate, train
 
@@ -50,14 +50,36 @@ def _train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig = TrainC
     add_config_flags(parser, {"training": defaults}, dest="train")
 
 
-def _sparsities(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sparsity expects numbers in [0, 1) separated by commas, got {text!r}") from None
+def _sparsities(text: str) -> list[float | str]:
+    """``--sparsity``: fractions and N:M patterns (``"2:4"``, kept as text ``"N:M"``), comma-separated."""
+    values: list[float | str] = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        if ":" in part:
+            try:
+                n, m = parse_n_m(part)
+            except ConfigError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+            values.append(f"{n}:{m}")
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--sparsity expects fractions in [0, 1) or N:M patterns such as 2:4, separated by commas, got {text!r}"
+            ) from None
     if not values:
         raise argparse.ArgumentTypeError("--sparsity needs at least one value")
     return values
+
+
+def _compare_sparsities(text: str) -> list[float]:
+    if ":" in text:
+        raise argparse.ArgumentTypeError(
+            f"bingo compare takes fractions in [0, 1) only, got {text!r}; an N:M pattern runs with 'bingo run --sparsity 2:4'"
+        )
+    return _comma_list(float, "--sparsities")(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None, help="folder of the IDX files (fashion-mnist, mnist)")
     run.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
     target = run.add_mutually_exclusive_group(required=True)
-    target.add_argument("--sparsity", type=_sparsities, help="fraction(s) to prune, in [0, 1), comma-separated")
+    target.add_argument(
+        "--sparsity", type=_sparsities,
+        help="fraction(s) to prune, in [0, 1), or N:M patterns (2:4: at most 2 of every 4 consecutive inputs of a unit kept; "
+        "one-shot methods, weight granularity), comma-separated",
+    )
     target.add_argument("--min-accuracy", type=float, help="prune as far as validation accuracy stays >= this")
     target.add_argument("--max-accuracy-drop", type=float, help="prune as far as validation accuracy stays >= dense - this")
     run.add_argument("--out", required=True, help="results JSON, written atomically")
@@ -175,7 +201,7 @@ def _add_compare_parser(commands) -> None:
         help=f"comma-separated, from {', '.join(STRATEGIES)}; default all",
     )
     compare.add_argument(
-        "--sparsities", type=_comma_list(float, "--sparsities"), default=[0.5, 0.8, 0.9, 0.95],
+        "--sparsities", type=_compare_sparsities, default=[0.5, 0.8, 0.9, 0.95],
         help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
     )
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
@@ -340,10 +366,27 @@ def _run_config(args: argparse.Namespace) -> object:
     return config
 
 
+def _check_pattern_fits(strategy: object, model: torch.nn.Module, pattern: str) -> None:
+    """Prune a fresh ``model``'s scored weights to ``pattern`` by magnitude: a fan-in that does not fit is a :class:`ConfigError` now."""
+    search = getattr(strategy.config, "search", None)
+    include, exclude = (search.include, search.exclude) if search is not None else (None, ())
+    prune(model, magnitude_scores(model, "weight", include=include, exclude=exclude), pattern)
+
+
+def _sparsity_text(row: dict) -> str:
+    """A results row's sparsity for the table: ``0.9000``, or ``2:4 (0.5000)`` with the fraction the pattern pruned."""
+    if isinstance(row["sparsity"], str):
+        return f"{row['sparsity']} ({row['measured_sparsity']:.4f})"
+    return f"{row['sparsity']:.4f}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading data or training.
-    if args.sparsity is not None:
-        sparsities = sorted({check_sparsity(s) for s in args.sparsity})
+    if args.sparsity is not None:  # fractions ascending, then the N:M patterns as given (each prunes the dense model)
+        patterns = list(dict.fromkeys(s for s in args.sparsity if isinstance(s, str)))
+        sparsities = sorted({check_sparsity(s) for s in args.sparsity if not isinstance(s, str)}) + patterns
+    else:
+        patterns = []
     if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
         raise ConfigError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
@@ -355,6 +398,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if needs_one_shot and not one_shot:
         valid = ", ".join(name for name, cls in STRATEGIES.items() if issubclass(cls, OneShotStrategy))
         raise ConfigError(f"{needs_one_shot[0]} needs a method that prunes once after training ({valid}); {args.method!r} does not")
+    if patterns and not one_shot:
+        valid = ", ".join(name for name, cls in STRATEGIES.items() if issubclass(cls, OneShotStrategy))
+        raise ConfigError(f"--sparsity {patterns[0]} (an N:M pattern) needs a method that prunes once after training ({valid}); "
+                          f"{args.method!r} does not")
+    if patterns and getattr(strategy.config, "granularity", "weight") != "weight":
+        raise ConfigError(f"--sparsity {patterns[0]} (an N:M pattern) prunes single weights; it needs --granularity weight")
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
     if args.train_samples is not None and args.train_samples < 1:
@@ -383,6 +432,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.train_samples is not None:
             data = training_subset(data, args.train_samples, seed=args.seed)
         experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
+        for pattern in patterns:  # a fan-in that is not a multiple of M is refused before training
+            _check_pattern_fits(strategy, experiment.new_model(), pattern)
         if args.sparsity is not None:
             outcomes, floor = list(strategy.run(experiment, sparsities)), None
         else:
@@ -392,6 +443,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             dense, scores = strategy.trained(experiment)
     if floor is None:
         results = [{"sparsity": o.sparsity, "accuracy": o.accuracy} for o in outcomes]
+        for row, outcome in zip(results, outcomes):
+            if isinstance(outcome.sparsity, str):  # an N:M pattern: the fraction it pruned of the scored weights
+                row["measured_sparsity"] = sum(int((~m.bool()).sum()) for m in outcome.masks.values()) / sum(m.numel() for m in outcome.masks.values())
     else:
         results = [{
             "sparsity": floor.sparsity,
@@ -474,7 +528,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_json(args.out, report)
     print(scored)
     print(_table(
-        [[f"{r['sparsity']:.4f}", f"{r['sparsity_all_parameters']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
+        [[_sparsity_text(r), f"{r['sparsity_all_parameters']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
         ["sparsity", "of all parameters", "accuracy"],
     ))
     dense_text = "" if dense_accuracy is None else f"dense accuracy {dense_accuracy:.4f}; "

@@ -32,7 +32,7 @@ def save_model_file(
     architecture: str,
     data: Dataset,
     granularity: str,
-    sparsity: float,
+    sparsity: float | str,
     accuracy: float,
 ) -> None:
     """Write the ``--save`` file of ``bingo run`` (atomically): what :func:`export_checkpoint` reads.

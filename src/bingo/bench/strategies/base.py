@@ -92,7 +92,7 @@ class Outcome:
 
     method: str
     seed: int
-    sparsity: float  #: requested fraction of prunable weights removed (hit exactly)
+    sparsity: float | str  #: requested fraction of prunable weights removed (hit exactly), or an N:M pattern ("2:4")
     accuracy: float  #: test accuracy of the delivered network
     seconds: float  #: whole wall time to deliver it: dense training and fine-tune included
     train_steps: int  #: optimizer steps, all phases

@@ -85,7 +85,8 @@ class OneShotStrategy(Strategy):
         """The dense run this method starts from, and its scores (cached by the experiment)."""
         raise NotImplementedError
 
-    def run(self, experiment: Experiment, sparsities: list[float]) -> Iterator[Outcome]:
+    def run(self, experiment: Experiment, sparsities: list[float | str]) -> Iterator[Outcome]:
+        """One outcome per sparsity: a fraction, or an N:M pattern such as ``"2:4"`` (:func:`bingo.prune` takes both)."""
         dense, scores = self.trained(experiment)
         for sparsity in sparsities:
             model = copy.deepcopy(dense.model)
@@ -139,7 +140,7 @@ class OneShotStrategy(Strategy):
         return self._deliver(experiment, dense, model, masks, floor.sparsity, time.perf_counter() - start, calls), floor
 
     def _deliver(
-        self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float,
+        self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float | str,
         prune_seconds: float, calibration_passes: int = 0,
     ) -> Outcome:
         """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`.
@@ -150,7 +151,7 @@ class OneShotStrategy(Strategy):
         seconds = dense.cost.seconds + prune_seconds
         steps, forwards = dense.cost.steps, dense.cost.forward_passes + calibration_passes
         if self.config.finetune_epochs:
-            tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity:g}")
+            tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity if isinstance(sparsity, str) else format(sparsity, 'g')}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
         return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model)
 
