@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 import bingo
 from bingo import ConfigError
 from bingo.solvers import SOLVERS, ConjugateGradientSolver, ExactSolver, Solver, SparseGPTSolver, choose_solver, get_solver, register_solver
-from conftest import make_cnn, tiny_data, train_tiny
+from conftest import make_cnn, tiny_data
 
 
 def _problem(d: int = 12, rows: int = 5, samples: int = 300, seed: int = 0):
@@ -269,3 +269,15 @@ def test_one_pass_with_a_dense_reference_model_given():
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, per_layer.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
     assert all(one.error_after[k] <= one.error_before[k] for k in one.layers)  # else the layer is put back
+
+
+def test_suggested_calibration_samples_follow_the_widest_layer():
+    mlp = nn.Sequential(nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 10))
+    bingo.prune(mlp, bingo.magnitude_scores(mlp), 0.5)
+    assert bingo.suggested_calibration_samples(mlp, torch.randn(1, 784)) == 4 * 785  # 4 rows per input of the first
+    assert bingo.suggested_calibration_samples(mlp, torch.randn(1, 784), minimum=5000) == 5000
+    conv = nn.Sequential(nn.Conv2d(64, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    bingo.prune(conv, bingo.magnitude_scores(conv, include=["*"]), 0.5)
+    # the conv gets 16 rows per image (4x4 positions) for 64*9+1 inputs; the linear 1 row for 129
+    assert bingo.suggested_calibration_samples(conv, torch.randn(1, 64, 4, 4), minimum=1) == max(
+        math.ceil(4 * 577 / 16), 4 * 129)

@@ -69,7 +69,7 @@ from .graph_pass import LayerByLayer, NotTraceable, Stop
 from .solvers import Solver, choose_solver, get_solver
 from .masks import apply_masks, make_permanent, masked_names, masked_value, refresh_masked
 
-__all__ = ["BATCHNORM_CHOICES", "MODES", "CompensationResult", "compensate", "reestimate_batchnorm"]
+__all__ = ["BATCHNORM_CHOICES", "MODES", "CompensationResult", "compensate", "reestimate_batchnorm", "suggested_calibration_samples"]
 
 #: calibration inputs as the model takes them: a tensor ``(N, ...)``, or a tuple / dict of tensors whose first dimension is N
 Calibration = torch.Tensor | tuple | Mapping
@@ -303,6 +303,44 @@ def _parameters(net: nn.Module, target: _Target, masked: bool) -> tuple[torch.Te
 def _affine(design: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, refit: Refit) -> torch.Tensor:
     """``X W[rows]ᵀ + b[bias_rows]``: one refit's output from its design rows."""
     return F.linear(design.to(weight.dtype), weight[refit.rows], None if bias is None else bias[refit.bias_rows])
+
+
+#: design rows per kept input that :func:`suggested_calibration_samples` asks for: an exact fit on fewer rows than
+#: inputs interpolates the calibration data (the held-out check then undoes it); 4 leaves it well determined
+ROWS_PER_INPUT = 4
+
+
+def suggested_calibration_samples(model: nn.Module, example: Calibration, minimum: int = 1024) -> int:
+    """How many calibration samples :func:`compensate` needs for ``model``: ``ROWS_PER_INPUT`` design rows per input.
+
+    One forward of ``example`` (one sample, as the model takes it) counts
+    the design rows each re-fittable layer gets per sample (1 for a Linear
+    on a vector, the output positions of a conv, the tokens of a sequence);
+    the answer is the most any layer needs, ``ceil(4 · (fan-in + 1) / rows
+    per sample)``, and at least ``minimum``. A 784-input first layer needs
+    3,140 samples; a 3×3 conv of 512 channels on 4×4 maps, 1,153.
+    """
+    model = unwrap(model)
+    _check_calibration(example)
+    targets, _ = _targets_and_skipped(model)
+    targets += _followers(model)
+    rows: dict[str, int] = {}
+    fan_in: dict[str, int] = {}
+    with _Hooks() as hooks:
+        for target in targets:
+            fan_in[target.key] = _parameters(model, target, masked=False)[0].shape[1] + (target.bias is not None)
+            for refit in target.refits:
+                hooks.add(model, target, refit, lambda x, key=target.key: rows.__setitem__(key, max(rows.get(key, 0), len(x))))
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad(), torch.random.fork_rng():
+                Batch(inputs=_slice(example, slice(0, 1))).outputs(model)
+        finally:
+            for module, training in modes:
+                module.training = training
+    needed = [math.ceil(ROWS_PER_INPUT * fan_in[key] / max(count, 1)) for key, count in rows.items()]
+    return max([int(minimum), *needed])
 
 
 def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size: int = 256, *,

@@ -272,6 +272,7 @@ def _comparable(record: object) -> object:
         flat.pop("compensate")
         flat.pop("calibration_samples", None)
         flat.pop("batchnorm", None)
+        flat.pop("solver", None)  # no re-fit, no solver (a compensated record without one ran another solver: refused)
     if flat.get("batchnorm") == "keep":  # the default, recorded only since the option exists
         flat.pop("batchnorm")
     if flat.get("estimator") in ("taylor", "hybrid"):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...compensation import BATCHNORM_CHOICES, compensate
+from ...compensation import BATCHNORM_CHOICES, compensate, suggested_calibration_samples
+from ...solvers import SOLVERS
 from ...coupled import prune_coupled
 from ...errors import ConfigError, check_choice
 from ...layers import GRANULARITIES
@@ -47,18 +48,24 @@ def _check_finetune(finetune_epochs: int) -> None:
         raise ConfigError(f"finetune epochs must be a whole number >= 0, got {finetune_epochs!r}")
 
 
+#: the solvers a compensation can use: auto (chosen per layer), then every registered one
+SOLVER_CHOICES = ("auto", *SOLVERS)
+
+
 @dataclass(frozen=True)
 class CompensationConfig:
     """Whether and how a one-shot prune re-fits the surviving weights (:func:`bingo.compensate`)."""
 
     compensate: bool = field(default=False, metadata={"help": "re-fit the surviving weights of every pruned layer to the dense layer's outputs (least squares on calibration data) before any fine-tune"})
-    calibration_samples: int = field(default=1024, metadata={"help": "training samples the compensation fits on"})
+    calibration_samples: int = field(default=1024, metadata={"help": "training samples the compensation fits on, at least: more where a layer is wide (4 design rows per input of the widest layer; bingo.suggested_calibration_samples)"})
     batchnorm: str = field(default="keep", metadata={"help": "after compensating: keep the BatchNorm statistics, or re-estimate them on the calibration samples", "choices": BATCHNORM_CHOICES})
+    solver: str = field(default="auto", metadata={"help": "least-squares solver of the re-fit: auto (per layer, by counted work), exact (per-row Cholesky), cg (conjugate gradients to the exact optimum), sparsegpt (the SparseGPT sweep, approximate)", "choices": SOLVER_CHOICES})
 
     def __post_init__(self) -> None:
         if int(self.calibration_samples) != self.calibration_samples or self.calibration_samples < 1:
             raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
         check_choice("batchnorm", self.batchnorm, BATCHNORM_CHOICES)
+        check_choice("solver", self.solver, SOLVER_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,9 @@ class OneShotStrategy(Strategy):
         settings = self.config.compensation
         if not settings.compensate or not any(hasattr(m, "weight_mask") for m in model.modules()):
             return 0
-        result = compensate(model, None, experiment.calibration(settings.calibration_samples), reference=dense.model, batchnorm=settings.batchnorm)
+        samples = suggested_calibration_samples(model, experiment.calibration(1), minimum=settings.calibration_samples)
+        result = compensate(model, None, experiment.calibration(samples), reference=dense.model,
+                            batchnorm=settings.batchnorm, solver=settings.solver)
         return result.forward_passes
 
     def prune_to_floor(
