@@ -94,7 +94,7 @@ VARIANTS = {
 def run(name: str) -> dict:
     _, method, flags = VARIANTS[name]
     out = OUT / name
-    command = [sys.executable, "-m", "bingo", "compare", *COMMON, "--methods", method, *flags, "--out", str(out), "--resume", "--no-progress"]
+    command = [sys.executable, "-m", "bingo", "compare", *COMMON, "--methods", method, *flags, "--out", str(out), "--resume", "--rerun-changed", "--no-progress"]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((ROOT / out / "results.json").read_text())
 

@@ -98,7 +98,7 @@ def compare_command(name: str, folder: str) -> list[str]:
     else:
         method, flags = VARIANTS[folder]
         extra = ["--methods", method, *flags]
-    return ["compare", *bench.flags(), *extra, "--out", str(OUT / name / folder), "--resume"]
+    return ["compare", *bench.flags(), *extra, "--out", str(OUT / name / folder), "--resume", "--rerun-changed"]
 
 
 def floor_command(name: str, method: str, seed: int) -> list[str]:

@@ -128,7 +128,7 @@ def main() -> int:
     curve_text = curve.main(["--skip-run"] if args.skip_run else [])
     if not args.skip_run:
         for epochs in TARGETS_FINETUNE:
-            targets_command = ["compare", *targets_settings(epochs), "--out", str(targets_out(epochs)), "--resume", "--no-progress"]
+            targets_command = ["compare", *targets_settings(epochs), "--out", str(targets_out(epochs)), "--resume", "--rerun-changed", "--no-progress"]
             subprocess.run([sys.executable, "-m", "bingo", *targets_command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     ablation_text = ablation.main() if not args.skip_run else (ROOT / "benchmarks/results/ablation.md").read_text()
     if not args.skip_run:

@@ -403,3 +403,27 @@ def test_resume_accepts_records_from_before_the_batchnorm_setting_and_refuses_a_
     assert run_compare(config("keep"), tmp_path, resume=True, progress=False)["runs"] == results["runs"]
     with pytest.raises(CheckpointError, match=r"ran magnitude with other settings"):
         run_compare(config("reestimate"), tmp_path, resume=True, progress=False)
+
+
+def test_rerun_changed_replaces_only_the_changed_methods_rows(tmp_path, capsys):
+    from bingo.bench.cli import main
+
+    base = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsities", "0.5", "--seeds", "1",
+            "--methods", "magnitude,random", "--magnitude-compensate", "--no-progress", "--out", str(tmp_path)]
+    assert main(base) == 0
+    before = json.loads((tmp_path / "results.json").read_text())
+    changed = [*base, "--magnitude-solver", "sparsegpt", "--resume"]
+    assert main(changed) == 2  # refused: magnitude ran with another solver
+    assert "--rerun-changed" in capsys.readouterr().err
+    assert main([*base, "--rerun-changed"]) == 2  # only with --resume
+    assert "goes with --resume" in capsys.readouterr().err
+    assert main([*changed, "--rerun-changed"]) == 0
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert "magnitude ran with other settings" in capsys.readouterr().err
+    assert after["dense"] == before["dense"]  # the dense run is shared: kept
+    assert len(after["runs"]) == len(before["runs"]) == 2
+    assert after["settings"]["method_configs"]["magnitude"]["compensation"]["solver"] == "sparsegpt"
+    random_rows = [r for r in after["runs"] if r["method"] == "random"]
+    assert random_rows == [r for r in before["runs"] if r["method"] == "random"]  # unchanged: kept verbatim
+    assert main([*changed, "--rerun-changed"]) == 0  # now up to date: nothing runs again
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == after["runs"]

@@ -213,6 +213,7 @@ def _add_compare_parser(commands) -> None:
     compare.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs after pruning, charged to the method (every method with a finetune_epochs setting; gmp: extra epochs at its final masks); default 0")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--resume", action="store_true", help="continue the comparison in OUT: skip runs already in OUT/results.json")
+    compare.add_argument("--rerun-changed", action="store_true", help="with --resume: a method recorded in OUT with other settings runs again (its rows are replaced) instead of being refused")
     compare.add_argument(
         "--overwrite", action="store_true",
         help="start afresh in an OUT that holds an earlier comparison, moving its files into OUT/previous-<UTC time>/ (nothing is deleted)",
@@ -261,7 +262,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     earlier = set(Path(args.out).glob("previous-*"))
     with _one_line_warnings():
-        results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                              rerun_changed=args.rerun_changed)
     paths = write_report(results, args.out)
     print(markdown_tables(results))
     for aside in sorted(set(Path(args.out).glob("previous-*")) - earlier):

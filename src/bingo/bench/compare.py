@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -196,7 +197,7 @@ def _not_results(previous: object) -> str | None:
     return None
 
 
-def _load_previous(path: Path, base: dict) -> dict:
+def _load_previous(path: Path, base: dict, rerun_changed: bool = False) -> dict:
     """The results recorded in ``path``, merged with this run's ``base``; :class:`CheckpointError` if they do not fit."""
     try:
         text = path.read_bytes()
@@ -221,7 +222,12 @@ def _load_previous(path: Path, base: dict) -> dict:
             raise CheckpointError(f"cannot resume: {path} was made with {key}={old.get(key)!r}, not {new[key]!r}; use another --out")
     for name, config in new["method_configs"].items():
         if name in old.get("method_configs", {}) and _comparable(old["method_configs"][name]) != _comparable(config):
-            raise CheckpointError(f"cannot resume: {path} ran {name} with other settings {old['method_configs'][name]}; use another --out")
+            if not rerun_changed:
+                raise CheckpointError(f"cannot resume: {path} ran {name} with other settings {old['method_configs'][name]}; "
+                                      "use another --out, or --rerun-changed to run it again here")
+            _forget(previous, name)
+            print(f"bingo compare: {name} ran with other settings in {path}; its rows are dropped and it runs again",
+                  file=sys.stderr)
     previous["settings"] = {
         **new,
         "methods": list(dict.fromkeys(old.get("methods", []) + new["methods"])),
@@ -234,6 +240,16 @@ def _load_previous(path: Path, base: dict) -> dict:
     # The machines that measured the rows: this one joins when it adds a row (_measured_here).
     previous["machines"] = previous.get("machines") if isinstance(previous.get("machines"), list) else []
     return previous
+
+
+def _forget(results: dict, method: str) -> None:
+    """Drop every row ``method`` contributed (its runs, search overhead and overlaps with IMP) from ``results``."""
+    results["runs"] = [r for r in results.get("runs", []) if r.get("method") != method]
+    results["search_overhead"] = [r for r in results.get("search_overhead", []) if r.get("method") != method]
+    if method == "imp":
+        results["overlap"] = []
+    for row in results.get("overlap", []):
+        row.pop(f"{method}_vs_imp", None)
 
 
 def _measured_here(results: dict) -> None:
@@ -283,7 +299,8 @@ def _comparable(record: object) -> object:
 
 
 def run_compare(
-    config: CompareConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+    config: CompareConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+    rerun_changed: bool = False,
 ) -> dict:
     """Run the comparison, writing ``results.json`` (and masks) into ``out_dir`` as it goes.
 
@@ -295,12 +312,18 @@ def run_compare(
     same cost as an uninterrupted one: a strategy with
     :attr:`~bingo.bench.strategies.Strategy.one_trajectory` (IMP) is asked again for
     every sparsity on its way, and only the missing ones are recorded.
+    A method recorded with other settings is refused, unless
+    ``rerun_changed=True``: then its rows are dropped and it runs again (the
+    other methods' rows stay), which is how a benchmark is brought up to date
+    after a method changed.
 
     Returns the results dict (schema in the README: ``data, model, epochs,
     settings, dense, runs, overlap, search_overhead``).
     """
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
+    if rerun_changed and not resume:
+        raise ConfigError("--rerun-changed goes with --resume: it reruns, in a resumed folder, the methods whose settings changed")
     _check_out_dir(out_dir, resume, overwrite)
     base = {
         "data": config.data,
@@ -313,7 +336,7 @@ def run_compare(
         "search_overhead": [],
         "machines": [],
     }
-    results = _load_previous(results_path, base) if resume and results_path.exists() else base
+    results = _load_previous(results_path, base, rerun_changed) if resume and results_path.exists() else base
     strategies: dict[str, Strategy] = {
         name: STRATEGIES[name](config.method_configs.get(name)) for name in config.methods
     }
