@@ -29,8 +29,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bingo import count_flops
 from bingo.io import atomic_write
-from bingo.bench.report import aggregate
+from bingo.bench.data import load_dataset
+from bingo.bench.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path("benchmarks/results/curve")
@@ -173,20 +175,25 @@ def accuracy_table(name: str) -> tuple[str, dict]:
 CALIBRATION_BATCH = 256
 
 
-def curve_cost(results: dict, method: str) -> tuple[float, float, float, float] | None:
+def curve_cost(results: dict, method: str, macs_per_sample: int | None = None) -> tuple[float, float, float, float, float] | None:
     """Cost of the whole curve for ``method``, averaged over seeds, in dense-training units and seconds.
 
-    Returns ``(calls, compute, seconds, seconds ÷ dense seconds)``. ``calls``
-    counts batch forward calls (a training step, a fake pass, a calibration
-    call: one each) over dense training's; ``compute`` weighs them by work in
-    forward-equivalents of one training batch: a training step 3 (forward and
-    backward), a fake pass 1, a calibration call ``256 / batch size``.
+    Returns ``(calls, compute, seconds, seconds ÷ dense seconds, solves)``.
+    ``calls`` counts batch forward calls (a training step, a fake pass, a
+    calibration call: one each) over dense training's; ``compute`` weighs
+    them by work in forward-equivalents of one training batch: a training
+    step 3 (forward and backward), a fake pass 1, a calibration call ``256 /
+    batch size``, and compensation's least-squares solves their FLOPs
+    (``solve_flops``) over a training batch's forward FLOPs (``2 ·
+    macs_per_sample · batch size``); ``solves`` is that last part alone (0
+    when ``macs_per_sample`` is not given).
     One-shot methods (bingo, bingo-paper, magnitude, random) train once and pay
     each sparsity's prune (and compensation) on top; GMP, bingo-gradual and
     SNIP train once per target; IMP walks one trajectory, so its curve costs
     what its sparsest point cost.
     """
-    calls, compute, seconds, ratios = [], [], [], []
+    calls, compute, seconds, ratios, solves = [], [], [], [], []
+    batch_flops = 2 * macs_per_sample * results["settings"]["batch_size"] if macs_per_sample else None
     overheads = {(o["method"], o["seed"]): o for o in results.get("search_overhead", [])}
     calibration_weight = CALIBRATION_BATCH / results["settings"]["batch_size"]
     for dense in results["dense"]:
@@ -210,13 +217,24 @@ def curve_cost(results: dict, method: str) -> tuple[float, float, float, float] 
             # dense row in another process than the runs, so a difference below zero counts as no prune time.
             secs = train_secs + sum(max(r["seconds"] - train_secs, 0.0) for r in runs)
             work = 3 * dense["train_steps"] + (train_passes - dense["train_steps"]) + calibration * calibration_weight
+        solve_work = sum(r.get("solve_flops", 0.0) for r in runs) / batch_flops if batch_flops else 0.0
+        work += solve_work
+        solves.append(solve_work / (3 * dense["train_steps"]))
         calls.append(passes / dense["forward_passes"])
         compute.append(work / (3 * dense["train_steps"]))
         seconds.append(secs)
         ratios.append(secs / dense["seconds"])
     if not calls:
         return None
-    return statistics.mean(calls), statistics.mean(compute), statistics.mean(seconds), statistics.mean(ratios)
+    return (statistics.mean(calls), statistics.mean(compute), statistics.mean(seconds), statistics.mean(ratios),
+            statistics.mean(solves))
+
+
+def macs_per_sample(name: str) -> int:
+    """Multiply-accumulates of one sample through benchmark ``name``'s model (:func:`bingo.count_flops`)."""
+    bench = BENCHMARKS[name]
+    data = load_dataset(bench.data)
+    return count_flops(build_model(bench.model, data.input_shape, data.num_classes), data.input_shape)
 
 
 def cost_table(name: str) -> tuple[str, dict]:
@@ -225,16 +243,17 @@ def cost_table(name: str) -> tuple[str, dict]:
         return "(not run yet)", {}
     rows, costs = [], {}
     sources = [(m, main, m) for m in BENCHMARKS[name].methods] + [(c, _load(name, c), VARIANTS[c][0]) for c in folders(name)[1:]]
+    macs = macs_per_sample(name)
     for column, results, method in sources:
         if results is None:
             continue
-        cost = curve_cost(results, method)
+        cost = curve_cost(results, method, macs)
         if cost:
             costs[column] = cost
-            rows.append(f"| {column} | {cost[0]:.2f} | {cost[1]:.2f} | {cost[2]:.1f} s | {cost[3]:.2f}× |")
+            rows.append(f"| {column} | {cost[0]:.2f} | {cost[1]:.2f} | {cost[4]:.3f} | {cost[2]:.1f} s | {cost[3]:.2f}× |")
     n = len(main["settings"]["sparsities"])
-    head = [f"| method | whole {n}-point curve: forward calls ÷ dense training's | compute (forward-equivalents) ÷ dense training's | wall time | wall time ÷ dense training |",
-            "|:---|---:|---:|---:|---:|"]
+    head = [f"| method | whole {n}-point curve: forward calls ÷ dense training's | compute (forward-equivalents, solves included) ÷ dense training's | of which compensation's solves | wall time | wall time ÷ dense training |",
+            "|:---|---:|---:|---:|---:|---:|"]
     return "\n".join(head + rows), costs
 
 

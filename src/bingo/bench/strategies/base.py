@@ -99,6 +99,8 @@ class Outcome:
     forward_passes: int  #: training-batch forward calls, all phases, fake ones included
     masks: dict[str, torch.Tensor] = field(repr=False, compare=False)  #: keep-masks (True = kept)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  #: the delivered network itself
+    #: floating-point operations of compensation's least-squares solves (``CompensationResult.solve_flops``)
+    solve_flops: float = 0.0
 
     def record(self) -> dict:
         """The JSON row (masks left out)."""
@@ -110,6 +112,7 @@ class Outcome:
             "seconds": self.seconds,
             "train_steps": self.train_steps,
             "forward_passes": self.forward_passes,
+            "solve_flops": self.solve_flops,
         }
 
 

@@ -103,18 +103,20 @@ class OneShotStrategy(Strategy):
                 masks = prune_coupled(model, scores, groups, sparsity, self.config.scope, seed=experiment.seed)
             else:
                 masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
-            calls = self._compensate(experiment, dense, model)
-            yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls)
+            calls, flops = self._compensate(experiment, dense, model)
+            yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops)
 
-    def _compensate(self, experiment: Experiment, dense: DenseRun, model: nn.Module) -> int:
-        """Re-fit the pruned ``model``'s survivors to the dense run's layer outputs if configured; forward calls made."""
+    def _compensate(self, experiment: Experiment, dense: DenseRun, model: nn.Module) -> tuple[int, float]:
+        """Re-fit the pruned ``model``'s survivors to the dense run's layer outputs if configured.
+
+        Returns ``(forward calls on calibration batches, FLOPs of the solves)``."""
         settings = self.config.compensation
         if not settings.compensate or not any(hasattr(m, "weight_mask") for m in model.modules()):
-            return 0
+            return 0, 0.0
         samples = suggested_calibration_samples(model, experiment.calibration(1), minimum=settings.calibration_samples)
         result = compensate(model, None, experiment.calibration(samples), reference=dense.model,
                             batchnorm=settings.batchnorm, solver=settings.solver)
-        return result.forward_passes
+        return result.forward_passes, result.solve_flops
 
     def prune_to_floor(
         self, experiment: Experiment, *, min_accuracy: float | None = None, max_drop: float | None = None
@@ -129,14 +131,15 @@ class OneShotStrategy(Strategy):
         dense, scores = self.trained(experiment)
         model = copy.deepcopy(dense.model)
         start = time.perf_counter()
-        calls = 0
+        calls, flops = 0, 0.0
 
         def validation_accuracy(candidate: nn.Module) -> float:
             # With compensation, every probe of the floor is judged as it will be delivered: compensated.
-            nonlocal calls
+            nonlocal calls, flops
             if self.config.compensation.compensate:
                 candidate = copy.deepcopy(candidate)
-                calls += self._compensate(experiment, dense, candidate)
+                more, solves = self._compensate(experiment, dense, candidate)
+                calls, flops = calls + more, flops + solves
             return evaluate(candidate, data.x_val, data.y_val)
 
         floor = prune_to_accuracy(
@@ -144,25 +147,27 @@ class OneShotStrategy(Strategy):
             min_accuracy=min_accuracy, max_drop=max_drop, scope=self.config.scope, seed=experiment.seed,
             groups=experiment.coupled_groups() if self.config.granularity == "neuron" else None,
         )
-        calls += self._compensate(experiment, dense, model)
+        more, solves = self._compensate(experiment, dense, model)
         masks = {key: mask.bool() for key, mask in floor.masks.items()}
-        return self._deliver(experiment, dense, model, masks, floor.sparsity, time.perf_counter() - start, calls), floor
+        return self._deliver(experiment, dense, model, masks, floor.sparsity, time.perf_counter() - start, calls + more,
+                             flops + solves), floor
 
     def _deliver(
         self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float | str,
-        prune_seconds: float, calibration_passes: int = 0,
+        prune_seconds: float, calibration_passes: int = 0, solve_flops: float = 0.0,
     ) -> Outcome:
         """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`.
 
         ``prune_seconds`` and ``calibration_passes`` (compensation's forward calls on calibration batches,
-        counted with the training forwards) are the prune's own cost.
+        counted with the training forwards) and ``solve_flops`` (its least-squares solves) are the prune's own cost.
         """
         seconds = dense.cost.seconds + prune_seconds
         steps, forwards = dense.cost.steps, dense.cost.forward_passes + calibration_passes
         if self.config.finetune_epochs:
             tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity if isinstance(sparsity, str) else format(sparsity, 'g')}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
-        return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model)
+        return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model,
+                       solve_flops)
 
 
 @dataclass(frozen=True)
