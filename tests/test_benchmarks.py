@@ -34,11 +34,16 @@ def test_whole_curve_cost_by_kind_of_method():
     results = _results()
     # bingo: one training run (1,000 steps + 100 fake passes) + each prune's own 40 calibration calls, twice:
     # 1,180 calls; compute (3 × 1,000 + 100 + 80 × 256 / 128) / 3,000; 11 s + 2 × 1 s
-    assert curve.curve_cost(results, "bingo") == pytest.approx((1.18, 3260 / 3000, 13.0, 1.3))
+    assert curve.curve_cost(results, "bingo") == pytest.approx((1.18, 3260 / 3000, 13.0, 1.3, 0.0))
+    # the solves: 2 × 6.4e6 FLOPs over a training batch's forward (2 × 500 MACs × 128 samples) = 100 forward-equivalents
+    for run in results["runs"]:
+        if run["method"] == "bingo":
+            run["solve_flops"] = 6.4e6
+    assert curve.curve_cost(results, "bingo", macs_per_sample=500) == pytest.approx((1.18, 3360 / 3000, 13.0, 1.3, 100 / 3000))
     # gmp: both runs
-    assert curve.curve_cost(results, "gmp") == pytest.approx((2.0, 2.0, 20.0, 2.0))
+    assert curve.curve_cost(results, "gmp") == pytest.approx((2.0, 2.0, 20.0, 2.0, 0.0))
     # imp: its sparsest point's cost, once
-    assert curve.curve_cost(results, "imp") == pytest.approx((9.0, 9.0, 90.0, 9.0))
+    assert curve.curve_cost(results, "imp") == pytest.approx((9.0, 9.0, 90.0, 9.0, 0.0))
     # a method with a sparsity missing has no whole curve
     results["runs"] = [r for r in results["runs"] if not (r["method"] == "gmp" and r["sparsity"] == 0.9)]
     assert curve.curve_cost(results, "gmp") is None
