@@ -281,3 +281,29 @@ def test_suggested_calibration_samples_follow_the_widest_layer():
     # the conv gets 16 rows per image (4x4 positions) for 64*9+1 inputs; the linear 1 row for 129
     assert bingo.suggested_calibration_samples(conv, torch.randn(1, 64, 4, 4), minimum=1) == max(
         math.ceil(4 * 577 / 16), 4 * 129)
+
+
+class ShapeBranching(nn.Module):
+    """Control flow on a shape, as models often have (accept (N, H, W) or (N, 1, H, W)): traced on meta tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_shape_dependent_control_flow_still_runs_in_one_pass():
+    model = ShapeBranching()
+    bingo.prune(model, bingo.magnitude_scores(model, include=["*"]), 0.6)
+    per_layer = copy.deepcopy(model)
+    x = torch.randn(100, 8, 8)
+    one = bingo.compensate(model, None, x, validation=0.0)
+    two = bingo.compensate(per_layer, None, x, validation=0.0, mode="per-layer")
+    assert one.mode == "graph" and one.layers == two.layers
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, per_layer.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -81,6 +81,10 @@ MIN_HELD_OUT = 16
 #: the re-fit neither helps nor hurts measurably (a first layer fed independent inputs), and is kept
 HELD_OUT_TOLERANCE = 0.01
 
+#: a re-fit that lowers the squared error on the samples fitted by less than this fraction is no gain (within
+#: the float32 rounding of the sums), and the layer is left as it was
+NO_GAIN = 1e-5
+
 #: what :func:`compensate` does with BatchNorm statistics afterwards
 BATCHNORM_CHOICES = ("keep", "reestimate")
 
@@ -156,13 +160,6 @@ def _check_calibration(calibration: Any) -> None:
             "compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples, "
             "or a tuple / dict of such tensors as the model takes them (model(*x), model(**x))"
         )
-
-
-def _with_ones(rows: torch.Tensor, bias: bool) -> torch.Tensor:
-    rows = rows.float()
-    if bias:
-        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1)
-    return rows
 
 
 @dataclass(frozen=True)
@@ -638,11 +635,11 @@ def _stop_designs(stop: Stop, side: str, target: _Target) -> Designs:
 
 
 def _wanted(dense: nn.Module, target: _Target, designs: Designs) -> list[list[torch.Tensor | None]]:
-    """The dense layer's outputs on the dense inputs, per batch and refit (float64): the targets of the fit."""
+    """The dense layer's outputs on the dense inputs, per batch and refit (float32): the targets of the fit."""
     dense_weight, dense_bias = _parameters(dense, target, masked=False)
     wanted = []
     for _, xs in designs:
-        wanted.append([None if x is None else _affine(x, dense_weight, dense_bias, r).double()
+        wanted.append([None if x is None else _affine(x.float(), dense_weight.float(), None if dense_bias is None else dense_bias.float(), r)
                        for x, r in zip(xs, target.refits)])
     return wanted
 
@@ -683,15 +680,23 @@ def _fit(model: nn.Module, target: _Target, wanted: list[list[torch.Tensor | Non
                     f"type's Refit.design must give (rows, {weight.shape[1]}), the fan-in of the weight's unit "
                     "matrix, the same number of rows in the pruned and the dense network"
                 )
-            design = _with_ones(x, has_bias)
+            x = x.float()
             fitted = starts[b] < fit_samples
             part = problem["fit" if fitted else "check"]
-            # float32 products of one batch (4x faster than float64 on a CPU), summed in float64
-            part["hessian"] += (design.T @ design).double()
-            part["cross"] += (design.T @ y.float()).double()
-            part["targets"] += y.square().sum()
+            # float32 products of one batch (4x faster than float64 on a CPU), summed in float64; the column of
+            # ones a bias adds is kept implicit: its blocks of H are X's column sums and the row count
+            k = x.shape[1]
+            part["hessian"][:k, :k] += (x.T @ x).double()
+            part["cross"][:k] += (x.T @ y).double()
+            if has_bias:
+                sums = x.sum(dim=0, dtype=torch.float64)
+                part["hessian"][k, :k] += sums
+                part["hessian"][:k, k] += sums
+                part["hessian"][k, k] += len(x)
+                part["cross"][k] += y.sum(dim=0, dtype=torch.float64)
+            part["targets"] += y.square().sum(dtype=torch.float64)
             if fitted:
-                error += float((_affine(x, weight, bias, refit).double() - y).square().sum())
+                error += float((_affine(x, weight, bias, refit) - y).square().sum(dtype=torch.float64))
                 rows += y.numel()
         wanted[b] = [None] * len(target.refits)  # used: free it
     for problem in problems:
@@ -747,7 +752,7 @@ def _fit(model: nn.Module, target: _Target, wanted: list[list[torch.Tensor | Non
             held_out_before += _squared_error(problem["check"], before_rows)
             held_out_after += _squared_error(problem["check"], after_rows)
     result.update(failed=failed, solvers=tuple(solvers), flops=flops, after=max(after, 0.0))
-    if after >= error:
+    if after >= error * (1 - NO_GAIN):
         # No better on the very samples fitted: nothing to gain (the kept filters of a first layer pruned by
         # filters already compute the dense ones), or the damping's shrinkage costs more than the prune did.
         result.update(failed=0, no_gain=True)

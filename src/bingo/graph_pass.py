@@ -20,6 +20,9 @@ the caller overwrites them, as each stop comes before any later node).
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -29,6 +32,17 @@ from .layer_types import layer_type_of
 from .masks import masked_names
 
 __all__ = ["LayerByLayer", "NotTraceable", "Stop"]
+
+
+def _first_samples(batch: object, count: int) -> object:
+    """The first ``count`` samples of a batch (a tensor, or tuples and dicts of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:count]
+    if isinstance(batch, tuple):
+        return tuple(_first_samples(v, count) for v in batch)
+    if isinstance(batch, Mapping):
+        return {k: _first_samples(v, count) for k, v in batch.items()}
+    return batch
 
 
 class NotTraceable(Exception):
@@ -43,17 +57,67 @@ class _Tracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (qualified_name in self.leaves or layer_type_of(module) is not None
-                or super().is_leaf_module(module, qualified_name))
+        return _is_leaf(self, module, qualified_name)
 
 
-def _trace(model: nn.Module, leaves: set[str]) -> fx.GraphModule:
+def _is_leaf(tracer: fx.Tracer, module: nn.Module, qualified_name: str) -> bool:
+    """A layer a layer type handles, a module asked for (``tracer.leaves``), or what torch.fx keeps whole."""
+    return (qualified_name in tracer.leaves or layer_type_of(module) is not None
+            or fx.Tracer.is_leaf_module(tracer, module, qualified_name))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _bound(model: nn.Module, batch: object) -> dict[str, object]:
+    """``{forward's parameter name: value}`` for one batch as the model takes it."""
+    if isinstance(batch, Mapping):
+        args, kwargs = (), dict(batch)
+    else:
+        args, kwargs = (batch if isinstance(batch, tuple) else (batch,)), {}
+    return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+
+
+def _trace(model: nn.Module, leaves: set[str], example: object) -> fx.GraphModule:
+    """``model`` as a graph whose call_module nodes are its layers (the real modules, hooks and all).
+
+    Plain symbolic tracing first; where control flow reads a shape (``if
+    x.dim() == 3``), again on meta tensors shaped like ``example`` (one
+    sample), which resolves it (:mod:`torch.fx.experimental.meta_tracer`).
+    """
     try:
-        graph = _Tracer(leaves).trace(model)
+        return fx.GraphModule(model, _Tracer(leaves).trace(model))
     except Exception as exc:  # control flow on values, unsupported calls, anything inside forward
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NotTraceable(f"torch.fx cannot trace {type(model).__name__}: {first[:200]}") from None
-    return fx.GraphModule(model, graph)
+        plain = _first_line(exc)
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    class _MetaLayerTracer(MetaTracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return _is_leaf(self, module, qualified_name)
+
+    tracer = _MetaLayerTracer()
+    tracer.leaves = leaves
+    try:
+        meta = copy.deepcopy(model).to("meta")
+        meta_args = {k: v.to("meta") for k, v in _bound(model, example).items() if isinstance(v, torch.Tensor)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(meta, meta_args)
+        return fx.GraphModule(model, graph)
+    except Exception:
+        raise NotTraceable(f"torch.fx cannot trace {type(model).__name__}: {plain}") from None
+
+
+def _same_outputs(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_outputs(a[k], b[k]) for k in a)
+    return type(a) is type(b)
 
 
 @contextlib.contextmanager
@@ -94,7 +158,7 @@ class LayerByLayer:
     def __init__(self, model: nn.Module, reference: nn.Module | None, batches: list, stops: list[str]) -> None:
         self.model, self.reference, self.batches = model, reference, batches
         self.stops = list(stops)
-        self.graph = _trace(model, set(stops))
+        self.graph = _trace(model, set(stops), _first_samples(batches[0], 1))
         self.nodes = list(self.graph.graph.nodes)
         calls = [n.target for n in self.nodes if n.op == "call_module"]
         for name in self.stops:
@@ -102,14 +166,25 @@ class LayerByLayer:
                 raise NotTraceable(f"{name!r} is called {calls.count(name)} times in the traced forward, not once")
         self._check_masked_reads(calls)
         self.dense_graph = self.graph
+        # a graph traced on meta tensors holds what the trace resolved (a shape's branch): check it on two samples
+        with torch.no_grad(), torch.random.fork_rng():
+            check = _first_samples(batches[0], 2)
+            if not _same_outputs(self._call(self.graph, check), self._call(model, check)):
+                raise NotTraceable(f"the traced graph of {type(model).__name__} computes other outputs than its forward")
         if reference is not None:
-            self.dense_graph = _trace(reference, set(stops))
+            self.dense_graph = _trace(reference, set(stops), _first_samples(batches[0], 1))
             mine = [(n.op, str(n.target)) for n in self.nodes]
             theirs = [(n.op, str(n.target)) for n in self.dense_graph.graph.nodes]
             if mine != theirs:
                 raise NotTraceable("the reference's traced graph differs from the model's")
         self.forwards = 0  #: node evaluations so far, in whole-graph units (one per side per batch)
         self.layer_runs = 0  #: extra calls of a stop module by the caller, over all batches
+
+    @staticmethod
+    def _call(net: nn.Module, batch: object) -> object:
+        if isinstance(batch, Mapping):
+            return net(**batch)
+        return net(*batch) if isinstance(batch, tuple) else net(batch)
 
     def _check_masked_reads(self, calls: list[str]) -> None:
         called = set(calls)
