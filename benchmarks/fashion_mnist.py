@@ -165,7 +165,9 @@ file from their result files. Machine of the last run: {platform.machine()},
 
 Every method with its preset, no fine-tune after any prune: `bingo` (the default: hybrid
 Taylor + calibrating fake passes, ranked together with weight magnitude, survivors
-re-fitted to the dense layer outputs on 1,024 training images), `bingo-uncompensated`
+re-fitted to the dense layer outputs on at least 1,024 training images, more where a
+layer is wide: 4 design rows per input, so 3,140 for LeNet-300-100's 784-input first
+layer; `bingo.suggested_calibration_samples`), `bingo-uncompensated`
 (the same scores, survivors left as they are), `magnitude+compensation` and `magnitude`
 (one-shot global magnitude with and without the same re-fit), `bingo-gradual` and `gmp`
 (pruned during the run on GMP's cubic schedule by the blended BINGO score / by magnitude:
