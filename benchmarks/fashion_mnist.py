@@ -134,9 +134,16 @@ def main() -> int:
     if not args.skip_run:
         subprocess.run([sys.executable, "benchmarks/size_latency.py"], cwd=ROOT, check=True)
         subprocess.run([sys.executable, "benchmarks/ddp_throughput.py"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "benchmarks/n_m.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "benchmarks/compensation_scaling.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     size_text = (ROOT / "benchmarks/results/size_latency.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
     ddp_text = (ROOT / "benchmarks/results/ddp_throughput.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
     ddp_text += ddp_limits()
+    extra = ""
+    for name in ("n_m.md", "compensation_scaling.md"):  # sections of their own, if they have been run
+        path = ROOT / "benchmarks/results" / name
+        if path.exists():
+            extra += "\n\n## " + path.read_text().replace("\n# ", "\n## ").removeprefix("# ").strip()
     results = json.loads((ROOT / OUT / "results.json").read_text())
     targets_text = ""
     for epochs in TARGETS_FINETUNE:
@@ -156,7 +163,8 @@ def main() -> int:
 Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion_mnist.py`;
 about two hours on 2 cores, resumable), which runs `benchmarks/curve.py`, the fine-tune
 comparisons, `benchmarks/ablation.py`, `benchmarks/size_latency.py` and
-`benchmarks/ddp_throughput.py`, and rewrites this
+`benchmarks/ddp_throughput.py`, `benchmarks/n_m.py` and
+`benchmarks/compensation_scaling.py`, and rewrites this
 file from their result files. Machine of the last run: {platform.machine()},
 {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}
 (each results.json lists the machines that measured its rows).
@@ -218,7 +226,8 @@ steps), bingo's divided by IMP's.
 
 ## {size_text}
 
-## {ddp_text}"""
+## {ddp_text}{extra}
+"""
     atomic_write(ROOT / "BENCHMARKS.md", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
