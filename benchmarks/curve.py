@@ -22,6 +22,7 @@ in it is typed by hand.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ from bingo import count_flops
 from bingo.io import atomic_write
 from bingo.bench.data import load_dataset
 from bingo.bench.models import build_model
+from bingo.bench.strategies import CompensationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path("benchmarks/results/curve")
@@ -123,8 +125,21 @@ def run(name: str) -> None:
     if bench.floor:
         for method in FLOOR_METHODS:
             for seed in range(bench.seeds):
-                if not (ROOT / OUT / name / f"floor-{method}-seed{seed}.json").exists():
+                if not _floor_current(ROOT / OUT / name / f"floor-{method}-seed{seed}.json"):
                     _bingo(*floor_command(name, method, seed))
+
+
+def _floor_current(path: Path) -> bool:
+    """Whether the floor run in ``path`` exists and was recorded with today's compensation settings.
+
+    A compensated run recorded before a compensation setting existed (the
+    solver, say) ran with another compensation, so it runs again.
+    """
+    if not path.exists():
+        return False
+    compensation = json.loads(path.read_text()).get("config", {}).get("compensation") or {}
+    now = {f.name for f in dataclasses.fields(CompensationConfig)}
+    return not compensation.get("compensate") or set(compensation) == now
 
 
 def _load(name: str, folder: str) -> dict | None:
