@@ -60,7 +60,7 @@ VARIANTS = {
     "hybrid+blend+finetune": ("the default before compensation + 1 epoch of masked fine-tuning", "bingo", [*WEIGHT, *THEN, "--finetune-epochs", "1"]),
     "every-auto": ("the default before compensation with fake passes every 27th step (chosen from the layer count: about 5% of training)",
                    "bingo", [*WEIGHT, "--no-bingo-compensate"]),
-    "hybrid+blend+compensation": ("+ survivors re-fitted to the dense layer outputs (1,024 calibration images): the default `bingo`",
+    "hybrid+blend+compensation": ("+ survivors re-fitted to the dense layer outputs (at least 1,024 calibration images, 4 rows per input of the widest layer: 3,140 here): the default `bingo`",
                                   "bingo", WEIGHT),
     "hybrid+compensation": ("the search's significance alone, compensated", "bingo", [*WEIGHT, *ALONE]),
     "compensation-4096": ("the default with 4,096 calibration images", "bingo", [*WEIGHT, "--bingo-calibration-samples", "4096"]),
