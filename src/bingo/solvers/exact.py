@@ -10,7 +10,7 @@ from .base import Solver, damped, penalty, register_solver
 PATTERN_LOOP = 64
 
 #: how many times slower per flop a batch of small per-row Cholesky solves (gathered blocks) runs than one
-#: large matrix product: about 15x measured on a 2-core CPU (benchmarks/compensation_scaling.py); used by
+#: large matrix product: 10-15x measured on a 2-core CPU (benchmarks/compensation_scaling.py); used by
 #: ``solver="auto"`` to compare the exact solve's counted work with the iterative one's
 ROW_SOLVE_SLOWDOWN = 10.0
 
