@@ -238,7 +238,10 @@ def curve_cost(results: dict, method: str, macs_per_sample: int | None = None) -
         calls.append(passes / dense["forward_passes"])
         compute.append(work / (3 * dense["train_steps"]))
         seconds.append(secs)
-        ratios.append(secs / dense["seconds"])
+        # the one-shot methods' own process timed plain training too (the search-overhead check): divide by that,
+        # so the ratio is measured in one process even when the dense row came from another machine
+        plain = overheads.get((method, seed), {}).get("train_seconds") if method not in ("gmp", "bingo-gradual", "snip", "imp") else None
+        ratios.append(secs / (plain or dense["seconds"]))
     if not calls:
         return None
     return (statistics.mean(calls), statistics.mean(compute), statistics.mean(seconds), statistics.mean(ratios),

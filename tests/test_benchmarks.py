@@ -40,6 +40,9 @@ def test_whole_curve_cost_by_kind_of_method():
         if run["method"] == "bingo":
             run["solve_flops"] = 6.4e6
     assert curve.curve_cost(results, "bingo", macs_per_sample=500) == pytest.approx((1.18, 3360 / 3000, 13.0, 1.3, 100 / 3000))
+    # the wall-time ratio divides by the plain training its own process timed, when it did (one process, one machine)
+    results["search_overhead"][0]["train_seconds"] = 5.0
+    assert curve.curve_cost(results, "bingo")[3] == pytest.approx(13.0 / 5.0)
     # gmp: both runs
     assert curve.curve_cost(results, "gmp") == pytest.approx((2.0, 2.0, 20.0, 2.0, 0.0))
     # imp: its sparsest point's cost, once
