@@ -138,3 +138,16 @@ def test_gradual_pruning_during_fit_reaches_the_target_on_the_schedule():
     assert bool((module.net[0].weight[~masks["net.0.weight"]] == 0).all())
     with pytest.raises(bingo.ConfigError, match=r"^gradual pruning needs the target: give sparsity="):
         BingoCallback(gradual=(2, 8))
+
+
+def test_a_2_4_pattern_at_the_end_of_fit_with_compensation():
+    calibration = next(iter(_loader()))[0]
+    callback = BingoCallback(sparsity="2:4", calibration=calibration)
+    module, _ = _fit([callback])
+    for i in (0, 3):  # every group of 4 consecutive inputs of every unit keeps at most 2, compensated or not
+        groups = (module.net[i].weight != 0).reshape(module.net[i].out_features, -1, 4)
+        assert bool((groups.sum(-1) <= 2).all())
+        assert bingo.is_n_m(callback.session.masks[f"net.{i}.weight"], 2, 4)
+    assert set(callback.session.compensation.layers) == {"net.0.weight", "net.3.weight"}
+    with pytest.raises(bingo.ConfigError, match="gradual pruning needs a fraction to reach, not the pattern '2:4'"):
+        BingoCallback(sparsity="2:4", gradual=(0, 10))

@@ -61,7 +61,7 @@ class BingoCallback(pl.Callback):
     what the floor and compensation did.
     """
 
-    def __init__(self, sparsity: float | None = None, *, closure: Callable[[nn.Module, Any, int], Any] | None = None, **settings: Any) -> None:
+    def __init__(self, sparsity: float | str | None = None, *, closure: Callable[[nn.Module, Any, int], Any] | None = None, **settings: Any) -> None:
         super().__init__()
         self.session = PruneAfterTraining(sparsity, **settings)
         self.closure = closure

@@ -20,7 +20,7 @@ from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from ..schedule import SparsityScheduler
 from ..scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight
 from ..search import BINGO_SEARCH, SearchConfig, TicketSearch
-from ..selection import SCOPES, check_sparsity
+from ..selection import SCOPES, parse_sparsity
 
 __all__ = ["PruneAfterTraining"]
 
@@ -29,7 +29,8 @@ class PruneAfterTraining:
     """A ticket search during training and a one-shot prune when it ends, with ``bingo``'s defaults.
 
     Args:
-        sparsity: fraction of the scored weights to remove at the end; or
+        sparsity: fraction of the scored weights to remove at the end, or an
+            N:M pattern such as ``"2:4"`` (:func:`bingo.prune`); or
         min_accuracy / max_accuracy_drop with ``evaluate``: prune as far as
             ``evaluate(model)`` (higher = better, e.g. validation accuracy)
             stays at the floor (:func:`bingo.prune_to_accuracy`).
@@ -56,7 +57,7 @@ class PruneAfterTraining:
 
     def __init__(
         self,
-        sparsity: float | None = None,
+        sparsity: float | str | None = None,
         *,
         min_accuracy: float | None = None,
         max_accuracy_drop: float | None = None,
@@ -74,7 +75,10 @@ class PruneAfterTraining:
         if (min_accuracy is not None or max_accuracy_drop is not None) and evaluate is None:
             raise ConfigError("an accuracy floor needs evaluate=callable(model) -> accuracy (higher = better)")
         if sparsity is not None:
-            check_sparsity(sparsity)
+            parsed = parse_sparsity(sparsity)
+            if gradual is not None and isinstance(parsed, tuple):
+                raise ConfigError(f"gradual pruning needs a fraction to reach, not the pattern {sparsity!r}; "
+                                  "an N:M pattern is pruned once, after training")
         check_choice("scope", scope, SCOPES)
         if search is not None and not isinstance(search, SearchConfig):
             raise ConfigError(f"search must be a SearchConfig, got {type(search).__name__}")

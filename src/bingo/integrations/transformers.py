@@ -53,7 +53,7 @@ class BingoTrainerCallback(TrainerCallback):
     floor and compensation did.
     """
 
-    def __init__(self, sparsity: float | None = None, *, closure: Callable[[nn.Module, tuple, dict], Any] | None = None, **settings: Any) -> None:
+    def __init__(self, sparsity: float | str | None = None, *, closure: Callable[[nn.Module, tuple, dict], Any] | None = None, **settings: Any) -> None:
         self.session = PruneAfterTraining(sparsity, **settings)
         self.closure = closure
         self._call: tuple[tuple, dict] | None = None
