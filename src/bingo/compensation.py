@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import model_device, to_device
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
 from .estimators.fake_pass import Batch, first_tensor
@@ -139,18 +140,18 @@ def _samples(calibration: Any) -> int:
     return len(first_tensor(calibration))
 
 
-def _numbered_batches(calibration: Any, batch_size: int, split: int) -> Iterator[tuple[int, Batch]]:
-    """``(first sample, batch)`` over the calibration inputs, no batch straddling sample ``split``."""
+def _numbered_batches(calibration: Any, batch_size: int, split: int, device: torch.device) -> Iterator[tuple[int, Batch]]:
+    """``(first sample, batch)`` over the calibration inputs, on ``device``, no batch straddling sample ``split``."""
     samples = _samples(calibration)
     for begin, end in ((0, split), (split, samples)):
         for start in range(begin, end, batch_size):
-            yield start, Batch(inputs=_slice(calibration, slice(start, min(start + batch_size, end))))
+            yield start, Batch(inputs=to_device(_slice(calibration, slice(start, min(start + batch_size, end))), device))
 
 
-def _batches(calibration: Any, batch_size: int) -> Iterator[Batch]:
-    """The calibration inputs in batches, each called as the model takes it (``model(x)``, ``model(*x)``, ``model(**x)``)."""
+def _batches(calibration: Any, batch_size: int, device: torch.device) -> Iterator[Batch]:
+    """The calibration inputs in batches on ``device``, each called as the model takes it (``model(x)``, ``model(*x)``, ``model(**x)``)."""
     for start in range(0, _samples(calibration), batch_size):
-        yield Batch(inputs=_slice(calibration, slice(start, start + batch_size)))
+        yield Batch(inputs=to_device(_slice(calibration, slice(start, start + batch_size)), device))
 
 
 def _check_calibration(calibration: Any) -> None:
@@ -332,7 +333,7 @@ def suggested_calibration_samples(model: nn.Module, example: Calibration, minimu
         try:
             model.eval()
             with torch.no_grad(), torch.random.fork_rng():
-                Batch(inputs=_slice(example, slice(0, 1))).outputs(model)
+                Batch(inputs=to_device(_slice(example, slice(0, 1)), model_device(model))).outputs(model)
         finally:
             for module, training in modes:
                 module.training = training
@@ -366,7 +367,7 @@ def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size:
             norm.momentum = None  # cumulative moving average: every calibration batch counts equally
             norm.train()
         with torch.no_grad(), torch.random.fork_rng():
-            for batch in _batches(calibration, batch_size):
+            for batch in _batches(calibration, batch_size, model_device(model)):
                 batch.outputs(model)
                 calls += 1
             for norm in norms:
@@ -476,7 +477,8 @@ def compensate(
     if held_out < MIN_HELD_OUT:  # too few to tell a better fit from noise: fit them all, unchecked
         held_out = 0
     fit_samples = samples - held_out
-    numbered = list(_numbered_batches(calibration, batch_size, fit_samples))
+    # the calibration data go to the model's device (each batch once), wherever the caller keeps them
+    numbered = list(_numbered_batches(calibration, batch_size, fit_samples, model_device(model)))
     starts, batches = [start for start, _ in numbered], [batch for _, batch in numbered]
     calls, layer_calls, flops = 0, 0, 0.0
     fitted, before, after, unchanged, used = [], {}, {}, [], {}
@@ -487,7 +489,8 @@ def compensate(
         for net in nets:
             net.eval()
         masked = {t.key for t in targets}
-        order = _network_order(model, targets + _followers(model), Batch(inputs=_slice(calibration, slice(0, 1))))
+        order = _network_order(model, targets + _followers(model),
+                               Batch(inputs=to_device(_slice(calibration, slice(0, 1)), model_device(model))))
         reached = {t.key for t in order}
         skipped += [f"{t.key}: never called as a module in the forward pass" for t in targets if t.key not in reached]
         # an unmasked layer before the first pruned one sees the dense inputs: nothing to correct there

@@ -24,6 +24,7 @@ from .data import DATASETS, load_dataset, training_subset
 from ..compensation import compensate
 from .configs import add_config_flags, apply_flags, config_record
 from .environment import machine
+from ..devices import resolve_device
 from ..errors import BingoError, ConfigError
 from ..io import write_json
 from .models import MODELS, build_model
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30, help="training epochs; default 30")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--device", default="auto", help="where to train and prune: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N; default auto")
 
     run = commands.add_parser("run", help="train and prune one network with any method (default bingo); write results as JSON")
     run.add_argument("--data", required=True, help=f"{', '.join(DATASETS)}, or PATH.npz with x_train, y_train, x_test, y_test")
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
     run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--device", default="auto", help="where to train and prune: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N; default auto")
     run.add_argument(
         "--train-samples", type=int, default=None, metavar="N",
         help="train on a seeded random subset of N training examples (validation and test splits unchanged); default all",
@@ -219,6 +222,7 @@ def _add_compare_parser(commands) -> None:
         help="start afresh in an OUT that holds an earlier comparison, moving its files into OUT/previous-<UTC time>/ (nothing is deleted)",
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.add_argument("--device", default="auto", help="where to train and prune: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N; default auto")
     group = compare.add_argument_group("method settings (each method's preset in brackets)")
     for name, cls in STRATEGIES.items():
         add_config_flags(group, {name: cls.default_config}, prefix=name, dest=f"method_{name}", skip=("finetune_epochs",))
@@ -259,6 +263,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         method_configs=_method_configs(args, args.methods),
         train_samples=args.train_samples,
+        device=args.device,
     )
     earlier = set(Path(args.out).glob("previous-*"))
     with _one_line_warnings():
@@ -290,8 +295,9 @@ def _accuracy_after_pruning(model, scores, sparsity, scope, data, seed, calibrat
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     data = load_dataset("digits", seed=args.seed)
-    model = build_model("mlp", data.input_shape, data.num_classes, seed=args.seed)
+    model = build_model("mlp", data.input_shape, data.num_classes, seed=args.seed).to(device)
     # Searches never perturb training, so both variants can watch the same run.
     improved = TicketSearch(model, config=BINGO.search, seed=args.seed)
     faithful = TicketSearch(model, config=BINGO_PAPER.search, fraction=0.05, seed=args.seed)
@@ -428,12 +434,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             claimed[file] = flag
     train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
     granularity = getattr(strategy.config, "granularity", "weight")
+    device = resolve_device(args.device)  # before anything is trained: a device that is not there is a one-line error
 
     with _one_line_warnings():  # e.g. classes absent from training, caveats about the scores
         data = load_dataset(args.data, args.data_dir, seed=args.seed)
         if args.train_samples is not None:
             data = training_subset(data, args.train_samples, seed=args.seed)
-        experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint)
+        experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint,
+                                device=device)
         for pattern in patterns:  # a fan-in that is not a multiple of M is refused before training
             _check_pattern_fits(strategy, experiment.new_model(), pattern)
         if args.sparsity is not None:
@@ -498,6 +506,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "train_steps": train_steps,
         "version": __version__,
         "machine": machine(),
+        "device": str(device),
     }
     if not distributed.is_main_process():  # under torchrun: one set of outputs, written by rank 0
         return 0

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_dataset, training_subset
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..io import load_scores, save_scores, write_json
 from .models import MODELS
@@ -55,6 +56,7 @@ class CompareConfig:
     data_dir: str | None = None
     method_configs: dict = field(default_factory=dict)  #: name -> config dataclass instance
     train_samples: int | None = None  #: train on a seeded random subset of this many training examples (None: all)
+    device: str = "auto"  #: where the models train and prune (:func:`bingo.devices.resolve_device`); not a setting a resume must match
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -252,9 +254,9 @@ def _forget(results: dict, method: str) -> None:
         row.pop(f"{method}_vs_imp", None)
 
 
-def _measured_here(results: dict) -> None:
-    """Add this machine to ``results["machines"]`` (once): rows it measures may differ in their last digits."""
-    here = machine()
+def _measured_here(results: dict, device: torch.device) -> None:
+    """Add this machine and device to ``results["machines"]`` (once): rows it measures may differ in their last digits."""
+    here = {**machine(), "device": str(device)}
     if here not in results["machines"]:
         results["machines"].append(here)
 
@@ -325,6 +327,7 @@ def run_compare(
     if rerun_changed and not resume:
         raise ConfigError("--rerun-changed goes with --resume: it reruns, in a resumed folder, the methods whose settings changed")
     _check_out_dir(out_dir, resume, overwrite)
+    device = resolve_device(config.device)
     base = {
         "data": config.data,
         "model": config.model,
@@ -351,14 +354,14 @@ def run_compare(
 
     todo = [(seed, name) for seed in range(config.seeds) for name in config.methods]
     if any(not done(name, seed, s) for seed, name in todo for s in config.sparsities):
-        _warm_up(Experiment(data, config.model, config.train_config(), 0, progress=False))
+        _warm_up(Experiment(data, config.model, config.train_config(), 0, progress=False, device=device))
     bar = tqdm(total=len(todo), desc="compare", unit="method", disable=not progress)
     try:
         for seed in range(config.seeds):
-            experiment = Experiment(data, config.model, config.train_config(), seed, progress=progress)
+            experiment = Experiment(data, config.model, config.train_config(), seed, progress=progress, device=device)
             if not any(r["seed"] == seed for r in results["dense"]):
                 dense = experiment.dense()
-                _measured_here(results)
+                _measured_here(results, device)
                 results["dense"].append(
                     {
                         "seed": seed,
@@ -382,7 +385,7 @@ def run_compare(
                             key: 1.0 - float(mask.float().mean()) for key, mask in outcome.masks.items()
                         }
                         row["mask_sha256"] = _sha256(path)
-                        _measured_here(results)
+                        _measured_here(results, device)
                         results["runs"].append(row)
                         write_json(results_path, results)
                     extras = strategy.extras(experiment)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from .data import Dataset
+from ..devices import model_device, to_device
 from ..errors import CheckpointError, ConfigError, TrainingError, check_choice
 from ..io import load_checkpoint, save_checkpoint
 from ..search import TicketSearch
@@ -83,10 +84,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     was_training = model.training
     model.eval()
     correct = 0
+    device = model_device(model)
     try:
         for start in range(0, len(x), batch_size):
-            outputs = model(x[start : start + batch_size])
-            correct += int((outputs.argmax(dim=1) == y[start : start + batch_size]).sum())
+            outputs = model(to_device(x[start : start + batch_size], device))
+            correct += int((outputs.argmax(dim=1) == to_device(y[start : start + batch_size], device)).sum())
     finally:
         model.train(was_training)
     return correct / len(x)
@@ -294,6 +296,7 @@ def train(
         leave=False,
     )
     diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(int(data.num_classes), 2))
+    device = model_device(model)  # the data go where the model is, a batch at a time
     model.train()
     try:
         for epoch in range(first_epoch, config.epochs):
@@ -306,7 +309,7 @@ def train(
                     # (an empty shard has no loss; BatchNorm needs two values): on every rank alike.
                     continue
                 index = distributed.shard(permutation[i : i + config.batch_size])
-                x, y = data.x_train[index], data.y_train[index]
+                x, y = to_device(data.x_train[index], device), to_device(data.y_train[index], device)
                 loss = F.cross_entropy(trained(x), y)
                 value = distributed.mean_over_ranks([loss.item()])[0]
                 if not math.isfinite(value):  # before the step: the model keeps its last finite weights

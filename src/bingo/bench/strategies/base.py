@@ -147,9 +147,11 @@ class Experiment:
 
     def __init__(
         self, data: Dataset, model_name: str, train_config: TrainConfig, seed: int, *, progress: bool = True,
-        checkpoint: str | None = None,
+        checkpoint: str | None = None, device: torch.device | str = "cpu",
     ) -> None:
         self.data = data
+        #: where every model of this experiment lives; data are moved there a batch at a time
+        self.device = torch.device(device)
         self.checkpoint = checkpoint  #: resumable per-epoch checkpoint of the dense training (bingo run)
         self.model_name = model_name
         self.train_config = replace(train_config, seed=seed)
@@ -160,8 +162,8 @@ class Experiment:
         self._groups: list[ChannelGroup] | None = None
 
     def new_model(self) -> nn.Module:
-        """A fresh model with this seed's initial weights θ0."""
-        return build_model(self.model_name, self.data.input_shape, self.data.num_classes, seed=self.seed)
+        """A fresh model with this seed's initial weights θ0, on the experiment's device."""
+        return build_model(self.model_name, self.data.input_shape, self.data.num_classes, seed=self.seed).to(self.device)
 
     def calibration(self, samples: int) -> torch.Tensor:
         """``samples`` training inputs drawn without replacement by this seed (all of them if fewer): compensation's data."""

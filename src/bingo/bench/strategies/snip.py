@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...devices import model_device, to_device
 from ...errors import ConfigError
 from ...layers import find_layers, weight_of
 from ...pruning import prune
@@ -39,7 +40,7 @@ def snip_scores(
     the weight is ``weight_orig`` and masked entries score 0. The forward
     runs in training mode, as the first training step would see the network
     (batch statistics in BatchNorm, dropout on), but leaves nothing behind:
-    the train/eval flag, every buffer (running statistics), the CPU RNG and
+    the train/eval flag, every buffer (running statistics), the CPU RNG (and the model's CUDA device's) and
     the parameters' ``.grad`` are as they were.
     """
     layers = find_layers(model)
@@ -47,11 +48,14 @@ def snip_scores(
     sums = [torch.zeros_like(weight) for weight in weights]
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     was_training = model.training
+    device = model_device(model)
+    # dropout draws from the model's device's generator: fork that one (the CPU's always)
+    forked = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with torch.random.fork_rng(devices=forked), torch.enable_grad():
             model.train()
             for x, y in zip(x_batches, y_batches, strict=True):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(to_device(x, device)), to_device(y, device))
                 for total, grad in zip(sums, torch.autograd.grad(loss, weights)):
                     total += grad
     finally:
