@@ -158,10 +158,68 @@ def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
             setattr(module, name, tensor.detach())
 
 
+class _CachedProduct:
+    """Mixin for ``torch.nn.utils.prune``'s hooks: reuse ``orig * mask`` while neither has changed.
+
+    Torch's hook recomputes the product into a fresh full-size tensor before
+    every forward, which makes a masked model slower than the dense one. With
+    autograd recording for ``orig`` (training), it still does, so the product
+    is in the graph; otherwise (evaluation, ``torch.no_grad``, a frozen
+    weight) the last product is reused as long as ``orig`` and the mask are
+    the same tensors with the same storage and version counter (every
+    in-place write, an optimizer step or ``copy_``, bumps it) and the module
+    still holds it.
+    """
+
+    _cache: tuple | None = None
+
+    def __call__(self, module: nn.Module, inputs: object) -> None:
+        name = self._tensor_name
+        orig, mask = getattr(module, f"{name}_orig"), getattr(module, f"{name}_mask")
+        if torch.is_grad_enabled() and orig.requires_grad:
+            self._cache = None
+            return super().__call__(module, inputs)
+        key = (orig, orig._version, orig.data_ptr(), mask, mask._version, mask.data_ptr())
+        cached = self._cache
+        held = module.__dict__.get(name)
+        if (cached is not None and held is cached[-1] and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                                              for a, b in zip(cached[:-1], key))
+                and not (torch.is_grad_enabled() and held.is_inference())):
+            return None
+        with torch.no_grad():
+            value = self.apply_mask(module)
+        setattr(module, name, value)
+        self._cache = (*key, value)
+        return None
+
+    def __getstate__(self) -> dict:  # copies and pickles start without a cache
+        state = dict(self.__dict__)
+        state.pop("_cache", None)
+        return state
+
+
+class _CachedCustomFromMask(_CachedProduct, torch_prune.CustomFromMask):
+    pass
+
+
+class _CachedPruningContainer(_CachedProduct, torch_prune.PruningContainer):
+    pass
+
+
+_CACHED = {torch_prune.CustomFromMask: _CachedCustomFromMask, torch_prune.PruningContainer: _CachedPruningContainer}
+
+
 def keep_copyable(module: nn.Module) -> None:
-    """Make a masked ``module`` ``deepcopy``-able now and after every forward (see :func:`_detach_masked`); idempotent."""
+    """Make a masked ``module`` ``deepcopy``-able now and after every forward (see :func:`_detach_masked`), and its
+    masked forwards outside training reuse the masked weights while they are unchanged (:class:`_CachedProduct`); idempotent."""
     if not any(hook is _detach_masked for hook in module._forward_hooks.values()):
         module.register_forward_hook(_detach_masked)
+    for handle, hook in list(module._forward_pre_hooks.items()):
+        cached = _CACHED.get(type(hook))
+        if cached is not None:  # the same pruning method, as its caching subclass (prune.remove still finds it)
+            replacement = cached.__new__(cached)
+            replacement.__dict__.update(hook.__dict__)
+            module._forward_pre_hooks[handle] = replacement
     _detach_masked(module, None, None)
 
 
