@@ -20,15 +20,19 @@ squares problem per layer, in network order:
   target, the current weights on the pruned inputs, corrects only the
   layer's own pruning);
 - each output unit ``r`` keeps the inputs its mask keeps, ``S_r``, and gets
-  ``w_r = argmin ‖X[:, S_r] w − Y[:, r]‖² + λ‖w‖²``, solved from the
-  Hessian ``H = XᵀX`` (each batch's product in float32, summed and solved
-  in float64) by batched Cholesky, ``H[S_r, S_r] w = (XᵀY)[S_r, r]``,
-  with damping ``λ = damping × mean(diag H[S_r, S_r])`` (SparseGPT's 1%).
+  ``w_r = argmin ‖X[:, S_r] w − Y[:, r]‖² + λ‖w‖²``, from the Hessian
+  ``H = XᵀX`` and ``XᵀY`` (each batch's products in float32, summed in
+  float64), with damping ``λ = damping × mean(diag H)`` (SparseGPT's 1%),
+  by a solver of :mod:`bingo.solvers` (``solver=``: exact per-row
+  Cholesky, conjugate gradients to the same optimum, the SparseGPT sweep;
+  ``"auto"`` by counted work).
 
 ``H`` and ``XᵀY`` are accumulated over calibration batches, so memory is
-``O(d² + d·out)`` per layer, whatever the number of samples; time is two
-forwards of the calibration set per layer plus one ``k×k`` Cholesky per
-distinct kept set (``k`` = kept inputs of an output unit). Pruned units
+``O(d² + d·out)`` per layer, whatever the number of samples. Where torch.fx
+can trace the model the calibration data go through it once, layer after
+layer (:class:`bingo.graph_pass.LayerByLayer`: two forwards per batch,
+whatever the depth); otherwise the model is run again for each layer (two
+forwards per batch and layer; ``CompensationResult.mode`` says which). Pruned units
 (neuron masks) stay zero, bias included. BatchNorm statistics are kept by
 default: the fit aims at the dense layer outputs, which they describe.
 ``batchnorm="reestimate"`` recomputes them afterwards; measured both ways
