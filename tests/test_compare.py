@@ -423,6 +423,8 @@ def test_rerun_changed_replaces_only_the_changed_methods_rows(tmp_path, capsys):
     assert after["dense"] == before["dense"]  # the dense run is shared: kept
     assert len(after["runs"]) == len(before["runs"]) == 2
     assert after["settings"]["method_configs"]["magnitude"]["compensation"]["solver"] == "sparsegpt"
+    rerun = [r for r in after["runs"] if r["method"] == "magnitude"]
+    assert len(rerun) == 1 and rerun != [r for r in before["runs"] if r["method"] == "magnitude"]  # measured again
     random_rows = [r for r in after["runs"] if r["method"] == "random"]
     assert random_rows == [r for r in before["runs"] if r["method"] == "random"]  # unchanged: kept verbatim
     assert main([*changed, "--rerun-changed"]) == 0  # now up to date: nothing runs again
