@@ -63,7 +63,7 @@ def test_run_records_the_device_it_used(tmp_path):
     assert json.loads(out.read_text())["device"] == "cpu"
 
 
-@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_run_on_cuda_end_to_end(tmp_path):
     from bingo.bench.cli import main
 
@@ -73,7 +73,7 @@ def test_run_on_cuda_end_to_end(tmp_path):
     assert json.loads(out.read_text())["device"].startswith("cuda")
 
 
-@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_compensate_moves_cpu_calibration_to_a_cuda_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).cuda()

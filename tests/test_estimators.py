@@ -711,17 +711,23 @@ def test_targeted_probes_draw_only_from_the_focus(batch):
 
 
 def test_a_focus_smaller_than_a_probe_is_probed_whole():
-    from bingo.estimators.targeted import draw_subset
+    from bingo.estimators.targeted import draw_subset, focus_candidates
 
     search = bingo.TicketSearch(nn.Linear(10, 10, bias=False), fraction=0.05)  # a probe holds 5 of 100
     focus = torch.zeros(10, 10, dtype=torch.bool)
+
+    def candidates():
+        return focus_candidates({"weight": {"focus": focus}})["weight"]
+
     focus.view(-1)[[3, 7]] = True
-    assert sorted(draw_subset(search, "weight", focus).tolist()) == [3, 7]  # both go
+    assert sorted(draw_subset(search, "weight", candidates()).tolist()) == [3, 7]  # both go
     focus.view(-1)[:20] = True
-    drawn = draw_subset(search, "weight", focus)
+    drawn = draw_subset(search, "weight", candidates())
     assert drawn.numel() == 5 and (drawn < 20).all() and len(set(drawn.tolist())) == 5
     focus.zero_()  # an empty focus falls back to the whole layer
-    assert draw_subset(search, "weight", focus).numel() == 5
+    assert draw_subset(search, "weight", candidates()).numel() == 5
+    focus.fill_(True)  # everything in focus: no index list kept at all
+    assert candidates() is None
     assert draw_subset(search, "weight").numel() == 5  # no focus: untargeted
 
 

@@ -11,7 +11,7 @@ What agreement rests on (see the README's "Distributed training"):
 - fake-pass subsets: drawn from the search's own ``torch.Generator``, seeded
   the same on every rank, so every rank probes the same weights;
 - measurements: each rank measures its own batch; the scores of a fake pass
-  are averaged over ranks (:func:`mean_over_ranks`) before any accumulator
+  are averaged over ranks (:func:`average_over_ranks`) before any accumulator
   sees them, so every accumulator is the same on every rank. With equal
   per-rank batches and a mean-reduced metric (loss or accuracy), the
   average is the measurement on the global batch;
@@ -44,6 +44,7 @@ from .errors import ConfigError
 
 __all__ = [
     "active",
+    "average_over_ranks",
     "barrier",
     "broadcast_buffers",
     "broadcast_tensors",
@@ -113,6 +114,17 @@ def mean_over_ranks(values: Sequence[float], group: object | None = None) -> lis
         return list(values)
     total = _reduce(torch.tensor(list(values), dtype=torch.float64), group)
     return (total / world_size(group)).tolist()
+
+
+def average_over_ranks(values: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    """The mean over ``group``'s ranks of ``values`` (a new tensor, on ``values``' device); ``values`` itself when not distributed.
+
+    No host sync of its own: the reduction runs on the backend's device
+    (``values``' own when it is the process's GPU under nccl).
+    """
+    if not active(group):
+        return values
+    return _reduce(values, group) / world_size(group)
 
 
 def sum_over_ranks(tensor: torch.Tensor, group: object | None = None) -> torch.Tensor:

@@ -137,6 +137,14 @@ def _batch(inputs_or_closure: Any, targets: Any) -> Batch:
     return Batch(inputs=inputs, targets=targets)
 
 
+def _device_wait(tensors: dict[str, torch.Tensor]):
+    """``torch.cuda.synchronize`` for the devices the search's tensors are on (None on CPU: nothing to wait for)."""
+    devices = {t.device for t in tensors.values() if t.device.type == "cuda"}
+    if not devices:
+        return None
+    return lambda: [torch.cuda.synchronize(device) for device in devices]
+
+
 class TicketSearch:
     """BINGO's ticket search, shaped like a PyTorch optimizer.
 
@@ -156,10 +164,18 @@ class TicketSearch:
     rank's fake-pass measurements are averaged over ``process_group``
     (default: all processes), so every rank ends with the same scores; see
     :mod:`bingo.distributed`.
+
+    Everything the search keeps lives on the device of the layer it scores.
+    A step without fake passes never waits for the device; a step with them
+    waits once, to read its measurements. ``search.seconds`` is the host
+    time spent in :meth:`step`; on a GPU that is the time to *launch* the
+    work, unless ``synchronize=True``, which waits for the device before and
+    after every step so that ``seconds`` is the work itself (for measuring
+    the overhead, not for production runs: it stalls the pipeline).
     """
 
     def __init__(self, model: nn.Module, *, config: SearchConfig | None = None, process_group: object | None = None,
-                 **settings: object) -> None:
+                 synchronize: bool = False, **settings: object) -> None:
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(SearchConfig)})
         if unknown:
             valid = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
@@ -176,6 +192,7 @@ class TicketSearch:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps = 0
         self.seconds = 0.0  # wall time spent inside step(): the search's overhead
+        self.synchronize = bool(synchronize)
         self.theta0 = {key: weight_of(module, key).detach().clone() for key, module in layers.items()}
         self.theta0_bias: dict[str, torch.Tensor] = {}  # neurons: a probed unit's bias is reset too
         if config.granularity == "neuron":
@@ -234,9 +251,14 @@ class TicketSearch:
         before the call.
         """
         batch = _batch(inputs_or_closure, targets)
+        wait = _device_wait(self.theta0) if self.synchronize else None
+        if wait:
+            wait()
         start = time.perf_counter()
         self.steps += 1
         damages = self.estimator.observe(batch)
+        if wait:
+            wait()
         self.seconds += time.perf_counter() - start
         return damages
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..errors import BingoError, ConfigError
-from ..distributed import mean_over_ranks
+from ..distributed import average_over_ranks
 from ..layers import bias_name_of, weight_of, weight_parameter_name
 from ..masks import refresh_masked
 
@@ -97,11 +97,19 @@ class Batch:
 
         ``tensors`` (``{parameter name: tensor}``) are substituted for the
         model's own during the evaluation (``torch.func.functional_call``).
+        A Python number: one host sync on a GPU (:meth:`score_tensor` has none).
+        """
+        return float(self.score_tensor(model, metric, tensors))
+
+    def score_tensor(self, model: torch.nn.Module, metric: Metric, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`score` as a 0-dim float64 tensor on the computation's device, read back by nobody.
+
+        The built-in metrics (:data:`METRICS`) and a closure's loss stay on the
+        device; a callable metric that returns a Python number is wrapped.
         """
         if self.closure is None:
-            if tensors is None:
-                return float(metric(self.outputs(model), self.targets))
-            return float(metric(functional_call(model, tensors, *self.arguments()), self.targets))
+            outputs = self.outputs(model) if tensors is None else functional_call(model, tensors, *self.arguments())
+            return _as_score(_ON_DEVICE.get(metric, metric)(outputs, self.targets), outputs)
         if tensors is None:
             loss = self.closure(model)
         else:
@@ -109,9 +117,9 @@ class Batch:
         if isinstance(loss, Mapping) and "loss" in loss:  # e.g. a LightningModule's training_step
             loss = loss["loss"]
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            return -float(loss)
+            return -loss.detach().reshape(()).double()
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            return -float(loss)
+            return torch.tensor(-float(loss), dtype=torch.float64)
         what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ConfigError(f"search.step(closure): the closure must return the batch's loss as one number (a scalar tensor), got {what}")
 
@@ -123,11 +131,12 @@ class Batch:
         return tensor.device
 
 
-def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """:class:`ConfigError` unless ``outputs`` are ``(batch, classes)`` logits and ``targets`` their class labels.
+def check_class_shapes(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """:class:`ConfigError` unless ``outputs`` are ``(batch, classes)`` logits and ``targets`` integer labels ``(batch,)``.
 
-    Out-of-range labels would otherwise make every accuracy probe measure
-    nothing (damage 0) without a word.
+    Reads shapes and dtypes only: no host sync. The labels' range is
+    :func:`check_class_targets`'s (or, inside :func:`measure`, read back
+    with the measurements).
     """
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
         shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
@@ -137,22 +146,63 @@ def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
         raise ConfigError(f"metrics 'accuracy' and 'loss' need targets that are integer class labels of shape (batch,), got {what}")
     if len(targets) != len(outputs):
         raise ConfigError(f"the model gave {len(outputs)} outputs for {len(targets)} targets")
-    classes = outputs.shape[1]
+
+
+def _label_range_error(targets: torch.Tensor, classes: int) -> ConfigError:
     low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= classes:
-        raise ConfigError(f"targets must be class labels in [0, {classes}) for this model's {classes} outputs, got labels from {low} to {high}")
+    return ConfigError(f"targets must be class labels in [0, {classes}) for this model's {classes} outputs, got labels from {low} to {high}")
+
+
+def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """:class:`ConfigError` unless ``outputs`` are ``(batch, classes)`` logits and ``targets`` their class labels.
+
+    Out-of-range labels would otherwise make every accuracy probe measure
+    nothing (damage 0) without a word. Reads the labels' range back (one
+    host sync).
+    """
+    check_class_shapes(outputs, targets)
+    classes = outputs.shape[1]
+    if bool(((targets < 0) | (targets >= classes)).any()):
+        raise _label_range_error(targets, classes)
 
 
 def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of the batch classified right."""
     check_class_targets(outputs, targets)
-    return (outputs.argmax(dim=1) == targets).float().mean().item()
+    return _accuracy_tensor(outputs, targets).item()
 
 
 def negative_loss(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """``-cross_entropy``: higher is better everywhere in the search, so loss enters negated."""
     check_class_targets(outputs, targets)
-    return -F.cross_entropy(outputs, targets).item()
+    return _negative_loss_tensor(outputs, targets).item()
+
+
+def _accuracy_tensor(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    check_class_shapes(outputs, targets)
+    return (outputs.argmax(dim=1) == targets).float().mean().double()  # float32 mean, as the float metric gives
+
+
+def _negative_loss_tensor(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    check_class_shapes(outputs, targets)
+    # Clamped so that out-of-range labels cannot raise (or assert on a GPU) before
+    # measure() reads their flag back with the measurements and reports them.
+    return -F.cross_entropy(outputs, targets.clamp(0, outputs.shape[1] - 1)).double()
+
+
+#: the built-in metrics as device tensors, for :meth:`Batch.score_tensor`
+_ON_DEVICE: dict[Metric, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    batch_accuracy: _accuracy_tensor,
+    negative_loss: _negative_loss_tensor,
+}
+
+
+def _as_score(value: Any, outputs: Any) -> torch.Tensor:
+    """A metric's value as a 0-dim float64 tensor, on the outputs' device when it is a Python number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.detach().reshape(()).double()
+    device = outputs.device if isinstance(outputs, torch.Tensor) else None
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 #: metric name -> ``metric(outputs, targets) -> float``, higher = better
@@ -241,7 +291,7 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
     prefix = module_name + "." if module_name else ""
     reset = search.config.mode == "reset"
     weight = weight_of(module, key).detach()
-    subset = subset.to(weight.device)
+    subset = subset.to(weight.device, non_blocking=True)  # drawn on the host: no sync for the copy
     probe = weight.clone()
     if search.config.granularity == "neuron":  # whole units: index the unit axis (a view, so the write lands in probe)
         axis = search.unit_axis(key)
@@ -266,6 +316,10 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     closure is handed the model with the probe's tensors swapped in for the
     call, see :class:`_ClosureCall`). The model's parameters,
     buffers, train/eval flags and the global RNG are exactly as before the call.
+
+    Costs one host sync: the L + 1 measurements stay on the model's device
+    (averaged there over ranks) and are read back together at the end. One
+    layer's probe tensors exist at a time, never a copy of every scored weight.
     """
     if batch.closure is not None and search.config.metric != "loss":
         raise ConfigError(
@@ -288,14 +342,26 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
                 shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ConfigError(f"search.step: the model cannot take these inputs (shape {shape}): {reason}") from exc
-            before = float(metric(outputs, batch.targets)) if outputs is not None else batch.score(model, metric)
-            probes = {key: _substitutes(search, key, subset) for key, subset in subsets.items()}
-            after = {key: batch.score(model, metric, tensors) for key, tensors in probes.items()}
+            checks_labels = outputs is not None and metric in _ON_DEVICE
+            if outputs is None:
+                before = batch.score_tensor(model, metric)
+            else:
+                before = _as_score(_ON_DEVICE.get(metric, metric)(outputs, batch.targets), outputs)
+            values = [before]
+            for key, subset in subsets.items():  # one probe's tensors at a time
+                values.append(batch.score_tensor(model, metric, _substitutes(search, key, subset)))
+            if checks_labels:  # read back with the measurements: no sync of its own
+                values.append(((batch.targets < 0) | (batch.targets >= outputs.shape[1])).any())
+            stacked = torch.stack([value.to(device, torch.float64, non_blocking=True) for value in values])
         # Under torch.distributed every rank measured its own batch on the same subsets:
         # the mean over ranks is what every rank's estimator records (bingo.distributed).
         # Checked after the average, so that a rank with a non-finite batch makes every rank stop, not wait.
-        before, *changed = mean_over_ranks([before, *after.values()], search.process_group)
-        after = dict(zip(after, changed))
+        read = average_over_ranks(stacked, search.process_group).tolist()  # the one host sync
+        if checks_labels and read.pop() > 0:
+            local = batch.targets
+            raise _label_range_error(local, outputs.shape[1])
+        before, *changed = read
+        after = dict(zip(subsets, changed))
         if not math.isfinite(before):
             raise BingoError(
                 f"search.step: the metric is {before} on this batch before any reset, so the model's outputs are not "

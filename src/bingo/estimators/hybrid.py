@@ -9,7 +9,7 @@ import torch
 from ..errors import ConfigError
 from .base import register_estimator
 from .fake_pass import Batch, due, measure, probe_damage
-from .targeted import Focus, draw_subset, focus_of
+from .targeted import Focus, draw_subset, focus_candidates, focus_of
 from .taylor import TaylorEstimator
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class HybridEstimator(TaylorEstimator):
     def __init__(self, decay: float = 0.99, target: float = 0.0, band: float = 0.1) -> None:
         super().__init__(decay)
         self.focus = Focus(target, band) if target else None
+        self._candidates: dict[str, torch.Tensor | None] | None = None  # the focus on the host, read once per refocus
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> HybridEstimator:
@@ -63,8 +64,12 @@ class HybridEstimator(TaylorEstimator):
             return {}
         if self.focus and self.focus.due((search.steps - 1) // search.every):
             self.focus.refocus({key: entry["focus"] for key, entry in self.state.items()}, self.raw_scores(None))
+            self._candidates = None
         # All draws first, so the generator is consumed in one fixed order.
-        subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}
+        if self.focus and self._candidates is None:
+            self._candidates = focus_candidates(self.state)
+        candidates = self._candidates or {}
+        subsets = {key: draw_subset(search, key, candidates.get(key)) for key in search.layers}
         before, after = measure(search, batch, subsets)
         for key, subset in subsets.items():
             self._calibrate(key, subset, before - after[key])
@@ -73,11 +78,12 @@ class HybridEstimator(TaylorEstimator):
     def _calibrate(self, key: str, subset: torch.Tensor, measured_loss_increase: float) -> None:
         """Add one probe's measured loss change and its Taylor prediction ``½ Σ_S (gΔ)²``."""
         entry = self.state[key]
-        if int(entry["taylor_steps"]) == 0:
+        if self.steps_seen[key] == 0:
             return
-        chosen = entry["taylor_average"].view(-1)[subset.to(entry["taylor_average"].device)]
+        average = entry["taylor_average"]
+        chosen = average.view(-1)[subset.to(average.device, non_blocking=True)]
         entry["calibration_measured"] += measured_loss_increase
-        entry["calibration_predicted"] += 0.5 * float(chosen.double().sum()) / self.bias_correction(key)
+        entry["calibration_predicted"] += 0.5 * chosen.double().sum() / self.bias_correction(key)  # stays on the device
 
     def calibration(self) -> dict[str, float]:
         """Per layer, measured / Taylor-predicted loss change of the probes (1 where unknown)."""
@@ -108,6 +114,10 @@ class HybridEstimator(TaylorEstimator):
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         factors = self.calibration()
         return {key: score * factors[key] if factors[key] != 1.0 else score for key, score in super().raw_scores(rule).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._candidates = None
 
     def focus_masks(self) -> dict[str, torch.Tensor]:
         """Targeted search: ``{key: bool tensor}``, the units the next probes may draw from."""

@@ -9,7 +9,7 @@ import torch
 
 from .base import Estimator, register_estimator
 from .fake_pass import Batch, due, measure, paper_change, probe_damage
-from .targeted import Focus, draw_subset, focus_of
+from .targeted import Focus, draw_subset, focus_candidates, focus_of
 
 if TYPE_CHECKING:
     from ..search import SearchConfig, TicketSearch
@@ -48,6 +48,7 @@ class ProbeEstimator(Estimator):
         super().__init__()
         self.rule = self.resolve_rule(rule)
         self.focus = Focus(target, band) if target else None
+        self._candidates: dict[str, torch.Tensor | None] | None = None  # the focus on the host, read once per refocus
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> ProbeEstimator:
@@ -78,7 +79,10 @@ class ProbeEstimator(Estimator):
         if self.focus and self.focus.due((search.steps - 1) // search.every):
             self.refocus()
         # All draws first, so the generator is consumed in one fixed order.
-        subsets = {key: draw_subset(search, key, self.state[key].get("focus")) for key in search.layers}
+        if self.focus and self._candidates is None:
+            self._candidates = focus_candidates(self.state)
+        candidates = self._candidates or {}
+        subsets = {key: draw_subset(search, key, candidates.get(key)) for key in search.layers}
         before, after = measure(search, batch, subsets)
         for key, subset in subsets.items():
             self.record(key, subset, before, after[key])
@@ -87,7 +91,7 @@ class ProbeEstimator(Estimator):
     def record(self, key: str, subset: torch.Tensor, before: float, after: float) -> None:
         """Add one probe of ``subset`` that moved the metric from ``before`` to ``after``."""
         entry = self.state[key]
-        subset = subset.to(entry["count"].device)
+        subset = subset.to(entry["count"].device, non_blocking=True)
         entry["count"].view(-1)[subset] += 1
         entry["damage_sum"].view(-1)[subset] += probe_damage(before, after)
         running = entry["running"].view(-1)
@@ -109,6 +113,11 @@ class ProbeEstimator(Estimator):
             self.focus.refocus(live, raw, stderr, probes)
         else:
             self.focus.refocus(live, raw)
+        self._candidates = None
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._candidates = None
 
     def focus_masks(self) -> dict[str, torch.Tensor]:
         """Targeted search: ``{key: bool tensor}``, the units the next probes may draw from."""

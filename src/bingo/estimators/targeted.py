@@ -20,7 +20,7 @@ from .fake_pass import random_subset, subset_size
 if TYPE_CHECKING:
     from ..search import TicketSearch
 
-__all__ = ["Focus", "draw_subset", "focus_of"]
+__all__ = ["Focus", "draw_subset", "focus_candidates", "focus_of"]
 
 
 class Focus:
@@ -86,22 +86,35 @@ class Focus:
 
 
 
-def draw_subset(search: TicketSearch, key: str, focus: torch.Tensor | None = None) -> torch.Tensor:
-    """The next probe's unit indices (into the flattened unit tensor) in layer ``key``.
+def draw_subset(search: TicketSearch, key: str, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The next probe's unit indices (into the flattened unit tensor) in layer ``key``, on the host.
 
     :func:`~bingo.estimators.fake_pass.subset_size` of them, uniform over the
-    layer; with a ``focus`` (bool, shaped like the units), uniform over the
-    units in focus (all of them if no more than a probe's size remain; the
-    whole layer if none does). Draws from ``search.generator`` only.
+    layer; with ``candidates`` (the indices of the units in focus, on the
+    host: :func:`focus_candidates`), uniform over those (all of them if no
+    more than a probe's size remain; the whole layer if none does). Draws
+    from ``search.generator`` only.
     """
     n, size = search.unit_shape(key).numel(), subset_size(search, key)
-    if focus is not None:
-        candidates = focus.view(-1).nonzero().squeeze(1).cpu()
+    if candidates is not None:
         if 0 < len(candidates) <= size:
-            return candidates
+            return candidates.long()
         if len(candidates) > size:
-            return candidates[random_subset(len(candidates), size, search.generator)]
+            return candidates[random_subset(len(candidates), size, search.generator)].long()
     return random_subset(n, size, search.generator)
+
+
+def focus_candidates(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+    """Per layer, the host-side int32 indices of the units in ``state[key]["focus"]`` (None: every unit is).
+
+    Read back from the device once per refocus, not on every probe: the
+    draws in between need no host sync.
+    """
+    candidates = {}
+    for key, entry in state.items():
+        indices = entry["focus"].view(-1).nonzero().squeeze(1).to(torch.int32).cpu()
+        candidates[key] = None if len(indices) == entry["focus"].numel() else indices
+    return candidates
 
 
 def focus_of(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

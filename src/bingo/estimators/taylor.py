@@ -64,6 +64,8 @@ class TaylorEstimator(Estimator):
                 "taylor_average": torch.zeros(search.unit_shape(key), dtype=torch.float32, device=device),
                 "taylor_steps": torch.zeros((), dtype=torch.int64, device=device),
             }
+        # The step count as a Python number too, so that no step reads it back from the device.
+        self.steps_seen = {key: 0 for key in search.layers}
 
     def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
@@ -82,13 +84,14 @@ class TaylorEstimator(Estimator):
             if search.config.granularity == "neuron":
                 change = unit_matrix(change, search.unit_axis(key)).sum(dim=1)
             entry["taylor_steps"] += 1
-            new_weight = 1.0 / float(entry["taylor_steps"]) if self.decay == 1.0 else 1.0 - self.decay
+            self.steps_seen[key] += 1
+            new_weight = 1.0 / self.steps_seen[key] if self.decay == 1.0 else 1.0 - self.decay
             entry["taylor_average"].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
         return {}
 
     def bias_correction(self, key: str) -> float:
         """``1 - decay^steps`` (Adam's bias correction of a zero-started average); 1 for the plain mean."""
-        steps = int(self.state[key]["taylor_steps"])
+        steps = self.steps_seen[key]
         return max(1.0 if self.decay == 1.0 else 1.0 - self.decay**steps, 1e-300)
 
     def estimate(self, key: str) -> torch.Tensor:
@@ -100,7 +103,7 @@ class TaylorEstimator(Estimator):
         scores = {key: self._known(key, self.estimate(key)) for key in self.state}
         # Checked here rather than at every step: a per-step check costs a pass over every weight.
         for key, score in scores.items():
-            if bool(torch.isinf(score).any()) or (int(self.state[key]["taylor_steps"]) > 0 and bool(score.isnan().any())):
+            if bool(torch.isinf(score).any()) or (self.steps_seen[key] > 0 and bool(score.isnan().any())):
                 raise BingoError(
                     f"estimator {self.name!r}: the running estimate of {key!r} is not finite: a gradient or weight "
                     "was, so training diverged (try a lower learning rate)"
@@ -108,11 +111,15 @@ class TaylorEstimator(Estimator):
         return scores
 
     def _known(self, key: str, score: torch.Tensor) -> torch.Tensor:
-        return score if int(self.state[key]["taylor_steps"]) > 0 else torch.full_like(score, math.nan)
+        return score if self.steps_seen[key] > 0 else torch.full_like(score, math.nan)
 
     def counts(self) -> dict[str, torch.Tensor]:
         """Every unit is informed at every step."""
         return {
-            key: torch.full(entry["taylor_average"].shape, int(entry["taylor_steps"]), dtype=torch.int64)
+            key: torch.full(entry["taylor_average"].shape, self.steps_seen[key], dtype=torch.int64)
             for key, entry in self.state.items()
         }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.steps_seen = {key: int(entry["taylor_steps"]) for key, entry in self.state.items()}
