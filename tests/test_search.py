@@ -119,9 +119,17 @@ def test_rule_is_a_read_out_of_the_same_sums():
     assert all(torch.equal(one.significance()[key], score) for key, score in read["mean"].items())  # the default
 
     contrast = bingo.TicketSearch(make_mlp(), fraction=0.3, mode="zero", metric="loss", seed=3, rule="contrast")
-    contrast.load_state_dict(_probe_search(8, rule="mean").state_dict())
+    contrast.load_state_dict(one.state_dict())  # a search that kept every rule's sums loads under any rule
     for key, score in contrast.significance().items():
         assert torch.equal(score, read["contrast"][key]), key
+
+    # A search built with a rule keeps only that rule's sums: a quarter of the memory of keeping all.
+    mean_only = _probe_search(8, rule="mean")
+    with pytest.raises(ConfigError, match=r"^this search keeps the sums of rule 'mean' only .*with rule='contrast'$"):
+        mean_only.significance(rule="contrast")
+    with pytest.raises(CheckpointError, match="has entries"):
+        contrast.load_state_dict(mean_only.state_dict())
+    assert all(torch.equal(contrast.significance()[key], score) for key, score in read["contrast"].items())  # unchanged
     message = "^unknown rule 'max' for estimator 'probe'; valid choices: mean, paper, contrast$"
     with pytest.raises(ConfigError, match=message):
         one.significance(rule="max")
@@ -469,3 +477,27 @@ def test_random_subsets_are_distinct_and_uniform(n, size):
     expected = draws * size / n
     # every index drawn about equally often (5 standard deviations of a binomial count)
     assert (hits - expected).abs().max() < 5 * (expected * (1 - size / n)) ** 0.5 + 1
+
+
+def _held_bytes_per_weight_byte(search: bingo.TicketSearch) -> float:
+    def walk(tree):
+        if isinstance(tree, torch.Tensor):
+            return tree.numel() * tree.element_size()
+        return sum(walk(v) for v in tree.values()) if isinstance(tree, dict) else 0
+
+    state = search.state_dict()
+    held = walk(state["theta0"]) + walk(state["theta0_bias"]) + walk(state["estimator"])
+    return held / sum(t.numel() * t.element_size() for t in search.theta0.values())
+
+
+@pytest.mark.parametrize("settings, most", [
+    (dict(config=bingo.BINGO_SEARCH), 2.0),  # θ0 and the running Taylor average
+    (dict(estimator="probe", metric="accuracy", mode="reset", rule="mean"), 4.0),  # the paper's search (bingo-paper)
+    (dict(estimator="probe", rule="paper"), 4.0),
+    (dict(estimator="probe", metric="loss", rule="contrast"), 6.0),
+    (dict(estimator="probe"), 10.0),  # no rule given: every read-out's sums
+])
+def test_memory_the_search_holds_per_scored_weight(settings, most):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    held = _held_bytes_per_weight_byte(bingo.TicketSearch(model, **settings))
+    assert most - 0.01 <= held <= most + 0.01, held  # the layers' totals are a few scalars

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import ConfigError
 from .base import Estimator, register_estimator
 from .fake_pass import Batch, due, measure, paper_change, probe_damage
 from .targeted import Focus, draw_subset, focus_candidates, focus_of
@@ -39,36 +40,51 @@ class ProbeEstimator(Estimator):
 
     With ``target=s`` the probes are targeted (:class:`~bingo.estimators.targeted.Focus`),
     deciding by ``rule``'s scores (and, for ``"contrast"``, standard errors).
+
+    Memory: the sums of the read-outs in ``keep`` only (from a search built
+    with ``rule=...``: that rule's; without one: all three). Per scored
+    weight, θ0 (4 bytes, the search's) plus an int32 count plus float64 sums:
+    one for ``"mean"`` or ``"paper"`` (4× the weights' float32 bytes in all),
+    two for ``"contrast"`` (6×), four when every rule is kept (10×).
     """
 
     name = "probe"
     rules = ("mean", "paper", "contrast")
 
-    def __init__(self, rule: str = "mean", target: float = 0.0, band: float = 0.1) -> None:
+    #: the per-unit sums each read-out needs (beside the count)
+    SUMS = {"mean": ("damage_sum",), "paper": ("running",), "contrast": ("drop_sum", "drop_sq_sum")}
+
+    def __init__(self, rule: str = "mean", target: float = 0.0, band: float = 0.1, keep: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.rule = self.resolve_rule(rule)
+        #: the read-outs whose sums this estimator keeps (default: every one)
+        self.keep = tuple(self.resolve_rule(r) for r in (keep or self.rules))
+        if self.rule not in self.keep:
+            raise ConfigError(f"rule {self.rule!r} must be among the kept read-outs {list(self.keep)}")
         self.focus = Focus(target, band) if target else None
         self._candidates: dict[str, torch.Tensor | None] | None = None  # the focus on the host, read once per refocus
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> ProbeEstimator:
-        return cls(rule=config.rule or "mean", target=config.target, band=config.band)
+        # A search built with a rule keeps only that rule's sums; without one it can be read every way.
+        return cls(rule=config.rule or "mean", target=config.target, band=config.band, keep=(config.rule,) if config.rule else None)
 
     def attach(self, search: TicketSearch) -> None:
         super().attach(search)
         for key in search.layers:
             shape, device = search.unit_shape(key), search.theta0[key].device
             zeros = lambda shape=shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-            self.state[key] = {
-                "count": zeros(dtype=torch.int64),
-                "damage_sum": zeros(),  # clipped relative drops: rule "mean"
-                "running": zeros(),  # the author's running average: rule "paper"
-                "drop_sum": zeros(),  # signed drops when probed: rule "contrast"
-                "drop_sq_sum": zeros(),
+            # "damage_sum": clipped relative drops (rule "mean"); "running": the author's running average
+            # ("paper"); "drop_sum", "drop_sq_sum": signed drops when probed ("contrast"). int32 counts:
+            # exact up to 2^31 probes of one unit, half the bytes of int64.
+            self.state[key] = {"count": zeros(dtype=torch.int32)}
+            for name in dict.fromkeys(name for rule in self.keep for name in self.SUMS[rule]):
+                self.state[key][name] = zeros()
+            self.state[key].update({
                 "layer_probes": zeros((), torch.int64),  # the layer's totals, for the "not probed" side
                 "layer_drop_sum": zeros(()),
                 "layer_drop_sq_sum": zeros(()),
-            }
+            })
             if self.focus:
                 self.state[key]["focus"] = Focus.initial(shape, device)
 
@@ -93,12 +109,15 @@ class ProbeEstimator(Estimator):
         entry = self.state[key]
         subset = subset.to(entry["count"].device, non_blocking=True)
         entry["count"].view(-1)[subset] += 1
-        entry["damage_sum"].view(-1)[subset] += probe_damage(before, after)
-        running = entry["running"].view(-1)
-        running[subset] = (running[subset] + paper_change(before, after)) / 2
         drop = before - after
-        entry["drop_sum"].view(-1)[subset] += drop
-        entry["drop_sq_sum"].view(-1)[subset] += drop * drop
+        if "damage_sum" in entry:
+            entry["damage_sum"].view(-1)[subset] += probe_damage(before, after)
+        if "running" in entry:
+            running = entry["running"].view(-1)
+            running[subset] = (running[subset] + paper_change(before, after)) / 2
+        if "drop_sum" in entry:
+            entry["drop_sum"].view(-1)[subset] += drop
+            entry["drop_sq_sum"].view(-1)[subset] += drop * drop
         entry["layer_probes"] += 1
         entry["layer_drop_sum"] += drop
         entry["layer_drop_sq_sum"] += drop * drop
@@ -116,6 +135,12 @@ class ProbeEstimator(Estimator):
         self._candidates = None
 
     def load_state_dict(self, state: dict) -> None:
+        """A state that holds the sums this search keeps loads (sums it does not keep are left out)."""
+        if isinstance(state, dict):
+            state = {
+                key: {name: value for name, value in saved.items() if name in self.state.get(key, {})} if isinstance(saved, dict) else saved
+                for key, saved in state.items()
+            }
         super().load_state_dict(state)
         self._candidates = None
 
@@ -136,8 +161,18 @@ class ProbeEstimator(Estimator):
         stderr = (var_in / n_in.clamp(min=1) + var_out / n_out.clamp(min=1)).sqrt()
         return mean_in - mean_out, stderr, known
 
-    def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
+    def kept_rule(self, rule: str | None) -> str:
+        """``rule`` resolved, or :class:`ConfigError` if its sums were not kept."""
         rule = self.resolve_rule(rule)
+        if rule not in self.keep:
+            raise ConfigError(
+                f"this search keeps the sums of rule {', '.join(map(repr, self.keep))} only (it was built with that rule); "
+                f"build it without a rule to read every rule, or with rule={rule!r}"
+            )
+        return rule
+
+    def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
+        rule = self.kept_rule(rule)
         scores = {}
         for key, entry in self.state.items():
             if rule == "contrast":
@@ -153,7 +188,7 @@ class ProbeEstimator(Estimator):
 
     def counts(self) -> dict[str, torch.Tensor]:
         """How many probes included each unit."""
-        return {key: entry["count"].clone() for key, entry in self.state.items()}
+        return {key: entry["count"].long() for key, entry in self.state.items()}
 
     def uncertainty(self) -> dict[str, torch.Tensor]:
         """Standard error of the ``contrast`` estimate per unit, in metric units; inf where unknown.
@@ -161,6 +196,7 @@ class ProbeEstimator(Estimator):
         Shrinks like ``1 / sqrt(probes)``.
         """
         out = {}
+        self.kept_rule("contrast")
         for key in self.state:
             _, stderr, known = self._contrast(key)
             out[key] = torch.where(known, stderr, torch.full_like(stderr, math.inf)).float()
