@@ -80,3 +80,16 @@ def test_compensate_moves_cpu_calibration_to_a_cuda_model():
     bingo.prune(model, bingo.magnitude_scores(model, include=["*"]), 0.5)
     result = bingo.compensate(model, None, torch.randn(200, 8))
     assert result.layers and all(p.device.type == "cuda" for p in model.parameters())
+
+
+def test_under_torchrun_cuda_means_this_ranks_gpu(monkeypatch):
+    from bingo import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert distributed.rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit index is kept
+    assert distributed.rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda")
+    assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+    assert distributed.backend_for(torch.device("cpu")) == "gloo"

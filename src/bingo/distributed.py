@@ -45,6 +45,7 @@ from .errors import ConfigError
 __all__ = [
     "active",
     "average_over_ranks",
+    "backend_for",
     "barrier",
     "broadcast_buffers",
     "broadcast_tensors",
@@ -52,6 +53,7 @@ __all__ = [
     "is_main_process",
     "mean_over_ranks",
     "rank",
+    "rank_device",
     "shard",
     "sum_over_ranks",
     "unwrap",
@@ -166,6 +168,24 @@ def shard(index: torch.Tensor) -> torch.Tensor:
     same), so the shards together are exactly the one-process batch.
     """
     return index[rank() :: world_size()] if active() else index
+
+
+def backend_for(device: torch.device) -> str:
+    """The ``torch.distributed`` backend for a job that trains on ``device``: nccl on CUDA GPUs, gloo on the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device under ``torchrun``: ``cuda`` means ``cuda:LOCAL_RANK`` (one GPU per process).
+
+    A CPU device, or one with an explicit index, is returned as it is;
+    outside ``torchrun`` (no ``LOCAL_RANK``) too.
+    """
+    device = torch.device(device)
+    local = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or device.index is not None or local is None or not local.strip().isdigit():
+        return device
+    return torch.device("cuda", int(local))
 
 
 def init_from_environment(backend: str = "gloo") -> bool:

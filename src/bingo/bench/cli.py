@@ -434,7 +434,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             claimed[file] = flag
     train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
     granularity = getattr(strategy.config, "granularity", "weight")
-    device = resolve_device(args.device)  # before anything is trained: a device that is not there is a one-line error
+    # Before anything is trained: a device that is not there is a one-line error. Under torchrun, cuda is this rank's GPU.
+    device = distributed.rank_device(resolve_device(args.device))
 
     with _one_line_warnings():  # e.g. classes absent from training, caveats about the scores
         data = load_dataset(args.data, args.data_dir, seed=args.seed)
@@ -552,8 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     joined = False
     try:
-        if args.command == "run":  # under torchrun: join the job's process group (gloo: the CLI trains on the CPU)
-            joined = distributed.init_from_environment()
+        if args.command == "run":  # under torchrun: join the job's process group (nccl on GPUs, gloo on the CPU)
+            joined = distributed.init_from_environment(distributed.backend_for(resolve_device(args.device)))
         elif os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # every process would write the same files
             raise ConfigError(f"'bingo {args.command}' runs in one process; under torchrun only 'bingo run' is distributed")
         return {"demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "export": cmd_export}[args.command](args)

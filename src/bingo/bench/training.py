@@ -285,8 +285,9 @@ def train(
     n = len(data.x_train)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     trained = model
-    if distributed.active():
-        trained = nn.parallel.DistributedDataParallel(model)
+    if distributed.active():  # on a GPU, DDP's buckets live on this rank's device
+        cuda = model_device(model).type == "cuda"
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[model_device(model).index] if cuda else None)
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         initial=first_epoch * steps_per_epoch,
