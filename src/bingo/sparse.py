@@ -16,9 +16,12 @@ Whether a sparse matrix pays depends on the sparsity, the layer's size and
 the batch (how many rows of inputs a call multiplies). On a 2-core x86 CPU
 at one thread (torch 2.13, MKL): a 4096² Linear is faster as CSR from about
 50% sparsity at batch 1 (1.0× at 50%, 1.5× at 70%, 2.2× at 80%, about 5× at
-90%), but at batch 64 only from about 70%; a 1024² one, which dense BLAS
-keeps in cache, needs over 80% at batch 1. Below 50% no layer measured
+90%: ``benchmarks/masked_speed.py``), but at batch 64 only above about 70%
+(1.0× at 70%, 1.5× at 80%, about 2.6× at 90%); a 1024² one, which dense
+BLAS keeps in cache, needs over 80% at batch 1. Below 50% no layer measured
 faster, hence ``min_sparsity=0.5``: layers below it are not even timed.
+The decision holds for the batch and thread count it was timed with: time
+under the ones you serve with (``batch_size=``, ``torch.set_num_threads``).
 """
 
 from __future__ import annotations
