@@ -1,17 +1,21 @@
-"""A 90%-pruned 4096 × 4096 Linear: dense, masked by torch.nn.utils.prune alone, and masked by bingo (issue 19's target).
+"""A 90%-pruned 4096 × 4096 Linear: dense, masked by torch.nn.utils.prune alone, masked by bingo, and bingo.to_sparse (issue 19's targets).
 
     python benchmarks/masked_speed.py      # writes benchmarks/results/masked_speed.md
 
 Forward latency at batch 1 and 64 under ``torch.no_grad()``, 1 thread. The
-three forms are timed interleaved in one process (a round of each, repeated),
+four forms are timed interleaved in one process (a round of each, repeated),
 and each masked form's speed is reported as the median over rounds of dense
 time ÷ its time, with the range, so a machine that slows down between rounds
 does not flatter either side. torch's own hook recomputes ``weight_orig *
-weight_mask`` before every forward; bingo's reuses it while neither changed.
+weight_mask`` before every forward; bingo's reuses it while neither changed;
+``bingo.to_sparse`` stores the masked weight as a CSR matrix (``choose="always"``
+here, so the column is the CSR form whatever its own chooser would decide;
+what the chooser decided, timing on its own, is reported under the table).
 """
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -47,17 +51,25 @@ def main() -> str:
     ours = nn.Linear(WIDTH, WIDTH)
     ours.load_state_dict(dense.state_dict())
     bingo.apply_masks(ours, {"weight": keep})
-    rows = []
+    sparse = nn.Sequential(copy.deepcopy(ours))
+    bingo.to_sparse(sparse, choose="always")
+    rows, chooser = [], []
     with torch.no_grad():
         for batch, calls in ((1, 20), (64, 10)):
             x = torch.randn(batch, WIDTH)
             torch.testing.assert_close(ours(x), torch_only(x))  # the same outputs
-            ratios = {"torch.nn.utils.prune": [], "bingo": []}
+            torch.testing.assert_close(sparse(x), ours(x))
+            ratios = {"torch.nn.utils.prune": [], "bingo": [], "bingo.to_sparse": []}
             for _ in range(ROUNDS):
                 base = _seconds(dense, x, calls)
                 ratios["torch.nn.utils.prune"].append(base / _seconds(torch_only, x, calls))
                 ratios["bingo"].append(base / _seconds(ours, x, calls))
+                ratios["bingo.to_sparse"].append(base / _seconds(sparse, x, calls))
             rows.append((batch, base, ratios))
+            decided = bingo.to_sparse(nn.Sequential(copy.deepcopy(ours)), batch_size=batch).layers[0]
+            low, high = decided.speedup_range
+            chooser.append(f"batch {batch}: {'converted' if decided.converted else 'kept dense'} "
+                           f"(its own {decided.speedup:.2f}×, {low:.2f}–{high:.2f}, over 5 rounds)")
     lines = [f"| batch | dense latency (ms, last round) | {' | '.join(f'{k}: speed ÷ dense (median, range)' for k in rows[0][2])} |",
              "|---:|---:|" + "---:|" * len(rows[0][2])]
     for batch, base, ratios in rows:
@@ -66,9 +78,12 @@ def main() -> str:
     text = f"""# Masked forward speed: a {SPARSITY:.0%}-pruned {WIDTH} × {WIDTH} Linear
 
 `python benchmarks/masked_speed.py`: {platform.machine()}, torch {torch.__version__}, 1 thread, `torch.no_grad()`,
-{ROUNDS} interleaved rounds. Target (issue 19): masked ≥ 0.9× dense at batch 1 and 64.
+{ROUNDS} interleaved rounds. Targets (issue 19): masked ≥ 0.9× dense at batch 1 and 64; the sparse path ≥ 1.3× dense
+at batch 1. `bingo.to_sparse` column: the CSR form (`choose="always"`).
 
 {chr(10).join(lines)}
+
+`bingo.to_sparse(model, batch_size=b)`'s own choice, timing the masked layer against its CSR form: {"; ".join(chooser)}.
 """
     atomic_write(REPORT, lambda tmp: Path(tmp).write_text(text))
     return text

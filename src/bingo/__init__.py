@@ -24,6 +24,7 @@ from .scoring import bingo_scores, combine_ranks, magnitude_scores, random_score
 from .search import BINGO_SEARCH, SearchConfig, TicketSearch
 from .selection import is_n_m, select_masks, select_n_m
 from .semi_structured import to_semi_structured
+from .sparse import SparseLayer, SparseLinear, SparseResult, to_sparse
 from .shrink import count_flops, count_parameters, shrink
 
 __all__ = [
@@ -77,11 +78,15 @@ __all__ = [
     "shrink",
     "shrink_coupled",
     "shrink_heads",
+    "SparseLayer",
+    "SparseLinear",
+    "SparseResult",
     "SparsityScheduler",
     "state_dict_size",
     "suggested_calibration_samples",
     "TicketSearch",
     "to_semi_structured",
+    "to_sparse",
     "TrainingError",
 ]
 

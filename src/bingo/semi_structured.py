@@ -24,7 +24,7 @@ from .layers import tied_weights
 from .masks import make_permanent, masked_value
 from .selection import is_n_m
 
-__all__ = ["to_semi_structured"]
+__all__ = ["semi_structured_weight", "to_semi_structured"]
 
 
 def _pruned_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -33,6 +33,23 @@ def _pruned_linears(model: nn.Module) -> dict[str, nn.Module]:
         name: module for name, module in model.named_modules()
         if isinstance(layer_type_of(module), LinearLayer) and isinstance(getattr(module, "weight_mask", None), torch.Tensor)
     }
+
+
+def semi_structured_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """A 2:4 ``weight`` (a dense CUDA tensor) as ``torch.sparse.to_sparse_semi_structured`` stores it.
+
+    :class:`ConfigError` naming the layer ``name`` and PyTorch's reason when
+    PyTorch refuses it (its dtype, shape or device).
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    weight = weight.detach().contiguous()
+    try:
+        return to_sparse_semi_structured(weight)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"cannot convert {name!r} (nn.Linear, {weight.dtype}, {tuple(weight.shape)}) to a "
+                          f"semi-structured sparse weight: {first}") from None
 
 
 def to_semi_structured(model: nn.Module) -> tuple[str, ...]:
@@ -87,18 +104,10 @@ def to_semi_structured(model: nn.Module) -> tuple[str, ...]:
         where = f"the model is on {parameter.device}" + ("" if torch.cuda.is_available() else " and CUDA is not available")
         raise ConfigError(f"semi-structured sparse kernels need a CUDA GPU; {where}; would have converted "
                           f"{len(linears)} nn.Linear: {', '.join(linears)}")
-    from torch.sparse import to_sparse_semi_structured
-
     converted = {}
     for name, module in linears.items():
         with torch.no_grad():
-            weight = masked_value(module, "weight").detach().contiguous()
-        try:
-            converted[name] = to_sparse_semi_structured(weight)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise ConfigError(f"cannot convert {name!r} (nn.Linear, {weight.dtype}, {tuple(weight.shape)}) to a "
-                              f"semi-structured sparse weight: {first}") from None
+            converted[name] = semi_structured_weight(name, masked_value(module, "weight"))
     for name, module in linears.items():
         make_permanent(module)
         requires_grad = module.weight.requires_grad

@@ -94,3 +94,7 @@ class AttentionOutputLayer(LayerType):
 
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=_heads_output, hook_on="parent", when="post")]
+
+    def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+        return ("nn.MultiheadAttention reads its out_proj's weight itself and never calls out_proj, so a sparse "
+                "module in its place would not be used")

@@ -14,7 +14,9 @@ know, so none of them asks "is this a Linear?":
   forward hook that turns what the layer is fed into the design matrix
   ``X`` (``rows × fan-in``) whose product with those rows is the layer's
   output; or a sentence saying why it cannot be re-fitted;
-- whether it can be a model's output layer.
+- whether it can be a model's output layer;
+- whether its forward is an ``nn.Linear`` in disguise (:meth:`LayerType.linear_form`),
+  which is what :func:`bingo.to_sparse` stores as a sparse matrix.
 
 Adding a layer type is one file with a subclass and one
 :func:`register_layer_type` line (see the README's recipe). The types
@@ -111,6 +113,17 @@ class LayerType:
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         """The least-squares problems that re-fit weight ``name``, or why it cannot be re-fitted."""
         return f"no re-fit is defined for {type(module).__name__} ({self.name})"
+
+    def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+        """``module``'s call as ``y = x Wᵀ + b`` on the last axis of its one input: ``(W (out × in), b)``, or why it is not.
+
+        ``weight`` and ``bias`` are the values the forward uses (masks
+        applied). :func:`bingo.to_sparse` replaces a module that has this form
+        by a :class:`bingo.SparseLinear` of ``W``; a sentence instead says why
+        it cannot (a conv's sliding window, a weight read by another module).
+        """
+        return f"no sparse form is defined for {type(module).__name__} ({self.name}): it is not y = x Wᵀ + b"
 
     def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         """A new module like ``module`` computing with ``weight`` (units first: ``(out, in, …)``) and ``bias``.

@@ -34,6 +34,9 @@ class HuggingFaceConv1DLayer(LayerType):
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=last_axis_rows)]
 
+    def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+        return weight.T, bias  # stored in × out
+
     def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         new = type(module)(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=weight.dtype)  # Conv1D(nf, nx)
         with torch.no_grad():

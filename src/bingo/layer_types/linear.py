@@ -24,6 +24,9 @@ class LinearLayer(LayerType):
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=last_axis_rows)]
 
+    def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+        return weight, bias
+
     def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
