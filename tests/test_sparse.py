@@ -269,7 +269,7 @@ def test_real_timing_reports_a_ratio_for_every_tried_layer():
     torch.testing.assert_close(model(x), before)  # whatever it chose
 
 
-@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_on_cuda_layers_are_timed_and_converted_on_the_models_device():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 16)).cuda().eval()
