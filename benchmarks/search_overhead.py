@@ -136,7 +136,7 @@ def overhead(name: str, config: bingo.SearchConfig, rounds: int, quick: bool) ->
 
 SEARCHES = {
     "bingo (hybrid, default)": bingo.BINGO_SEARCH,
-    "taylor alone (no fake passes)": bingo.SearchConfig(estimator="taylor"),
+    "taylor alone (no fake passes)": bingo.SearchConfig(estimator="taylor", metric="loss", mode="zero"),
     "bingo-paper (probe, every auto)": bingo.SearchConfig(**{**BINGO_PAPER.search.to_dict(), "every": None}),
 }
 
