@@ -224,11 +224,14 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """The groups of tied channels of ``model`` (see the module docstring), in the graph's order.
 
     ``example_inputs`` is the shape of one sample without the batch
-    dimension (``(1, 28, 28)``; a batch of two zeros is traced), or inputs
+    dimension (``(1, 28, 28)``; two seeded random samples of it are traced), or inputs
     with a batch dimension as the model takes them: a tensor
     (``torch.randn(1, 1, 28, 28)``), a tuple or a dict of tensors
     (:mod:`bingo.inputs`). Inputs the model cannot run on are a one-line
-    :class:`ConfigError` before anything is traced. ``model`` is not changed.
+    :class:`ConfigError` saying so, not a tracing error (they are checked
+    when the trace fails, so good inputs cost no forward of their own).
+    ``model`` is not changed; the trace runs on a copy
+    (:func:`bingo.masks.permanent_copy`).
     """
     model = unwrap(model)
     net = permanent_copy(model)  # the graph is traced on plain parameters
