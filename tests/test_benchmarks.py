@@ -50,3 +50,18 @@ def test_whole_curve_cost_by_kind_of_method():
     # a method with a sparsity missing has no whole curve
     results["runs"] = [r for r in results["runs"] if not (r["method"] == "gmp" and r["sparsity"] == 0.9)]
     assert curve.curve_cost(results, "gmp") is None
+
+
+def test_shrink_speed_compares_identical_results_round_by_round():
+    shrink_speed = pytest.importorskip("shrink_speed")
+    result = shrink_speed.measure(rounds=2, side=32)
+    dense, shrunk = result["parameters"]
+    assert dense == 11_689_512 and shrunk < 0.3 * dense  # torchvision's ResNet-18, half of every group's channels gone
+    assert all(same and gap == 0.0 for same, gap in result["checks"].values())  # bingo's result is Torch-Pruning's
+    assert result["masked_gap"] < 1e-4
+    assert set(result["ratios"]) == {"bingo, groups reused", "bingo, no groups"}
+    assert all(len(r) == 2 and all(v > 0 for v in r) for r in result["ratios"].values())
+    parts = dict(result["profile"])
+    assert parts["whole `shrink`"] >= parts["one copy, masks baked in (`permanent_copy`)"] > 0
+    text = shrink_speed.report(result)
+    assert "| bingo, groups reused |" in text and "NO" not in text

@@ -74,16 +74,26 @@ def test_other_wrong_inputs_are_one_line_errors():
         bingo.channel_groups(Small(), (torch.zeros(2, 1, 8, 8), 3))
 
 
-def test_a_wrong_shape_is_refused_before_anything_is_traced(monkeypatch):
+def test_a_wrong_shape_is_refused_as_such_not_as_a_tracing_error(monkeypatch):
+    # The inputs are checked when the trace fails (a good input costs no forward of its own): the message says what
+    # the inputs lack, whatever the tracer said, and the chain's fx trace is never reached.
+    def tracing_fails(*args, **kwargs):
+        raise ConfigError("cannot trace: some tracer error")
+
     def no_tracing(*args, **kwargs):
         raise AssertionError("traced before the shape was checked")
 
     model = _pruned_resnet()
-    monkeypatch.setattr(bingo.coupled, "_graph", no_tracing)
+    groups = bingo.channel_groups(model, SHAPE)
+    monkeypatch.setattr(bingo.coupled, "_graph", tracing_fails)
     monkeypatch.setattr(importlib.import_module("bingo.shrink"), "_trace", no_tracing)
     for call in (bingo.shrink, bingo.channel_groups, bingo.shrink_coupled):
         with pytest.raises(ConfigError, match="cannot run on input_shape"):
             call(model, (1, 1, 12, 12))
+    monkeypatch.undo()
+    monkeypatch.setattr(importlib.import_module("bingo.shrink"), "_trace", no_tracing)
+    with pytest.raises(ConfigError, match="cannot run on input_shape"):  # with groups: traced or checked, the same message
+        bingo.shrink(model, (1, 1, 12, 12), groups=groups)
 
 
 def test_a_batched_tensor_tuple_or_dict_gives_what_the_sample_shape_gives():

@@ -42,9 +42,9 @@ layer; across a residual add there is no single next layer to fold into).
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +54,11 @@ from torch.nn.utils import prune as torch_prune
 
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
-from .inputs import ExampleInputs
+from .inputs import SHAPE_BATCH, ExampleInputs, check_runs
 from .inputs import example_inputs as example_inputs_of
 from .layer_types import unit_matrix
-from .layers import PRUNABLE_TYPES, output_layer_name
-from .masks import apply_masks, keep_copyable, make_permanent
+from .layers import PRUNABLE_TYPES, output_layer_name, unit_axis
+from .masks import apply_masks, keep_copyable, permanent_copy
 from .selection import SCOPES, select_masks
 from .shrink import mark_shrunk
 
@@ -89,22 +89,56 @@ def _tp():
     return torch_pruning
 
 
-def _graph(model: nn.Module, example: ExampleInputs):
-    """Torch-Pruning's dependency graph of ``model``, its train/eval flags as they were (tracing sets eval)."""
+def _graph(model: nn.Module, example: ExampleInputs) -> tuple[object, Any]:
+    """Torch-Pruning's dependency graph of ``model`` and the eval-mode outputs of the forward it traced (detached).
+
+    The train/eval flags are restored (tracing sets eval).
+    """
     tp = _tp()
     modes = [(m, m.training) for m in model.modules()]
+    hooks = [(m._forward_hooks, set(m._forward_hooks)) for m in model.modules()]
+    outputs = []
+
+    def forward(module: nn.Module, _: object) -> Any:
+        # called as the model takes its inputs (Torch-Pruning would first try model(*tensor), a batch split into samples)
+        outputs.append(example(module))
+        return outputs[-1]
+
     try:
         with torch.enable_grad():  # the graph follows autograd
-            # forward_fn: called as the model takes its inputs (Torch-Pruning would first try model(*tensor), a batch split into samples)
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.args or example.kwargs,
-                                                          forward_fn=lambda m, _: example(m), verbose=False)
+                                                          forward_fn=forward, verbose=False)
     except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward: name what failed, in one line
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ConfigError(f"cannot trace {type(model).__name__} for coupled channels: {reason}") from None
     finally:
         for module, training in modes:
             module.training = training
-    return graph
+        for registered, before in hooks:  # Torch-Pruning removes its hooks, but not when the forward raised
+            for handle in set(registered) - before:
+                del registered[handle]
+    return graph, _detached(outputs[-1])
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_detached(item) for item in value]
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or tuples / lists / dicts of them), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 _JOINS = ("AddBackward", "SubBackward", "MulBackward", "DivBackward")
@@ -121,9 +155,25 @@ def _meets_untracked(group, tp) -> bool:
     return False
 
 
-def _groups(model: nn.Module, example: ExampleInputs) -> tuple[object, list[tuple[object, ChannelGroup]]]:
+@dataclass
+class _Traced:
+    """One trace of a model's copy: its graph, its groups, and the eval outputs of the traced forward."""
+
+    graph: object
+    found: list[tuple[object, ChannelGroup]]  # (Torch-Pruning's group, bingo's description of it)
+    inputs: ExampleInputs  # what the forward ran on
+    outputs: Any  # what it returned, detached
+
+
+def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
+    """Trace ``model`` (a plain copy: the graph holds its modules, and pruning it changes them) on ``example``.
+
+    Given one sample's shape, the trace runs on seeded random samples of it rather than zeros: its outputs are
+    the reference the shrunk model is checked against, and zeros can hide a constant output.
+    """
     tp = _tp()
-    graph = _graph(model, example)
+    example = example.random(batch=SHAPE_BATCH, seed=0)
+    graph, outputs = _graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     order = {name: position for position, (name, _) in enumerate(model.named_modules())}
     output = model.get_submodule(output_layer_name(model).rpartition(".")[0])
@@ -158,23 +208,35 @@ def _groups(model: nn.Module, example: ExampleInputs) -> tuple[object, list[tupl
             found.append((group, ChannelGroup(tuple(members), tuple(norms), len(group[0].idxs))))
     # in model order (of each group's first member), as the layers are everywhere else
     found.sort(key=lambda entry: order[entry[1].key.rpartition(".")[0]])
-    return graph, found
+    return _Traced(graph, found, example, outputs)
+
+
+def _traced_or_explained(net: nn.Module, example: ExampleInputs, what: str) -> _Traced:
+    """:func:`_groups`; when the trace fails, inputs that do not fit are said so first (:func:`bingo.inputs.check_runs`)."""
+    try:
+        return _groups(net, example)
+    except ConfigError:
+        check_runs(net, example, what)
+        raise
 
 
 def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """The groups of tied channels of ``model`` (see the module docstring), in the graph's order.
 
     ``example_inputs`` is the shape of one sample without the batch
-    dimension (``(1, 28, 28)``; a batch of two zeros is traced), or inputs
+    dimension (``(1, 28, 28)``; two seeded random samples of it are traced), or inputs
     with a batch dimension as the model takes them: a tensor
     (``torch.randn(1, 1, 28, 28)``), a tuple or a dict of tensors
     (:mod:`bingo.inputs`). Inputs the model cannot run on are a one-line
-    :class:`ConfigError` before anything is traced. ``model`` is not changed.
+    :class:`ConfigError` saying so, not a tracing error (they are checked
+    when the trace fails, so good inputs cost no forward of their own).
+    ``model`` is not changed; the trace runs on a copy
+    (:func:`bingo.masks.permanent_copy`).
     """
     model = unwrap(model)
-    net = copy.deepcopy(model)
-    make_permanent(net)  # the graph is traced on plain parameters
-    return [group for _, group in _groups(net, example_inputs_of(net, example_inputs, "channel_groups"))[1]]
+    net = permanent_copy(model)  # the graph is traced on plain parameters
+    example = example_inputs_of(net, example_inputs, "channel_groups", check=False)
+    return [group for _, group in _traced_or_explained(net, example, "channel_groups").found]
 
 
 def is_coupled(groups: list[ChannelGroup]) -> bool:
@@ -265,8 +327,11 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor,
     rows_zero = torch.ones(group.channels, dtype=torch.bool)
     for key in group.members:
         module = model.get_submodule(key.rpartition(".")[0])
-        weight = module.weight.detach()
-        zero = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1).cpu()
+        rows = module.weight.detach().reshape(module.weight.shape[0], -1)
+        if rows.shape[1]:  # all exactly zero: two reductions, no temporary
+            zero = ((rows.amax(dim=1) == 0) & (rows.amin(dim=1) == 0)).cpu()
+        else:
+            zero = torch.ones(rows.shape[0], dtype=torch.bool)
         if getattr(module, "bias", None) is not None:
             zero &= (module.bias.detach() == 0).cpu()
         rows_zero &= zero
@@ -280,35 +345,114 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor,
     return exact, rows_zero & ~exact
 
 
-def _check_same_outputs(model: nn.Module, shrunk: nn.Module, example: ExampleInputs) -> None:
-    """Refuse a shrunk model whose eval outputs differ from the masked one's on the example (or seeded random) inputs.
+def _check_groups(model: nn.Module, groups: Any, what: str) -> list[ChannelGroup]:
+    """``groups`` as a list, if they can be ``model``'s: every member a Conv/Linear and every norm a BatchNorm of it, with the group's channel count.
+
+    Groups from :func:`channel_groups` of another model, or of this one
+    before it changed (a shrunk model has fewer channels), are a one-line
+    :class:`ConfigError` naming the first layer that does not fit. Whether
+    the layers are tied as the groups say is known only from a trace, which
+    the coupled shrink does anyway (:func:`_remove_zero_channels`).
+    """
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(group, ChannelGroup) for group in groups):
+        raise ConfigError(f"{what}: groups must be the list bingo.channel_groups(model, example_inputs) returns, "
+                          f"got {type(groups).__name__}")
+    name = type(model).__name__
+    again = "groups from another model, or from this one before it changed? call bingo.channel_groups on it again"
+    for group in groups:
+        for key in (*group.members, *group.norms):
+            module_name = key.rpartition(".")[0] if key in group.members else key
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise ConfigError(f"{what}: groups name {key!r}, which {name} does not have ({again})") from None
+            if key in group.members:
+                ok_type = isinstance(module, PRUNABLE_TYPES)
+                units = module.weight.shape[unit_axis(module)] if ok_type else None
+            else:
+                ok_type = isinstance(module, _NORMS)
+                units = module.num_features if ok_type else None
+            if not ok_type:
+                raise ConfigError(f"{what}: groups name {key!r}, which is a {type(module).__name__} in {name}, "
+                                  f"not a {'Conv/Linear layer' if key in group.members else 'BatchNorm'} ({again})")
+            if units != group.channels:
+                raise ConfigError(f"{what}: groups give {key!r} {group.channels} channels; in {name} it has {units} ({again})")
+    return list(groups)
+
+
+def _check_same_outputs(want: Any, shrunk: nn.Module, inputs: ExampleInputs) -> None:
+    """Refuse a shrunk model whose eval outputs on ``inputs`` differ from ``want``, the masked model's on the same inputs.
 
     A channel that is zero where its layers meet can still become a nonzero
     constant before it is read (a sigmoid, a softplus, an add of a buffer);
     removing it would drop that constant. The graph does not say what maps
-    zero to zero, so the result is checked instead.
+    zero to zero, so the result is checked instead: one forward of the shrunk
+    model, against the outputs of the forward the graph was traced with.
     """
-    inputs = example.random(batch=4, seed=0)
-    modes = [(m, m.training) for m in [*model.modules(), *shrunk.modules()]]
+    modes = [(m, m.training) for m in shrunk.modules()]
     try:
-        model.eval()
         shrunk.eval()
         with torch.no_grad():
-            want, got = inputs(model), inputs(shrunk)
+            got = inputs(shrunk)
     finally:
         for module, training in modes:
             module.training = training
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    gap = float((want - got).abs().max()) if want.numel() else 0.0
+    gap, scale = 0.0, 0.0
+    pairs = list(zip(_tensors(want), _tensors(got)))
+    for a, b in pairs:
+        if a.shape != b.shape:
+            gap = math.inf
+        elif a.numel():
+            scale = max(scale, float(a.abs().max()))
+            gap = max(gap, float((a.double() - b.double()).abs().max()))
+    if len(pairs) != len(_tensors(want)) or len(pairs) != len(_tensors(got)):
+        gap = math.inf
     if not gap <= 1e-4 * max(1.0, scale):
         raise ConfigError(
-            f"cannot shrink {type(model).__name__} exactly: removing its zero channels changes its output by {gap:.3g} "
+            f"cannot shrink {type(shrunk).__name__} exactly: removing its zero channels changes its output by {gap:.3g} "
             "(something between its layers turns a zero channel into a constant, e.g. a sigmoid); "
             "shrink keeps the masked model's outputs or refuses"
         )
 
 
-def shrink_coupled(model: nn.Module, example_inputs: Any) -> nn.Module:
+def _remove_zero_channels(net: nn.Module, traced: _Traced, groups: list[ChannelGroup] | None, what: str) -> nn.Module:
+    """Remove, in ``net`` itself (the plain copy ``traced`` was made of), the channels zero in their whole group."""
+    if groups is not None:
+        found = {info for _, info in traced.found}
+        for group in groups:
+            if group not in found:
+                raise ConfigError(
+                    f"{what}: the group of {group.key!r} ({group.channels} channels written by {', '.join(group.members)}) "
+                    f"is not one of the channel groups {type(net).__name__} has now: groups from another model, or from "
+                    "this one before it changed? call bingo.channel_groups on it again"
+                )
+    kept_shifted = 0
+    plan = []
+    for group, info in traced.found:
+        exact, shifted = _zero_channels(net, info)
+        kept_shifted += int(shifted.sum())
+        remove = exact.nonzero().flatten().tolist()
+        if len(remove) == info.channels:
+            remove = remove[1:]  # a layer keeps one channel
+        if remove:
+            plan.append((group, remove))
+    for group, remove in plan:
+        root = group[0].dep.target.module
+        pruning_group = traced.graph.get_pruning_group(root, group[0].dep.handler, remove)
+        pruning_group.prune()
+        mark_shrunk(net)
+    if plan:  # nothing removed: net is the traced copy itself, computing what it computed
+        _check_same_outputs(traced.outputs, net, traced.inputs)
+    if kept_shifted:
+        warnings.warn(
+            f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "
+            "prune with bingo.prune_coupled (which masks the BatchNorm too) to remove them exactly",
+            stacklevel=3,
+        )
+    return net
+
+
+def shrink_coupled(model: nn.Module, example_inputs: Any, *, groups: list[ChannelGroup] | None = None) -> nn.Module:
     """A physically smaller copy of ``model`` without its zero channels, coupled ones removed from every layer at once.
 
     A channel is removed when it is exactly zero in its whole group (every
@@ -324,31 +468,24 @@ def shrink_coupled(model: nn.Module, example_inputs: Any) -> nn.Module:
     sample's shape, as for :func:`channel_groups`): if removal changed the
     output (an activation that maps zero to a constant, such as a sigmoid,
     between the layers), :class:`ConfigError`.
+
+    Cost: one copy of the model (each masked weight copied once, as its
+    masked value, masks not at all: :func:`bingo.masks.permanent_copy`), one
+    traced forward (Torch-Pruning's graph must be built on that copy, whose
+    modules it prunes; its outputs are the reference) and one forward of the
+    shrunk model: the copy + graph + removal that Torch-Pruning itself does,
+    plus that forward.
+
+    ``groups``: the list :func:`channel_groups` returned for ``model`` (or
+    part of it), as a check: a group whose layers ``model`` does not have,
+    with other channel counts, or not tied as the trace finds them, is a
+    :class:`ConfigError` (groups of another model, or of this one before it
+    changed). They do not restrict what is removed: the result is the same
+    with and without them.
     """
-    net = copy.deepcopy(unwrap(model))
-    make_permanent(net)
-    example = example_inputs_of(net, example_inputs, "shrink_coupled")
-    graph, found = _groups(net, example)
-    kept_shifted = 0
-    plan = []
-    for group, info in found:
-        exact, shifted = _zero_channels(net, info)
-        kept_shifted += int(shifted.sum())
-        remove = exact.nonzero().flatten().tolist()
-        if len(remove) == info.channels:
-            remove = remove[1:]  # a layer keeps one channel
-        if remove:
-            plan.append((group, remove))
-    for group, remove in plan:
-        root = group[0].dep.target.module
-        pruning_group = graph.get_pruning_group(root, group[0].dep.handler, remove)
-        pruning_group.prune()
-        mark_shrunk(net)
-    _check_same_outputs(unwrap(model), net, example)
-    if kept_shifted:
-        warnings.warn(
-            f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "
-            "prune with bingo.prune_coupled (which masks the BatchNorm too) to remove them exactly",
-            stacklevel=2,
-        )
-    return net
+    model = unwrap(model)
+    example = example_inputs_of(model, example_inputs, "shrink_coupled", check=False)
+    if groups is not None:
+        groups = _check_groups(model, groups, "shrink_coupled")
+    net = permanent_copy(model)
+    return _remove_zero_channels(net, _traced_or_explained(net, example, "shrink_coupled"), groups, "shrink_coupled")

@@ -32,7 +32,7 @@ from .distributed import unwrap
 from .errors import ConfigError
 from .layers import PRUNABLE_TYPES
 
-__all__ = ["ExampleInputs", "example_inputs"]
+__all__ = ["ExampleInputs", "check_runs", "example_inputs"]
 
 #: Batch size of the zeros a shape is run on: 2, since a batch of one can be
 #: squeezed or specialised by a trace, and BatchNorm in training mode refuses it.
@@ -128,8 +128,8 @@ def _hint(module: nn.Module | None, shape: tuple[int, ...]) -> tuple[str, str]:
     return "", ""
 
 
-def _check_runs(model: nn.Module, example: ExampleInputs, what: str) -> None:
-    """Run ``model`` on ``example`` once (eval mode, no grad); a failure is a one-line :class:`ConfigError`."""
+def check_runs(model: nn.Module, example: ExampleInputs, what: str) -> None:
+    """Run ``model`` on ``example`` once (eval mode, no grad); a failure is a one-line :class:`ConfigError` saying what ``what`` expects."""
     model = unwrap(model)
     called: list[tuple[str, nn.Module]] = []
     names = {m: n for n, m in model.named_modules()}
@@ -166,7 +166,7 @@ def _check_runs(model: nn.Module, example: ExampleInputs, what: str) -> None:
     raise ConfigError(f"{what}: {type(model).__name__} cannot run on {given}: {reason}; {fix}{takes}")
 
 
-def example_inputs(model: nn.Module, value: Any, what: str) -> ExampleInputs:
+def example_inputs(model: nn.Module, value: Any, what: str, *, check: bool = True) -> ExampleInputs:
     """``value`` (one sample's shape, or inputs as the model takes them) as :class:`ExampleInputs`, checked on ``model``.
 
     See the module docstring for the two conventions. The model is run once
@@ -174,7 +174,10 @@ def example_inputs(model: nn.Module, value: Any, what: str) -> ExampleInputs:
     that fails, :class:`ConfigError` in one line: what was given, why it
     failed, the convention expected, and what the first layer takes.
     ``what`` names the caller in messages. An :class:`ExampleInputs` is
-    returned as it is (already checked).
+    returned as it is (already checked). ``check=False`` only converts: for
+    a caller whose own trace runs the model anyway and that calls
+    :func:`check_runs` when that trace fails, so a good input costs no
+    extra forward and a bad one still gets this message.
     """
     if isinstance(value, ExampleInputs):
         return value
@@ -195,5 +198,6 @@ def example_inputs(model: nn.Module, value: Any, what: str) -> ExampleInputs:
             f"dimension as the model takes them (a tensor, a tuple of tensors or a dict of them); got {type(value).__name__}"
             f"{'' if not isinstance(value, (tuple, list)) else ' mixing tensors and other values' if value else ' (empty)'}"
         )
-    _check_runs(model, example, what)
+    if check:
+        check_runs(model, example, what)
     return example

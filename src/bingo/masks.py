@@ -18,6 +18,8 @@ Which weights to mask is decided elsewhere (:mod:`bingo.selection`,
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -39,6 +41,7 @@ __all__ = [
     "masked_names",
     "masked_value",
     "model_sparsity",
+    "permanent_copy",
     "pruned_parameters",
     "refresh_masked",
     "weight_owner",
@@ -309,6 +312,54 @@ def make_permanent(model: nn.Module) -> None:
         first, first_name = users[0]
         for module, name in users[1:]:
             setattr(module, name, getattr(first, first_name))
+
+
+def permanent_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every mask baked in: what ``make_permanent(copy.deepcopy(model))`` returns, cheaper.
+
+    A masked tensor holds three full-size tensors (``<name>_orig``, the
+    ``<name>_mask`` buffer and the masked value the forward pass uses);
+    deep-copying them all and then baking the masks in writes each weight
+    four times. Here each masked tensor is copied once, as its masked value
+    (:func:`masked_value`, which ``prune.remove`` would compute), and its mask,
+    cached product and pruning hook (which keeps a mask of its own) are not
+    copied at all. Tied parameters stay tied,
+    ``requires_grad`` is kept, no pruning hooks remain; ``model`` is not changed.
+    """
+    memo: dict[int, object] = {}
+    masked = False
+    with torch.no_grad():
+        for module in model.modules():
+            names = masked_names(module)
+            for name in names:
+                orig, mask = getattr(module, f"{name}_orig"), getattr(module, f"{name}_mask")
+                if id(orig) not in memo:  # a tied parameter: one copy for all its users
+                    memo[id(orig)] = nn.Parameter(masked_value(module, name), requires_grad=orig.requires_grad)
+                memo[id(mask)] = mask  # not copied: the copy drops it below
+                held = module.__dict__.get(name)
+                if isinstance(held, torch.Tensor):
+                    memo[id(held)] = held  # the product the forward pass last used: dropped too
+                masked = True
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name in names:
+                    memo[id(hook)] = hook  # not copied either (it holds its own copy of the mask): dropped below
+    if not masked:
+        return copy.deepcopy(model)
+    net = copy.deepcopy(model, memo)
+    for module in net.modules():
+        for name in masked_names(module):
+            for handle, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == name:
+                    del module._forward_pre_hooks[handle]
+            module.__dict__.pop(name, None)
+            baked = module._parameters.pop(f"{name}_orig")
+            del module._buffers[f"{name}_mask"]
+            module.register_parameter(name, baked)
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for handle_id, hook in list(hooks.items()):
+                if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
+                    del hooks[handle_id]
+    return net
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -78,10 +78,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .inputs import ExampleInputs, example_inputs
+from .distributed import unwrap
+from .inputs import ExampleInputs, check_runs, example_inputs
 from .layer_types import layer_type_of
 from .layers import attention_inputs, unit_axis
-from .masks import make_permanent, masked_value
+from .masks import masked_value, permanent_copy
 
 __all__ = ["count_flops", "count_parameters", "is_shrunk", "mark_shrunk", "shrink"]
 
@@ -622,7 +623,12 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, child_name, new)
 
 
-def shrink(model: nn.Module, input_shape: tuple[int, ...] | torch.Tensor | tuple | dict | None = None) -> nn.Module:
+def shrink(
+    model: nn.Module,
+    input_shape: tuple[int, ...] | torch.Tensor | tuple | dict | None = None,
+    *,
+    groups: list | None = None,
+) -> nn.Module:
     """A new, physically smaller model without the dead hidden units of ``model``.
 
     Args:
@@ -641,6 +647,15 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | torch.Tensor | tuple
             but whose channel groups can be traced, is shrunk by
             :func:`bingo.coupled.shrink_coupled` (Torch-Pruning's dependency
             graph: coupled channels removed from every layer at once).
+        groups: what :func:`bingo.channel_groups` returned for ``model``, if
+            the caller has it: shrink then takes from it whether the
+            channels are coupled instead of tracing the model to find out
+            (for a chain, no dependency graph is built at all). They are
+            checked, never trusted: layers the model does not have, other
+            channel counts, or (coupled) ties other than the trace finds are
+            a one-line :class:`ConfigError` (groups of another model, or of
+            this one before it changed). The result is the same with and
+            without them.
 
     Returns:
         A deep copy of ``model`` (same class and ``forward``) in which every
@@ -649,36 +664,57 @@ def shrink(model: nn.Module, input_shape: tuple[int, ...] | torch.Tensor | tuple
         running statistics). In eval mode its outputs equal ``model``'s to
         float rounding. Masks are made permanent and no pruning hooks remain.
 
+    Cost: one copy of the model, each masked weight copied once as its
+    masked value (:func:`bingo.masks.permanent_copy`). With ``input_shape``:
+    one forward of that copy (the dependency graph's trace, or, for a chain
+    with ``groups`` given, the check that the inputs fit), and for a coupled
+    model one forward of the shrunk model, checked against the traced one.
+
     Raises:
-        ConfigError: ``input_shape`` does not fit the model (checked by one
-            forward pass before anything is traced: the message says which
-            convention is expected and what the first layer takes), or the
-            graph is not a single supported chain (residual connections,
-            concatenation, a layer used twice, an unsupported op between
-            layers, grouped convs, BatchNorm without running stats).
+        ConfigError: ``input_shape`` does not fit the model (the message
+            says which convention is expected and what the first layer
+            takes), or the graph is not a single supported chain (residual
+            connections, concatenation, a layer used twice, an unsupported
+            op between layers, grouped convs, BatchNorm without running
+            stats), or ``groups`` are not the model's.
     """
+    from .coupled import _check_groups, _groups, _remove_zero_channels, _traced_or_explained, is_coupled
+
     if input_shape is None:
+        if groups is not None and is_coupled(_check_groups(unwrap(model), groups, "shrink")):
+            raise ConfigError("shrink: these groups tie channels of several layers (a residual add); removing them "
+                              "needs Torch-Pruning's dependency graph, traced on example inputs: pass input_shape")
         return _shrink_chain(model, None)
-    from .coupled import channel_groups, is_coupled, shrink_coupled
-
-    example = example_inputs(model, input_shape, "shrink")
+    model = unwrap(model)
+    example = example_inputs(model, input_shape, "shrink", check=False)  # checked by the trace below, or on its failure
+    if groups is not None:
+        groups = _check_groups(model, groups, "shrink")
+    net = permanent_copy(model)
+    traced = None
+    if groups is None:
+        try:
+            traced = _groups(net, example)
+        except ConfigError:  # not traceable as coupled channels: the chain path says what it cannot follow
+            check_runs(net, example, "shrink")  # unless the inputs do not fit: that first
+        infos = [] if traced is None else [info for _, info in traced.found]
+    else:
+        infos = groups
+        if not is_coupled(infos):
+            check_runs(net, example, "shrink")  # no trace on this path: the inputs are checked on their own
+    if is_coupled(infos):  # a residual network: removal by dependency graph
+        return _remove_zero_channels(net, traced or _traced_or_explained(net, example, "shrink"), groups, "shrink")
     try:
-        groups = channel_groups(model, example)
+        return _shrink_chain(model, example, net)
     except ConfigError:
-        groups = []  # not traceable as a graph of coupled channels: the chain path says what it cannot follow
-    if is_coupled(groups):  # a residual network: removal by dependency graph
-        return shrink_coupled(model, example)
-    try:
-        return _shrink_chain(model, example)
-    except ConfigError:
-        if not groups:
+        if not infos:
             raise
-        return shrink_coupled(model, example)  # not a chain (a transformer block, a branch), but its groups are known
+        # not a chain (a transformer block, a branch), but its groups are known
+        return _remove_zero_channels(net, traced or _traced_or_explained(net, example, "shrink"), groups, "shrink")
 
 
-def _shrink_chain(model: nn.Module, example: ExampleInputs | None) -> nn.Module:
-    net = copy.deepcopy(model)
-    make_permanent(net)
+def _shrink_chain(model: nn.Module, example: ExampleInputs | None, net: nn.Module | None = None) -> nn.Module:
+    """Shrink a chain; ``net``, a :func:`permanent_copy` of ``model``, is the copy to work on (made here if not given)."""
+    net = permanent_copy(model) if net is None else net
     name = type(model).__name__
     chain = _chain(_trace(net, example), net)
     steps = [_classify(node, net) for node in chain]
