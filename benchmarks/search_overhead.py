@@ -23,6 +23,7 @@ accumulators) in multiples of the scored weights' bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import bingo  # noqa: E402
 from bingo.bench.models import build_model  # noqa: E402
 from bingo.bench.strategies.oneshot import BINGO_PAPER  # noqa: E402
+from bingo.estimators.hybrid import HybridEstimator  # noqa: E402
 from bingo.io import atomic_write  # noqa: E402
 from bingo.layers import weight_of  # noqa: E402
 
@@ -134,8 +136,14 @@ def overhead(name: str, config: bingo.SearchConfig, rounds: int, quick: bool) ->
     }
 
 
+def _bingo_with_taylor_every(k: int) -> bingo.SearchConfig:
+    """The default search with the Taylor average updated on every k-th step only (an experiment, not the default)."""
+    return dataclasses.replace(bingo.BINGO_SEARCH, estimator=HybridEstimator(update_every=k))
+
+
 SEARCHES = {
     "bingo (hybrid, default)": bingo.BINGO_SEARCH,
+    "bingo, Taylor every 4th step": lambda: _bingo_with_taylor_every(4),
     "taylor alone (no fake passes)": bingo.SearchConfig(estimator="taylor", metric="loss", mode="zero"),
     "bingo-paper (probe, every auto)": bingo.SearchConfig(**{**BINGO_PAPER.search.to_dict(), "every": None}),
 }
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for name in ("lenet300", "resnet", "transformer"):
         for label, config in SEARCHES.items():
+            config = config() if callable(config) else config  # an estimator instance serves one search
             if name == "transformer" and config.metric == "accuracy":
                 continue  # a closure gives a loss: the paper's accuracy probes need inputs and targets
             row = overhead(name, config, rounds, args.quick)

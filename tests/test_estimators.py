@@ -948,3 +948,23 @@ def test_hybrid_says_when_its_calibration_did_not_engage(batch):
     search.load_state_dict(state)
     with pytest.warns(UserWarning, match=r"did not engage for 2 of 3 layers \(3.weight, 5.weight\)"):
         search.significance()
+
+
+def test_taylor_update_every_k_steps_averages_those_steps_with_the_decay_compounded():
+    from bingo.estimators.taylor import TaylorEstimator
+
+    layer = nn.Linear(3, 2, bias=False)
+    decay, k = 0.9, 2
+    search = bingo.TicketSearch(layer, estimator=TaylorEstimator(decay=decay, update_every=k), metric="loss", mode="zero")
+    w = layer.weight.detach().clone()
+    grads = [torch.full((2, 3), float(t + 1)) for t in range(4)]
+    for g in grads:
+        layer.weight.grad = g.clone()
+        search.step(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+    big = decay**k
+    c1, c3 = (grads[0] * w) ** 2, (grads[2] * w) ** 2  # steps 1 and 3 are used; 2 and 4 are not
+    average = big * (1 - big) * c1 + (1 - big) * c3
+    expected = average.double() / (1 - big**2)
+    torch.testing.assert_close(search.estimator.estimate("weight"), expected)
+    with pytest.raises(ConfigError, match="^update_every must be a whole number >= 1, got 0$"):
+        TaylorEstimator(update_every=0)

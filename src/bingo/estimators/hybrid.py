@@ -34,8 +34,8 @@ class HybridEstimator(TaylorEstimator):
 
     name = "hybrid"
 
-    def __init__(self, decay: float = 0.99, target: float = 0.0, band: float = 0.1) -> None:
-        super().__init__(decay)
+    def __init__(self, decay: float = 0.99, target: float = 0.0, band: float = 0.1, update_every: int = 1) -> None:
+        super().__init__(decay, update_every)
         self.focus = Focus(target, band) if target else None
         self._candidates: dict[str, torch.Tensor | None] | None = None  # the focus on the host, read once per refocus
 

@@ -43,11 +43,18 @@ class TaylorEstimator(Estimator):
     name = "taylor"
     default_metric = "loss"  # its scores are loss changes; hybrid's fake passes calibrate them in loss
 
-    def __init__(self, decay: float = 0.99) -> None:
+    def __init__(self, decay: float = 0.99, update_every: int = 1) -> None:
         super().__init__()
         if not 0.0 <= float(decay) <= 1.0:
             raise ConfigError(f"decay must be in [0, 1], got {decay!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ConfigError(f"update_every must be a whole number >= 1, got {update_every!r}")
         self.decay = float(decay)
+        #: the running average takes the gradients of every ``update_every``-th step only (the 1st, then every
+        #: k-th), with the decay compounded (``decay ** k`` per update) so that it spans the same steps: 1/k
+        #: of the per-step cost, for fewer (correlated) gradient samples. An experiment, not the default.
+        self.update_every = update_every
+        self._update_decay = self.decay**update_every
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> TaylorEstimator:
@@ -73,6 +80,8 @@ class TaylorEstimator(Estimator):
 
     def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
+        if (search.steps - 1) % self.update_every:
+            return {}
         for key, module in search.layers.items():
             weight = weight_of(module, key)
             if weight.grad is None:
@@ -83,7 +92,7 @@ class TaylorEstimator(Estimator):
             entry = self.state[key]
             entry["taylor_steps"] += 1
             self.steps_seen[key] += 1
-            new_weight = 1.0 / self.steps_seen[key] if self.decay == 1.0 else 1.0 - self.decay
+            new_weight = 1.0 / self.steps_seen[key] if self.decay == 1.0 else 1.0 - self._update_decay
             average = entry["taylor_average"]
             grad, value = weight.grad.detach(), weight.detach()
             reset = search.theta0[key] if search.config.mode == "reset" else None
@@ -121,7 +130,7 @@ class TaylorEstimator(Estimator):
     def bias_correction(self, key: str) -> float:
         """``1 - decay^steps`` (Adam's bias correction of a zero-started average); 1 for the plain mean."""
         steps = self.steps_seen[key]
-        return max(1.0 if self.decay == 1.0 else 1.0 - self.decay**steps, 1e-300)
+        return max(1.0 if self.decay == 1.0 else 1.0 - self._update_decay**steps, 1e-300)
 
     def estimate(self, key: str) -> torch.Tensor:
         """Bias-corrected running average of ``(g Δ)²`` for layer ``key``, float64."""
