@@ -171,3 +171,20 @@ def test_permanent_copy_is_make_permanent_of_a_deepcopy_without_copying_the_mask
     tokens = torch.randint(0, 10, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(got(tokens), model(tokens))
+
+
+def test_a_layer_used_twice_is_a_one_line_config_error_not_a_torch_shape_error():
+    # The chain path refuses it; the dependency-graph fallback used to let torch's shape error through.
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Twice()
+    bingo.prune(model, bingo.magnitude_scores(model, granularity="neuron"), 0.5)
+    with pytest.raises(ConfigError, match=r"^cannot shrink Twice: 'a' \(Linear\) is used more than once in forward; .*fails too \(.*\)$"):
+        bingo.shrink(model, (8,))

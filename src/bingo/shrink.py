@@ -77,7 +77,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import BingoError, ConfigError
 from .distributed import unwrap
 from .inputs import ExampleInputs, check_runs, example_inputs
 from .layer_types import layer_type_of
@@ -701,15 +701,25 @@ def shrink(
         infos = groups
         if not is_coupled(infos):
             check_runs(net, example, "shrink")  # no trace on this path: the inputs are checked on their own
+    def removed(reason: str) -> nn.Module:
+        # Torch-Pruning's removal can leave a model that no longer runs (a layer used twice in forward):
+        # that is a model shrink cannot handle, said in one line, not a shape error from inside torch.
+        try:
+            return _remove_zero_channels(net, traced or _traced_or_explained(net, example, "shrink"), groups, "shrink")
+        except BingoError:
+            raise
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{reason}; removing its channel groups by dependency graph fails too ({_first_line(exc)})") from exc
+
     if is_coupled(infos):  # a residual network: removal by dependency graph
-        return _remove_zero_channels(net, traced or _traced_or_explained(net, example, "shrink"), groups, "shrink")
+        return removed(f"cannot shrink {type(model).__name__}")
     try:
         return _shrink_chain(model, example, net)
-    except ConfigError:
+    except ConfigError as chain_error:
         if not infos:
             raise
         # not a chain (a transformer block, a branch), but its groups are known
-        return _remove_zero_channels(net, traced or _traced_or_explained(net, example, "shrink"), groups, "shrink")
+        return removed(str(chain_error))
 
 
 def _shrink_chain(model: nn.Module, example: ExampleInputs | None, net: nn.Module | None = None) -> nn.Module:
