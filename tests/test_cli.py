@@ -44,6 +44,7 @@ REPORT_KEYS = {
     "results",
     "train_seconds",
     "search_seconds",
+    "uncalibrated_layers",
 }
 
 

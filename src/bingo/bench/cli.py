@@ -504,6 +504,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "results": results,
         "train_seconds": train_seconds,
         "search_seconds": search_seconds,
+        # layers the hybrid's fake passes could not calibrate (ranked by their Taylor estimate alone)
+        "uncalibrated_layers": _uncalibrated(dense) if one_shot else None,
         "train_steps": train_steps,
         "version": __version__,
         "machine": machine(),
@@ -546,6 +548,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     dense_text = "" if dense_accuracy is None else f"dense accuracy {dense_accuracy:.4f}; "
     print(f"{dense_text}train {train_seconds:.1f} s (search {search_seconds:.1f} s); results in {args.out}")
     return 0
+
+
+def _uncalibrated(dense) -> list[str] | None:
+    """The scored layers whose hybrid calibration did not engage, for the results (None: not a hybrid search)."""
+    estimator = getattr(getattr(dense, "search", None), "estimator", None)
+    return estimator.uncalibrated() if hasattr(estimator, "uncalibrated") else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

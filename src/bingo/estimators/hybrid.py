@@ -105,11 +105,19 @@ class HybridEstimator(TaylorEstimator):
         ]
 
     def notes(self) -> list[str]:
+        """A warning only when no layer was calibrated at all: then the scores are the Taylor estimate alone.
+
+        Some layers falling back to factor 1 is common (in most real runs: a
+        layer where 1% of zeroed weights measures no loss increase over the
+        run's probes); which ones is :meth:`uncalibrated`, and ``bingo run``
+        records them in its JSON (``uncalibrated_layers``) rather than warning.
+        """
         missing = self.uncalibrated()
-        if not missing:
+        if not missing or len(missing) < len(self.state):
             return []
-        return [f"hybrid calibration did not engage for {len(missing)} of {len(self.state)} layers ({', '.join(missing)}): "
-                "their probes measured no loss increase in total, so they are ranked by the Taylor estimate alone"]
+        return [f"hybrid calibration did not engage for any of the {len(self.state)} layers: their probes measured no loss "
+                "increase in total, so the scores are the Taylor estimate alone (train longer, or probe more: a larger "
+                "fraction or a smaller every)"]
 
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         factors = self.calibration()
