@@ -213,8 +213,17 @@ def test_markdown_overlap_and_overhead():
     assert table_row(overlap, "0.8") == ["0.8", f"0.920 ± {0.04 / math.sqrt(2):.3f}", "0.800", "2"]
     overhead = text[text.index("### Search overhead"):]
     assert "(mean over seeds): bingo 3.00×." in overhead
-    assert table_row(overhead, "bingo") == ["bingo", "2", "2.0 s", "6.0 s", "3.00×", "2.50–3.50×"]
-    assert "bit-identical (2 of 2 runs)" in overhead
+    assert table_row(overhead, "bingo") == ["bingo", "2", "2.0 s", "6.0 s", "3.00×", "2.50–3.50×", "–"]
+    assert "bit-identical (2 of 2 runs)" in overhead and "noise" not in overhead
+
+
+def test_overhead_below_one_is_flagged_as_timing_noise_beside_the_counted_work():
+    results = make_results()
+    for row, (ratio, forwards) in zip(results["search_overhead"], ((0.48, 1050), (1.3, 1050))):
+        row.update(ratio=ratio, forward_passes=1000, forward_passes_with_search=forwards)
+    overhead = markdown_tables(results)[markdown_tables(results).index("### Search overhead"):]
+    assert table_row(overhead, "bingo")[4:] == ["0.89×", "0.48–1.30×", "1.050×"]
+    assert "**Timing noise dominates** for bingo: a ratio below 1× cannot be the search" in overhead
 
 
 def test_markdown_overhead_per_method():
