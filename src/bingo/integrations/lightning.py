@@ -59,6 +59,11 @@ class BingoCallback(pl.Callback):
     ``module.training_step(batch, batch_idx)``, its ``"loss"`` if it returns
     a dict). After fit, ``callback.session`` holds the search, the masks and
     what the floor and compensation did.
+
+    Checkpoints Lightning writes during fit (``last.ckpt`` included) hold the
+    model as it was then: dense, with a one-shot prune, which happens when
+    fit ends. Save the pruned module after ``fit`` returns, e.g.
+    ``trainer.save_checkpoint("pruned.ckpt")``.
     """
 
     def __init__(self, sparsity: float | str | None = None, *, closure: Callable[[nn.Module, Any, int], Any] | None = None, **settings: Any) -> None:
