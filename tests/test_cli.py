@@ -234,8 +234,10 @@ def test_run_min_accuracy_out_of_reach_warns(capsys, run_args, out):
 
 
 def test_run_max_accuracy_drop(capsys, run_args, out):
-    code, _, err = call(capsys, *run_args("--max-accuracy-drop", "0.1", epochs=2))
+    code, stdout, err = call(capsys, *run_args("--max-accuracy-drop", "0.1", epochs=2))
     assert code == 0, err
+    # where one-shot stops holding, and what goes further
+    assert re.search(r"^one-shot \S+ holds the floor up to sparsity 0\.\d{4} .*beyond it, prune during training: --method bingo-gradual", stdout, flags=re.M)
     report = json.loads(out.read_text())
     [result] = report["results"]
     assert set(result) == {"sparsity", "accuracy", "validation_accuracy", "validation_floor", "evaluations", "sparsity_all_parameters"}

@@ -424,3 +424,18 @@ def test_summary_names_the_machines_it_was_measured_on():
     assert "Measured on" not in markdown_tables(results)
     results["machines"] = [{"cpu": "Test CPU 9000", "threads": 3, "torch": "2.13.0+cpu"}]
     assert "Measured on Test CPU 9000, 3 threads, torch 2.13.0+cpu; the last digits" in markdown_tables(results)
+
+
+def test_where_each_method_holds_and_what_goes_further():
+    results = make_results()  # dense 0.91; bingo 0.88 / 0.84 / 0.75, magnitude 0.90 / 0.79 / 0.55
+    text = markdown_tables(results)
+    holds = text[text.index("### Where each method holds"):]
+    assert table_row(holds, "bingo") == ["bingo", "—"] and table_row(holds, "magnitude") == ["magnitude", "0.5"]
+    assert "pruning during training" not in holds  # no such method was run
+    for sparsity, accuracy in ((0.5, 0.91), (0.8, 0.905), (0.9, 0.85)):
+        for seed in (0, 1):
+            results["runs"].append({"method": "bingo-gradual", "seed": seed, "sparsity": sparsity, "accuracy": accuracy,
+                                    "seconds": 10.0, "train_steps": 100, "forward_passes": 100})
+    holds = markdown_tables(results)[markdown_tables(results).index("### Where each method holds"):]
+    assert table_row(holds, "bingo-gradual") == ["bingo-gradual", "0.8"]
+    assert "(magnitude 0.5, bingo never), pruning during training goes further: bingo-gradual holds up to 0.8" in holds

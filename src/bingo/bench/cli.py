@@ -471,6 +471,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"the floor {floor.floor:.4f}; nothing was pruned",
                 file=sys.stderr,
             )
+        elif one_shot and args.method != "bingo-gradual":  # where one-shot stops holding, and what goes further
+            print(f"one-shot {args.method} holds the floor up to sparsity {floor.sparsity:.4f} (validation accuracy "
+                  f"{floor.accuracy:.4f} >= {floor.floor:.4f}); beyond it, prune during training: "
+                  "--method bingo-gradual --sparsity S (one training run per target)")
     pruned_model = outcomes[-1].model
     scored = coverage(pruned_model if pruned_model is not None else experiment.new_model(), outcomes[-1].masks)
     for row, outcome in zip(results, outcomes):  # the sparsity asked for is over the scored weights; this is over everything

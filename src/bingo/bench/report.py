@@ -452,6 +452,45 @@ def _overlap_table(overlap: Sequence[Mapping[str, Any]]) -> str:
     return _table(header, body, "l" + "r" * (len(header) - 1))
 
 
+#: how far below dense accuracy a pruned model may be and still count as holding (1 point)
+HOLD_DROP = 0.01
+#: methods that prune during training (one run per target): where one-shot stops holding, these go further
+_DURING_TRAINING = ("bingo-gradual", "gmp", "imp")
+
+
+def _holds_text(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], dense: Mapping[str, float]) -> str:
+    """Per method, the highest sparsity up to which its mean accuracy stays within :data:`HOLD_DROP` of dense.
+
+    Counted from the lowest sparsity up, stopping at the first that falls
+    short. Then, for the one-shot methods, which method that prunes during
+    training goes further. Empty without a dense accuracy.
+    """
+    base = dense.get("accuracy_mean", math.nan)
+    if not math.isfinite(base) or not rows:
+        return ""
+    reach: dict[str, float | None] = {}
+    for method in methods:
+        highest = None
+        for row in sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"]):
+            if not row["accuracy_mean"] >= base - HOLD_DROP:
+                break
+            highest = row["sparsity"]
+        reach[method] = highest
+    body = [[m, "—" if reach[m] is None else f"{reach[m]:g}"] for m in methods]
+    text = (f"The highest sparsity up to which each method's mean test accuracy stays within {HOLD_DROP * 100:g} point of "
+            f"dense ({base:.3f}; counted from the lowest sparsity up):\n\n" + _table(["method", "holds up to"], body, "lr"))
+    during = {m: reach[m] for m in methods if m in _DURING_TRAINING and reach[m] is not None}
+    one_shot = [m for m in methods if m not in _DURING_TRAINING and m != "snip"]
+    if during and one_shot:
+        best = max(during, key=during.get)
+        behind = [m for m in one_shot if reach[m] is None or reach[m] < during[best]]
+        if behind:
+            text += (f"\n\nPast where one-shot stops holding ({', '.join(f'{m} {reach[m]:g}' if reach[m] is not None else f'{m} never' for m in behind)}), "
+                     f"pruning during training goes further: {best} holds up to {during[best]:g} (one training run per target; "
+                     "`bingo-gradual` is BINGO's).")
+    return text
+
+
 def _overhead_text(overhead: Sequence[Mapping[str, Any]]) -> str:
     """One row per searching method (rows without ``method`` count as ``bingo``)."""
     methods = list(dict.fromkeys(str(r.get("method", "bingo")) for r in overhead))
@@ -514,8 +553,9 @@ def markdown_tables(results: Mapping[str, Any]) -> str:
     at the largest sparsity; (c) mask overlap per sparsity, only if
     ``results["overlap"]`` is non-empty; (d) search overhead, only if
     ``results["search_overhead"]`` is non-empty: mean ratio and its range,
-    and whether training stayed bit-identical when the rows record it.
-    Missing cells show ``—``.
+    and whether training stayed bit-identical when the rows record it;
+    (e) where each method holds: the highest sparsity within 1 point of dense
+    (:func:`_holds_text`). Missing cells show ``—``.
     """
     rows = aggregate(results)
     dense = _dense(results)
@@ -535,6 +575,10 @@ def markdown_tables(results: Mapping[str, Any]) -> str:
         parts.append("### Cost")
         parts.append("Wall-clock seconds per run and, in brackets, as a multiple of dense training time.")
         parts.append(_cost_table(rows, methods, dense))
+        holds = _holds_text(rows, methods, dense)
+        if holds:
+            parts.append("### Where each method holds")
+            parts.append(holds)
     if overlap:
         parts.append("### Mask overlap")
         parts.append(
