@@ -693,8 +693,14 @@ def test_every_subcommand_prints_its_help(capsys, command):
     code, out, err = call(capsys, command, "--help")
     assert code == 0, err
     assert out.startswith(f"usage: bingo {command}")
-    if command != "demo":
+    if command == "run":
         assert "(each keeps at least 1%)" in " ".join(out.split())
+    if command == "compare":  # one screen; every method's settings are behind --help-methods
+        assert len(out.splitlines()) < 80 and "--bingo-fraction" not in out.replace("e.g. --bingo-", "")
+        code, full, err = call(capsys, "compare", "--help-methods")
+        assert code == 0, err
+        assert "(each keeps at least 1%)" in " ".join(full.split()) and "--gmp-frequency FREQUENCY" in full
+        assert "METHOD_" not in full and "[None" not in full and "None]" not in full  # no internal names leak
 
 
 def test_compare_train_samples_out_of_range_is_one_line(capsys, tmp_path):

@@ -223,10 +223,34 @@ def _add_compare_parser(commands) -> None:
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.add_argument("--device", default="auto", help="where to train and prune: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N; default auto")
-    group = compare.add_argument_group("method settings (each method's preset in brackets)")
+    compare.add_argument("--help-methods", action=_MethodHelp, nargs=0,
+                         help="list every method's settings (--<method>-<setting> flags, each preset in brackets) and exit")
+    # Every method's settings are flags, but listed only by --help-methods: one screen of --help, not four hundred lines.
+    verbose = _MethodHelp.showing
+    group = compare.add_argument_group(
+        "method settings (each method's preset in brackets)" if verbose else "method settings",
+        None if verbose else "every method's settings are flags --<method>-<setting>, e.g. --bingo-fraction 0.05, "
+        "--gmp-frequency 50, --imp-rewind-step 0; `bingo compare --help-methods` lists them with each preset",
+    )
     for name, cls in STRATEGIES.items():
-        add_config_flags(group, {name: cls.default_config}, prefix=name, dest=f"method_{name}", skip=("finetune_epochs",))
-    group.add_argument("--rewind-step", dest="method_imp__rewind_step", type=int, default=None, help="the same as --imp-rewind-step")
+        add_config_flags(group, {name: cls.default_config}, prefix=name, dest=f"method_{name}", skip=("finetune_epochs",),
+                         hidden=not verbose)
+    group.add_argument("--rewind-step", dest="method_imp__rewind_step", type=int, default=None, metavar="STEP",
+                       help="the same as --imp-rewind-step" if verbose else argparse.SUPPRESS)
+
+
+class _MethodHelp(argparse.Action):
+    """``bingo compare --help-methods``: the compare help with every method's settings listed, then exit."""
+
+    showing = False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _MethodHelp.showing = True
+        try:
+            full = build_parser()
+        finally:
+            _MethodHelp.showing = False
+        full.parse_args(["compare", "--help"])
 
 
 def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict:

@@ -82,6 +82,7 @@ def add_config_flags(
     prefix: str = "",
     dest: str = "",
     skip: tuple[str, ...] = (),
+    hidden: bool = False,
 ) -> None:
     """One flag per leaf field of the config instances in ``presets`` (``{method name: config}``).
 
@@ -90,6 +91,8 @@ def add_config_flags(
     defaults to None, so :func:`apply_flags` knows what was given. Flags are
     ``--<prefix>-<field>`` with a prefix, ``--<field>`` without; the
     ``argparse`` destination is ``<dest>__<field>`` (``dest`` defaults to the prefix).
+    ``hidden``: the flags work but are left out of ``--help``. A preset of
+    None shows as ``none`` (what it means is the help text's).
     """
     dest = dest or prefix
     seen: dict[str, tuple[dataclasses.Field, Any]] = {}
@@ -100,7 +103,7 @@ def add_config_flags(
                 continue
             seen.setdefault(f.name, (f, value))
             shown = getattr(value, "__name__", value) if callable(value) else value
-            defaults.setdefault(f.name, {})[method] = str(shown)
+            defaults.setdefault(f.name, {})[method] = "none" if shown is None else str(shown)
     for name, (f, example) in seen.items():
         flag = _flag(name, prefix)
         keywords = _converter(f, example, flag)
@@ -108,7 +111,8 @@ def add_config_flags(
             keywords.setdefault("metavar", name.upper())
         by_method = defaults[name]
         shown = next(iter(by_method.values())) if len(set(by_method.values())) == 1 else ", ".join(f"{m}: {v}" for m, v in by_method.items())
-        parser.add_argument(flag, dest=f"{dest}__{name}", default=None, help=f"{f.metadata.get('help', '')} [{shown}]".replace("%", "%%"), **keywords)
+        text = argparse.SUPPRESS if hidden else f"{f.metadata.get('help', '')} [{shown}]".replace("%", "%%")
+        parser.add_argument(flag, dest=f"{dest}__{name}", default=None, help=text, **keywords)
 
 
 def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
