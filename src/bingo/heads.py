@@ -123,7 +123,9 @@ def prune_heads(
         _check_supported(name, attentions[name])
         if tuple(scores[name].shape) != (attentions[name].num_heads,):
             raise ConfigError(f"head scores for {name!r} have shape {tuple(scores[name].shape)}; expected ({attentions[name].num_heads},)")
-    keep = select_masks({name: s.detach().float().cpu() for name, s in scores.items()}, sparsity, scope, seed)
+    flat = {name: s.detach().float().cpu() for name, s in scores.items()}
+    # a -inf head score is the least significant, not a head already removed: the floor still holds
+    keep = select_masks(flat, sparsity, scope, seed, pruned={name: torch.zeros(s.shape, dtype=torch.bool) for name, s in flat.items()})
     for name, heads in keep.items():
         if not heads.any():
             raise ConfigError(f"this sparsity would remove every head of {name!r}; lower it or use scope='layer'")

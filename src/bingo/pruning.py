@@ -37,6 +37,11 @@ def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict
     }
 
 
+def _already_pruned(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries the model's masks prune already (True = pruned): a ``-inf`` score is not one of them."""
+    return {key: ~mask.bool().cpu() for key, mask in current_masks(model, scores).items()}
+
+
 def prune(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
@@ -88,7 +93,8 @@ def prune(
     if isinstance(target, tuple):
         return _prune_n_m(model, scores, *target, seed=seed)
     sparsity = target
-    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks)
+    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks,
+                         pruned=_already_pruned(model, scores))
     check_units_left(masks, model)
     apply_masks(model, masks)
     applied = current_masks(model, scores)
@@ -113,9 +119,10 @@ def _prune_n_m(model: nn.Module, scores: dict[str, torch.Tensor], n: int, m: int
                               f"shape {tuple(values.shape)}): score per weight")
         axes[key] = unit_axis(module, key)
     effective = _effective_scores(model, scores)
-    masks = select_n_m(effective, n, m, seed, axes=axes)
+    already = _already_pruned(model, scores)
+    masks = select_n_m(effective, n, m, seed, axes=axes, pruned=already)
     apply_masks(model, masks)
-    over = sum(int((n_m_groups(s == -math.inf, m, axes[key]).sum(-1) > m - n).sum()) for key, s in effective.items())
+    over = sum(int((n_m_groups(already[key], m, axes[key]).sum(-1) > m - n).sum()) for key in effective)
     if over:
         warnings.warn(
             f"{over} groups of {m} were already pruned beyond {n}:{m} (more than {m - n} of {m} pruned); "
@@ -192,6 +199,7 @@ def prune_to_accuracy(
             return prune_coupled(net, scores, groups, j / steps, scope, seed=seed)
     else:
         effective = _effective_scores(model, scores)
+        already_pruned = _already_pruned(model, scores)
         # Step j is sparsity j / steps. In the global scopes (global, lamp) steps is the number of
         # entries, so select_masks prunes round(j / steps * steps) = j of them; per layer it prunes
         # round(j / steps * n_l) of each layer's n_l.
@@ -203,7 +211,7 @@ def prune_to_accuracy(
         start = 0 if scope in ("layer", "block") else already  # per layer or block: from nothing pruned
 
         def prune_at(net: nn.Module, j: int) -> dict[str, torch.Tensor]:
-            masks = select_masks(effective, j / steps, scope, seed)
+            masks = select_masks(effective, j / steps, scope, seed, pruned=already_pruned)
             check_units_left(masks, net)
             apply_masks(net, masks)
             return masks
