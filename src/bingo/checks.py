@@ -8,6 +8,7 @@ that cannot run (weights on the meta device) never reaches torch as an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
@@ -18,15 +19,20 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["META_DEVICE", "check_fraction", "check_model", "check_positive_int", "check_scores", "check_state_dict", "describe"]
+__all__ = [
+    "META_DEVICE", "check_field_types", "check_fraction", "check_model", "check_names", "check_positive_int", "check_scores",
+    "check_seed", "check_state_dict", "describe",
+]
 
 #: what to do about a model on the meta device (``torch.device("meta")``: shapes without data)
-META_DEVICE = ("model is on the meta device: materialise its weights first "
+META_DEVICE = ("is on the meta device: materialise its weights first "
                "(e.g. model.to_empty(device=...) and load a state_dict)")
 
 
 def describe(value: object) -> str:
     """A short description of ``value`` for an error: its type, and its repr when that is short."""
+    if value is None:
+        return "None"
     text = repr(value)
     kind = type(value).__name__
     return f"{kind} {text}" if len(text) <= 40 and not isinstance(value, (torch.Tensor, nn.Module)) else kind
@@ -94,3 +100,76 @@ def check_fraction(where: str, name: str, value: object, *, closed: bool = False
     if math.isnan(number) or not (0.0 <= number <= 1.0 if closed else 0.0 <= number < 1.0):
         raise ConfigError(f"{prefix}{name} must be a fraction in {interval}, got {value!r}")
     return number
+
+
+#: the annotations :func:`check_field_types` checks, and what each admits
+_KINDS = {
+    # a number: whether it is whole (and in range) is each config's own check, with its own message
+    "int": ("an integer", lambda v: isinstance(v, numbers.Real)),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real)),
+    "str": ("a str", lambda v: isinstance(v, str)),
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "None": ("None", lambda v: v is None),
+}
+
+
+def check_field_types(config: object) -> None:
+    """:class:`ConfigError` naming the first field of dataclass ``config`` whose value is not of its annotated kind.
+
+    Checked are the fields annotated with ``int``, ``float``, ``str``,
+    ``bool`` and ``None`` (and unions of them, ``int | None``); a bool is
+    not a number here. Whether an int field's number is whole, and every
+    value range, are each config's own ``__post_init__``'s to check.
+    """
+    for f in dataclasses.fields(config):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kinds = [part.strip() for part in annotation.split("|")]
+        if not kinds or any(kind not in _KINDS for kind in kinds):
+            continue  # a class, a callable, a tuple: the config checks those itself
+        value = getattr(config, f.name)
+        if isinstance(value, bool) and "bool" not in kinds:
+            ok = False
+        else:
+            ok = any(_KINDS[kind][1](value) for kind in kinds)
+        if not ok:
+            expected = " or ".join(_KINDS[kind][0] for kind in kinds)
+            raise ConfigError(f"{type(config).__name__}.{f.name} must be {expected}, got {describe(value)}")
+
+
+def check_seed(where: str, name: str, value: object) -> int:
+    """``value`` as an int seed (a whole number, not a bool), else :class:`ConfigError`."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None:
+        raise ConfigError(f"{where}: {name} must be an integer, got {describe(value)}")
+    return number
+
+
+def check_names(where: str, name: str, value: object, *, optional: bool = False) -> list[str] | None:
+    """``value`` (an iterable of str: glob patterns, keys) as a list; a single str is one name. Else :class:`ConfigError`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        return [value]
+    try:
+        names = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        names = None
+    if names is None or isinstance(value, torch.Tensor) or any(not isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}: {name} must be a list of str (parameter names or glob patterns)"
+                          f"{' or None' if optional else ''}, got {describe(value)}")
+    return names
+
+
+def check_shape(where: str, name: str, value: object) -> tuple[int, ...]:
+    """``value`` as a per-sample shape: a non-empty sequence of whole numbers >= 1, else :class:`ConfigError`."""
+    try:
+        sizes = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        sizes = None
+    if (sizes is None or isinstance(value, (str, bytes)) or not sizes
+            or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in sizes)):
+        raise ConfigError(f"{where}: {name} must be a shape such as (1, 28, 28): whole numbers >= 1, got {describe(value)}")
+    return tuple(int(d) for d in sizes)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .checks import check_model, check_scores
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
 from .masks import keep_copyable, make_permanent, mask_attention_outputs
@@ -69,6 +70,8 @@ def head_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, 
     everywhere (``"<attention>.in_proj_weight"``, ``"<attention>.out_proj.weight"``);
     attentions whose ``in_proj_weight`` has no score are left out.
     """
+    check_model("head_scores", model)
+    scores = check_scores("head_scores", scores)
     result = {}
     for name, attention in _attentions(model).items():
         key = f"{name}.in_proj_weight" if name else "in_proj_weight"
@@ -114,6 +117,8 @@ def prune_heads(
     outputs exactly zero and stays removed in further training. Every
     attention keeps at least one head.
     """
+    check_model("prune_heads", model)
+    scores = check_scores("prune_heads", scores)
     check_choice("scope", scope, SCOPES)
     attentions = _attentions(model)
     unknown = sorted(set(scores) - set(attentions))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_model, check_scores
 from .coupled import prune_coupled
 from .errors import ConfigError, check_choice
 from .layers import unit_axis
@@ -88,6 +90,8 @@ def prune(
         group already pruned beyond ``M - N`` stays so, and a warning says
         how many groups are.
     """
+    check_model("prune", model)
+    scores = check_scores("prune", scores)
     check_choice("scope", scope, SCOPES)
     target = parse_sparsity(sparsity)
     if isinstance(target, tuple):
@@ -169,9 +173,15 @@ def prune_to_accuracy(
     closely but not exactly; the returned accuracy is always measured, never
     interpolated. Use a held-out (validation) set in ``evaluate``, not the test set.
     """
+    check_model("prune_to_accuracy", model)
+    scores = check_scores("prune_to_accuracy", scores)
+    if not callable(evaluate):
+        raise ConfigError(f"prune_to_accuracy: evaluate must be a function model -> accuracy, got {type(evaluate).__name__}")
     if (min_accuracy is None) == (max_drop is None):
         raise ConfigError("give exactly one of min_accuracy (absolute floor) or max_drop (drop from dense)")
     for name, value in (("min_accuracy", min_accuracy), ("max_drop", max_drop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_field_types, check_model, check_names, describe
 from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
@@ -68,6 +69,7 @@ class SearchConfig:
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         try:
             fraction = float(self.fraction)
         except (TypeError, ValueError):
@@ -86,8 +88,8 @@ class SearchConfig:
         if self.every is not None and (isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1):
             raise ConfigError(f"every must be a whole number >= 1 (or None: chosen from the number of layers), got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
-        object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "include", None if self.include is None else tuple(check_names("SearchConfig", "include", self.include)))
+        object.__setattr__(self, "exclude", tuple(check_names("SearchConfig", "exclude", self.exclude)))
         if isinstance(self.estimator, Estimator):
             self.estimator.resolve_rule(self.rule)
         else:
@@ -176,6 +178,10 @@ class TicketSearch:
 
     def __init__(self, model: nn.Module, *, config: SearchConfig | None = None, process_group: object | None = None,
                  synchronize: bool = False, **settings: object) -> None:
+        model = check_model("TicketSearch", model)
+        if config is not None and not isinstance(config, SearchConfig):
+            raise ConfigError(f"TicketSearch: config must be a bingo.SearchConfig (or None: settings as keywords, "
+                              f"TicketSearch(model, fraction=0.05)), got {describe(config)}")
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(SearchConfig)})
         if unknown:
             valid = ", ".join(f.name for f in dataclasses.fields(SearchConfig))

@@ -50,12 +50,14 @@ filter along its flattened ``C·kh·kw`` fan-in.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import re
 from collections.abc import Callable
 
 import torch
 
+from .checks import check_scores, describe
 from .errors import ConfigError, check_choice
 from .layer_types import from_unit_matrix, unit_matrix
 
@@ -185,7 +187,11 @@ def block_of(key: str, blocks: Blocks | None = None) -> str:
 def _generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
     if isinstance(seed_or_generator, torch.Generator):
         return seed_or_generator
-    return torch.Generator().manual_seed(0 if seed_or_generator is None else int(seed_or_generator))
+    if seed_or_generator is None:
+        return torch.Generator().manual_seed(0)
+    if isinstance(seed_or_generator, bool) or not isinstance(seed_or_generator, (int, numbers.Integral)):
+        raise ConfigError(f"seed must be an integer or a torch.Generator, got {describe(seed_or_generator)}")
+    return torch.Generator().manual_seed(int(seed_or_generator))
 
 
 #: what NaN in a score usually means, for the errors that refuse it
@@ -337,6 +343,7 @@ def select_masks(
 
     Example: scores ``[1, 2, ..., 8]`` at 0.5 keep ``[F, F, F, F, T, T, T, T]``.
     """
+    scores = check_scores("select_masks", scores)
     sparsity = check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
     if blocks is not None and scope != "block":
@@ -419,8 +426,18 @@ def n_m_groups(tensor: torch.Tensor, m: int, axis: int = 0, *, key: str = "tenso
 def is_n_m(mask: torch.Tensor, n: int, m: int, axis: int = 0) -> bool:
     """Whether ``mask`` (nonzero = kept) keeps at most ``n`` of every group of ``m`` (:func:`n_m_groups`).
 
+    :class:`ConfigError` when ``mask`` is not a tensor or ``n``, ``m`` are not a pattern ``0 < n < m``.
+
     False, not an error, when the fan-in is not a multiple of ``m``.
     """
+    if not isinstance(mask, torch.Tensor):
+        raise ConfigError(f"is_n_m: mask must be a torch.Tensor, got {describe(mask)}")
+    try:
+        n, m = operator.index(n), operator.index(m)
+    except TypeError:
+        raise _bad_sparsity(f"{n}:{m}") from None
+    if not 0 < n < m:
+        raise _bad_sparsity(f"{n}:{m}")
     try:
         groups = n_m_groups(mask, m, axis)
     except ConfigError:
@@ -471,6 +488,7 @@ def select_n_m(
         raise _bad_sparsity(f"{n}:{m}") from None
     if not 0 < n < m:
         raise _bad_sparsity(f"{n}:{m}")
+    scores = check_scores("select_n_m", scores)
     if not scores:
         raise ConfigError("no scores to select from")
     check_scores_finite(scores)
