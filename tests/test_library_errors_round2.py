@@ -6,7 +6,6 @@ Each case was a raw torch error, an AttributeError or a silent wrong answer befo
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import bingo
-from bingo import BingoError, CheckpointError, ConfigError
+from bingo import CheckpointError, ConfigError
 from conftest import make_cnn, make_mlp
 
 
@@ -383,7 +382,14 @@ def test_train_config_batch_size_none_names_the_field():
 META = r"model is on the meta device: materialise its weights first \(e.g. model.to_empty\(device=...\) and load a state_dict\)$"
 
 
-@pytest.mark.parametrize("name", ["TicketSearch", "prune", "prune_to_accuracy", "compensate", "magnitude_scores",
+def test_a_search_over_a_meta_model_is_refused_where_it_would_read_values(batch):
+    search = bingo.TicketSearch(make_mlp().to("meta"))  # a shape-only stand-in is allowed (README: accumulators' device)
+    with pytest.raises(ConfigError, match=rf"^search.step: {META[:-1]}, then build the TicketSearch over it$"):
+        search.step(*batch)
+    assert search.steps == 0
+
+
+@pytest.mark.parametrize("name", ["prune", "prune_to_accuracy", "compensate", "magnitude_scores",
                                   "bingo_scores", "apply_masks", "SparsityScheduler", "save_compact", "export_model",
                                   "to_sparse", "reestimate_batchnorm", "suggested_calibration_samples", "head_scores"])
 def test_a_model_on_the_meta_device_is_refused_with_what_to_do(name):

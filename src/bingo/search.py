@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_field_types, check_model, check_names, describe
+from .checks import META_DEVICE, check_field_types, check_model, check_names, describe
 from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
+from .devices import model_device
 from .distributed import broadcast_tensors, unwrap
 from .layers import GRANULARITIES, Coverage, bias_name_of, coverage, find_layers, unit_axis, weight_of
 
@@ -178,7 +179,9 @@ class TicketSearch:
 
     def __init__(self, model: nn.Module, *, config: SearchConfig | None = None, process_group: object | None = None,
                  synchronize: bool = False, **settings: object) -> None:
-        model = check_model("TicketSearch", model)
+        # a model on the meta device may be searched's shape-only stand-in (its accumulators land there too);
+        # step() refuses it, where its values would be read
+        model = check_model("TicketSearch", model, meta=False)
         if config is not None and not isinstance(config, SearchConfig):
             raise ConfigError(f"TicketSearch: config must be a bingo.SearchConfig (or None: settings as keywords, "
                               f"TicketSearch(model, fraction=0.05)), got {describe(config)}")
@@ -256,6 +259,8 @@ class TicketSearch:
         gradients, buffers, train/eval flags and the global RNG are exactly as
         before the call.
         """
+        if any(t.is_meta for t in self.theta0.values()) or model_device(self.model).type == "meta":
+            raise ConfigError(f"search.step: model {META_DEVICE}, then build the TicketSearch over it")
         batch = _batch(inputs_or_closure, targets)
         wait = _device_wait(self.theta0) if self.synchronize else None
         if wait:
