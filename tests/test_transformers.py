@@ -82,3 +82,27 @@ def test_trainer_checkpoints_carry_the_search_and_resume_it(tmp_path):
     (tmp_path / "run" / "checkpoint-6" / STATE_FILE).unlink()
     with pytest.raises(bingo.ConfigError, match=r"^resuming at step 6 but .* is missing"):
         _train(tmp_path / "run", [BingoTrainerCallback()], resume=str(tmp_path / "run" / "checkpoint-6"))
+
+
+def test_trainer_search_state_is_a_checksummed_checkpoint_and_a_corrupt_one_is_one_line(tmp_path):
+    # issue 20: bingo_search.pt was a plain torch.save, loaded with a bare torch.load
+    from bingo.io import load_checkpoint
+
+    _train(tmp_path / "run", [BingoTrainerCallback()], save_steps=6, epochs=1, dropout=0.0)
+    saved = tmp_path / "run" / "checkpoint-6" / STATE_FILE
+    state = load_checkpoint(saved)  # checksummed, as every bingo checkpoint
+    data = saved.read_bytes()
+    for damaged in (b"not a checkpoint at all", data[: len(data) // 2]):  # foreign, truncated
+        saved.write_bytes(damaged)
+        with pytest.raises(bingo.CheckpointError, match=rf"^(cannot read checkpoint )?{saved}") as info:
+            _train(tmp_path / "run", [BingoTrainerCallback()], resume=str(saved.parent), dropout=0.0)
+        assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    saved.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(bingo.CheckpointError, match=r"is not a bingo checkpoint \(corrupt or from another program\)$"):
+        _train(tmp_path / "run", [BingoTrainerCallback()], resume=str(saved.parent), dropout=0.0)
+    # a file of an older bingo (plain torch.save, no checksum) still resumes, with a warning
+    torch.save(state, saved)
+    resumed = BingoTrainerCallback()
+    with pytest.warns(UserWarning, match=r"written by an older bingo without a checksum"):
+        _train(tmp_path / "run", [resumed], resume=str(saved.parent), dropout=0.0)
+    assert resumed.session.search.steps == 12

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_fraction, check_model, check_positive_int, describe
 from .devices import model_device, to_device
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
@@ -165,6 +166,96 @@ def _check_calibration(calibration: Any) -> None:
             "compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples, "
             "or a tuple / dict of such tensors as the model takes them (model(*x), model(**x))"
         )
+
+
+def _input_check(where: str, name: str, module: nn.Module) -> Callable | None:
+    """A forward pre-hook that refuses an input ``module`` cannot compute with: its dtype, or its width (features, channels)."""
+    weight = getattr(module, "weight", None)
+    if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or not isinstance(weight, torch.Tensor)
+            or not weight.is_floating_point() or weight.dim() < 2):
+        return None
+    conv1d = layer_type_of(module)
+    if isinstance(module, nn.Linear):
+        axis, expected, what = -1, module.in_features, "input features"
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        axis, expected, what = None, module.in_channels, "input channels"
+    elif conv1d is not None and conv1d.name == "Conv1D":
+        axis, expected, what = -1, weight.shape[0], "input features"
+    else:
+        axis, expected, what = None, None, ""
+    label = f"layer {name!r} ({type(module).__name__})"
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None:
+            return
+        if x.dtype != weight.dtype:
+            raise ConfigError(f"{where}: the calibration inputs reach {label} as {x.dtype}; it computes in "
+                              f"{weight.dtype}: pass inputs of that dtype (as the model is trained on)")
+        if expected is None or x.dim() == 0:
+            return
+        channel = axis if axis is not None else (1 if x.dim() == len(module.kernel_size) + 2 else 0)
+        if x.shape[channel] != expected:
+            raise ConfigError(f"{where}: the calibration inputs give {label} {x.shape[channel]} {what}; it takes {expected}")
+
+    return hook
+
+
+def _check_model_takes(where: str, model: nn.Module, calibration: Any) -> None:
+    """Run one calibration sample through ``model`` (eval mode, no grad, RNG kept) and refuse what it cannot take.
+
+    A layer fed the wrong dtype or width is named with what it takes; any
+    other failure of the forward is one line with the sample's shape. Done
+    before compensation changes anything, so the model is left as it was.
+    """
+    sample = _slice(calibration, slice(0, 1))
+    handles = []
+    for name, module in model.named_modules():
+        hook = _input_check(where, name, module)
+        if hook is not None:
+            handles.append(module.register_forward_pre_hook(hook))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng():
+            Batch(inputs=to_device(sample, model_device(model))).outputs(model)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises on these inputs, one line
+        shape = tuple(first_tensor(sample).shape)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: the model cannot take the calibration inputs (one sample: shape {shape}): "
+                          f"{type(exc).__name__}: {text}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+
+
+def _comparable(net: nn.Module) -> dict[str, tuple[torch.Size, str]]:
+    """``{state key: (shape, module type)}`` of ``net`` as its dense self: masks dropped, ``_orig`` names as the weights."""
+    entries = {}
+    for module_name, module in net.named_modules():
+        own = [(name[:-5] if name.endswith("_orig") else name, value)
+               for name, value in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+               if not (name.endswith("_mask") and hasattr(module, name[:-5] + "_orig"))]
+        for name, value in sorted(own, key=lambda item: item[0] != "weight"):  # the weight first: what names a layer
+            key = f"{module_name}.{name}" if module_name else name
+            entries[key] = (value.shape, type(module).__name__)
+    return entries
+
+
+def _check_reference(model: nn.Module, reference: nn.Module) -> None:
+    """:class:`ConfigError` unless ``reference`` has every parameter and buffer of ``model``, of the same shape."""
+    mine, theirs = _comparable(model), _comparable(reference)
+    for key, (shape, kind) in mine.items():
+        if key not in theirs:
+            raise ConfigError(f"compensate: reference has no {key!r} (the model's {kind}); it must be the dense model "
+                              "of the same architecture")
+        if theirs[key][0] != shape:
+            raise ConfigError(f"compensate: reference's {key!r} has shape {tuple(theirs[key][0])}, the model's "
+                              f"{tuple(shape)}; it must be the dense model of the same architecture")
 
 
 @dataclass(frozen=True)
@@ -322,8 +413,10 @@ def suggested_calibration_samples(model: nn.Module, example: Calibration, minimu
     per sample)``, and at least ``minimum``. A 784-input first layer needs
     3,140 samples; a 3×3 conv of 512 channels on 4×4 maps, 1,153.
     """
-    model = unwrap(model)
+    model = unwrap(check_model("suggested_calibration_samples", model))
     _check_calibration(example)
+    minimum = check_positive_int("suggested_calibration_samples", "minimum", minimum)
+    _check_model_takes("suggested_calibration_samples", model, example)
     targets, _ = _targets_and_skipped(model)
     targets += _followers(model)
     rows: dict[str, int] = {}
@@ -357,10 +450,13 @@ def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size:
     mean is the global mean, the variance leaves out the spread between the
     ranks' means).
     """
-    model = unwrap(model)
+    model = unwrap(check_model("reestimate_batchnorm", model))
+    batch_size = check_positive_int("reestimate_batchnorm", "batch_size", batch_size)
+    _check_calibration(calibration)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
+    _check_model_takes("reestimate_batchnorm", model, calibration)
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     calls = 0
@@ -458,14 +554,21 @@ def compensate(
     check_choice("batchnorm", batchnorm, BATCHNORM_CHOICES)
     check_choice("mode", mode, MODES)
     chosen = get_solver(solver)
+    model = unwrap(check_model("compensate", model))  # the inner module of a DDP wrapper: its forwards need no collectives
+    reference = None if reference is None else unwrap(check_model("compensate", reference, "reference"))
+    if masks is not None and not isinstance(masks, Mapping):
+        raise ConfigError(f"compensate: masks must be a dict {{key: bool tensor}} as bingo.prune returns, or None (the "
+                          f"masks on the model), got {describe(masks)}")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError(f"compensate: evaluate must be a function model -> float (higher = better), got {describe(evaluate)}")
     _check_calibration(calibration)
-    if not 0.0 <= float(damping) < 1.0:
-        raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
-    if not 0.0 <= float(validation) < 1.0:
-        raise ConfigError(f"validation must be a fraction in [0, 1), got {validation!r}")
+    batch_size = check_positive_int("compensate", "batch_size", batch_size)
+    damping = check_fraction("", "damping", damping)
+    validation = check_fraction("", "validation", validation)
+    if reference is not None:
+        _check_reference(model, reference)
+    _check_model_takes("compensate", model, calibration)  # before anything changes: a failure leaves the model as it was
     start_time = time.perf_counter()
-    model = unwrap(model)  # the inner module of a DDP wrapper: its forwards need no collectives
-    reference = None if reference is None else unwrap(reference)
     broadcast_buffers(model, process_group)  # BatchNorm statistics: rank 0's on every rank, as DDP's next forward would make them
     if masks:
         apply_masks(model, masks)

@@ -94,6 +94,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     (``"fc1.weight"``, not ``"module.fc1.weight"``), so a search attached to
     the wrapper and one attached to the inner module agree.
     """
+    if not isinstance(model, nn.Module):
+        from .checks import describe  # checks imports nothing of bingo's but errors
+
+        raise ConfigError(f"model must be a torch.nn.Module, got {describe(model)}")
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model

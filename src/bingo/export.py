@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .checks import check_model, check_shape
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write, write_json
 from .layer_types import layer_type_of, unit_matrix
@@ -71,6 +72,7 @@ def state_dict_size(model: nn.Module) -> int:
     about twice the dense one; bake the masks in (:func:`bingo.make_permanent`
     on a copy) to measure the plain dense file.
     """
+    check_model("state_dict_size", model, meta=False)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
@@ -93,6 +95,7 @@ def save_compact(model: nn.Module, path: str | os.PathLike) -> Path:
     file is written atomically. Values at pruned positions (``weight_orig``
     where the mask is 0) are not stored: they never reach the forward pass.
     """
+    check_model("save_compact", model)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     masked: dict[str, dict[str, Any]] = {}
@@ -127,6 +130,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
         CheckpointError: the file is missing, not a compact file, or does not
             fit ``model``.
     """
+    check_model("load_compact", model, meta=False)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -138,21 +142,22 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
     if metadata.get("format") != COMPACT_FORMAT:
         raise CheckpointError(f"{path} is not a bingo compact file (format {metadata.get('format')!r}, expected {COMPACT_FORMAT!r})")
     state: dict[str, torch.Tensor] = {}
-    for logical, info in json.loads(metadata["masked"]).items():
+    for logical, shape, mask_dtype in _masked_entries(path, metadata):
         try:
             values, bits = tensors.pop(logical + _VALUES), tensors.pop(logical + _BITS)
         except KeyError:
             raise CheckpointError(f"{path} is corrupt: {logical!r} lacks its values or bitmask") from None
-        shape = tuple(info["shape"])
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() * 8 < math.prod(shape):
+            raise CheckpointError(f"{path} is corrupt: the bitmask of {logical!r} is not {math.prod(shape)} bits of uint8")
         flat = np.unpackbits(bits.numpy(), count=math.prod(shape)).astype(bool)
         mask = torch.from_numpy(flat).reshape(shape)
         if int(mask.sum()) != values.numel():
             raise CheckpointError(f"{path} is corrupt: {logical!r} has {values.numel()} values for {int(mask.sum())} kept entries")
         dense = torch.zeros(shape, dtype=values.dtype)
-        dense[mask] = values
+        dense[mask] = values.reshape(-1)
         if masks:
             state[logical + "_orig"] = dense
-            state[logical + "_mask"] = mask.to(getattr(torch, info.get("mask_dtype", "bool")))
+            state[logical + "_mask"] = mask.to(mask_dtype)
         else:
             state[logical] = dense
     state.update(tensors)
@@ -165,6 +170,32 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise CheckpointError(f"compact file {path} does not fit the model: {lines[-1] if lines else exc}") from None
     return model
+
+
+def _masked_entries(path: str | os.PathLike, metadata: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(logical key, shape, mask dtype)`` of every masked tensor a compact file's metadata lists, or a :class:`CheckpointError`."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is corrupt: its metadata {why} (write it again with bingo.save_compact)")
+
+    if "masked" not in metadata:
+        raise corrupt("lacks the 'masked' entry")
+    try:
+        masked = json.loads(metadata["masked"])
+    except (TypeError, ValueError) as exc:
+        raise corrupt(f"'masked' is not JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(masked, dict):
+        raise corrupt(f"'masked' is a {type(masked).__name__}, not a dict")
+    entries = []
+    for logical, info in masked.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+            raise corrupt(f"gives {logical!r} the shape {shape!r}, not a list of sizes")
+        dtype = getattr(torch, str(info.get("mask_dtype", "bool")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise corrupt(f"gives {logical!r} the mask dtype {info.get('mask_dtype')!r}")
+        entries.append((logical, tuple(shape), dtype))
+    return entries
 
 
 # --------------------------------------------------------------------------
@@ -184,10 +215,10 @@ class RawInputModel(nn.Module):
 
     def __init__(self, model: nn.Module, offset: float, scale: float, input_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.model = model
+        self.model = check_model("RawInputModel", model, meta=False)
         self.offset = float(offset)
         self.scale = float(scale)
-        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_shape = check_shape("RawInputModel", "input_shape", input_shape)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         x = raw.to(torch.float32).reshape(-1, *self.input_shape)
@@ -332,14 +363,15 @@ def export_model(
         ConfigError: bad preprocessing or shapes, metadata that is not JSON or
             uses a reserved key, a model that cannot be shrunk or exported.
     """
+    check_model("export_model", model)
     try:
         offset, scale = (float(v) for v in preprocess)
     except (TypeError, ValueError):
         raise ConfigError(f"preprocess must be (offset, scale) numbers, got {preprocess!r}") from None
     if not (math.isfinite(offset) and math.isfinite(scale)) or scale == 0:
         raise ConfigError(f"preprocess needs a finite offset and a finite nonzero scale, got ({offset}, {scale})")
-    input_shape = tuple(int(d) for d in input_shape)
-    raw_shape = input_shape if raw_shape is None else tuple(int(d) for d in raw_shape)
+    input_shape = check_shape("export_model", "input_shape", input_shape)
+    raw_shape = input_shape if raw_shape is None else check_shape("export_model", "raw_shape", raw_shape)
     if math.prod(raw_shape) != math.prod(input_shape):
         raise ConfigError(f"raw_shape {raw_shape} has {math.prod(raw_shape)} entries; input_shape {input_shape} has {math.prod(input_shape)}")
     metadata = dict(metadata or {})

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .checks import check_model, check_scores
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
 from .masks import keep_copyable, make_permanent, mask_attention_outputs
@@ -69,6 +70,8 @@ def head_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, 
     everywhere (``"<attention>.in_proj_weight"``, ``"<attention>.out_proj.weight"``);
     attentions whose ``in_proj_weight`` has no score are left out.
     """
+    check_model("head_scores", model)
+    scores = check_scores("head_scores", scores)
     result = {}
     for name, attention in _attentions(model).items():
         key = f"{name}.in_proj_weight" if name else "in_proj_weight"
@@ -114,6 +117,8 @@ def prune_heads(
     outputs exactly zero and stays removed in further training. Every
     attention keeps at least one head.
     """
+    check_model("prune_heads", model)
+    scores = check_scores("prune_heads", scores)
     check_choice("scope", scope, SCOPES)
     attentions = _attentions(model)
     unknown = sorted(set(scores) - set(attentions))
@@ -123,7 +128,9 @@ def prune_heads(
         _check_supported(name, attentions[name])
         if tuple(scores[name].shape) != (attentions[name].num_heads,):
             raise ConfigError(f"head scores for {name!r} have shape {tuple(scores[name].shape)}; expected ({attentions[name].num_heads},)")
-    keep = select_masks({name: s.detach().float().cpu() for name, s in scores.items()}, sparsity, scope, seed)
+    flat = {name: s.detach().float().cpu() for name, s in scores.items()}
+    # a -inf head score is the least significant, not a head already removed: the floor still holds
+    keep = select_masks(flat, sparsity, scope, seed, pruned={name: torch.zeros(s.shape, dtype=torch.bool) for name, s in flat.items()})
     for name, heads in keep.items():
         if not heads.any():
             raise ConfigError(f"this sparsity would remove every head of {name!r}; lower it or use scope='layer'")

@@ -152,7 +152,9 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 def save_scores(scores: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Save ``{key: tensor}`` significance scores as safetensors, atomically."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in scores.items()}
+    from .checks import check_scores  # a ConfigError naming the key, not an AttributeError
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in check_scores("save_scores", scores).items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_names
 from .distributed import unwrap
 from .errors import ConfigError
 from .layer_types import ATTENTION_PROJECTIONS, LayerType, attention_inputs, layer_type_of
@@ -125,8 +126,8 @@ def find_layers(
     left to score.
     """
     model = unwrap(model)  # a DDP wrapper's keys are its inner module's
-    include = None if include is None else list(include)
-    exclude = list(exclude)
+    include = check_names("find_layers", "include", include, optional=True)
+    exclude = check_names("find_layers", "exclude", exclude)
     output = output_layer_name(model, required=False) if granularity == "neuron" else None
     layers: dict[str, nn.Module] = {}
     for group in _candidates(model):
@@ -280,7 +281,7 @@ def _kind(module: nn.Module, name: str) -> str:
 
 def coverage(model: nn.Module, keys: Iterable[str]) -> Coverage:
     """Parameters in the weights named by ``keys`` vs all of ``model``'s, and what kinds the rest are."""
-    keys = set(keys)
+    keys = set(check_names("coverage", "keys", keys))
     scored = total = tensors = 0
     unscored: dict[str, int] = {}
     tied = tied_weights(model)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .checks import check_model, check_names, check_scores, check_state_dict
 from .distributed import unwrap
 from .errors import CheckpointError, ConfigError
 from .layer_types import expand_units, layer_type_of, unit_matrix
@@ -99,6 +100,8 @@ def _unit_mask_of(module: nn.Module, key: str) -> torch.Tensor:
 
 def current_masks(model: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keep-masks already on ``model`` for the keys (and granularity) of ``like``."""
+    check_model("current_masks", model, meta=False)
+    like = check_scores("current_masks", like, "like")
     masks = {}
     for key, ref in like.items():
         module = weight_owner(model, key)
@@ -265,6 +268,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     gets the same mask on every module that uses it, so it stays one
     parameter with one mask.
     """
+    check_model("apply_masks", model)
+    masks = check_scores("apply_masks", masks, "masks")
     tied = tied_weights(model)
     canonical = {alias: key for key, aliases in tied.items() for alias in aliases}
     merged: dict[str, torch.Tensor] = {}
@@ -297,6 +302,7 @@ def make_permanent(model: nn.Module) -> None:
     modules are made to share the first one's parameter again all the same,
     so the tie holds whatever ``prune.remove`` does.
     """
+    check_model("make_permanent", model)
     shared: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for name in masked_names(module):
@@ -369,6 +375,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     so the keys ``weight_orig`` / ``weight_mask`` exist; then the state is
     loaded strictly. Raises :class:`CheckpointError` if it does not fit.
     """
+    check_model("load_pruned_state_dict", model, meta=False)
+    check_state_dict("load_pruned_state_dict", state_dict)
     for key, value in state_dict.items():
         if not key.endswith("_mask"):
             continue
@@ -398,11 +406,13 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 def pruned_parameters(model: nn.Module) -> int:
     """How many parameter entries the masks on ``model`` remove (weights and, for pruned units, biases)."""
+    check_model("pruned_parameters", model)
     return sum(int((buffer == 0).sum()) for name, buffer in model.named_buffers() if name.endswith("_mask"))
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights of two or more dimensions)."""
+    keys = check_names("model_sparsity", "keys", keys, optional=True)
     zeros = total = 0
     seen: set[int] = set()  # a tied weight counts once
     for module_name, module in unwrap(model).named_modules():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_model, check_scores
 from .coupled import prune_coupled
 from .errors import ConfigError, check_choice
 from .layers import unit_axis
@@ -35,6 +37,11 @@ def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict
         key: torch.where(existing[key], s.detach().float().cpu(), torch.tensor(-math.inf))
         for key, s in scores.items()
     }
+
+
+def _already_pruned(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries the model's masks prune already (True = pruned): a ``-inf`` score is not one of them."""
+    return {key: ~mask.bool().cpu() for key, mask in current_masks(model, scores).items()}
 
 
 def prune(
@@ -83,12 +90,15 @@ def prune(
         group already pruned beyond ``M - N`` stays so, and a warning says
         how many groups are.
     """
+    check_model("prune", model)
+    scores = check_scores("prune", scores)
     check_choice("scope", scope, SCOPES)
     target = parse_sparsity(sparsity)
     if isinstance(target, tuple):
         return _prune_n_m(model, scores, *target, seed=seed)
     sparsity = target
-    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks)
+    masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks,
+                         pruned=_already_pruned(model, scores))
     check_units_left(masks, model)
     apply_masks(model, masks)
     applied = current_masks(model, scores)
@@ -113,9 +123,10 @@ def _prune_n_m(model: nn.Module, scores: dict[str, torch.Tensor], n: int, m: int
                               f"shape {tuple(values.shape)}): score per weight")
         axes[key] = unit_axis(module, key)
     effective = _effective_scores(model, scores)
-    masks = select_n_m(effective, n, m, seed, axes=axes)
+    already = _already_pruned(model, scores)
+    masks = select_n_m(effective, n, m, seed, axes=axes, pruned=already)
     apply_masks(model, masks)
-    over = sum(int((n_m_groups(s == -math.inf, m, axes[key]).sum(-1) > m - n).sum()) for key, s in effective.items())
+    over = sum(int((n_m_groups(already[key], m, axes[key]).sum(-1) > m - n).sum()) for key in effective)
     if over:
         warnings.warn(
             f"{over} groups of {m} were already pruned beyond {n}:{m} (more than {m - n} of {m} pruned); "
@@ -162,9 +173,15 @@ def prune_to_accuracy(
     closely but not exactly; the returned accuracy is always measured, never
     interpolated. Use a held-out (validation) set in ``evaluate``, not the test set.
     """
+    check_model("prune_to_accuracy", model)
+    scores = check_scores("prune_to_accuracy", scores)
+    if not callable(evaluate):
+        raise ConfigError(f"prune_to_accuracy: evaluate must be a function model -> accuracy, got {type(evaluate).__name__}")
     if (min_accuracy is None) == (max_drop is None):
         raise ConfigError("give exactly one of min_accuracy (absolute floor) or max_drop (drop from dense)")
     for name, value in (("min_accuracy", min_accuracy), ("max_drop", max_drop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)
@@ -192,6 +209,7 @@ def prune_to_accuracy(
             return prune_coupled(net, scores, groups, j / steps, scope, seed=seed)
     else:
         effective = _effective_scores(model, scores)
+        already_pruned = _already_pruned(model, scores)
         # Step j is sparsity j / steps. In the global scopes (global, lamp) steps is the number of
         # entries, so select_masks prunes round(j / steps * steps) = j of them; per layer it prunes
         # round(j / steps * n_l) of each layer's n_l.
@@ -203,7 +221,7 @@ def prune_to_accuracy(
         start = 0 if scope in ("layer", "block") else already  # per layer or block: from nothing pruned
 
         def prune_at(net: nn.Module, j: int) -> dict[str, torch.Tensor]:
-            masks = select_masks(effective, j / steps, scope, seed)
+            masks = select_masks(effective, j / steps, scope, seed, pruned=already_pruned)
             check_units_left(masks, net)
             apply_masks(net, masks)
             return masks

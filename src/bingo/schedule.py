@@ -18,11 +18,14 @@ the weights is the caller's: magnitude gives GMP, a
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .checks import check_model, check_seed, describe
 from .errors import CheckpointError, ConfigError, check_choice
 from .masks import current_masks
 from .pruning import prune
@@ -31,11 +34,28 @@ from .selection import SCOPES, check_sparsity, prune_count
 __all__ = ["SparsityScheduler", "gmp_sparsity", "is_update_step"]
 
 
+def _whole(name: str, value: object) -> int:
+    """``value`` as an int: a whole number (an int, or a float with no fraction), never a bool, NaN or infinity."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            isinstance(value, numbers.Integral) or math.isfinite(value) and float(value).is_integer()):
+        raise ConfigError(f"the sparsity schedule's {name} must be a whole number of steps, got {describe(value)}")
+    return int(value)
+
+
 def _check_steps(start_step: int, end_step: int, frequency: int) -> None:
+    start_step, end_step = _whole("start step", start_step), _whole("end step", end_step)
     if not 0 <= start_step <= end_step:
         raise ConfigError(f"the sparsity schedule needs 0 <= start step <= end step, got {start_step} and {end_step}")
-    if int(frequency) != frequency or frequency < 1:
+    if (isinstance(frequency, bool) or not isinstance(frequency, numbers.Real) or frequency < 1
+            or not (isinstance(frequency, numbers.Integral) or math.isfinite(frequency) and float(frequency).is_integer())):
         raise ConfigError(f"the sparsity schedule's frequency must be a whole number of steps >= 1, got {frequency!r}")
+
+
+def _sparsity(name: str, value: object) -> float:
+    """A schedule's end point as a float in [0, 1): :class:`ConfigError` naming it otherwise (NaN and infinities too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"the sparsity schedule's {name} sparsity must be a fraction in [0, 1), got {describe(value)}")
+    return float(value)
 
 
 def gmp_sparsity(step: int, final: float, initial: float, start_step: int, end_step: int, frequency: int) -> float:
@@ -50,6 +70,8 @@ def gmp_sparsity(step: int, final: float, initial: float, start_step: int, end_s
     ``frequency`` (the paper's ``n Δt``).
     """
     _check_steps(start_step, end_step, frequency)
+    step = _whole("step", step)
+    final, initial = _sparsity("final", final), _sparsity("initial", initial)
     if step >= end_step:
         return final
     last_update = start_step + max(step - start_step, 0) // frequency * frequency
@@ -61,6 +83,7 @@ def gmp_sparsity(step: int, final: float, initial: float, start_step: int, end_s
 def is_update_step(step: int, start_step: int, end_step: int, frequency: int) -> bool:
     """Whether the masks change at ``step``: ``start_step + k · frequency`` up to ``end_step``, and ``end_step``."""
     _check_steps(start_step, end_step, frequency)
+    step = _whole("step", step)
     return start_step <= step <= end_step and ((step - start_step) % frequency == 0 or step == end_step)
 
 
@@ -121,6 +144,7 @@ class SparsityScheduler:
         seed: int = 0,
         groups: list | None = None,
     ) -> None:
+        check_model("SparsityScheduler", model)
         if not callable(scores):
             raise ConfigError(f"scores must be a callable returning {{weight key: tensor}}, got {type(scores).__name__}")
         final_sparsity, initial_sparsity = check_sparsity(final_sparsity), check_sparsity(initial_sparsity)
@@ -131,7 +155,7 @@ class SparsityScheduler:
         self.model, self.scores = model, scores
         self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
         self.start_step, self.end_step, self.frequency = int(start_step), int(end_step), int(frequency)
-        self.scope, self.seed = scope, int(seed)
+        self.scope, self.seed = scope, check_seed("SparsityScheduler", "seed", seed)
         self.groups = list(groups) if groups else None  #: tied channels pruned together (bingo.channel_groups)
         self.last_step = 0  #: optimizer steps taken so far (0 = construction)
         self.last_sparsity = 0.0  #: the sparsity the latest update pruned to (0 before the first)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .checks import check_model, check_scores, check_seed
 from .errors import ConfigError, check_choice
 from .layer_types import unit_matrix
 from .layers import GRANULARITIES, find_layers, parameter_name, unit_axis, weight_of
@@ -45,6 +46,8 @@ def _layers(
     like: Mapping[str, torch.Tensor] | None,
 ) -> dict[str, tuple[nn.Module, str]]:
     """``{key: (module, granularity)}`` to score: chosen by include/exclude, or exactly the keys of ``like``."""
+    if like is not None:
+        like = check_scores("scores", like, "like")
     if like is None:
         granularity = "weight" if granularity is None else granularity
         check_choice("granularity", granularity, GRANULARITIES)
@@ -90,6 +93,7 @@ def magnitude_scores(
     :class:`ConfigError`, as is a key that is not a weight of ``model``.
     """
     scores = {}
+    check_model("magnitude_scores", model)
     for key, (module, grain) in _layers(model, granularity, include, exclude, like).items():
         weight = weight_of(module, key).detach().float()
         mask = getattr(module, f"{parameter_name(key)}_mask", None)
@@ -115,7 +119,7 @@ def random_scores(
 
     Scores the weights :func:`magnitude_scores` would (``like=scores``: exactly the keys and shapes of ``scores``).
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed("random_scores", "seed", seed))
     scores = {}
     for key, (module, grain) in _layers(model, granularity, include, exclude, like).items():
         weight = weight_of(module, key)
@@ -209,7 +213,10 @@ def combine_ranks(
         weights: one non-negative weight per set (summing to more than 0);
             default equal weights.
     """
-    scores = list(scores)
+    if isinstance(scores, Mapping) or not isinstance(scores, Sequence):
+        raise ConfigError(f"combine_ranks: scores must be a list of score dicts ([significance, magnitude]), got "
+                          f"{type(scores).__name__}")
+    scores = [check_scores("combine_ranks", one, f"scores[{i}]") for i, one in enumerate(scores)]
     if not scores:
         raise ConfigError("combine_ranks needs at least one set of scores")
     weights = [1.0] * len(scores) if weights is None else [float(w) for w in weights]
@@ -282,6 +289,11 @@ def bingo_scores(
             that does not fit ``model`` (see :func:`combine_ranks`).
     """
     magnitude_weight = check_magnitude_weight(magnitude_weight)
+    if isinstance(search, Mapping):
+        search = check_scores("bingo_scores", search, "search")
+    elif not callable(getattr(search, "significance", None)):
+        raise ConfigError(f"bingo_scores: search must be a TicketSearch or its significance {{key: tensor}}, got "
+                          f"{type(search).__name__}")
     if isinstance(search, Mapping):
         significance = dict(search)
     else:

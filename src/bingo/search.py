@@ -27,10 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import META_DEVICE, check_field_types, check_model, check_names, describe
 from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
+from .devices import model_device
 from .distributed import broadcast_tensors, unwrap
 from .layers import GRANULARITIES, Coverage, bias_name_of, coverage, find_layers, unit_axis, weight_of
 
@@ -68,6 +70,7 @@ class SearchConfig:
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns of weights not to score"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         try:
             fraction = float(self.fraction)
         except (TypeError, ValueError):
@@ -86,8 +89,8 @@ class SearchConfig:
         if self.every is not None and (isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1):
             raise ConfigError(f"every must be a whole number >= 1 (or None: chosen from the number of layers), got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
-        object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "include", None if self.include is None else tuple(check_names("SearchConfig", "include", self.include)))
+        object.__setattr__(self, "exclude", tuple(check_names("SearchConfig", "exclude", self.exclude)))
         if isinstance(self.estimator, Estimator):
             self.estimator.resolve_rule(self.rule)
         else:
@@ -176,6 +179,12 @@ class TicketSearch:
 
     def __init__(self, model: nn.Module, *, config: SearchConfig | None = None, process_group: object | None = None,
                  synchronize: bool = False, **settings: object) -> None:
+        # a model on the meta device may be searched's shape-only stand-in (its accumulators land there too);
+        # step() refuses it, where its values would be read
+        model = check_model("TicketSearch", model, meta=False)
+        if config is not None and not isinstance(config, SearchConfig):
+            raise ConfigError(f"TicketSearch: config must be a bingo.SearchConfig (or None: settings as keywords, "
+                              f"TicketSearch(model, fraction=0.05)), got {describe(config)}")
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(SearchConfig)})
         if unknown:
             valid = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
@@ -250,6 +259,8 @@ class TicketSearch:
         gradients, buffers, train/eval flags and the global RNG are exactly as
         before the call.
         """
+        if any(t.is_meta for t in self.theta0.values()) or model_device(self.model).type == "meta":
+            raise ConfigError(f"search.step: model {META_DEVICE}, then build the TicketSearch over it")
         batch = _batch(inputs_or_closure, targets)
         wait = _device_wait(self.theta0) if self.synchronize else None
         if wait:

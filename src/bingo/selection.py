@@ -50,12 +50,14 @@ filter along its flattened ``C·kh·kw`` fan-in.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import re
 from collections.abc import Callable
 
 import torch
 
+from .checks import check_scores, describe
 from .errors import ConfigError, check_choice
 from .layer_types import from_unit_matrix, unit_matrix
 
@@ -185,7 +187,11 @@ def block_of(key: str, blocks: Blocks | None = None) -> str:
 def _generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
     if isinstance(seed_or_generator, torch.Generator):
         return seed_or_generator
-    return torch.Generator().manual_seed(0 if seed_or_generator is None else int(seed_or_generator))
+    if seed_or_generator is None:
+        return torch.Generator().manual_seed(0)
+    if isinstance(seed_or_generator, bool) or not isinstance(seed_or_generator, (int, numbers.Integral)):
+        raise ConfigError(f"seed must be an integer or a torch.Generator, got {describe(seed_or_generator)}")
+    return torch.Generator().manual_seed(int(seed_or_generator))
 
 
 #: what NaN in a score usually means, for the errors that refuse it
@@ -244,17 +250,27 @@ def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
-def _floor_last(order: torch.Tensor, flat: torch.Tensor, sizes: list[int], min_keep: float) -> torch.Tensor:
+def _pruned_first(order: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    """``order`` with the entries ``pruned`` (a flat bool tensor it indexes) moved to the front, each part in its order."""
+    if pruned is None:
+        return order
+    gone = pruned[order]
+    return torch.cat([order[gone], order[~gone]])
+
+
+def _floor_last(order: torch.Tensor, flat: torch.Tensor, sizes: list[int], min_keep: float,
+                pruned: torch.Tensor | None = None) -> torch.Tensor:
     """``order`` with each tensor's last ``floor_count`` entries moved to the end.
 
     ``order`` indexes ``flat``, the concatenation of tensors of ``sizes``. The
     entries moved are each tensor's latest in ``order`` (its most significant,
-    ties already broken), never ``-inf`` ones (already pruned, they go first).
+    ties already broken), never those already pruned (``pruned``, flat and
+    True = pruned; without it, the ``-inf`` ones), which go first.
     Where no floor binds, the first ``round(sparsity * N)`` entries are those of
     ``order``: the masks are the same as without a floor.
     """
     tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[order]
-    alive = flat[order] > -math.inf
+    alive = flat[order] > -math.inf if pruned is None else ~pruned[order]
     protected = torch.zeros(len(order), dtype=torch.bool)
     for i, n in enumerate(sizes):
         k = floor_count(n, min_keep)
@@ -289,6 +305,7 @@ def select_masks(
     *,
     min_keep: float = MIN_KEEP,
     blocks: Blocks | None = None,
+    pruned: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks pruning the ``sparsity`` least significant entries.
 
@@ -309,6 +326,13 @@ def select_masks(
             turns it off. Unused with ``scope="layer"``.
         blocks: what a block is with ``scope="block"`` (see
             :func:`block_of`; default :data:`BLOCK_PATTERN`); only with that scope.
+        pruned: ``{key: bool tensor}`` of the entries already pruned (True =
+            pruned; keys and shapes of ``scores``): they are pruned first and
+            count towards the sparsity, and no floor keeps them. ``None``: the
+            ``-inf`` scores are the ones already pruned. Given it, a ``-inf``
+            score is only the least significant: the floor still keeps the
+            most significant entries of a tensor whose scores are all ``-inf``
+            (:func:`bingo.prune` passes the model's masks here).
 
     Returns:
         ``{key: bool tensor}`` with the shapes of ``scores``; False = pruned.
@@ -319,6 +343,7 @@ def select_masks(
 
     Example: scores ``[1, 2, ..., 8]`` at 0.5 keep ``[F, F, F, F, T, T, T, T]``.
     """
+    scores = check_scores("select_masks", scores)
     sparsity = check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
     if blocks is not None and scope != "block":
@@ -327,11 +352,12 @@ def select_masks(
         raise ConfigError("no scores to select from")
     check_scores_finite(scores)
     floor_count(1, min_keep)  # checks min_keep
+    pruned = _check_pruned(scores, pruned)
     gen = _generator(generator)
     if scope == "layer":
         masks = {}
         for key, s in scores.items():
-            order = pruning_order(s, gen)
+            order = _pruned_first(pruning_order(s, gen), None if pruned is None else pruned[key].reshape(-1))
             masks.update(masks_from_order(order, {key: s.shape}, prune_count(sparsity, s.numel())))
         return masks
     if scope == "block":
@@ -340,21 +366,37 @@ def select_masks(
             grouped.setdefault(block_of(key, blocks), {})[key] = s
         masks = {}
         for block in grouped.values():
-            masks.update(_select_ranked(block, sparsity, False, gen, min_keep))
+            masks.update(_select_ranked(block, sparsity, False, gen, min_keep, pruned))
         return {key: masks[key] for key in scores}
-    return _select_ranked(scores, sparsity, scope == "lamp", gen, min_keep)
+    return _select_ranked(scores, sparsity, scope == "lamp", gen, min_keep, pruned)
+
+
+def _check_pruned(scores: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """``pruned`` as flat-able CPU bool tensors of the scores' keys and shapes, or a :class:`ConfigError`."""
+    if pruned is None:
+        return None
+    out = {}
+    for key, values in scores.items():
+        mask = pruned.get(key) if isinstance(pruned, dict) else None
+        if not isinstance(mask, torch.Tensor) or mask.shape != values.shape:
+            raise ConfigError(f"pruned[{key!r}] must be a bool tensor of the scores' shape {tuple(values.shape)}, "
+                              f"got {type(mask).__name__ if not isinstance(mask, torch.Tensor) else tuple(mask.shape)}")
+        out[key] = mask.detach().bool().cpu()
+    return out
 
 
 def _select_ranked(
-    scores: dict[str, torch.Tensor], sparsity: float, lamp: bool, gen: torch.Generator, min_keep: float
+    scores: dict[str, torch.Tensor], sparsity: float, lamp: bool, gen: torch.Generator, min_keep: float,
+    pruned: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One ranking over all of ``scores`` (by LAMP score with ``lamp``), each tensor's floor last."""
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
+    gone = None if pruned is None else torch.cat([pruned[key].reshape(-1) for key in scores])
     order = pruning_order(flat, gen)
     if lamp:
         lamp_flat = torch.cat([lamp_scores(s).reshape(-1) for s in scores.values()])
         order = order[torch.argsort(lamp_flat[order], stable=True)]  # ties in LAMP keep the score order
-    order = _floor_last(order, flat, [s.numel() for s in scores.values()], min_keep)
+    order = _floor_last(_pruned_first(order, gone), flat, [s.numel() for s in scores.values()], min_keep, gone)
     shapes = {key: s.shape for key, s in scores.items()}
     return masks_from_order(order, shapes, prune_count(sparsity, flat.numel()))
 
@@ -384,8 +426,18 @@ def n_m_groups(tensor: torch.Tensor, m: int, axis: int = 0, *, key: str = "tenso
 def is_n_m(mask: torch.Tensor, n: int, m: int, axis: int = 0) -> bool:
     """Whether ``mask`` (nonzero = kept) keeps at most ``n`` of every group of ``m`` (:func:`n_m_groups`).
 
+    :class:`ConfigError` when ``mask`` is not a tensor or ``n``, ``m`` are not a pattern ``0 < n < m``.
+
     False, not an error, when the fan-in is not a multiple of ``m``.
     """
+    if not isinstance(mask, torch.Tensor):
+        raise ConfigError(f"is_n_m: mask must be a torch.Tensor, got {describe(mask)}")
+    try:
+        n, m = operator.index(n), operator.index(m)
+    except TypeError:
+        raise _bad_sparsity(f"{n}:{m}") from None
+    if not 0 < n < m:
+        raise _bad_sparsity(f"{n}:{m}")
     try:
         groups = n_m_groups(mask, m, axis)
     except ConfigError:
@@ -400,6 +452,7 @@ def select_n_m(
     generator: int | torch.Generator | None = None,
     *,
     axes: dict[str, int] | None = None,
+    pruned: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks in the N:M pattern: in every group of ``m`` consecutive inputs of a unit, the ``n`` most significant kept.
 
@@ -416,6 +469,10 @@ def select_n_m(
             never by position, as everywhere in selection.
         axes: ``{key: unit axis}`` (the layer type's, e.g. 1 for GPT-2's
             ``Conv1D``); keys not in it have units on axis 0.
+        pruned: ``{key: bool tensor}`` of the entries already pruned (True =
+            pruned), which stay pruned; ``None``: the ``-inf`` scores are
+            those. Given it, a ``-inf`` score is only the least significant
+            of its group, and the group still keeps N.
 
     Returns:
         ``{key: bool tensor}`` shaped like ``scores``; exactly ``m - n``
@@ -431,19 +488,24 @@ def select_n_m(
         raise _bad_sparsity(f"{n}:{m}") from None
     if not 0 < n < m:
         raise _bad_sparsity(f"{n}:{m}")
+    scores = check_scores("select_n_m", scores)
     if not scores:
         raise ConfigError("no scores to select from")
     check_scores_finite(scores)
+    pruned = _check_pruned(scores, pruned)
     gen = _generator(generator)
     axes = axes or {}
     masks = {}
     for key, values in scores.items():
         axis = axes.get(key, 0)
         groups = n_m_groups(values.detach().float().cpu(), m, axis, key=key)
+        gone = groups == -math.inf if pruned is None else n_m_groups(pruned[key], m, axis, key=key)
         shuffle = torch.rand(groups.shape, generator=gen).argsort(dim=-1)  # a random order inside each group
-        # least significant first; ties keep the random order (stable sort)
-        order = shuffle.gather(-1, groups.gather(-1, shuffle).argsort(dim=-1, stable=True))
+        # least significant first (the pruned ones before all others); ties keep the random order (stable sort)
+        ranked = torch.where(gone, -math.inf, groups)
+        order = shuffle.gather(-1, ranked.gather(-1, shuffle).argsort(dim=-1, stable=True))
+        order = order.gather(-1, gone.gather(-1, order).logical_not().long().argsort(dim=-1, stable=True))
         keep = torch.ones(groups.shape, dtype=torch.bool).scatter_(-1, order[..., : m - n], False)
-        keep &= groups > -math.inf
+        keep &= ~gone
         masks[key] = from_unit_matrix(keep.reshape(groups.shape[0], -1), values, axis).contiguous()
     return masks

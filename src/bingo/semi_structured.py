@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_model
 from .distributed import unwrap
 from .errors import ConfigError
 from .layer_types import LinearLayer, layer_type_of
@@ -80,7 +81,7 @@ def to_semi_structured(model: nn.Module) -> tuple[str, ...]:
     Returns:
         The names of the modules converted, in model order.
     """
-    model = unwrap(model)
+    model = unwrap(check_model("to_semi_structured", model))
     linears = _pruned_linears(model)
     if not linears:
         raise ConfigError(f"{type(model).__name__} has no pruned nn.Linear to convert; prune it with "

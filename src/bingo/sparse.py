@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_model
 from .devices import model_device
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
@@ -337,7 +338,7 @@ def to_sparse(
     _check(min_sparsity, batch_size, choose, repeats, measure)
     measure = measure or forward_seconds
     started = time.perf_counter()
-    model = unwrap(model)
+    model = unwrap(check_model("to_sparse", model))
     typed = {name: (module, layer_type) for name, module in model.named_modules()
              if (layer_type := layer_type_of(module)) is not None}
     forms: dict[str, tuple[torch.Tensor, torch.Tensor | None] | str] = {}

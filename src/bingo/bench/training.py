@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_field_types
 from .. import distributed
 from .data import Dataset
 from ..devices import model_device, to_device
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order", "cli": False})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if int(self.epochs) != self.epochs or self.epochs < 0:
             raise ConfigError(f"epochs must be a whole number >= 0, got {self.epochs!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:

@@ -160,6 +160,11 @@ ESTIMATORS: dict[str, type[Estimator]] = {}
 
 def register_estimator(cls: type[Estimator]) -> type[Estimator]:
     """Class decorator: make ``cls`` available as ``estimator=cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+        kind = f"class {cls.__name__}" if isinstance(cls, type) else type(cls).__name__
+        raise ConfigError(f"register_estimator takes a subclass of bingo.Estimator (a class), got {kind}")
+    if not isinstance(cls.name, str):
+        raise ConfigError(f"{cls.__name__}.name must be a str (the estimator= name), got {type(cls.name).__name__}")
     if not cls.name:
         raise ConfigError(f"{cls.__name__} needs a class attribute 'name' to be registered")
     ESTIMATORS[cls.name] = cls

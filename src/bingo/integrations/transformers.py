@@ -19,6 +19,7 @@ if given.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..io import atomic_write
+from ..errors import CheckpointError, ConfigError
+from ..io import load_checkpoint, save_checkpoint
 from .session import PruneAfterTraining
 
 __all__ = ["BingoTrainerCallback", "STATE_FILE"]
@@ -69,7 +70,7 @@ class BingoTrainerCallback(TrainerCallback):
             saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
             if not saved.exists():
                 raise ConfigError(f"resuming at step {state.global_step} but {saved} is missing: the search's state was not saved with this checkpoint")
-            self.session.load_state_dict(torch.load(saved, weights_only=True))
+            self.session.load_state_dict(_load_state(saved))
         self._hook = model.register_forward_pre_hook(self._remember, with_kwargs=True)
 
     def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -84,10 +85,32 @@ class BingoTrainerCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            atomic_write(folder / STATE_FILE, lambda tmp: torch.save(self.session.state_dict(), tmp))
+            save_checkpoint(self.session.state_dict(), folder / STATE_FILE)  # atomic, checksummed: as every bingo checkpoint
 
     def on_train_end(self, args, state, control, model: nn.Module | None = None, **kwargs: Any) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self.session.finish(model)
+
+
+def _load_state(path: Path) -> dict:
+    """The search state saved at ``path``: a checksummed bingo checkpoint (:func:`bingo.io.load_checkpoint`).
+
+    A file of an older bingo, written with a plain ``torch.save`` and no
+    checksum, is still loaded (tensors and plain data only, as before), with
+    a warning that it could not be verified; anything unreadable is the
+    one-line :class:`CheckpointError` of :func:`~bingo.io.load_checkpoint`.
+    """
+    try:
+        return load_checkpoint(path)
+    except CheckpointError:
+        try:
+            legacy = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - corrupt or foreign: the checked loader's message says so
+            legacy = None
+        if not isinstance(legacy, dict) or "format" in legacy or "sha256" in legacy:
+            raise
+    warnings.warn(f"{path} was written by an older bingo without a checksum; it is loaded unverified, and the next "
+                  "save writes it checksummed", stacklevel=3)
+    return legacy

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...checks import check_field_types
 from ...errors import ConfigError
 from ...schedule import SparsityScheduler, gmp_sparsity
 from ...scoring import magnitude_scores
@@ -42,6 +43,7 @@ class ScheduleConfig:
     finetune_epochs: int = field(default=0, metadata={"help": "extra epochs at the final sparsity after the schedule (the one-shot methods' fine-tune budget)"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 0.0 <= self.initial_sparsity < 1.0:
             raise ConfigError(f"{self.label} initial sparsity must be in [0, 1), got {self.initial_sparsity!r}")
         if not 0.0 <= self.start_fraction < self.end_fraction <= 1.0:

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...checks import check_field_types
 from ...errors import ConfigError
 from ...scoring import MAGNITUDE_WEIGHT, check_magnitude_weight
 from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
@@ -39,6 +40,7 @@ class GradualBingoConfig(ScheduleConfig):
     magnitude_weight: float = field(default=MAGNITUDE_WEIGHT, metadata={"help": "weight of the magnitude rank in the score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         super().__post_init__()
         if not isinstance(self.search, SearchConfig):
             raise ConfigError(f"GradualBingoConfig.search must be a SearchConfig, got {type(self.search).__name__}")

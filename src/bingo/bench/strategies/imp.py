@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ...checks import check_field_types
 from ...errors import ConfigError, check_choice
 from ...layers import output_layer_name
 from ...masks import current_masks
@@ -142,6 +143,7 @@ class ImpConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_rate(self.rate)
         if int(self.rewind_step) != self.rewind_step or self.rewind_step < 0:
             raise ConfigError(f"rewind step must be a whole number >= 0, got {self.rewind_step!r}")

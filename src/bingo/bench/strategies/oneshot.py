@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...checks import check_field_types
 from ...compensation import BATCHNORM_CHOICES, compensate, suggested_calibration_samples
 from ...solvers import SOLVERS
 from ...coupled import prune_coupled
@@ -62,6 +63,7 @@ class CompensationConfig:
     solver: str = field(default="auto", metadata={"help": "least-squares solver of the re-fit: auto (per layer, by counted work), exact (per-row Cholesky), cg (conjugate gradients to the exact optimum), sparsegpt (the SparseGPT sweep, approximate)", "choices": SOLVER_CHOICES})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if int(self.calibration_samples) != self.calibration_samples or self.calibration_samples < 1:
             raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
         check_choice("batchnorm", self.batchnorm, BATCHNORM_CHOICES)
@@ -78,6 +80,7 @@ class OneShotConfig:
     compensation: CompensationConfig = field(default=CompensationConfig(), metadata={"help": "compensation settings"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_finetune(self.finetune_epochs)
         check_choice("scope", self.scope, SCOPES)
         check_choice("granularity", self.granularity, GRANULARITIES)
@@ -188,6 +191,7 @@ class BingoConfig:
     compensation: CompensationConfig = field(default=CompensationConfig(compensate=True), metadata={"help": "compensation settings"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not isinstance(self.search, SearchConfig):
             raise ConfigError(f"BingoConfig.search must be a SearchConfig, got {type(self.search).__name__}")
         _check_finetune(self.finetune_epochs)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...checks import check_field_types
 from ...devices import model_device, to_device
 from ...errors import ConfigError
 from ...layers import find_layers, weight_of
@@ -73,6 +74,7 @@ class SnipConfig:
     batches: int = field(default=3, metadata={"help": "training batches the connection sensitivity is computed on"})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if int(self.batches) != self.batches or self.batches < 1:
             raise ConfigError(f"SNIP batches must be a whole number >= 1, got {self.batches!r}")
 
