@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """
     not_ours = f"{path} is not a bingo checkpoint (corrupt or from another program)"
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's caveats about a foreign pickle: the file is refused below anyway
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no such checkpoint: {path}") from None
     except IsADirectoryError:

@@ -150,17 +150,21 @@ def _print_warnings(caught: list) -> None:
 @contextlib.contextmanager
 def _one_line_warnings():
     """bingo's own UserWarnings raised inside the block become ``bingo: warning:`` lines; others show as usual."""
-    package = str(Path(__file__).parent)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("default", category=UserWarning, module=r"bingo(\.|$)")  # once per message
-        try:
+    package = str(Path(__file__).resolve().parents[1]) + os.sep  # all of bingo, the core too
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("default", category=UserWarning, module=r"bingo(\.|$)")  # once per message
             yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning) and w.filename.startswith(package):
-                    _print_warnings([w])
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:
+        # Shown after the block, with the caller's warning machinery back in place:
+        # inside it, showwarning is the recorder, and showing a foreign warning there
+        # appended to the very list being iterated (a loop without end).
+        for w in caught:
+            if issubclass(w.category, UserWarning) and str(Path(w.filename).resolve()).startswith(package):
+                _print_warnings([w])
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, line=w.line)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
