@@ -94,3 +94,147 @@ def test_a_foreign_pickle_as_checkpoint_is_one_line_and_returns(tmp_path, writer
     assert_user_error(result.returncode, result.stderr, r"x\.pkl is not a bingo checkpoint \(corrupt or from another program\)")
     assert "UserWarning" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+# -- outputs and inputs that are not regular files --------------------------------------
+
+RUN = ["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.5", "--method", "magnitude", "--no-progress"]
+
+
+def make_special(path: Path, kind: str) -> Path:
+    """A FIFO, a copy of /dev/null (a character device; skipped where mknod is not permitted), or a link to a FIFO."""
+    import stat
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except (PermissionError, OSError) as exc:
+            pytest.skip(f"cannot make a character device here: {exc}")
+    else:
+        os.mkfifo(path.with_name(path.name + ".target"))
+        path.symlink_to(path.with_name(path.name + ".target"))
+    return path
+
+
+def assert_untouched(path: Path, kind: str) -> None:
+    import stat
+
+    mode = os.stat(path).st_mode
+    assert (stat.S_ISCHR(mode) if kind == "chardev" else stat.S_ISFIFO(mode)), f"{path} was replaced"
+    if kind == "link":
+        assert path.is_symlink()
+
+
+SPECIAL = ["fifo", "chardev", "link"]
+WORDS = {"fifo": "a FIFO \\(named pipe\\)", "chardev": "a character device", "link": "a symbolic link to a FIFO \\(named pipe\\)"}
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+@pytest.mark.parametrize("flag", ["--out", "--save", "--scores"])
+def test_run_refuses_an_output_that_is_not_a_regular_file(capsys, tmp_path, flag, kind):
+    special = make_special(tmp_path / "special", kind)
+    paths = {"--out": tmp_path / "r.json", flag: special}
+    argv = [*RUN, *(a for pair in paths.items() for a in pair)]
+    code, _, err = call(capsys, *argv)
+    assert_user_error(code, err, f"^bingo: error: {flag} {special} is {WORDS[kind]}, not a regular file; bingo writes only regular files")
+    assert_untouched(special, kind)
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_run_refuses_an_export_folder_or_member_that_is_not_a_regular_file(capsys, tmp_path, kind):
+    special = make_special(tmp_path / "exp", kind)
+    code, _, err = call(capsys, *RUN, "--out", tmp_path / "r.json", "--export", special)
+    assert_user_error(code, err, f"--export {special} is {WORDS[kind]}, not a folder")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    member = make_special(folder / "model.json", kind)
+    code, _, err = call(capsys, *RUN, "--out", tmp_path / "r.json", "--export", folder)
+    assert_user_error(code, err, f"--export {member} is {WORDS[kind]}, not a regular file")
+    assert_untouched(member, kind)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_compare_refuses_an_out_or_an_out_member_that_is_not_a_regular_file(capsys, tmp_path, kind):
+    argv = ["compare", "--data", "digits", "--model", "mlp", "--methods", "random", "--sparsities", "0.5", "--epochs", "1", "--no-progress"]
+    special = make_special(tmp_path / "c", kind)
+    code, _, err = call(capsys, *argv, "--out", special)
+    assert_user_error(code, err, f"--out {special} is {WORDS[kind]}, not a folder")
+    out = tmp_path / "out"
+    out.mkdir()
+    member = make_special(out / "cost.png", kind)
+    code, _, err = call(capsys, *argv, "--out", out, "--resume")
+    assert_user_error(code, err, f"--out {member} is {WORDS[kind]}, not a regular file")
+    assert_untouched(member, kind)
+    assert not (out / "results.json").exists()
+
+
+def test_export_refuses_a_member_of_its_folder_that_is_not_a_regular_file(capsys, tmp_path):
+    saved = tmp_path / "m.pt"
+    code, _, err = call(capsys, *RUN, "--out", tmp_path / "r.json", "--save", saved)
+    assert code == 0, err
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    member = make_special(folder / "weights.safetensors", "fifo")
+    code, _, err = call(capsys, "export", saved, folder)
+    assert_user_error(code, err, f"{member} is a FIFO \\(named pipe\\), not a regular file")
+    assert_untouched(member, "fifo")
+    assert not (folder / "model.json").exists()
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+def test_atomic_writers_refuse_a_path_that_is_not_a_regular_file(tmp_path, kind):
+    from bingo.errors import ConfigError
+    from bingo.io import save_checkpoint, save_scores, write_json
+
+    special = make_special(tmp_path / "special", kind)
+    for write in (lambda: write_json(special, {"a": 1}), lambda: save_scores({"w": torch.ones(2)}, special),
+                  lambda: save_checkpoint({"a": 1}, special)):
+        with pytest.raises(ConfigError, match=f"{special} is {WORDS[kind]}, not a regular file; bingo writes only regular files"):
+            write()
+        assert_untouched(special, kind)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["special", *(["special.target"] if kind == "link" else [])])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_fifo_given_as_an_input_is_one_line_and_never_blocks(tmp_path, kind):
+    """Was: torch.load of a FIFO as --checkpoint waited for a writer forever."""
+    special = make_special(tmp_path / "in.npz", kind)
+    out = tmp_path / "r.json"
+    result = run_bingo(*RUN, "--out", out, "--checkpoint", special, timeout=60)
+    assert_user_error(result.returncode, result.stderr, f"--checkpoint {special} is .*, not a regular file")
+    result = run_bingo(*RUN[:2], special, *RUN[3:], "--out", out, timeout=60)
+    assert_user_error(result.returncode, result.stderr, f"{special} is .*, not a regular file; bingo reads only regular files")
+    result = run_bingo("export", special, tmp_path / "exp", timeout=60)
+    assert_user_error(result.returncode, result.stderr, f"checkpoint {special} is .*, not a regular file; bingo reads only regular files")
+    assert not out.exists()
+
+
+def test_library_loaders_refuse_a_fifo_without_blocking(tmp_path):
+    result = run_python(f"""
+        import os
+        from bingo.errors import CheckpointError, DataError
+        from bingo.io import load_checkpoint, load_scores
+        from bingo.bench.data import load_dataset
+        os.mkfifo({str(tmp_path / "p.npz")!r})
+        for load in (load_checkpoint, load_scores, load_dataset):
+            try:
+                load({str(tmp_path / "p.npz")!r})
+            except (CheckpointError, DataError) as exc:
+                print(type(exc).__name__, exc)
+    """, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all("is a FIFO (named pipe), not a regular file; bingo reads only regular files" in line for line in lines)
+
+
+def test_an_idx_file_that_is_a_fifo_is_refused_not_replaced(tmp_path):
+    from bingo.bench.data import IDX_FILES, load_dataset
+    from bingo.errors import DataError
+
+    os.mkfifo(tmp_path / IDX_FILES[0])
+    with pytest.raises(DataError, match="is a FIFO \\(named pipe\\), not a regular file"):
+        load_dataset("fashion-mnist", tmp_path)
+    assert_untouched(tmp_path / IDX_FILES[0], "fifo")

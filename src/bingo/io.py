@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 import warnings
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import BingoError, CheckpointError
+from .errors import BingoError, CheckpointError, ConfigError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -46,6 +47,8 @@ __all__ = [
     "load_scores",
     "save_checkpoint",
     "save_scores",
+    "refuse_special",
+    "special_file",
     "write_json",
 ]
 
@@ -54,14 +57,55 @@ CHECKPOINT_VERSION = 1
 _HEADER = ("format", "format_version", "sha256")
 
 
+def special_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is, in words, when it exists but is neither a regular file nor a folder; else None.
+
+    ``"a FIFO (named pipe)"``, ``"a character device"``, ``"a block device"``,
+    ``"a socket"``; ``"a symbolic link to a character device"`` and so on
+    when a link leads there. bingo reads and writes regular files only: a
+    FIFO would block a reader forever, and the atomic replace of a writer
+    would put a regular file where the device or pipe was (as root, in
+    place of ``/dev/null``).
+    """
+    try:
+        mode = os.stat(path).st_mode
+        linked = os.path.islink(path)
+    except (OSError, ValueError):  # missing, a dangling link, a NUL in the name: not a special file
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((words for test, words in kinds if test(mode)), "a special file")
+    return f"a symbolic link to {kind}" if linked else kind
+
+
+def refuse_special(path: str | os.PathLike, what: str = "", *, reading: bool = False) -> None:
+    """Raise :class:`~bingo.errors.ConfigError` if ``path`` is a FIFO, device or socket (see :func:`special_file`).
+
+    ``what`` names the path as the user gave it (``"--out"``); the message
+    is one line, e.g. ``--out /tmp/p is a FIFO (named pipe), not a regular
+    file; bingo writes only regular files``.
+    """
+    kind = special_file(path)
+    if kind is not None:
+        name = f"{what} {os.fspath(path)}" if what else os.fspath(path)
+        verb = "reads" if reading else "writes"
+        raise ConfigError(f"{name} is {kind}, not a regular file; bingo {verb} only regular files (give a file path)")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
 
     The file ends up with the permissions an ordinary ``open()`` gives
     (``0o666`` less the umask), whatever ``write`` did to the temporary file.
     An ``OSError`` names ``path``, not the temporary file the user never asked for.
+    A ``path`` that is a FIFO, device or socket (or a link to one) is refused
+    with :class:`~bingo.errors.ConfigError` and left as it is: replacing it
+    would turn ``/dev/null`` into a regular file.
     """
     path = Path(path)
+    refuse_special(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -159,6 +203,9 @@ def save_scores(scores: dict[str, torch.Tensor], path: str | os.PathLike) -> Pat
 
 def load_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load scores written by :func:`save_scores`."""
+    kind = special_file(path)
+    if kind is not None:
+        raise CheckpointError(f"scores file {path} is {kind}, not a regular file; bingo reads only regular files")
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -248,6 +295,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             bingo reads.
     """
     not_ours = f"{path} is not a bingo checkpoint (corrupt or from another program)"
+    kind = special_file(path)
+    if kind is not None:  # torch.load would wait forever for a FIFO's writer
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a regular file; bingo reads only regular files")
     try:
         with warnings.catch_warnings():  # torch's caveats about a foreign pickle: the file is refused below anyway
             warnings.simplefilter("ignore")

@@ -26,7 +26,7 @@ from .configs import add_config_flags, apply_flags, config_record
 from .environment import machine
 from ..devices import resolve_device
 from ..errors import BingoError, ConfigError
-from ..io import write_json
+from ..io import refuse_special, special_file, write_json
 from .models import MODELS, build_model
 from ..layers import coverage
 from ..masks import pruned_parameters
@@ -141,6 +141,11 @@ def _add_export_parser(commands) -> None:
     export.add_argument("--onnx", action="store_true", help="also write model.onnx if the onnx package is installed")
 
 
+#: The files ``export_model`` writes into its folder, and those ``bingo compare`` writes into OUT.
+_EXPORT_FILES = ("model.pt2", "weights.safetensors", "model.json", "model.onnx")
+_COMPARE_FILES = ("results.json", "results.csv", "accuracy.png", "cost.png", "summary.md")
+
+
 def _print_warnings(caught: list) -> None:
     """Library warnings (classes absent from training, ONNX skipped, units kept by shrink) as one line each."""
     for warning in caught:
@@ -171,7 +176,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .model_file import export_checkpoint
 
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
-        raise ConfigError(f"export folder {args.dir} is a file; give a folder")
+        kind = special_file(args.dir) or "a file"
+        raise ConfigError(f"export folder {args.dir} is {kind}; give a folder")
+    for name in _EXPORT_FILES:
+        refuse_special(Path(args.dir) / name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = export_checkpoint(args.checkpoint, args.dir, onnx=args.onnx)
@@ -250,8 +258,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, run_compare
     from .report import markdown_tables, write_report
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a file; give a folder")
+    _check_file_path("out", args.out, folder=True)
+    if not args.overwrite:  # (with --overwrite they are moved aside, whatever they are)
+        for name in _COMPARE_FILES:
+            refuse_special(Path(args.out) / name, "--out")
     training = apply_flags(args, TrainConfig(), dest="train")
     config = CompareConfig(
         data=args.data,
@@ -353,6 +363,10 @@ def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     from ..io import folder_is_writable
 
     target = Path(path)
+    kind = special_file(target)
+    if folder and kind is not None:
+        raise ConfigError(f"--{flag} {path} is {kind}, not a folder; give a folder")
+    refuse_special(target, f"--{flag}")  # a FIFO or device would be replaced by a regular file
     if folder and target.exists() and not target.is_dir():
         raise ConfigError(f"--{flag} {path} is a file; give a folder")
     if not folder and target.is_dir():
@@ -430,7 +444,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolved = Path(path).resolve()
         files = [resolved]
         if flag == "export":  # and the files export_model writes into it
-            files += [resolved / name for name in ("model.pt2", "weights.safetensors", "model.json", "model.onnx")]
+            files += [resolved / name for name in _EXPORT_FILES]
+            for name in _EXPORT_FILES:
+                refuse_special(Path(path) / name, "--export")
         for file in files:
             if file in claimed:
                 same = f"are the same {'path' if flag == 'export' else 'file'} ({file})" if file == resolved else f"both write {file}"

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .data import load_dataset, training_subset
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
-from ..io import load_scores, save_scores, write_json
+from ..io import load_scores, save_scores, special_file, write_json
 from .models import MODELS
 from ..selection import check_sparsity
 from .configs import config_record
@@ -201,6 +201,9 @@ def _not_results(previous: object) -> str | None:
 
 def _load_previous(path: Path, base: dict, rerun_changed: bool = False) -> dict:
     """The results recorded in ``path``, merged with this run's ``base``; :class:`CheckpointError` if they do not fit."""
+    kind = special_file(path)
+    if kind is not None:  # reading a FIFO would wait for a writer forever
+        raise CheckpointError(f"cannot resume from {path}: it is {kind}, not a regular file; use another --out")
     try:
         text = path.read_bytes()
     except OSError as exc:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bingo.errors import ConfigError, DataError
+from bingo.io import special_file
 
 __all__ = [
     "DATASETS",
@@ -282,6 +283,10 @@ def _find_idx(directory: Path) -> tuple[list[Path], list[str]]:
     found, missing = [], []
     for name in IDX_FILES:
         plain, packed = directory / name, directory / (name + ".gz")
+        for candidate in (plain, packed):
+            kind = special_file(candidate)
+            if kind is not None:  # a FIFO would block the read, a download would replace it
+                raise DataError(f"{candidate} is {kind}, not a regular file; bingo reads only regular files")
         if plain.is_file():
             found.append(plain)
         elif packed.is_file():
@@ -468,6 +473,9 @@ def _check_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    kind = special_file(path)
+    if kind is not None:  # a FIFO would block the read forever
+        raise DataError(f"{path} is {kind}, not a regular file; bingo reads only regular files")
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     try:
