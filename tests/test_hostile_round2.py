@@ -238,3 +238,53 @@ def test_an_idx_file_that_is_a_fifo_is_refused_not_replaced(tmp_path):
     with pytest.raises(DataError, match="is a FIFO \\(named pipe\\), not a regular file"):
         load_dataset("fashion-mnist", tmp_path)
     assert_untouched(tmp_path / IDX_FILES[0], "fifo")
+
+
+# -- an output on an input --------------------------------------------------------------
+
+
+def write_npz(path: Path, n_train: int = 40, n_test: int = 12, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.normal(size=(n_train, 8)).astype(np.float32), y_train=np.arange(n_train) % 3,
+             x_test=rng.normal(size=(n_test, 8)).astype(np.float32), y_test=np.arange(n_test) % 3)
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--out", "--save", "--scores", "--checkpoint"])
+@pytest.mark.parametrize("spelling", ["same", "relative", "hardlink", "symlink"])
+def test_run_refuses_an_output_on_its_data_file(capsys, tmp_path, monkeypatch, flag, spelling):
+    """Was: --out data.npz replaced the dataset with the results JSON."""
+    data = write_npz(tmp_path / "d.npz")
+    before = data.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    target = {"same": data, "relative": Path("sub/../d.npz"), "hardlink": tmp_path / "h.npz", "symlink": tmp_path / "s.npz"}[spelling]
+    (tmp_path / "sub").mkdir()
+    if spelling == "hardlink":
+        os.link(data, target)
+    elif spelling == "symlink":
+        target.symlink_to(data)
+    outputs = {"--out": tmp_path / "r.json", flag: target}
+    code, _, err = call(capsys, *RUN[:2], data, *RUN[3:], *(a for pair in outputs.items() for a in pair))
+    assert_user_error(code, err, f"{flag} {target} would write over the data file .*d.npz \\(--data\\); give {flag} another path")
+    assert data.read_bytes() == before
+
+
+def test_run_refuses_an_output_on_an_idx_file_of_data_dir(capsys, tmp_path):
+    from bingo.bench.data import IDX_FILES
+
+    victim = tmp_path / (IDX_FILES[1] + ".gz")
+    victim.write_bytes(b"labels")
+    code, _, err = call(capsys, "run", "--data", "fashion-mnist", "--data-dir", tmp_path, "--model", "mlp", "--sparsity", "0.5",
+                        "--out", victim, "--no-progress")
+    assert_user_error(code, err, "--out .* would write over the data file .*t10k|train-labels")
+    assert victim.read_bytes() == b"labels"
+
+
+def test_export_refuses_a_folder_where_it_would_replace_its_own_model_file(capsys, tmp_path):
+    saved = tmp_path / "model.pt2"  # the --save file, named like the program export writes
+    code, _, err = call(capsys, *RUN, "--out", tmp_path / "r.json", "--save", saved)
+    assert code == 0, err
+    before = saved.read_bytes()
+    code, _, err = call(capsys, "export", saved, tmp_path)
+    assert_user_error(code, err, f"exporting into {tmp_path} would write over {saved}, the model file it exports")
+    assert saved.read_bytes() == before

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, distributed
-from .data import DATASETS, load_dataset, training_subset
+from .data import DATASETS, dataset_files, load_dataset, training_subset
 from ..compensation import compensate
 from .configs import add_config_flags, apply_flags, config_record
 from .environment import machine
@@ -180,6 +180,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"export folder {args.dir} is {kind}; give a folder")
     for name in _EXPORT_FILES:
         refuse_special(Path(args.dir) / name)
+        if _same_file(Path(args.dir) / name, Path(args.checkpoint)):
+            raise ConfigError(f"exporting into {args.dir} would write over {args.checkpoint}, the model file it exports; "
+                              "give another folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = export_checkpoint(args.checkpoint, args.dir, onnx=args.onnx)
@@ -353,6 +356,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same path once resolved, or (existing) one inode, a hard link."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     """Refuse, before training, an output path that can never be written.
 
@@ -452,6 +463,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 same = f"are the same {'path' if flag == 'export' else 'file'} ({file})" if file == resolved else f"both write {file}"
                 raise ConfigError(f"--{claimed[file]} and --{flag} {same}; give each output its own path")
             claimed[file] = flag
+    # ... and an output on an input would destroy it (--out data.npz replaced the dataset).
+    for data_file in dataset_files(args.data, args.data_dir):
+        for flag, path in outputs:
+            written = [Path(path) / name for name in _EXPORT_FILES] if flag == "export" else [Path(path)]
+            if any(_same_file(file, data_file) for file in written):
+                raise ConfigError(f"--{flag} {path} would write over the data file {data_file} (--data); give --{flag} another path")
     train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
     granularity = getattr(strategy.config, "granularity", "weight")
     device = resolve_device(args.device)  # before anything is trained: a device that is not there is a one-line error

@@ -51,6 +51,7 @@ __all__ = [
     "MNIST_FILES",
     "MNIST_URL",
     "Dataset",
+    "dataset_files",
     "default_mnist_dir",
     "download_mnist",
     "load_dataset",
@@ -634,6 +635,23 @@ def _untrained_classes(y_train: torch.Tensor, y_val: torch.Tensor, y_test: torch
             if label not in trained:
                 where.setdefault(label, []).append(split)
     return [f"{label} (in {', '.join(where[label])})" for label in sorted(where)]
+
+
+def dataset_files(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The files :func:`load_dataset` would read for these arguments (existing or not): what no output may replace.
+
+    The ``.npz`` file itself, or the four IDX files (plain and ``.gz``) of
+    ``fashion-mnist`` and ``mnist`` in their folder; none for ``digits``
+    (scikit-learn's copy) or an unknown name.
+    """
+    name = os.fspath(name_or_path)
+    if name in ("fashion-mnist", "mnist"):
+        default = FASHION_MNIST_DIR if name == "fashion-mnist" else default_mnist_dir()
+        directory = Path(data_dir if data_dir is not None else default).expanduser()
+        return [directory / f"{idx}{suffix}" for idx in IDX_FILES for suffix in ("", ".gz")]
+    if name != "digits" and name.lower().endswith(".npz"):
+        return [Path(name).expanduser()]
+    return []
 
 
 def load_dataset(
