@@ -288,3 +288,83 @@ def test_export_refuses_a_folder_where_it_would_replace_its_own_model_file(capsy
     code, _, err = call(capsys, "export", saved, tmp_path)
     assert_user_error(code, err, f"exporting into {tmp_path} would write over {saved}, the model file it exports")
     assert saved.read_bytes() == before
+
+
+# -- two comparisons into one folder -----------------------------------------------------
+
+COMPARE = ["compare", "--data", "digits", "--model", "mlp", "--sparsities", "0.5", "--epochs", "1", "--no-progress"]
+
+
+def hold_lock(out: Path) -> subprocess.Popen:
+    """A real process holding ``out``'s comparison lock until its stdin closes; returns once it holds it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    code = f"import sys; from bingo.bench.compare import compare_lock\nwith compare_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_compare_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "c"
+    holder = hold_lock(out)
+    try:
+        result = run_bingo(*COMPARE, "--methods", "magnitude", "--out", out, timeout=60)
+        assert_user_error(result.returncode, result.stderr,
+                          f"^bingo: error: {out} is in use by bingo compare pid {holder.pid}; wait for it to finish or give another --out$")
+        assert not (out / "results.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    result = run_bingo(*COMPARE, "--methods", "magnitude", "--out", out, timeout=120)  # released: it runs
+    assert result.returncode == 0, result.stderr
+    assert not (out / ".bingo-compare.lock").exists()
+
+
+def test_a_lock_left_by_a_killed_compare_is_taken_over(tmp_path):
+    import signal
+
+    out = tmp_path / "c"
+    holder = hold_lock(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert (out / ".bingo-compare.lock").read_text().strip() == str(holder.pid)  # left behind, its pid dead
+    result = run_bingo(*COMPARE, "--methods", "magnitude", "--out", out, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["magnitude"]
+    assert not (out / ".bingo-compare.lock").exists()
+
+
+def test_two_compares_started_together_into_one_folder_lose_nothing(tmp_path):
+    """Was: both exited 0 and results.json held one method's rows, the other's masks orphaned."""
+    out = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    runs = [subprocess.Popen([sys.executable, "-m", "bingo", *COMPARE, "--methods", method, "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for method in ("magnitude", "random")]
+    try:
+        finished = [(run.wait(timeout=180), run.stderr.read()) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    codes = sorted(code for code, _ in finished)
+    assert codes == [0, 2], finished
+    winner = ["magnitude", "random"][[code for code, _ in finished].index(0)]
+    loser_err = next(err for code, err in finished if code == 2)
+    assert_user_error(2, loser_err, f"{out} (is in use by bingo compare pid \\d+|holds the results of an earlier comparison)")
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == [winner]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"{winner}-seed0-sparsity0.5.safetensors"]
+
+
+def test_the_library_run_compare_holds_the_lock_too(tmp_path):
+    from bingo.bench.compare import CompareConfig, run_compare
+    from bingo.errors import ConfigError
+
+    out = tmp_path / "c"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(ConfigError, match=f"is in use by bingo compare pid {holder.pid}"):
+            run_compare(CompareConfig(data="digits", model="mlp", epochs=1, methods=("random",), sparsities=(0.5,)), out, progress=False)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

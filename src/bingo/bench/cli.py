@@ -258,7 +258,7 @@ def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, run_compare
+    from .compare import CompareConfig, compare_lock, run_compare
     from .report import markdown_tables, write_report
 
     _check_file_path("out", args.out, folder=True)
@@ -283,10 +283,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         device=args.device,
     )
     earlier = set(Path(args.out).glob("previous-*"))
-    with _one_line_warnings():
-        results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                              rerun_changed=args.rerun_changed)
-    paths = write_report(results, args.out)
+    with compare_lock(args.out):  # the report too: no other comparison may write OUT before it is complete
+        with _one_line_warnings():
+            results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                                  rerun_changed=args.rerun_changed)
+        paths = write_report(results, args.out)
     print(markdown_tables(results))
     for aside in sorted(set(Path(args.out).glob("previous-*")) - earlier):
         print(f"moved the earlier results to {aside}")

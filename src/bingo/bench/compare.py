@@ -12,6 +12,7 @@ holds an earlier comparison is never written over: it is continued
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
 from .training import TrainConfig
 
-__all__ = ["CompareConfig", "mask_overlap", "run_compare"]
+__all__ = ["LOCK_FILE", "CompareConfig", "compare_lock", "mask_overlap", "run_compare"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,75 @@ def _set_aside(out_dir: Path) -> Path | None:
     for path in found:
         path.rename(aside / path.name)
     return aside
+
+
+#: The lock file a running comparison holds in its folder: the holder's pid, under an advisory ``flock``.
+LOCK_FILE = ".bingo-compare.lock"
+_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth (cmd_compare's lock around run_compare's)
+
+
+@contextlib.contextmanager
+def compare_lock(out_dir: str | os.PathLike):
+    """Hold ``out_dir``'s comparison lock for the block; :class:`ConfigError` at once if another process holds it.
+
+    Two comparisons writing one folder would lose one's rows (each rewrites
+    ``results.json`` from what it read). The lock is an exclusive ``flock``
+    on ``out_dir/.bingo-compare.lock``, which holds the holder's pid for the
+    message. The kernel drops the lock when its process ends, however it
+    ends, so a lock file left by a killed run is simply taken over; a clean
+    end removes it. A folder this call created is removed again when the
+    block leaves it empty (a comparison refused before writing anything).
+    """
+    import fcntl
+
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    key = path.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    kind = special_file(path)
+    if kind is not None:
+        raise ConfigError(f"{path} is {kind}, not a regular file; remove it (bingo compare keeps its lock there)")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"bingo compare pid {holder}" if holder.isdigit() else "another bingo compare"
+            raise ConfigError(f"{out_dir} is in use by {who}; wait for it to finish or give another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the file may have been removed (by a holder finishing) between our open and our lock: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+            path.unlink(missing_ok=True)  # still holding the lock: no one else can be between open and lock on this file
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty
 
 
 def _kind(value: object) -> str:
@@ -330,6 +400,14 @@ def run_compare(
     if rerun_changed and not resume:
         raise ConfigError("--rerun-changed goes with --resume: it reruns, in a resumed folder, the methods whose settings changed")
     _check_out_dir(out_dir, resume, overwrite)
+    with compare_lock(out_dir):  # one comparison per folder at a time
+        _check_out_dir(out_dir, resume, overwrite)  # again: another one may have finished there meanwhile
+        return _run_compare(config, out_dir, resume=resume, overwrite=overwrite, progress=progress, rerun_changed=rerun_changed)
+
+
+def _run_compare(config: CompareConfig, out_dir: Path, *, resume: bool, overwrite: bool, progress: bool, rerun_changed: bool) -> dict:
+    """:func:`run_compare`'s work, with ``out_dir`` checked and locked."""
+    results_path = out_dir / "results.json"
     device = resolve_device(config.device)
     base = {
         "data": config.data,
