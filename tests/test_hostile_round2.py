@@ -368,3 +368,41 @@ def test_the_library_run_compare_holds_the_lock_too(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+# -- a checkpoint resumed on other data of the same name, count and shape ----------------
+
+
+def test_a_checkpoint_is_not_resumed_on_other_data_of_the_same_name_count_and_shape(capsys, tmp_path):
+    data, checkpoint = write_npz(tmp_path / "d.npz", seed=0), tmp_path / "ck.pt"
+    argv = ["run", "--data", data, "--model", "mlp", "--sparsity", "0.5", "--out", tmp_path / "r.json", "--checkpoint", checkpoint,
+            "--no-progress"]
+    code, _, err = call(capsys, *argv, "--epochs", "1")
+    assert code == 0, err
+    before = checkpoint.read_bytes()
+    write_npz(data, seed=1)  # the same file name, sample count and shape; other values
+    code, _, err = call(capsys, *argv, "--epochs", "2")
+    assert_user_error(code, err, f"checkpoint {checkpoint} was trained on other data: .*d.npz \\(36 training examples of shape \\(8,\\)\\) "
+                      "holds other values than it did \\(its SHA-256 differs\\)")
+    assert checkpoint.read_bytes() == before
+    write_npz(data, seed=0)  # the data it was trained on: resumed
+    code, _, err = call(capsys, *argv, "--epochs", "2")
+    assert code == 0, err
+
+
+def test_a_checkpoint_without_a_data_digest_resumes_with_a_warning(capsys, tmp_path):
+    from bingo.io import load_checkpoint, save_checkpoint
+
+    data, checkpoint = write_npz(tmp_path / "d.npz"), tmp_path / "ck.pt"
+    argv = ["run", "--data", data, "--model", "mlp", "--sparsity", "0.5", "--out", tmp_path / "r.json", "--checkpoint", checkpoint,
+            "--no-progress"]
+    code, _, err = call(capsys, *argv, "--epochs", "1")
+    assert code == 0, err
+    old = load_checkpoint(checkpoint)
+    del old["data_sha256"]  # as a bingo before the digest wrote it
+    save_checkpoint(old, checkpoint)
+    code, _, err = call(capsys, *argv, "--epochs", "2")
+    assert code == 0, err
+    [line] = [line for line in err.splitlines() if "digest" in line]
+    assert line.startswith(f"bingo: warning: checkpoint {checkpoint} records no digest of its data (an older bingo wrote it)")
+    assert "data_sha256" in load_checkpoint(checkpoint)  # the next epoch's checkpoint has it
