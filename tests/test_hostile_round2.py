@@ -406,3 +406,82 @@ def test_a_checkpoint_without_a_data_digest_resumes_with_a_warning(capsys, tmp_p
     [line] = [line for line in err.splitlines() if "digest" in line]
     assert line.startswith(f"bingo: warning: checkpoint {checkpoint} records no digest of its data (an older bingo wrote it)")
     assert "data_sha256" in load_checkpoint(checkpoint)  # the next epoch's checkpoint has it
+
+
+# -- a full disk while writing ---------------------------------------------------------
+
+
+def torch_full_disk(*args, **kwargs):
+    """What torch.save raises on a full disk (into a file object: the OSError is its context)."""
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904 (as torch does)
+
+
+def safetensors_full_disk(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("flag", ["--save", "--checkpoint", "--scores"])
+def test_a_full_disk_during_save_checkpoint_or_scores_is_one_line_and_the_old_file_survives(capsys, tmp_path, monkeypatch, flag):
+    import bingo.io
+
+    target = tmp_path / "old.file"
+    if flag == "--checkpoint":  # a checkpoint of epoch 1, which the save of epoch 2 fails to replace
+        code, _, err = call(capsys, *RUN, "--out", tmp_path / "first.json", flag, target)
+        assert code == 0, err
+        (tmp_path / "first.json").unlink()
+    else:
+        target.write_bytes(b"the old file")
+    before = target.read_bytes()
+    if flag == "--scores":
+        monkeypatch.setattr(bingo.io, "save_file", safetensors_full_disk)
+    else:
+        monkeypatch.setattr(torch, "save", torch_full_disk)
+    code, _, err = call(capsys, *RUN[:6], "2", *RUN[7:], "--out", tmp_path / "r.json", flag, target)
+    assert_user_error(code, err, f"^bingo: error: No space left on device: {target}$")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.file"]  # no temporary left, no results
+
+
+def test_torch_write_failure_without_an_errno_is_an_os_error_naming_the_path(tmp_path, monkeypatch):
+    from bingo.io import save_checkpoint
+
+    def bare(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", bare)
+    with pytest.raises(OSError, match="write failed") as caught:
+        save_checkpoint({"a": 1}, tmp_path / "c.pt")
+    assert caught.value.filename == str(tmp_path / "c.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs (root only; skipped where mounting is not permitted)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_real_full_disk_under_every_writer_is_an_os_error_and_the_old_file_survives(tiny_disk):
+    from bingo.io import save_checkpoint, save_scores, write_json
+
+    big = torch.zeros(100_000)
+    for name, write in (("c.pt", lambda p: save_checkpoint({"w": big}, p)), ("s.safetensors", lambda p: save_scores({"w": big}, p)),
+                        ("r.json", lambda p: write_json(p, {"w": [0.0] * 100_000}))):
+        target = tiny_disk / name
+        target.write_bytes(b"old")
+        with pytest.raises(OSError) as caught:
+            write(target)
+        assert (caught.value.strerror, caught.value.filename) == ("No space left on device", str(target))
+        assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["c.pt", "r.json", "s.safetensors"]

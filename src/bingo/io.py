@@ -20,10 +20,12 @@ damaged or written by another program, and is refused with one message.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -125,10 +127,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if exc.filename in (tmp, None):
             raise _naming(exc, path) from None
         raise
+    except Exception as exc:
+        # torch.save and safetensors wrap a failed write (a full disk) in their own
+        # errors: "[enforce fail at inline_container.cc:672] ...", "SafetensorError:
+        # ... (os error 28)". Give it back as the OSError it is, naming ``path``.
+        failed = _failed_write(exc, path.parent)
+        Path(tmp).unlink(missing_ok=True)
+        if failed is None:
+            raise
+        raise _naming(failed, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _failed_write(exc: Exception, folder: Path) -> OSError | None:
+    """The ``OSError`` behind a writer's own error for a failed write; None if ``exc`` is not one.
+
+    The ``OSError`` itself when it is in the chain (``torch.save`` into a file
+    object keeps it as the context); the errno of a safetensors ``(os error
+    N)``; for torch's ``inline_container.cc`` error without one, ``ENOSPC``
+    when the folder has less than 1 MiB free, else ``EIO``.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(exc).split())
+    found = re.search(r"os error (\d+)\)", text)
+    if found and type(exc).__name__ == "SafetensorError":
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if "inline_container.cc" in text or "PytorchStreamWriter" in text:
+        try:
+            free = os.statvfs(folder)
+            full = free.f_bavail * free.f_frsize < (1 << 20)
+        except (OSError, AttributeError):
+            full = False
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else OSError(errno.EIO, f"write failed ({text})")
+    return None
 
 
 def _naming(exc: OSError, path: Path) -> OSError:
@@ -279,7 +318,12 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
         if key in obj:
             raise ValueError(f"{key!r} is reserved for the checkpoint format; rename that key")
     record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "sha256": content_digest(obj), **obj}
-    return atomic_write(path, lambda tmp: torch.save(record, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # into a file object: a failed write's OSError stays in torch's error, as its context
+            torch.save(record, f)
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
