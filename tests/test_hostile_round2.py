@@ -485,3 +485,31 @@ def test_a_real_full_disk_under_every_writer_is_an_os_error_and_the_old_file_sur
         assert (caught.value.strerror, caught.value.filename) == ("No space left on device", str(target))
         assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["c.pt", "r.json", "s.safetensors"]
+
+
+# -- compare: 0 epochs, sparsity 0 -------------------------------------------------------
+
+
+def test_compare_with_zero_epochs_records_no_overhead_ratio(capsys, tmp_path):
+    """Was: ZeroDivisionError in the search-overhead ratio."""
+    out = tmp_path / "c"
+    code, stdout, err = call(capsys, *COMPARE[:8], "0", "--no-progress", "--methods", "bingo,magnitude", "--out", out)
+    assert code == 0, err
+    [overhead] = json.loads((out / "results.json").read_text())["search_overhead"]
+    assert overhead["ratio"] is None and overhead["train_seconds"] == 0.0
+    assert "—" in (out / "summary.md").read_text().split("### Search overhead")[1]
+
+
+def test_compare_imp_at_sparsity_zero_completes_and_resumes(capsys, tmp_path):
+    """Was: the overlap at sparsity 0 was NaN, the JSON writer refused it, on every --resume too."""
+    out = tmp_path / "c"
+    argv = [*COMPARE[:6], "0,0.2", *COMPARE[7:], "--methods", "imp,magnitude", "--out", out]
+    code, _, err = call(capsys, *argv)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["method"], r["sparsity"]) for r in results["runs"]) == [("imp", 0.0), ("imp", 0.2), ("magnitude", 0.0), ("magnitude", 0.2)]
+    assert [(row["sparsity"], "magnitude_vs_imp" in row) for row in results["overlap"]] == [(0.2, True)]  # none at 0: nothing pruned
+    before = (out / "results.json").read_bytes()
+    code, _, err = call(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert (out / "results.json").read_bytes() == before

@@ -563,9 +563,12 @@ def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequen
             mine = _recorded_masks(results, out_dir, method, seed, sparsity)
             if mine is None or set(mine) != set(imp) or any(mine[k].shape != imp[k].shape for k in imp):
                 continue  # not recorded, or a different granularity: no weight-by-weight overlap
+            overlap = mask_overlap(mine, imp)
+            if not math.isfinite(overlap):
+                continue  # IMP pruned nothing (sparsity 0): no overlap to measure, none recorded
             if row is None:
                 row = {"seed": seed, "sparsity": sparsity, "random_expectation": sparsity}
                 results["overlap"].append(row)
-            row[f"{method}_vs_imp"] = mask_overlap(mine, imp)
+            row[f"{method}_vs_imp"] = overlap
             added = True
     return added

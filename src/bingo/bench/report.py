@@ -458,15 +458,15 @@ def _overhead_text(overhead: Sequence[Mapping[str, Any]]) -> str:
     body = []
     for method in methods:
         rows = [r for r in overhead if str(r.get("method", "bingo")) == method]
-        ratios = [float(r["ratio"]) for r in rows]
+        ratios = [float(r["ratio"]) for r in rows if r["ratio"] is not None]  # None: no training to compare with (0 epochs)
         body.append(
             [
                 method,
                 str(len(rows)),
                 _seconds(_mean([float(r["train_seconds"]) for r in rows]), None),
                 _seconds(_mean([float(r["train_seconds_with_search"]) for r in rows]), None),
-                f"{_mean(ratios):.2f}×",
-                f"{min(ratios):.2f}–{max(ratios):.2f}×",
+                f"{_mean(ratios):.2f}×" if ratios else _MISSING,
+                f"{min(ratios):.2f}–{max(ratios):.2f}×" if ratios else _MISSING,
             ]
         )
     table = _table(["method", "seeds", "training", "training + search", "ratio (mean)", "ratio (range)"], body, "lrrrrr")

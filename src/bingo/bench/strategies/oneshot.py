@@ -250,7 +250,8 @@ class BingoStrategy(OneShotStrategy):
                 "train_seconds": plain.cost.seconds,
                 "train_seconds_with_search": searched.cost.seconds,
                 "search_seconds": searched.search_seconds,
-                "ratio": searched.cost.seconds / plain.cost.seconds,
+                # None when plain training took no time (--epochs 0): no ratio to give
+                "ratio": searched.cost.seconds / plain.cost.seconds if plain.cost.seconds > 0 else None,
                 "forward_passes": plain.cost.forward_passes,
                 "forward_passes_with_search": searched.cost.forward_passes,
                 "identical_to_plain_training": identical,
