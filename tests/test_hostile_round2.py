@@ -469,7 +469,8 @@ def tiny_disk(tmp_path):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # lazily, so no mount outlives the test
 
 
 def test_a_real_full_disk_under_every_writer_is_an_os_error_and_the_old_file_survives(tiny_disk):
@@ -513,3 +514,108 @@ def test_compare_imp_at_sparsity_zero_completes_and_resumes(capsys, tmp_path):
     code, _, err = call(capsys, *argv, "--resume")
     assert code == 0, err
     assert (out / "results.json").read_bytes() == before
+
+
+# -- values out of range, damaged files: one line, naming what is wrong -----------------
+
+SEED_RANGE_TEXT = r"\[-9223372036854775808, 18446744073709551615\]"
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+@pytest.mark.parametrize("seed", ["1180591620717411303424", "18446744073709551616", "-9223372036854775809"])
+def test_a_seed_beyond_64_bits_is_a_range_error(capsys, tmp_path, command, seed):
+    """Was: OverflowError (run, demo)."""
+    argv = [*RUN, "--out", tmp_path / "r.json"] if command == "run" else ["demo", "--epochs", "1", "--no-progress"]
+    code, _, err = call(capsys, *argv, "--seed", seed)
+    assert_user_error(code, err, f"argument --seed: must be a whole number in {SEED_RANGE_TEXT}, got '{seed}'")
+
+
+def test_the_largest_seed_runs(capsys, tmp_path):
+    code, _, err = call(capsys, *RUN, "--out", tmp_path / "r.json", "--seed", str(2**64 - 1))
+    assert code == 0, err
+
+
+def test_the_library_refuses_a_seed_beyond_64_bits():
+    from bingo.bench.training import TrainConfig
+    from bingo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"seed must be a whole number in {SEED_RANGE_TEXT}, got {2**70}"):
+        TrainConfig(seed=2**70)
+    with pytest.raises(ConfigError, match="seed must be a whole number"):
+        TrainConfig(seed=1.5)
+    assert TrainConfig(seed=np.int64(3)).seed == 3
+
+
+@pytest.mark.parametrize("seeds", ["1000000000000", "10001", "0"])
+def test_compare_seeds_out_of_range_is_a_range_error(capsys, tmp_path, seeds):
+    """Was: MemoryError for --seeds 1000000000000."""
+    code, _, err = call(capsys, *COMPARE, "--methods", "random", "--seeds", seeds, "--out", tmp_path / "c")
+    assert_user_error(code, err, f"argument --seeds: must be a whole number in \\[1, 10000\\], got '{seeds}'")
+    assert not (tmp_path / "c").exists()
+
+
+def saved_model(capsys, tmp_path) -> Path:
+    saved = tmp_path / "m.pt"
+    code, _, err = call(capsys, *RUN, "--out", tmp_path / "r.json", "--save", saved)
+    assert code == 0, err
+    return saved
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("input_shape", ["a", "b"], r"input_shape must be a list of whole numbers >= 1, got \['a', 'b'\]"),
+    ("input_shape", [], r"input_shape must be a list"),
+    ("input_shape", [64.5], r"input_shape must be a list"),
+    ("raw_shape", [0, 64], r"raw_shape must be a list"),
+    ("input_shape", "64", r"input_shape must be a list"),
+    ("num_classes", "ten", r"num_classes must be a whole number >= 1, got 'ten'"),
+    ("num_classes", True, r"num_classes must be a whole number >= 1, got True"),
+    ("preprocess", {"offset": "x", "scale": 1.0}, r"preprocess offset and scale must be finite numbers"),
+    ("preprocess", {"offset": 0.0, "scale": 0.0}, r"preprocess offset and scale must be finite numbers, scale not 0"),
+    ("state_dict", [1, 2], r"state_dict must be a dict of tensors, got list"),
+])
+def test_export_of_a_checksummed_model_file_with_bad_fields_is_one_line(capsys, tmp_path, key, value, message):
+    """Was: ValueError in 'bingo export' for input_shape ["a", "b"] (the checksum was right: written that way)."""
+    from bingo.io import load_checkpoint, save_checkpoint
+
+    saved = saved_model(capsys, tmp_path)
+    content = load_checkpoint(saved)
+    content[key] = value
+    save_checkpoint(content, saved)
+    code, _, err = call(capsys, "export", saved, tmp_path / "exp")
+    assert_user_error(code, err, f"{saved}: {message}")
+    assert not (tmp_path / "exp" / "model.json").exists()
+
+
+@pytest.mark.parametrize("cut", ["half", "last-bytes"])
+def test_export_of_a_truncated_save_file_says_it_is_truncated(capsys, tmp_path, cut):
+    """Was: 'cannot read checkpoint m.pt: Invalid argument'."""
+    saved = saved_model(capsys, tmp_path)
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-10])
+    code, _, err = call(capsys, "export", saved, tmp_path / "exp")
+    assert_user_error(code, err, f"^bingo: error: {saved} is not a bingo checkpoint \\(corrupt or from another program\\): "
+                      "it is incomplete \\(truncated\\) or damaged$")
+
+
+def test_a_npy_member_with_a_huge_header_is_not_called_an_object_array(capsys, tmp_path):
+    """Was: 'x_train is an array of Python objects' for a float32 member whose header is 200 KB."""
+    import io
+    import struct
+    import zipfile
+
+    header = repr({"descr": "<f4", "fortran_order": False, "shape": (40, 8)}) + " " * 200_000 + "\n"
+    x_train = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    member = b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header.encode("latin1") + x_train.tobytes()
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x_train.npy", member)
+        for key, value in {"y_train": np.arange(40) % 3, "x_test": x_train[:12], "y_test": np.arange(12) % 3}.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            archive.writestr(f"{key}.npy", buffer.getvalue())
+    code, _, err = call(capsys, *RUN[:2], path, *RUN[3:], "--out", tmp_path / "r.json")
+    line = assert_user_error(code, err, "x_train has a .npy header over NumPy's safety limit \\(max_header_size\\)")
+    assert "Python objects" not in line
+    np.savez(path, x_train=np.array([[1], "a"], dtype=object), y_train=np.arange(2), x_test=x_train[:2], y_test=np.arange(2))
+    code, _, err = call(capsys, *RUN[:2], path, *RUN[3:], "--out", tmp_path / "r.json")
+    assert_user_error(code, err, "x_train is an array of Python objects, which would need unpickling")

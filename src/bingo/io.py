@@ -351,6 +351,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint {path} is a folder, not a file") from None
     except OSError as exc:  # permissions, I/O errors: the file may be fine
+        if exc.errno == errno.EINVAL:  # torch's zip reader on a file cut short (its end of archive missing)
+            raise CheckpointError(f"{not_ours}: it is incomplete (truncated) or damaged") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception:  # noqa: BLE001 (a bad file raises UnpicklingError, RuntimeError, EOFError, ...)
         # PyTorch's own message would advise weights_only=False: wrong (the

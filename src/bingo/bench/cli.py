@@ -75,6 +75,29 @@ def _sparsities(text: str) -> list[float | str]:
     return values
 
 
+def _seed(text: str) -> int:
+    """``--seed``: a whole number torch's generators take (:data:`~bingo.bench.training.SEED_RANGE`)."""
+    from .training import SEED_RANGE, check_seed
+
+    try:
+        return check_seed(int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"must be a whole number in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {text!r}") from None
+
+
+def _seeds(text: str) -> int:
+    """``--seeds``: how many seeds, 1 to :data:`~bingo.bench.compare.MAX_SEEDS`."""
+    from .compare import MAX_SEEDS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [1, {MAX_SEEDS}], got {text!r}")
+    return value
+
+
 def _compare_sparsities(text: str) -> list[float]:
     if ":" in text:
         raise argparse.ArgumentTypeError(
@@ -90,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train on scikit-learn's digits with ticket search; compare BINGO, magnitude and random pruning")
     demo.add_argument("--epochs", type=int, default=30, help="training epochs; default 30")
-    demo.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed for weights, data order and search; default 0")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--device", default="auto", help="where to train and prune: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N; default auto")
 
@@ -117,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument_group("method settings (each method's preset in brackets)"),
         {name: cls.default_config for name, cls in STRATEGIES.items()}, dest="method",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
+    run.add_argument("--seed", type=_seed, default=0, help="seed for weights, data order and search; default 0")
     run.add_argument("--save", default=None, help="save the pruned model (state dict with masks) to this .pt file")
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
     run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
@@ -222,7 +245,7 @@ def _add_compare_parser(commands) -> None:
         "--sparsities", type=_compare_sparsities, default=[0.5, 0.8, 0.9, 0.95],
         help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
     )
-    compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
+    compare.add_argument("--seeds", type=_seeds, default=1, help="number of seeds (0..K-1); default 1")
     compare.add_argument(
         "--train-samples", type=int, default=None, metavar="N",
         help="train on a random subset of N training examples (the same subset for every method and seed; validation and test splits unchanged); default all",

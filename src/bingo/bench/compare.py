@@ -37,7 +37,11 @@ from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
 from .training import TrainConfig
 
-__all__ = ["LOCK_FILE", "CompareConfig", "compare_lock", "mask_overlap", "run_compare"]
+__all__ = ["LOCK_FILE", "MAX_SEEDS", "CompareConfig", "compare_lock", "mask_overlap", "run_compare"]
+
+
+#: The most seeds one comparison takes: each trains every method again, and results.json lists them all.
+MAX_SEEDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ class CompareConfig:
         if not self.sparsities:
             raise ConfigError("no sparsities given")
         object.__setattr__(self, "sparsities", tuple(sorted({check_sparsity(s) for s in self.sparsities})))
-        if int(self.seeds) != self.seeds or self.seeds < 1:
-            raise ConfigError(f"seeds must be a whole number >= 1, got {self.seeds!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or not 1 <= self.seeds <= MAX_SEEDS:
+            raise ConfigError(f"seeds must be a whole number in [1, {MAX_SEEDS}], got {self.seeds!r}")
         self.train_config()  # validates epochs, batch size, lr, optimizer
         if self.train_samples is not None and (isinstance(self.train_samples, bool) or int(self.train_samples) != self.train_samples or self.train_samples < 1):
             raise ConfigError(f"training samples must be a whole number >= 1, got {self.train_samples!r}")

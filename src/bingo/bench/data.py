@@ -501,10 +501,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
             try:
                 arrays[key] = npz[key]
             except Exception as e:  # object arrays, corrupt members
-                if isinstance(e, ValueError) and "allow_pickle" in str(e):  # numpy's only way to say "object array"
+                # numpy names allow_pickle both for an object array and as a way around its
+                # header size limit: only the first is "an array of Python objects".
+                if isinstance(e, ValueError) and "Object arrays cannot be loaded" in str(e):
                     raise DataError(
                         f"cannot read {path} as .npz: {key} is an array of Python objects, which would need "
                         "unpickling; store numbers (e.g. np.asarray(x, dtype=np.float32))"
+                    ) from None
+                if isinstance(e, ValueError) and "max_header_size" in str(e):
+                    raise DataError(
+                        f"cannot read {path} as .npz: {key} has a .npy header over NumPy's safety limit "
+                        "(max_header_size), as no array numpy writes has; save the arrays again with np.savez"
                     ) from None
                 raise DataError(f"cannot read {path} as .npz: {key}: {_reason(e)}") from None
             if not isinstance(arrays[key], np.ndarray):  # np.load hands back a non-.npy member's bytes

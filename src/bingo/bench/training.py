@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import operator
 import os
 import time
 import warnings
@@ -29,9 +30,23 @@ from ..errors import CheckpointError, ConfigError, TrainingError, check_choice
 from ..io import load_checkpoint, save_checkpoint
 from ..search import TicketSearch
 
-__all__ = ["DIVERGED_LOSS_FACTOR", "OPTIMIZERS", "TrainConfig", "TrainResult", "data_digest", "evaluate", "load_model_state", "train"]
+__all__ = ["DIVERGED_LOSS_FACTOR", "OPTIMIZERS", "SEED_RANGE", "TrainConfig", "check_seed", "TrainResult", "data_digest", "evaluate", "load_model_state", "train"]
 
 OPTIMIZERS = ("adam", "sgd")
+#: The seeds a torch generator takes (``torch.Generator().manual_seed``): 64-bit, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as an int, or :class:`ConfigError` naming :data:`SEED_RANGE` (was an OverflowError deep in torch)."""
+    low, high = SEED_RANGE
+    try:
+        value = operator.index(seed)  # int, numpy integers; not floats, not bool
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not low <= value <= high:
+        raise ConfigError(f"{what} must be a whole number in [{low}, {high}], got {seed!r}")
+    return value
 
 #: An epoch whose mean training loss is over this many times ``ln(num_classes)``
 #: (the cross-entropy of guessing every class equally) has diverged, even if
@@ -60,6 +75,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr!r}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_seed(self.seed)
 
 
 @dataclass
