@@ -619,3 +619,22 @@ def test_a_npy_member_with_a_huge_header_is_not_called_an_object_array(capsys, t
     np.savez(path, x_train=np.array([[1], "a"], dtype=object), y_train=np.arange(2), x_test=x_train[:2], y_test=np.arange(2))
     code, _, err = call(capsys, *RUN[:2], path, *RUN[3:], "--out", tmp_path / "r.json")
     assert_user_error(code, err, "x_train is an array of Python objects, which would need unpickling")
+
+
+# -- bingo run's JSON: the time of the prune ---------------------------------------------
+
+
+@pytest.mark.parametrize("method,timed", [("bingo", True), ("magnitude", True), ("gmp", False)])
+def test_run_json_gives_the_prune_seconds_of_each_result(capsys, tmp_path, method, timed):
+    """The issue-2 contract: the prune's time (with its compensation) per result, beside train_seconds and search_seconds."""
+    out = tmp_path / "r.json"
+    code, _, err = call(capsys, "run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.5,0.8",
+                        "--method", method, "--out", out, "--no-progress")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert "train_seconds" in report and "search_seconds" in report
+    for row in report["results"]:
+        if timed:
+            assert isinstance(row["prune_seconds"], float) and 0.0 < row["prune_seconds"] < report["train_seconds"] + 60
+        else:
+            assert row["prune_seconds"] is None  # GMP prunes during training: no prune of its own

@@ -531,6 +531,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"the floor {floor.floor:.4f}; nothing was pruned",
                 file=sys.stderr,
             )
+    for row, outcome in zip(results, outcomes):  # the prune's own time (compensation included), beside train/search seconds
+        row["prune_seconds"] = outcome.prune_seconds
     pruned_model = outcomes[-1].model
     scored = coverage(pruned_model if pruned_model is not None else experiment.new_model(), outcomes[-1].masks)
     for row, outcome in zip(results, outcomes):  # the sparsity asked for is over the scored weights; this is over everything

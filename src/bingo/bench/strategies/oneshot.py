@@ -167,7 +167,7 @@ class OneShotStrategy(Strategy):
             tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity if isinstance(sparsity, str) else format(sparsity, 'g')}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
         return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model,
-                       solve_flops)
+                       solve_flops, prune_seconds=prune_seconds)
 
 
 @dataclass(frozen=True)
