@@ -400,7 +400,6 @@ def run_compare(
     settings, dense, runs, overlap, search_overhead``).
     """
     out_dir = Path(out_dir)
-    results_path = out_dir / "results.json"
     if rerun_changed and not resume:
         raise ConfigError("--rerun-changed goes with --resume: it reruns, in a resumed folder, the methods whose settings changed")
     _check_out_dir(out_dir, resume, overwrite)
