@@ -109,7 +109,7 @@ def test_train_samples_trains_every_method_on_one_subset(tmp_path):
         ({"methods": ("bingo", "lasso")}, "unknown method 'lasso'; valid choices: bingo"),
         ({"methods": ()}, "no methods given"),
         ({"sparsities": (0.5, 1.0)}, r"sparsity must be in \[0, 1\)"),
-        ({"seeds": 0}, "seeds must be a whole number >= 1"),
+        ({"seeds": 0}, r"seeds must be a whole number in \[1, 10000\]"),
         ({"model": "vgg"}, "unknown model 'vgg'; valid choices: lenet300, mlp, conv"),
         ({"methods": ("random", "random")}, "a method is listed twice"),
     ],

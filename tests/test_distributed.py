@@ -107,7 +107,8 @@ def test_bingo_run_under_torchrun_resumes_after_a_rank_is_killed(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("whole", "resumed")]
     assert rows[0]["dense_accuracy"] == rows[1]["dense_accuracy"]
-    assert rows[0]["results"] == rows[1]["results"]
+    untimed = [[{k: v for k, v in row.items() if k != "prune_seconds"} for row in r["results"]] for r in rows]
+    assert untimed[0] == untimed[1]  # every row but its wall time
 
 
 def test_other_commands_refuse_to_run_under_torchrun(tmp_path):

@@ -213,7 +213,7 @@ def test_markdown_overlap_and_overhead():
     assert table_row(overlap, "0.8") == ["0.8", f"0.920 ± {0.04 / math.sqrt(2):.3f}", "0.800", "2"]
     overhead = text[text.index("### Search overhead"):]
     assert "(mean over seeds): bingo 3.00×." in overhead
-    assert table_row(overhead, "bingo") == ["bingo", "2", "2.0 s", "6.0 s", "3.00×", "2.50–3.50×", "–"]
+    assert table_row(overhead, "bingo") == ["bingo", "2", "2.0 s", "6.0 s", "3.00×", "2.50–3.50×", "—"]
     assert "bit-identical (2 of 2 runs)" in overhead and "noise" not in overhead
 
 

@@ -20,12 +20,16 @@ damaged or written by another program, and is refused with one message.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import stat
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import BingoError, CheckpointError
+from .errors import BingoError, CheckpointError, ConfigError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -45,6 +49,8 @@ __all__ = [
     "load_scores",
     "save_checkpoint",
     "save_scores",
+    "refuse_special",
+    "special_file",
     "write_json",
 ]
 
@@ -53,14 +59,55 @@ CHECKPOINT_VERSION = 1
 _HEADER = ("format", "format_version", "sha256")
 
 
+def special_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is, in words, when it exists but is neither a regular file nor a folder; else None.
+
+    ``"a FIFO (named pipe)"``, ``"a character device"``, ``"a block device"``,
+    ``"a socket"``; ``"a symbolic link to a character device"`` and so on
+    when a link leads there. bingo reads and writes regular files only: a
+    FIFO would block a reader forever, and the atomic replace of a writer
+    would put a regular file where the device or pipe was (as root, in
+    place of ``/dev/null``).
+    """
+    try:
+        mode = os.stat(path).st_mode
+        linked = os.path.islink(path)
+    except (OSError, ValueError):  # missing, a dangling link, a NUL in the name: not a special file
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((words for test, words in kinds if test(mode)), "a special file")
+    return f"a symbolic link to {kind}" if linked else kind
+
+
+def refuse_special(path: str | os.PathLike, what: str = "", *, reading: bool = False) -> None:
+    """Raise :class:`~bingo.errors.ConfigError` if ``path`` is a FIFO, device or socket (see :func:`special_file`).
+
+    ``what`` names the path as the user gave it (``"--out"``); the message
+    is one line, e.g. ``--out /tmp/p is a FIFO (named pipe), not a regular
+    file; bingo writes only regular files``.
+    """
+    kind = special_file(path)
+    if kind is not None:
+        name = f"{what} {os.fspath(path)}" if what else os.fspath(path)
+        verb = "reads" if reading else "writes"
+        raise ConfigError(f"{name} is {kind}, not a regular file; bingo {verb} only regular files (give a file path)")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
 
     The file ends up with the permissions an ordinary ``open()`` gives
     (``0o666`` less the umask), whatever ``write`` did to the temporary file.
     An ``OSError`` names ``path``, not the temporary file the user never asked for.
+    A ``path`` that is a FIFO, device or socket (or a link to one) is refused
+    with :class:`~bingo.errors.ConfigError` and left as it is: replacing it
+    would turn ``/dev/null`` into a regular file.
     """
     path = Path(path)
+    refuse_special(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -80,10 +127,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if exc.filename in (tmp, None):
             raise _naming(exc, path) from None
         raise
+    except Exception as exc:
+        # torch.save and safetensors wrap a failed write (a full disk) in their own
+        # errors: "[enforce fail at inline_container.cc:672] ...", "SafetensorError:
+        # ... (os error 28)". Give it back as the OSError it is, naming ``path``.
+        failed = _failed_write(exc, path.parent)
+        Path(tmp).unlink(missing_ok=True)
+        if failed is None:
+            raise
+        raise _naming(failed, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _failed_write(exc: Exception, folder: Path) -> OSError | None:
+    """The ``OSError`` behind a writer's own error for a failed write; None if ``exc`` is not one.
+
+    The ``OSError`` itself when it is in the chain (``torch.save`` into a file
+    object keeps it as the context); the errno of a safetensors ``(os error
+    N)``; for torch's ``inline_container.cc`` error without one, ``ENOSPC``
+    when the folder has less than 1 MiB free, else ``EIO``.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(exc).split())
+    found = re.search(r"os error (\d+)\)", text)
+    if found and type(exc).__name__ == "SafetensorError":
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if "inline_container.cc" in text or "PytorchStreamWriter" in text:
+        try:
+            free = os.statvfs(folder)
+            full = free.f_bavail * free.f_frsize < (1 << 20)
+        except (OSError, AttributeError):
+            full = False
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else OSError(errno.EIO, f"write failed ({text})")
+    return None
 
 
 def _naming(exc: OSError, path: Path) -> OSError:
@@ -160,6 +244,9 @@ def save_scores(scores: dict[str, torch.Tensor], path: str | os.PathLike) -> Pat
 
 def load_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load scores written by :func:`save_scores`."""
+    kind = special_file(path)
+    if kind is not None:
+        raise CheckpointError(f"scores file {path} is {kind}, not a regular file; bingo reads only regular files")
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -233,7 +320,12 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
         if key in obj:
             raise ValueError(f"{key!r} is reserved for the checkpoint format; rename that key")
     record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "sha256": content_digest(obj), **obj}
-    return atomic_write(path, lambda tmp: torch.save(record, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # into a file object: a failed write's OSError stays in torch's error, as its context
+            torch.save(record, f)
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -249,13 +341,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             bingo reads.
     """
     not_ours = f"{path} is not a bingo checkpoint (corrupt or from another program)"
+    kind = special_file(path)
+    if kind is not None:  # torch.load would wait forever for a FIFO's writer
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a regular file; bingo reads only regular files")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's caveats about a foreign pickle: the file is refused below anyway
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no such checkpoint: {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint {path} is a folder, not a file") from None
     except OSError as exc:  # permissions, I/O errors: the file may be fine
+        if exc.errno == errno.EINVAL:  # torch's zip reader on a file cut short (its end of archive missing)
+            raise CheckpointError(f"{not_ours}: it is incomplete (truncated) or damaged") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception:  # noqa: BLE001 (a bad file raises UnpicklingError, RuntimeError, EOFError, ...)
         # PyTorch's own message would advise weights_only=False: wrong (the

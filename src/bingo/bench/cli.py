@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from .. import __version__, distributed
-from .data import DATASETS, load_dataset, training_subset
+from .data import DATASETS, dataset_files, load_dataset, training_subset
 from ..compensation import compensate
 from .configs import add_config_flags, apply_flags, config_record
 from .environment import machine
 from ..devices import resolve_device
 from ..errors import BingoError, ConfigError
-from ..io import write_json
+from ..io import refuse_special, special_file, write_json
 from .models import MODELS, build_model
 from ..layers import coverage
 from ..masks import pruned_parameters
@@ -75,6 +75,29 @@ def _sparsities(text: str) -> list[float | str]:
     return values
 
 
+def _seed(text: str) -> int:
+    """``--seed``: a whole number torch's generators take (:data:`~bingo.bench.training.SEED_RANGE`)."""
+    from .training import SEED_RANGE, check_seed
+
+    try:
+        return check_seed(int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"must be a whole number in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {text!r}") from None
+
+
+def _seeds(text: str) -> int:
+    """``--seeds``: how many seeds, 1 to :data:`~bingo.bench.compare.MAX_SEEDS`."""
+    from .compare import MAX_SEEDS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [1, {MAX_SEEDS}], got {text!r}")
+    return value
+
+
 def _compare_sparsities(text: str) -> list[float]:
     if ":" in text:
         raise argparse.ArgumentTypeError(
@@ -90,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train on scikit-learn's digits with ticket search; compare BINGO, magnitude and random pruning")
     demo.add_argument("--epochs", type=int, default=30, help="training epochs; default 30")
-    demo.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed for weights, data order and search; default 0")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--device", default="auto", help="where to train and prune: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N; default auto")
 
@@ -117,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument_group("method settings (each method's preset in brackets)"),
         {name: cls.default_config for name, cls in STRATEGIES.items()}, dest="method",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and search; default 0")
+    run.add_argument("--seed", type=_seed, default=0, help="seed for weights, data order and search; default 0")
     run.add_argument("--save", default=None, help="save the pruned model (state dict with masks) to this .pt file")
     run.add_argument("--scores", default=None, help="save the significance scores to this .safetensors file")
     run.add_argument("--checkpoint", default=None, help="training checkpoint written after every epoch; an existing one is resumed")
@@ -141,6 +164,11 @@ def _add_export_parser(commands) -> None:
     export.add_argument("--onnx", action="store_true", help="also write model.onnx if the onnx package is installed")
 
 
+#: The files ``export_model`` writes into its folder, and those ``bingo compare`` writes into OUT.
+_EXPORT_FILES = ("model.pt2", "weights.safetensors", "model.json", "model.onnx")
+_COMPARE_FILES = ("results.json", "results.csv", "accuracy.png", "cost.png", "summary.md")
+
+
 def _print_warnings(caught: list) -> None:
     """Library warnings (classes absent from training, ONNX skipped, units kept by shrink) as one line each."""
     for warning in caught:
@@ -150,24 +178,34 @@ def _print_warnings(caught: list) -> None:
 @contextlib.contextmanager
 def _one_line_warnings():
     """bingo's own UserWarnings raised inside the block become ``bingo: warning:`` lines; others show as usual."""
-    package = str(Path(__file__).parent)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("default", category=UserWarning, module=r"bingo(\.|$)")  # once per message
-        try:
+    package = str(Path(__file__).resolve().parents[1]) + os.sep  # all of bingo, the core too
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("default", category=UserWarning, module=r"bingo(\.|$)")  # once per message
             yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning) and w.filename.startswith(package):
-                    _print_warnings([w])
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:
+        # Shown after the block, with the caller's warning machinery back in place:
+        # inside it, showwarning is the recorder, and showing a foreign warning there
+        # appended to the very list being iterated (a loop without end).
+        for w in caught:
+            if issubclass(w.category, UserWarning) and str(Path(w.filename).resolve()).startswith(package):
+                _print_warnings([w])
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, line=w.line)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .model_file import export_checkpoint
 
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
-        raise ConfigError(f"export folder {args.dir} is a file; give a folder")
+        kind = special_file(args.dir) or "a file"
+        raise ConfigError(f"export folder {args.dir} is {kind}; give a folder")
+    for name in _EXPORT_FILES:
+        refuse_special(Path(args.dir) / name)
+        if _same_file(Path(args.dir) / name, Path(args.checkpoint)):
+            raise ConfigError(f"exporting into {args.dir} would write over {args.checkpoint}, the model file it exports; "
+                              "give another folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = export_checkpoint(args.checkpoint, args.dir, onnx=args.onnx)
@@ -207,7 +245,7 @@ def _add_compare_parser(commands) -> None:
         "--sparsities", type=_compare_sparsities, default=[0.5, 0.8, 0.9, 0.95],
         help="comma-separated fractions in [0, 1); default 0.5,0.8,0.9,0.95",
     )
-    compare.add_argument("--seeds", type=int, default=1, help="number of seeds (0..K-1); default 1")
+    compare.add_argument("--seeds", type=_seeds, default=1, help="number of seeds (0..K-1); default 1")
     compare.add_argument(
         "--train-samples", type=int, default=None, metavar="N",
         help="train on a random subset of N training examples (the same subset for every method and seed; validation and test splits unchanged); default all",
@@ -267,11 +305,13 @@ def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, run_compare
+    from .compare import CompareConfig, compare_lock, run_compare
     from .report import markdown_tables, write_report
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a file; give a folder")
+    _check_file_path("out", args.out, folder=True)
+    if not args.overwrite:  # (with --overwrite they are moved aside, whatever they are)
+        for name in _COMPARE_FILES:
+            refuse_special(Path(args.out) / name, "--out")
     training = apply_flags(args, TrainConfig(), dest="train")
     config = CompareConfig(
         data=args.data,
@@ -290,10 +330,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         device=args.device,
     )
     earlier = set(Path(args.out).glob("previous-*"))
-    with _one_line_warnings():
-        results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                              rerun_changed=args.rerun_changed)
-    paths = write_report(results, args.out)
+    with compare_lock(args.out):  # the report too: no other comparison may write OUT before it is complete
+        with _one_line_warnings():
+            results = run_compare(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                                  rerun_changed=args.rerun_changed)
+        paths = write_report(results, args.out)
     print(markdown_tables(results))
     for aside in sorted(set(Path(args.out).glob("previous-*")) - earlier):
         print(f"moved the earlier results to {aside}")
@@ -363,6 +404,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same path once resolved, or (existing) one inode, a hard link."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     """Refuse, before training, an output path that can never be written.
 
@@ -373,6 +422,10 @@ def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     from ..io import folder_is_writable
 
     target = Path(path)
+    kind = special_file(target)
+    if folder and kind is not None:
+        raise ConfigError(f"--{flag} {path} is {kind}, not a folder; give a folder")
+    refuse_special(target, f"--{flag}")  # a FIFO or device would be replaced by a regular file
     if folder and target.exists() and not target.is_dir():
         raise ConfigError(f"--{flag} {path} is a file; give a folder")
     if not folder and target.is_dir():
@@ -450,12 +503,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolved = Path(path).resolve()
         files = [resolved]
         if flag == "export":  # and the files export_model writes into it
-            files += [resolved / name for name in ("model.pt2", "weights.safetensors", "model.json", "model.onnx")]
+            files += [resolved / name for name in _EXPORT_FILES]
+            for name in _EXPORT_FILES:
+                refuse_special(Path(path) / name, "--export")
         for file in files:
             if file in claimed:
                 same = f"are the same {'path' if flag == 'export' else 'file'} ({file})" if file == resolved else f"both write {file}"
                 raise ConfigError(f"--{claimed[file]} and --{flag} {same}; give each output its own path")
             claimed[file] = flag
+    # ... and an output on an input would destroy it (--out data.npz replaced the dataset).
+    for data_file in dataset_files(args.data, args.data_dir):
+        for flag, path in outputs:
+            written = [Path(path) / name for name in _EXPORT_FILES] if flag == "export" else [Path(path)]
+            if any(_same_file(file, data_file) for file in written):
+                raise ConfigError(f"--{flag} {path} would write over the data file {data_file} (--data); give --{flag} another path")
     train_config = apply_flags(args, TrainConfig(seed=args.seed), dest="train")
     granularity = getattr(strategy.config, "granularity", "weight")
     # Before anything is trained: a device that is not there is a one-line error. Under torchrun, cuda is this rank's GPU.
@@ -499,6 +560,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"one-shot {args.method} holds the floor up to sparsity {floor.sparsity:.4f} (validation accuracy "
                   f"{floor.accuracy:.4f} >= {floor.floor:.4f}); beyond it, prune during training: "
                   "--method bingo-gradual --sparsity S (one training run per target)")
+    for row, outcome in zip(results, outcomes):  # the prune's own time (compensation included), beside train/search seconds
+        row["prune_seconds"] = outcome.prune_seconds
     pruned_model = outcomes[-1].model
     scored = coverage(pruned_model if pruned_model is not None else experiment.new_model(), outcomes[-1].masks)
     for row, outcome in zip(results, outcomes):  # the sparsity asked for is over the scored weights; this is over everything

@@ -12,6 +12,7 @@ holds an earlier comparison is never written over: it is continued
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from .data import load_dataset, training_subset
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
-from ..io import load_scores, save_scores, write_json
+from ..io import load_scores, save_scores, special_file, write_json
 from .models import MODELS
 from ..selection import check_sparsity
 from .configs import config_record
@@ -36,7 +37,11 @@ from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
 from .training import TrainConfig
 
-__all__ = ["CompareConfig", "mask_overlap", "run_compare"]
+__all__ = ["LOCK_FILE", "MAX_SEEDS", "CompareConfig", "compare_lock", "mask_overlap", "run_compare"]
+
+
+#: The most seeds one comparison takes: each trains every method again, and results.json lists them all.
+MAX_SEEDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,8 @@ class CompareConfig:
         if not self.sparsities:
             raise ConfigError("no sparsities given")
         object.__setattr__(self, "sparsities", tuple(sorted({check_sparsity(s) for s in self.sparsities})))
-        if int(self.seeds) != self.seeds or self.seeds < 1:
-            raise ConfigError(f"seeds must be a whole number >= 1, got {self.seeds!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or not 1 <= self.seeds <= MAX_SEEDS:
+            raise ConfigError(f"seeds must be a whole number in [1, {MAX_SEEDS}], got {self.seeds!r}")
         self.train_config()  # validates epochs, batch size, lr, optimizer
         if self.train_samples is not None and (isinstance(self.train_samples, bool) or int(self.train_samples) != self.train_samples or self.train_samples < 1):
             raise ConfigError(f"training samples must be a whole number >= 1, got {self.train_samples!r}")
@@ -152,6 +157,75 @@ def _set_aside(out_dir: Path) -> Path | None:
     return aside
 
 
+#: The lock file a running comparison holds in its folder: the holder's pid, under an advisory ``flock``.
+LOCK_FILE = ".bingo-compare.lock"
+_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth (cmd_compare's lock around run_compare's)
+
+
+@contextlib.contextmanager
+def compare_lock(out_dir: str | os.PathLike):
+    """Hold ``out_dir``'s comparison lock for the block; :class:`ConfigError` at once if another process holds it.
+
+    Two comparisons writing one folder would lose one's rows (each rewrites
+    ``results.json`` from what it read). The lock is an exclusive ``flock``
+    on ``out_dir/.bingo-compare.lock``, which holds the holder's pid for the
+    message. The kernel drops the lock when its process ends, however it
+    ends, so a lock file left by a killed run is simply taken over; a clean
+    end removes it. A folder this call created is removed again when the
+    block leaves it empty (a comparison refused before writing anything).
+    """
+    import fcntl
+
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    key = path.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    kind = special_file(path)
+    if kind is not None:
+        raise ConfigError(f"{path} is {kind}, not a regular file; remove it (bingo compare keeps its lock there)")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"bingo compare pid {holder}" if holder.isdigit() else "another bingo compare"
+            raise ConfigError(f"{out_dir} is in use by {who}; wait for it to finish or give another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the file may have been removed (by a holder finishing) between our open and our lock: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+            path.unlink(missing_ok=True)  # still holding the lock: no one else can be between open and lock on this file
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty
+
+
 def _kind(value: object) -> str:
     """What a JSON value is, in words."""
     if value is None:
@@ -201,6 +275,9 @@ def _not_results(previous: object) -> str | None:
 
 def _load_previous(path: Path, base: dict, rerun_changed: bool = False) -> dict:
     """The results recorded in ``path``, merged with this run's ``base``; :class:`CheckpointError` if they do not fit."""
+    kind = special_file(path)
+    if kind is not None:  # reading a FIFO would wait for a writer forever
+        raise CheckpointError(f"cannot resume from {path}: it is {kind}, not a regular file; use another --out")
     try:
         text = path.read_bytes()
     except OSError as exc:
@@ -323,10 +400,17 @@ def run_compare(
     settings, dense, runs, overlap, search_overhead``).
     """
     out_dir = Path(out_dir)
-    results_path = out_dir / "results.json"
     if rerun_changed and not resume:
         raise ConfigError("--rerun-changed goes with --resume: it reruns, in a resumed folder, the methods whose settings changed")
     _check_out_dir(out_dir, resume, overwrite)
+    with compare_lock(out_dir):  # one comparison per folder at a time
+        _check_out_dir(out_dir, resume, overwrite)  # again: another one may have finished there meanwhile
+        return _run_compare(config, out_dir, resume=resume, overwrite=overwrite, progress=progress, rerun_changed=rerun_changed)
+
+
+def _run_compare(config: CompareConfig, out_dir: Path, *, resume: bool, overwrite: bool, progress: bool, rerun_changed: bool) -> dict:
+    """:func:`run_compare`'s work, with ``out_dir`` checked and locked."""
+    results_path = out_dir / "results.json"
     device = resolve_device(config.device)
     base = {
         "data": config.data,
@@ -482,9 +566,12 @@ def _record_overlaps(results: dict, out_dir: Path, seed: int, sparsities: Sequen
             mine = _recorded_masks(results, out_dir, method, seed, sparsity)
             if mine is None or set(mine) != set(imp) or any(mine[k].shape != imp[k].shape for k in imp):
                 continue  # not recorded, or a different granularity: no weight-by-weight overlap
+            overlap = mask_overlap(mine, imp)
+            if not math.isfinite(overlap):
+                continue  # IMP pruned nothing (sparsity 0): no overlap to measure, none recorded
             if row is None:
                 row = {"seed": seed, "sparsity": sparsity, "random_expectation": sparsity}
                 results["overlap"].append(row)
-            row[f"{method}_vs_imp"] = mask_overlap(mine, imp)
+            row[f"{method}_vs_imp"] = overlap
             added = True
     return added

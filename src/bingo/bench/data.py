@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bingo.errors import ConfigError, DataError
+from bingo.io import special_file
 
 __all__ = [
     "DATASETS",
@@ -50,6 +51,7 @@ __all__ = [
     "MNIST_FILES",
     "MNIST_URL",
     "Dataset",
+    "dataset_files",
     "default_mnist_dir",
     "download_mnist",
     "load_dataset",
@@ -282,6 +284,10 @@ def _find_idx(directory: Path) -> tuple[list[Path], list[str]]:
     found, missing = [], []
     for name in IDX_FILES:
         plain, packed = directory / name, directory / (name + ".gz")
+        for candidate in (plain, packed):
+            kind = special_file(candidate)
+            if kind is not None:  # a FIFO would block the read, a download would replace it
+                raise DataError(f"{candidate} is {kind}, not a regular file; bingo reads only regular files")
         if plain.is_file():
             found.append(plain)
         elif packed.is_file():
@@ -468,6 +474,9 @@ def _check_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    kind = special_file(path)
+    if kind is not None:  # a FIFO would block the read forever
+        raise DataError(f"{path} is {kind}, not a regular file; bingo reads only regular files")
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     try:
@@ -492,10 +501,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
             try:
                 arrays[key] = npz[key]
             except Exception as e:  # object arrays, corrupt members
-                if isinstance(e, ValueError) and "allow_pickle" in str(e):  # numpy's only way to say "object array"
+                # numpy names allow_pickle both for an object array and as a way around its
+                # header size limit: only the first is "an array of Python objects".
+                if isinstance(e, ValueError) and "Object arrays cannot be loaded" in str(e):
                     raise DataError(
                         f"cannot read {path} as .npz: {key} is an array of Python objects, which would need "
                         "unpickling; store numbers (e.g. np.asarray(x, dtype=np.float32))"
+                    ) from None
+                if isinstance(e, ValueError) and "max_header_size" in str(e):
+                    raise DataError(
+                        f"cannot read {path} as .npz: {key} has a .npy header over NumPy's safety limit "
+                        "(max_header_size), as no array numpy writes has; save the arrays again with np.savez"
                     ) from None
                 raise DataError(f"cannot read {path} as .npz: {key}: {_reason(e)}") from None
             if not isinstance(arrays[key], np.ndarray):  # np.load hands back a non-.npy member's bytes
@@ -626,6 +642,23 @@ def _untrained_classes(y_train: torch.Tensor, y_val: torch.Tensor, y_test: torch
             if label not in trained:
                 where.setdefault(label, []).append(split)
     return [f"{label} (in {', '.join(where[label])})" for label in sorted(where)]
+
+
+def dataset_files(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The files :func:`load_dataset` would read for these arguments (existing or not): what no output may replace.
+
+    The ``.npz`` file itself, or the four IDX files (plain and ``.gz``) of
+    ``fashion-mnist`` and ``mnist`` in their folder; none for ``digits``
+    (scikit-learn's copy) or an unknown name.
+    """
+    name = os.fspath(name_or_path)
+    if name in ("fashion-mnist", "mnist"):
+        default = FASHION_MNIST_DIR if name == "fashion-mnist" else default_mnist_dir()
+        directory = Path(data_dir if data_dir is not None else default).expanduser()
+        return [directory / f"{idx}{suffix}" for idx in IDX_FILES for suffix in ("", ".gz")]
+    if name != "digits" and name.lower().endswith(".npz"):
+        return [Path(name).expanduser()]
+    return []
 
 
 def load_dataset(

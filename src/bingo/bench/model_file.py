@@ -58,6 +58,22 @@ def save_model_file(
     )
 
 
+def _count(value: object) -> bool:
+    """A whole number >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shape(checkpoint: str | os.PathLike, key: str, value: object) -> tuple[int, ...]:
+    """``value`` as a shape: a non-empty list of whole numbers >= 1; else a one-line :class:`CheckpointError`."""
+    if not isinstance(value, (list, tuple)) or not value or not all(_count(d) for d in value):
+        raise CheckpointError(f"{checkpoint}: {key} must be a list of whole numbers >= 1, got {value!r}; the file is damaged")
+    return tuple(value)
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -88,8 +104,14 @@ def export_checkpoint(
     preprocess = ckpt["preprocess"]
     if not isinstance(preprocess, dict) or not {"offset", "scale"} <= set(preprocess):
         raise CheckpointError(f"{checkpoint}: preprocess must be {{offset, scale}}, got {preprocess!r}")
-    input_shape = tuple(int(d) for d in ckpt["input_shape"])
-    raw_shape = tuple(int(d) for d in ckpt.get("raw_shape", input_shape))
+    if not all(_number(preprocess[key]) for key in ("offset", "scale")) or preprocess["scale"] == 0:
+        raise CheckpointError(f"{checkpoint}: preprocess offset and scale must be finite numbers, scale not 0, got {preprocess!r}")
+    input_shape = _shape(checkpoint, "input_shape", ckpt["input_shape"])
+    raw_shape = _shape(checkpoint, "raw_shape", ckpt.get("raw_shape", list(input_shape)))
+    if not _count(ckpt["num_classes"]):
+        raise CheckpointError(f"{checkpoint}: num_classes must be a whole number >= 1, got {ckpt['num_classes']!r}")
+    if not isinstance(ckpt["state_dict"], dict):
+        raise CheckpointError(f"{checkpoint}: state_dict must be a dict of tensors, got {type(ckpt['state_dict']).__name__}")
     if math.prod(raw_shape) != math.prod(input_shape):
         raise CheckpointError(f"{checkpoint}: raw_shape {list(raw_shape)} does not hold the {math.prod(input_shape)} values of input_shape {list(input_shape)}")
     model = build_model(ckpt["model"], input_shape, int(ckpt["num_classes"]))

@@ -497,11 +497,11 @@ def _overhead_text(overhead: Sequence[Mapping[str, Any]]) -> str:
     body, noisy = [], []
     for method in methods:
         rows = [r for r in overhead if str(r.get("method", "bingo")) == method]
-        ratios = [float(r["ratio"]) for r in rows]
+        ratios = [float(r["ratio"]) for r in rows if r["ratio"] is not None]  # None: no training to compare with (0 epochs)
         # Counted work: forwards with the search / without (training steps and fake passes), free of timing noise.
         counted = [float(r["forward_passes_with_search"]) / float(r["forward_passes"]) for r in rows
                    if r.get("forward_passes") and r.get("forward_passes_with_search") is not None]
-        if min(ratios) < 1.0:
+        if ratios and min(ratios) < 1.0:
             noisy.append(method)
         body.append(
             [
@@ -509,9 +509,9 @@ def _overhead_text(overhead: Sequence[Mapping[str, Any]]) -> str:
                 str(len(rows)),
                 _seconds(_mean([float(r["train_seconds"]) for r in rows]), None),
                 _seconds(_mean([float(r["train_seconds_with_search"]) for r in rows]), None),
-                f"{_mean(ratios):.2f}×",
-                f"{min(ratios):.2f}–{max(ratios):.2f}×",
-                f"{_mean(counted):.3f}×" if counted else "–",
+                f"{_mean(ratios):.2f}×" if ratios else _MISSING,
+                f"{min(ratios):.2f}–{max(ratios):.2f}×" if ratios else _MISSING,
+                f"{_mean(counted):.3f}×" if counted else _MISSING,
             ]
         )
     table = _table(["method", "seeds", "training", "training + search", "time ratio (mean)", "time ratio (range)", "forwards ratio"],

@@ -8,9 +8,12 @@ seeded by the config, so two runs with the same seed see the same batches.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import operator
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,9 +31,23 @@ from ..errors import CheckpointError, ConfigError, TrainingError, check_choice
 from ..io import load_checkpoint, save_checkpoint
 from ..search import TicketSearch
 
-__all__ = ["DIVERGED_LOSS_FACTOR", "OPTIMIZERS", "TrainConfig", "TrainResult", "evaluate", "load_model_state", "train"]
+__all__ = ["DIVERGED_LOSS_FACTOR", "OPTIMIZERS", "SEED_RANGE", "TrainConfig", "check_seed", "TrainResult", "data_digest", "evaluate", "load_model_state", "train"]
 
 OPTIMIZERS = ("adam", "sgd")
+#: The seeds a torch generator takes (``torch.Generator().manual_seed``): 64-bit, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as an int, or :class:`ConfigError` naming :data:`SEED_RANGE` (was an OverflowError deep in torch)."""
+    low, high = SEED_RANGE
+    try:
+        value = operator.index(seed)  # int, numpy integers; not floats, not bool
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not low <= value <= high:
+        raise ConfigError(f"{what} must be a whole number in [{low}, {high}], got {seed!r}")
+    return value
 
 #: An epoch whose mean training loss is over this many times ``ln(num_classes)``
 #: (the cross-entropy of guessing every class equally) has diverged, even if
@@ -60,6 +77,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr!r}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_seed(self.seed)
 
 
 @dataclass
@@ -99,6 +117,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def _data_signature(data: Dataset) -> str:
     """What a checkpoint records of its data, to refuse resuming on other data."""
     return f"{data.name} ({len(data.x_train)} training examples of shape {tuple(data.input_shape)})"
+
+
+def data_digest(data: Dataset) -> str:
+    """SHA-256 (hex) of the training and validation splits as trained on: dtype, shape and every byte, labels too.
+
+    What a training checkpoint records beside :func:`_data_signature`: other
+    data of the same name, count and shape (an ``.npz`` rewritten in place)
+    has another digest.
+    """
+    digest = hashlib.sha256()
+    for tensor in (data.x_train, data.y_train, data.x_val, data.y_val):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{flat.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_model_state(model: nn.Module, state: dict, source: str | os.PathLike) -> None:
@@ -190,6 +223,12 @@ def _resume(
         raise CheckpointError(f"checkpoint {checkpoint} was written with different training settings: {differing}")
     if state["data"] != _data_signature(data):
         raise CheckpointError(f"checkpoint {checkpoint} was trained on {state['data']}, not on {_data_signature(data)}")
+    if "data_sha256" not in state:  # written before bingo recorded the digest: name, count and shape are all it can check
+        warnings.warn(f"checkpoint {checkpoint} records no digest of its data (an older bingo wrote it): resumed as it matches "
+                      f"{_data_signature(data)} by name, count and shape, its contents unchecked", UserWarning, stacklevel=3)
+    elif state["data_sha256"] != data_digest(data):
+        raise CheckpointError(f"checkpoint {checkpoint} was trained on other data: {_data_signature(data)} holds other values "
+                              "than it did (its SHA-256 differs); give the data it was trained on, or another --checkpoint")
     for key in ("epoch", "steps"):
         if not _whole(state[key]):
             raise CheckpointError(f"checkpoint {checkpoint}: {key} must be a whole number >= 0, got {state[key]!r}")
@@ -299,6 +338,7 @@ def train(
         leave=False,
     )
     diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(int(data.num_classes), 2))
+    digest = data_digest(data) if checkpoint is not None and distributed.is_main_process() else None  # once, not per epoch
     device = model_device(model)  # the data go where the model is, a batch at a time
     model.train()
     try:
@@ -345,6 +385,7 @@ def train(
                         "kind": "bingo-train",
                         "config": asdict(config),
                         "data": _data_signature(data),
+                        "data_sha256": digest,
                         "epoch": epoch + 1,
                         "steps": steps,
                         "train_seconds": elapsed,

@@ -101,6 +101,9 @@ class Outcome:
     model: nn.Module | None = field(default=None, repr=False, compare=False)  #: the delivered network itself
     #: floating-point operations of compensation's least-squares solves (``CompensationResult.solve_flops``)
     solve_flops: float = 0.0
+    #: wall time of the one-shot prune itself, compensation included (part of ``seconds``); None for
+    #: methods that prune during training (IMP, GMP), where no single prune has a time of its own
+    prune_seconds: float | None = None
 
     def record(self) -> dict:
         """The JSON row (masks left out)."""

@@ -170,7 +170,7 @@ class OneShotStrategy(Strategy):
             tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity if isinstance(sparsity, str) else format(sparsity, 'g')}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
         return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model,
-                       solve_flops)
+                       solve_flops, prune_seconds=prune_seconds)
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,8 @@ class BingoStrategy(OneShotStrategy):
                 "train_seconds": plain.cost.seconds,
                 "train_seconds_with_search": searched.cost.seconds,
                 "search_seconds": searched.search_seconds,
-                "ratio": searched.cost.seconds / plain.cost.seconds,
+                # None when plain training took no time (--epochs 0): no ratio to give
+                "ratio": searched.cost.seconds / plain.cost.seconds if plain.cost.seconds > 0 else None,
                 "forward_passes": plain.cost.forward_passes,
                 "forward_passes_with_search": searched.cost.forward_passes,
                 "identical_to_plain_training": identical,
