@@ -145,7 +145,7 @@ Test accuracy, mean ± std over seeds, no retraining after any prune (best mean 
 
 {accuracy_table(name)}
 
-Seconds the runs recorded (each method's dense training and prunes included): {wall_time(name)}.
+Sum of the seconds the rows recorded (each row counts its method's training again, so this overstates the wall time): {wall_time(name)}.
 """
 
 
