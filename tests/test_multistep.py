@@ -141,3 +141,65 @@ def test_bad_arguments_are_one_line_errors():
     bingo.prune(pruned, _magnitude(pruned), 0.5)
     with pytest.raises(ConfigError, match=r"already pruned; pass reference="):
         prune_in_steps(pruned, _magnitude, 0.8, x)
+
+
+# --------------------------------------------------------------------------
+# the harness option: compensation_steps (--compensation-steps, --bingo-compensation-steps, ...)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["magnitude", "bingo"])
+def test_harness_steps_are_prune_in_steps_with_the_method_s_rescoring(method):
+    import dataclasses
+
+    from bingo.bench.data import load_dataset
+    from bingo.bench.strategies import BINGO, CompensationConfig, Experiment, OneShotConfig, get_strategy
+    from bingo.bench.training import TrainConfig
+
+    experiment = Experiment(load_dataset("digits"), "mlp", TrainConfig(epochs=1), 0, progress=False)
+    preset = BINGO if method == "bingo" else OneShotConfig()
+    config = dataclasses.replace(preset, compensation=CompensationConfig(compensate=True, compensation_steps=3))
+    strategy = get_strategy(method, config)
+    outcome = next(iter(strategy.run(experiment, [0.9])))
+
+    dense, _ = strategy.trained(experiment)
+    if method == "bingo":
+        significance = dense.search.significance()
+        scores = lambda m: bingo.bingo_scores(significance, m)  # noqa: E731
+    else:
+        scores = lambda m: bingo.magnitude_scores(m, "weight")  # noqa: E731
+    by_hand = copy.deepcopy(dense.model)
+    samples = bingo.suggested_calibration_samples(by_hand, experiment.calibration(1), minimum=1024)
+    result = prune_in_steps(by_hand, scores, 0.9, experiment.calibration(samples), steps=3, seed=0, reference=dense.model)
+    for (name, p), (_, q) in zip(outcome.model.state_dict().items(), by_hand.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert outcome.accuracy == experiment.evaluate(by_hand)
+    assert outcome.forward_passes == dense.cost.forward_passes + result.forward_passes
+
+
+def test_compensation_steps_is_recorded_only_when_not_one():
+    from bingo.bench.configs import config_record
+    from bingo.bench.strategies import CompensationConfig
+
+    assert "compensation_steps" not in config_record(CompensationConfig(compensate=True))  # earlier records resume unchanged
+    assert config_record(CompensationConfig(compensate=True, compensation_steps=4))["compensation_steps"] == 4
+    with pytest.raises(ConfigError, match=r"^compensation steps must be a whole number >= 1, got 0$"):
+        CompensationConfig(compensation_steps=0)
+
+
+def test_cli_compensation_steps(tmp_path, capsys):
+    import json
+
+    from conftest import assert_user_error, call
+
+    out = tmp_path / "run.json"
+    code, _, err = call(capsys, "run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.9",
+                        "--compensation-steps", "2", "--out", out, "--no-progress")
+    assert code == 0, err
+    assert json.loads(out.read_text())["config"]["compensation"]["compensation_steps"] == 2
+    code, _, err = call(capsys, "run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.9",
+                        "--compensation-steps", "0", "--out", out, "--no-progress")
+    assert_user_error(code, err, r"compensation steps must be a whole number >= 1, got 0")
+    code, _, err = call(capsys, "run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--max-accuracy-drop", "0.01",
+                        "--compensation-steps", "2", "--out", out, "--no-progress")
+    assert_user_error(code, err, r"--compensation-steps applies to --sparsity, not to an accuracy floor")
