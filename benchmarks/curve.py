@@ -22,7 +22,6 @@ in it is typed by hand.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -138,7 +137,7 @@ def _floor_current(path: Path) -> bool:
     if not path.exists():
         return False
     compensation = json.loads(path.read_text()).get("config", {}).get("compensation") or {}
-    now = {f.name for f in dataclasses.fields(CompensationConfig)}
+    now = set(CompensationConfig().to_dict())  # compensation_steps is recorded only when not 1
     return not compensation.get("compensate") or set(compensation) == now
 
 

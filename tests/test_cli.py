@@ -396,7 +396,7 @@ def test_checkpoint_that_is_not_a_training_checkpoint(capsys, run_args, tmp_path
 
 BAD_OPTIONS = [
     # (extra run arguments, pattern of the message)
-    (("--model", "vgg"), r"unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet$"),
+    (("--model", "vgg"), r"unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet, transformer, conv1d$"),
     (("--data", "cifar"), r"unknown dataset 'cifar'; valid choices: digits, fashion-mnist, mnist"),
     (("--sparsity", "1.0"), r"sparsity must be in \[0, 1\), got 1\.0$"),
     (("--sparsity", "-0.1"), r"sparsity must be in \[0, 1\), got -0\.1$"),
@@ -634,7 +634,7 @@ def test_real_process_help_and_bad_input(tmp_path):
     assert failed.returncode == 2
     assert failed.stdout == ""
     assert "Traceback" not in failed.stderr
-    assert failed.stderr.splitlines() == ["bingo: error: unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet"]
+    assert failed.stderr.splitlines() == ["bingo: error: unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet, transformer, conv1d"]
     assert not (tmp_path / "out.json").exists()
 
 

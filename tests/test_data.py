@@ -605,10 +605,10 @@ def test_mnist_missing_without_download(tmp_path):
 
 
 def test_unknown_dataset_lists_choices():
-    assert DATASETS == ("digits", "fashion-mnist", "mnist")
+    assert DATASETS == ("digits", "fashion-mnist", "mnist", "teacher-student", "tokens", "signals")
     with pytest.raises(
         ConfigError,
-        match=r"^unknown dataset 'foo'; valid choices: digits, fashion-mnist, mnist, or a PATH\.npz$",
+        match=r"^unknown dataset 'foo'; valid choices: digits, fashion-mnist, mnist, teacher-student, tokens, signals, or a PATH\.npz$",
     ) as info:
         load_dataset("foo")
     assert isinstance(info.value, ValueError)

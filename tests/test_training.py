@@ -65,14 +65,14 @@ def test_training_learns_digits(digits):
 def test_models_fit_images_and_flat_features(name):
     model = build_model(name, (1, 8, 8), 10)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
-    if name not in ("conv", "resnet"):
+    if name not in ("conv", "resnet", "transformer", "conv1d"):  # these need images or 2-D sequences
         assert build_model(name, (20,), 3)(torch.zeros(2, 20)).shape == (2, 3)
 
 
 def test_conv_refuses_flat_features_and_unknown_models():
     with pytest.raises(ConfigError, match="model 'conv' needs image input"):
         build_model("conv", (20,), 3)
-    with pytest.raises(ConfigError, match="unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet$"):
+    with pytest.raises(ConfigError, match="unknown model 'vgg'; valid choices: lenet300, mlp, conv, resnet, transformer, conv1d$"):
         build_model("vgg", (20,), 3)
 
 

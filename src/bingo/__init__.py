@@ -19,6 +19,7 @@ from .io import load_scores, save_scores
 from .layers import coverage, find_layers
 from .masks import apply_masks, current_masks, load_pruned_state_dict, make_permanent, model_sparsity, pruned_parameters
 from .pruning import AccuracyFloorResult, prune, prune_to_accuracy
+from .multistep import MultiStepResult, prune_in_steps, step_sparsities
 from .schedule import SparsityScheduler, gmp_sparsity
 from .scoring import bingo_scores, combine_ranks, magnitude_scores, random_scores
 from .search import BINGO_SEARCH, SearchConfig, TicketSearch
@@ -60,9 +61,11 @@ __all__ = [
     "magnitude_scores",
     "make_permanent",
     "model_sparsity",
+    "MultiStepResult",
     "prune",
     "prune_coupled",
     "prune_heads",
+    "prune_in_steps",
     "prune_to_accuracy",
     "pruned_parameters",
     "PrunedMultiheadAttention",
@@ -83,6 +86,7 @@ __all__ = [
     "SparseResult",
     "SparsityScheduler",
     "state_dict_size",
+    "step_sparsities",
     "suggested_calibration_samples",
     "TicketSearch",
     "to_semi_structured",

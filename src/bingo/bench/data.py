@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bingo.errors import ConfigError, DataError
+from bingo.bench.generated import GENERATED_TASKS, TASK_SEED, generate
 from bingo.io import special_file
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
     "write_idx",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist")
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", *GENERATED_TASKS)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
@@ -669,7 +670,11 @@ def load_dataset(
     seed: int = 0,
     download: bool = True,
 ) -> Dataset:
-    """Load a dataset by name (``digits``, ``fashion-mnist``, ``mnist``) or ``.npz`` path.
+    """Load a dataset by name (``digits``, ``fashion-mnist``, ``mnist``, a generated task) or ``.npz`` path.
+
+    The generated tasks (``teacher-student``, ``tokens``, ``signals``:
+    :mod:`bingo.bench.generated`) are made offline from seed ``TASK_SEED``;
+    ``seed`` only draws their validation split, as for every dataset.
 
     ``data_dir`` is where the IDX files of ``fashion-mnist`` (default
     :data:`FASHION_MNIST_DIR`) and ``mnist`` (default
@@ -706,6 +711,8 @@ def load_dataset(
                 "allow the download or put the four IDX files there or pass --data-dir"
             )
         arrays = _load_idx_dataset(directory)
+    elif name in GENERATED_TASKS:  # generated offline, one fixed task per name (bingo.bench.generated)
+        arrays = generate(name, TASK_SEED)
     elif name.lower().endswith(".npz"):
         arrays = _load_npz(Path(name).expanduser())
     else:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check_choice
+from .sequence_models import Conv1dNet, TokenTransformer
 
 __all__ = ["MODELS", "BasicBlock", "ConvNet", "LeNet300", "ResNet", "SmallMLP", "build_model"]
 
@@ -252,7 +253,8 @@ class ResNet(nn.Module):
 
 
 #: name -> model class; each takes ``(input_shape, num_classes)``.
-MODELS: dict[str, type[nn.Module]] = {"lenet300": LeNet300, "mlp": SmallMLP, "conv": ConvNet, "resnet": ResNet}
+MODELS: dict[str, type[nn.Module]] = {"lenet300": LeNet300, "mlp": SmallMLP, "conv": ConvNet, "resnet": ResNet,
+                                     "transformer": TokenTransformer, "conv1d": Conv1dNet}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:

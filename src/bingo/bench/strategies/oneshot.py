@@ -22,6 +22,7 @@ from ...compensation import BATCHNORM_CHOICES, compensate, suggested_calibration
 from ...solvers import SOLVERS
 from ...coupled import prune_coupled
 from ...errors import ConfigError, check_choice
+from ...multistep import prune_in_steps
 from ...layers import GRANULARITIES
 from ...pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from ...scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight, magnitude_scores, random_scores
@@ -61,6 +62,7 @@ class CompensationConfig:
     calibration_samples: int = field(default=1024, metadata={"help": "training samples the compensation fits on, at least: more where a layer is wide (4 design rows per input of the widest layer; bingo.suggested_calibration_samples)"})
     batchnorm: str = field(default="keep", metadata={"help": "after compensating: keep the BatchNorm statistics, or re-estimate them on the calibration samples", "choices": BATCHNORM_CHOICES})
     solver: str = field(default="auto", metadata={"help": "least-squares solver of the re-fit: auto (per layer, by counted work), exact (per-row Cholesky), cg (conjugate gradients to the exact optimum), sparsegpt (the SparseGPT sweep, approximate)", "choices": SOLVER_CHOICES})
+    compensation_steps: int = field(default=1, metadata={"help": "reach each sparsity in this many prune-and-refit steps up the cubic schedule, re-scoring the re-fitted weights before each (bingo.prune_in_steps; no training); 1 = one-shot"})
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -68,6 +70,15 @@ class CompensationConfig:
             raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
         check_choice("batchnorm", self.batchnorm, BATCHNORM_CHOICES)
         check_choice("solver", self.solver, SOLVER_CHOICES)
+        if isinstance(self.compensation_steps, bool) or int(self.compensation_steps) != self.compensation_steps or self.compensation_steps < 1:
+            raise ConfigError(f"compensation steps must be a whole number >= 1, got {self.compensation_steps!r}")
+
+    def to_dict(self) -> dict:
+        """The JSON record; ``compensation_steps`` only when it is not 1, so runs recorded before it resume unchanged."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if record["compensation_steps"] == 1:
+            del record["compensation_steps"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -102,12 +113,28 @@ class OneShotStrategy(Strategy):
             model = copy.deepcopy(dense.model)
             start = time.perf_counter()
             groups = experiment.coupled_groups() if self.config.granularity == "neuron" else []
+            settings = self.config.compensation
+            if settings.compensate and settings.compensation_steps > 1 and not groups:
+                stepped = prune_in_steps(
+                    model, self.step_scores(dense, scores), sparsity, experiment.calibration(self._calibration_samples(experiment, model)),
+                    steps=settings.compensation_steps, scope=self.config.scope, seed=experiment.seed, reference=dense.model,
+                    solver=settings.solver, batchnorm=settings.batchnorm)
+                yield self._deliver(experiment, dense, model, stepped.masks, sparsity, time.perf_counter() - start,
+                                    stepped.forward_passes, stepped.solve_flops)
+                continue
             if groups:  # a residual network: tied channels get one joint score and go together
                 masks = prune_coupled(model, scores, groups, sparsity, self.config.scope, seed=experiment.seed)
             else:
                 masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
             calls, flops = self._compensate(experiment, dense, model)
             yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops)
+
+    def step_scores(self, dense: DenseRun, scores: dict[str, torch.Tensor]):
+        """What a multi-step prune ranks by before each step: ``scores`` as they are (overridden where a score reads the weights)."""
+        return scores
+
+    def _calibration_samples(self, experiment: Experiment, model: nn.Module) -> int:
+        return suggested_calibration_samples(model, experiment.calibration(1), minimum=self.config.compensation.calibration_samples)
 
     def _compensate(self, experiment: Experiment, dense: DenseRun, model: nn.Module) -> tuple[int, float]:
         """Re-fit the pruned ``model``'s survivors to the dense run's layer outputs if configured.
@@ -131,6 +158,8 @@ class OneShotStrategy(Strategy):
         data = experiment.data
         if len(data.x_val) == 0:
             raise ConfigError("pruning to an accuracy floor needs a validation split, and this data has none")
+        if self.config.compensation.compensate and self.config.compensation.compensation_steps > 1:
+            raise ConfigError("--compensation-steps applies to --sparsity, not to an accuracy floor (--min-accuracy, --max-accuracy-drop)")
         dense, scores = self.trained(experiment)
         model = copy.deepcopy(dense.model)
         start = time.perf_counter()
@@ -240,6 +269,10 @@ class BingoStrategy(OneShotStrategy):
         dense = experiment.dense_with_search(lambda model: TicketSearch(model, config=config), key)
         return dense, self.config.final_scores(dense.search, dense.model)
 
+    def step_scores(self, dense: DenseRun, scores: dict[str, torch.Tensor]):
+        """Before each step of a multi-step prune: the search's significance re-blended with the re-fitted weights' magnitude."""
+        return lambda model: self.config.final_scores(dense.search, model)
+
     def extras(self, experiment: Experiment) -> dict[str, dict]:
         """The search's overhead: dense training time with the search / without, and whether both ended bit-identical."""
         searched, _ = self.trained(experiment)
@@ -280,6 +313,10 @@ class MagnitudeStrategy(OneShotStrategy):
     def trained(self, experiment: Experiment) -> tuple[DenseRun, dict[str, torch.Tensor]]:
         dense = experiment.dense()
         return dense, magnitude_scores(dense.model, self.config.granularity)
+
+    def step_scores(self, dense: DenseRun, scores: dict[str, torch.Tensor]):
+        """Before each step of a multi-step prune: the magnitude of the re-fitted weights."""
+        return lambda model: magnitude_scores(model, self.config.granularity)
 
 
 @register
