@@ -151,7 +151,7 @@ def main() -> int:
     for name in ("generated_tasks.md", "multistep_compensation.md", "search_overhead.md", "taylor_update_every.md", "masked_speed.md", "shrink_speed.md", "n_m.md", "compensation_scaling.md", "gpu_check.md"):
         path = ROOT / "benchmarks/results" / name
         if path.exists():
-            extra += "\n\n## " + path.read_text().replace("\n# ", "\n## ").removeprefix("# ").strip()
+            extra += "\n\n## " + path.read_text().replace("\n## ", "\n### ").replace("\n# ", "\n## ").removeprefix("# ").strip()
     results = json.loads((ROOT / OUT / "results.json").read_text())
     targets_text = ""
     for epochs in TARGETS_FINETUNE:
