@@ -638,3 +638,30 @@ def test_run_json_gives_the_prune_seconds_of_each_result(capsys, tmp_path, metho
             assert isinstance(row["prune_seconds"], float) and 0.0 < row["prune_seconds"] < report["train_seconds"] + 60
         else:
             assert row["prune_seconds"] is None  # GMP prunes during training: no prune of its own
+
+
+def test_piped_progress_is_a_plain_line_per_epoch_not_tqdm_frames(tmp_path):
+    # stderr is a pipe here: no \r-frames or lines of spaces; a failed run's error stays easy to find.
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "bingo", "run", "--data", "digits", "--model", "mlp", "--epochs", "2",
+                           "--sparsity", "0.5", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if ": epoch " in line]
+    assert [line.split(": epoch ")[1].split(",")[0] for line in lines] == ["1/2", "2/2"], done.stderr
+
+
+def test_a_run_of_very_few_training_steps_says_so(tmp_path, capsys):
+    from bingo.bench.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "256", "--sparsity", "0.5",
+                 "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "bingo: warning: only 6 training steps in all (1 epochs of 6 batches of 256 from 1293 examples)" in err
+    assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "10", "--sparsity", "0.5",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "training steps in all" not in capsys.readouterr().err  # 110 steps: enough

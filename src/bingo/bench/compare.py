@@ -35,7 +35,7 @@ from ..selection import check_sparsity
 from .configs import config_record
 from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
-from .training import TrainConfig
+from .training import TrainConfig, on_terminal
 
 __all__ = ["LOCK_FILE", "MAX_SEEDS", "CompareConfig", "compare_lock", "mask_overlap", "run_compare"]
 
@@ -439,7 +439,7 @@ def _run_compare(config: CompareConfig, out_dir: Path, *, resume: bool, overwrit
     todo = [(seed, name) for seed in range(config.seeds) for name in config.methods]
     if any(not done(name, seed, s) for seed, name in todo for s in config.sparsities):
         _warm_up(Experiment(data, config.model, config.train_config(), 0, progress=False, device=device))
-    bar = tqdm(total=len(todo), desc="compare", unit="method", disable=not progress)
+    bar = tqdm(total=len(todo), desc="compare", unit="method", disable=not progress or not on_terminal())  # bars on a terminal only
     try:
         for seed in range(config.seeds):
             experiment = Experiment(data, config.model, config.train_config(), seed, progress=progress, device=device)

@@ -12,6 +12,7 @@ import hashlib
 import math
 import operator
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -268,6 +269,14 @@ def _resume(
     return state["epoch"], state["steps"], float(seconds)
 
 
+def on_terminal() -> bool:
+    """True when stderr is a terminal: where progress bars go (elsewhere, plain lines)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -329,14 +338,18 @@ def train(
     if distributed.active():  # on a GPU, DDP's buckets live on this rank's device
         cuda = model_device(model).type == "cuda"
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[model_device(model).index] if cuda else None)
+    label = description or ("train" + (" + ticket search" if searches else ""))
+    reporting = progress and distributed.is_main_process()
+    # A bar on a terminal only: piped into a log, tqdm's \r-frames bury the lines that matter; a line per epoch instead.
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         initial=first_epoch * steps_per_epoch,
-        desc=description or ("train" + (" + ticket search" if searches else "")),
+        desc=label,
         unit="step",
-        disable=not progress or not distributed.is_main_process(),
+        disable=not reporting or not on_terminal(),
         leave=False,
     )
+    plain_lines = reporting and not on_terminal()
     diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(int(data.num_classes), 2))
     digest = data_digest(data) if checkpoint is not None and distributed.is_main_process() else None  # once, not per epoch
     device = model_device(model)  # the data go where the model is, a batch at a time
@@ -374,6 +387,8 @@ def train(
             # Checked before the epoch is saved, so a checkpoint never holds a diverged model.
             _check_weights(model, epoch, config)
             mean_loss = float(loss_sum) / steps_per_epoch
+            if plain_lines:
+                print(f"{label}: epoch {epoch + 1}/{config.epochs}, mean loss {mean_loss:.4f}", file=sys.stderr, flush=True)
             if mean_loss > diverged_loss:
                 raise TrainingError(
                     f"training diverged in epoch {epoch + 1}: its mean loss {mean_loss:.3g} is over "
