@@ -665,3 +665,23 @@ def test_a_run_of_very_few_training_steps_says_so(tmp_path, capsys):
     assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "10", "--sparsity", "0.5",
                  "--out", str(out), "--no-progress"]) == 0
     assert "training steps in all" not in capsys.readouterr().err  # 110 steps: enough
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_write_and_a_live_one_is_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from bingo.io import atomic_write
+
+    target = tmp_path / "r.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = tmp_path / f".r.json.{gone}.abc123.tmp"  # what a SIGKILLed writer leaves
+    live = tmp_path / f".r.json.{os.getpid()}.def456.tmp"  # a write in progress (this process is alive)
+    other = tmp_path / ".r.json.notes.tmp"  # not bingo's pattern
+    for leftover in (dead, live, other):
+        leftover.write_text("partial")
+    atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    assert target.read_text() == "{}"
+    assert not dead.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])

@@ -21,6 +21,7 @@ damaged or written by another program, and is refused with one message.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -96,6 +97,45 @@ def refuse_special(path: str | os.PathLike, what: str = "", *, reading: bool = F
         raise ConfigError(f"{name} is {kind}, not a regular file; bingo {verb} only regular files (give a file path)")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process (alive), or not a pid
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer of ``path`` left beside it; returns those removed.
+
+    Only bingo's own pattern, ``.NAME.PID.XXXX.tmp`` (what :func:`atomic_write`
+    creates), and only when process PID is gone on this machine: a write
+    in progress in another live process is never touched (a reused pid
+    only keeps a leftover longer). Errors are ignored: this is tidying.
+    """
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        candidates = list(path.parent.glob(glob.escape(prefix) + "*.tmp"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        middle = candidate.name[len(prefix):-len(".tmp")]
+        pid, _, rest = middle.partition(".")
+        if not pid.isdigit() or not rest or "." in rest or _alive(int(pid)):
+            continue
+        try:
+            if candidate.is_file() and not candidate.is_symlink():
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
 
@@ -110,7 +150,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     refuse_special(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temporaries(path)
+        # The writer's pid in the name: a later write can tell a killed writer's leftover from a live one's file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _naming(exc, path) from None
     os.close(fd)
