@@ -169,3 +169,63 @@ def test_valid_flags_on_random_data_succeed_or_fail_in_one_line(method, training
             argv += ["--granularity", granularity]
         code, err = _run(argv)
         _check(code, err, out)
+
+
+# --------------------------------------------------------------------------- issue 20's generators
+
+SPECIAL_KINDS = st.sampled_from(["fifo", "link to a fifo", "link to /dev/null"])
+OUTPUT_FLAGS = st.sampled_from(["--out", "--save", "--scores", "--checkpoint"])
+
+
+def _special(path: Path, kind: str) -> None:
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to a fifo":
+        os.mkfifo(path.with_name(path.name + ".fifo"))
+        path.symlink_to(path.with_name(path.name + ".fifo"))
+    else:
+        path.symlink_to("/dev/null")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flag=OUTPUT_FLAGS, kind=SPECIAL_KINDS)
+def test_any_output_that_is_not_a_regular_file_is_refused_in_one_line_and_left_alone(flag, kind):
+    import os
+    import stat
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "target"
+        _special(target, kind)
+        before = os.lstat(target)
+        argv = ["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.5", "--no-progress"]
+        argv += ["--out", str(Path(tmp) / "r.json")] if flag != "--out" else []
+        argv += [flag, str(target)]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+        lines = err.getvalue().strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("bingo: error: "), (argv, err.getvalue())
+        after = os.lstat(target)
+        assert stat.S_IFMT(after.st_mode) == stat.S_IFMT(before.st_mode) and after.st_ino == before.st_ino
+        assert not (Path(tmp) / "r.json").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(category=st.sampled_from([UserWarning, DeprecationWarning, RuntimeWarning, FutureWarning, ResourceWarning]),
+       message=st.text(min_size=0, max_size=60), count=st.integers(1, 4))
+def test_any_foreign_warnings_inside_the_cli_become_lines_and_never_hang(category, message, count):
+    import warnings
+
+    from bingo.bench.cli import _one_line_warnings
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        with _one_line_warnings():
+            for i in range(count):
+                warnings.warn_explicit(f"{message} {i}", category, "elsewhere.py", i + 1)
+    shown = err.getvalue()
+    assert len(shown) < 400 * count  # bounded: each warning shown once, not re-shown into the list being read
+    if category in (UserWarning, RuntimeWarning, FutureWarning):  # shown by Python's default filters
+        assert all(f"{message} {i}" in shown for i in range(count)), shown
