@@ -226,6 +226,6 @@ def test_any_foreign_warnings_inside_the_cli_become_lines_and_never_hang(categor
             for i in range(count):
                 warnings.warn_explicit(f"{message} {i}", category, "elsewhere.py", i + 1)
     shown = err.getvalue()
-    assert len(shown) < 400 * count  # bounded: each warning shown once, not re-shown into the list being read
-    if category in (UserWarning, RuntimeWarning, FutureWarning):  # shown by Python's default filters
-        assert all(f"{message} {i}" in shown for i in range(count)), shown
+    # Bounded: each warning shown at most once, never re-shown into the list being read (which looped forever).
+    lines_per_warning = len(f"{message} 0".splitlines()) or 1
+    assert len(shown.splitlines()) <= count * lines_per_warning, shown
