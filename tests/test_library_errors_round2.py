@@ -477,3 +477,12 @@ def test_the_scheduler_checks_its_arguments_as_gmp_sparsity_does():
         bingo.SparsityScheduler(make_mlp(), lambda: scores, 0.5, end_step=10, seed="a")
     with pytest.raises(ConfigError, match=r"^the sparsity schedule's step must be a whole number of steps, got float nan$"):
         bingo.schedule.is_update_step(math.nan, 0, 10, 1)
+
+
+def test_counting_functions_refuse_a_model_that_is_not_a_module():
+    import bingo
+
+    with pytest.raises(bingo.ConfigError, match=r"^count_flops: model must be a torch.nn.Module, got str 'model'$"):
+        bingo.count_flops("model", (3,))
+    with pytest.raises(bingo.ConfigError, match=r"^count_parameters: model must be a torch.nn.Module, got str 'model'$"):
+        bingo.count_parameters("model")

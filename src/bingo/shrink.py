@@ -77,6 +77,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_model
 from .errors import BingoError, ConfigError
 from .distributed import unwrap
 from .inputs import ExampleInputs, check_runs, example_inputs
@@ -140,6 +141,7 @@ def count_parameters(model: nn.Module, *, nonzero: bool = False) -> int:
     nonzero in the weights the forward pass uses (``weight_orig * mask`` on a
     masked module), i.e. what a sparse format would have to keep.
     """
+    check_model("count_parameters", model, meta=False)  # a meta model has shapes: its stored count is known
     total = 0
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -181,6 +183,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     and masked weights count like any other (the dense kernels compute them).
     Runs one forward pass on zeros in eval mode; train/eval flags are restored.
     """
+    check_model("count_flops", model)
     macs = 0
     inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 

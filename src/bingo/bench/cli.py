@@ -35,7 +35,7 @@ from ..scoring import magnitude_scores, random_scores
 from ..search import TicketSearch
 from ..selection import check_sparsity, parse_n_m
 from .strategies import BINGO, BINGO_PAPER, STRATEGIES, Experiment, OneShotStrategy, get_strategy
-from .training import TrainConfig, evaluate, train
+from .training import TrainConfig, evaluate, train, warn_if_few_steps
 
 __all__ = ["main"]
 
@@ -526,7 +526,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data = load_dataset(args.data, args.data_dir, seed=args.seed)
         if args.train_samples is not None:
             data = training_subset(data, args.train_samples, seed=args.seed)
-        _warn_if_few_steps(train_config, len(data.x_train))
+        warn_if_few_steps(train_config, len(data.x_train))
         experiment = Experiment(data, args.model, train_config, args.seed, progress=not args.no_progress, checkpoint=args.checkpoint,
                                 device=device)
         for pattern in patterns:  # a fan-in that is not a multiple of M is refused before training
@@ -640,18 +640,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     dense_text = "" if dense_accuracy is None else f"dense accuracy {dense_accuracy:.4f}; "
     print(f"{dense_text}train {train_seconds:.1f} s (search {search_seconds:.1f} s); results in {args.out}")
     return 0
-
-
-#: fewer training steps than this in a whole run draw a warning: too little for training and the search to learn from
-FEW_STEPS = 100
-
-
-def _warn_if_few_steps(config: TrainConfig, examples: int) -> None:
-    steps = config.epochs * -(-examples // config.batch_size)
-    if 0 < steps < FEW_STEPS:
-        warnings.warn(f"only {steps} training steps in all ({config.epochs} epochs of {-(-examples // config.batch_size)} batches "
-                      f"of {config.batch_size} from {examples} examples): too few for training and the search to learn much; "
-                      "raise --epochs or lower --batch-size")
 
 
 def _uncalibrated(dense) -> list[str] | None:

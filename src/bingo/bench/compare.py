@@ -35,7 +35,7 @@ from ..selection import check_sparsity
 from .configs import config_record
 from .environment import machine
 from .strategies import STRATEGIES, Experiment, Strategy
-from .training import TrainConfig, on_terminal
+from .training import TrainConfig, on_terminal, warn_if_few_steps
 
 __all__ = ["LOCK_FILE", "MAX_SEEDS", "CompareConfig", "compare_lock", "mask_overlap", "run_compare"]
 
@@ -430,6 +430,7 @@ def _run_compare(config: CompareConfig, out_dir: Path, *, resume: bool, overwrit
     data = load_dataset(config.data, config.data_dir)
     if config.train_samples is not None:
         data = training_subset(data, config.train_samples)
+    warn_if_few_steps(config.train_config(), len(data.x_train))
     if overwrite:
         _set_aside(out_dir)
 

@@ -269,6 +269,19 @@ def _resume(
     return state["epoch"], state["steps"], float(seconds)
 
 
+#: fewer training steps than this in a whole run draw a warning: too little for training and the search to learn from
+FEW_STEPS = 100
+
+
+def warn_if_few_steps(config: TrainConfig, examples: int) -> None:
+    """A warning when the whole run is under :data:`FEW_STEPS` training steps (``bingo run``, ``bingo compare``)."""
+    steps = config.epochs * -(-examples // config.batch_size)
+    if 0 < steps < FEW_STEPS:
+        warnings.warn(f"only {steps} training steps in all ({config.epochs} epochs of {-(-examples // config.batch_size)} batches "
+                      f"of {config.batch_size} from {examples} examples): too few for training and the search to learn much; "
+                      "raise --epochs or lower --batch-size")
+
+
 def on_terminal() -> bool:
     """True when stderr is a terminal: where progress bars go (elsewhere, plain lines)."""
     try:
