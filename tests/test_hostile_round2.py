@@ -685,3 +685,36 @@ def test_a_killed_writers_leftover_is_removed_by_the_next_write_and_a_live_one_i
     assert target.read_text() == "{}"
     assert not dead.exists() and live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(delay=st.sampled_from([0.0, 0.3, 1.5]), resume=st.booleans())
+def test_concurrent_compares_into_one_folder_never_lose_a_row(tmp_path_factory, delay, resume):
+    # Generated interleavings of two real processes: whoever is refused says so in one line, and results.json
+    # always holds exactly the rows of the runs that exited 0, with their masks.
+    import time
+
+    out = tmp_path_factory.mktemp("concurrent") / "c"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    runs = []
+    for method in ("magnitude", "random"):
+        argv = [sys.executable, "-m", "bingo", *COMPARE, "--methods", method, "--out", str(out)] + (["--resume"] if resume else [])
+        runs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        time.sleep(delay)
+    try:
+        finished = [(run.wait(timeout=180), run.stderr.read()) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    won = [method for method, (code, _) in zip(("magnitude", "random"), finished) if code == 0]
+    for code, err in finished:
+        if code != 0:
+            assert_user_error(code, err, f"{out} (is in use by bingo compare pid \\d+|holds the results of an earlier comparison)")
+    assert won, finished
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in results["runs"]) == sorted(won)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(f"{m}-seed0-sparsity0.5.safetensors" for m in won)
