@@ -300,8 +300,12 @@ def train(
     progress: bool = True,
     callback: Callable[[int], None] | None = None,
     description: str | None = None,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.x_train`` with cross-entropy; call ``search.step`` after every step.
+
+    ``max_steps`` stops after that many optimizer steps (part of an epoch:
+    a short recovery fine-tune); it takes no ``checkpoint``.
 
     ``search`` may also be a list of searches (they never perturb training,
     so several can watch the same run, e.g. to compare estimators).
@@ -339,6 +343,8 @@ def train(
         TrainingError: training diverged.
     """
     searches = [] if search is None else (list(search) if isinstance(search, (list, tuple)) else [search])
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0 or checkpoint is not None):
+        raise ConfigError(f"max_steps must be a whole number >= 0 and takes no checkpoint, got {max_steps!r}")
     optimizer = _make_optimizer(model, config)
     order = torch.Generator().manual_seed(config.seed)
     first_epoch, steps, elapsed = 0, 0, 0.0
@@ -371,8 +377,10 @@ def train(
         for epoch in range(first_epoch, config.epochs):
             start = time.perf_counter()
             permutation = torch.randperm(n, generator=order)
-            loss_sum = 0.0
+            loss_sum, epoch_steps = 0.0, 0
             for i in range(0, n, config.batch_size):
+                if max_steps is not None and steps >= max_steps:
+                    break
                 if distributed.active() and len(permutation[i : i + config.batch_size]) < 2 * distributed.world_size():
                     # Under DDP, a last global batch too small to give every process two samples is dropped
                     # (an empty shard has no loss; BatchNorm needs two values): on every rank alike.
@@ -393,13 +401,14 @@ def train(
                 for one in searches:
                     one.step(x, y)
                 steps += 1
+                epoch_steps += 1
                 if callback is not None:
                     callback(steps)
                 bar.update(1)
             elapsed += time.perf_counter() - start
             # Checked before the epoch is saved, so a checkpoint never holds a diverged model.
             _check_weights(model, epoch, config)
-            mean_loss = float(loss_sum) / steps_per_epoch
+            mean_loss = float(loss_sum) / max(epoch_steps if max_steps is not None else steps_per_epoch, 1)
             if plain_lines:
                 print(f"{label}: epoch {epoch + 1}/{config.epochs}, mean loss {mean_loss:.4f}", file=sys.stderr, flush=True)
             if mean_loss > diverged_loss:
@@ -426,6 +435,8 @@ def train(
                     checkpoint,
                 )
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
+            if max_steps is not None and steps >= max_steps:
+                break
     finally:
         bar.close()
     distributed.broadcast_buffers(model)  # each rank's BatchNorm counted its own last shard: make them rank 0's

@@ -200,13 +200,20 @@ class Experiment:
         callback: Callable[[int], None] | None = None,
         description: str | None = None,
         checkpoint: str | None = None,
+        steps: int | None = None,
     ) -> Trained:
-        """Train ``model`` (masks, if any, stay on) with this experiment's recipe; return its cost."""
+        """Train ``model`` (masks, if any, stay on) with this experiment's recipe; return its cost.
+
+        ``steps``: that many optimizer steps instead of whole epochs (a recovery fine-tune).
+        """
         config = self.train_config if epochs is None else replace(self.train_config, epochs=epochs)
+        if steps is not None:
+            per_epoch = -(-len(self.data.x_train) // config.batch_size)
+            config = replace(config, epochs=max(1, -(-steps // per_epoch)))
         with ForwardCounter(model) as counter:
             result = train(
                 model, self.data, config, search=search, callback=callback, progress=self.progress,
-                description=description, checkpoint=checkpoint,
+                description=description, checkpoint=checkpoint, max_steps=steps,
             )
         return Trained(result.train_seconds, result.steps, counter.count)
 

@@ -62,6 +62,7 @@ class CompensationConfig:
     calibration_samples: int = field(default=1024, metadata={"help": "training samples the compensation fits on, at least: more where a layer is wide (4 design rows per input of the widest layer; bingo.suggested_calibration_samples)"})
     batchnorm: str = field(default="keep", metadata={"help": "after compensating: keep the BatchNorm statistics, or re-estimate them on the calibration samples", "choices": BATCHNORM_CHOICES})
     solver: str = field(default="auto", metadata={"help": "least-squares solver of the re-fit: auto (per layer, by counted work), exact (per-row Cholesky), cg (conjugate gradients to the exact optimum), sparsegpt (the SparseGPT sweep, approximate)", "choices": SOLVER_CHOICES})
+    recovery_steps: int = field(default=0, metadata={"help": "after the prune (and its re-fit): this many steps of masked fine-tuning with the training recipe, charged to the method (a fraction of an epoch buys back much of what one-shot loses); 0 = none"})
     compensation_steps: int = field(default=1, metadata={"help": "reach each sparsity in this many prune-and-refit steps up the cubic schedule, re-scoring the re-fitted weights before each (bingo.prune_in_steps; no training); 1 = one-shot"})
 
     def __post_init__(self) -> None:
@@ -70,14 +71,19 @@ class CompensationConfig:
             raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
         check_choice("batchnorm", self.batchnorm, BATCHNORM_CHOICES)
         check_choice("solver", self.solver, SOLVER_CHOICES)
+        if isinstance(self.recovery_steps, bool) or int(self.recovery_steps) != self.recovery_steps or self.recovery_steps < 0:
+            raise ConfigError(f"recovery steps must be a whole number >= 0, got {self.recovery_steps!r}")
         if isinstance(self.compensation_steps, bool) or int(self.compensation_steps) != self.compensation_steps or self.compensation_steps < 1:
             raise ConfigError(f"compensation steps must be a whole number >= 1, got {self.compensation_steps!r}")
 
     def to_dict(self) -> dict:
-        """The JSON record; ``compensation_steps`` only when it is not 1, so runs recorded before it resume unchanged."""
+        """The JSON record; ``compensation_steps`` only when it is not 1 and ``recovery_steps`` when not 0, so runs
+        recorded before them resume unchanged."""
         record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if record["compensation_steps"] == 1:
             del record["compensation_steps"]
+        if record["recovery_steps"] == 0:
+            del record["recovery_steps"]
         return record
 
 
@@ -195,6 +201,11 @@ class OneShotStrategy(Strategy):
         """
         seconds = dense.cost.seconds + prune_seconds
         steps, forwards = dense.cost.steps, dense.cost.forward_passes + calibration_passes
+        recovery = self.config.compensation.recovery_steps
+        if recovery:
+            label = sparsity if isinstance(sparsity, str) else format(sparsity, "g")
+            tuned = experiment.train(model, steps=recovery, description=f"{self.name} recovery {label}")
+            seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
         if self.config.finetune_epochs:
             tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity if isinstance(sparsity, str) else format(sparsity, 'g')}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
