@@ -664,7 +664,7 @@ def test_a_run_of_very_few_training_steps_says_so(tmp_path, capsys):
     assert "bingo: warning: only 6 training steps in all (1 epochs of 6 batches of 256 from 1293 examples)" in err
     assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "10", "--sparsity", "0.5",
                  "--out", str(out), "--no-progress"]) == 0
-    assert "training steps in all" not in capsys.readouterr().err  # 110 steps: enough
+    assert "training steps in all" not in capsys.readouterr().err  # 110 steps: not a handful
 
 
 def test_a_killed_writers_leftover_is_removed_by_the_next_write_and_a_live_one_is_kept(tmp_path):
