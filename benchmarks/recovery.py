@@ -36,7 +36,8 @@ COMMON = ["compare", "--data", "fashion-mnist", "--model", "lenet300", "--epochs
 
 def command(steps: int) -> list[str]:
     return [*COMMON, "--methods", "bingo,magnitude", "--magnitude-compensate",
-            "--bingo-recovery-steps", str(steps), "--magnitude-recovery-steps", str(steps), "--out", str(OUT / f"steps-{steps}")]
+            "--bingo-recovery-steps", str(steps), "--magnitude-recovery-steps", str(steps),
+            "--out", str((OUT / f"steps-{steps}").relative_to(ROOT))]
 
 
 def main() -> str:
