@@ -432,17 +432,23 @@ def is_n_m(mask: torch.Tensor, n: int, m: int, axis: int = 0) -> bool:
     """
     if not isinstance(mask, torch.Tensor):
         raise ConfigError(f"is_n_m: mask must be a torch.Tensor, got {describe(mask)}")
+    n, m = _pattern(n, m)
+    try:
+        groups = n_m_groups(mask, m, axis)
+    except ConfigError:
+        return False
+    return bool(((groups != 0).sum(-1) <= n).all())
+
+
+def _pattern(n: object, m: object) -> tuple[int, int]:
+    """``(n, m)`` as whole numbers with ``0 < n < m``, else the sparsity error that lists the valid forms."""
     try:
         n, m = operator.index(n), operator.index(m)
     except TypeError:
         raise _bad_sparsity(f"{n}:{m}") from None
     if not 0 < n < m:
         raise _bad_sparsity(f"{n}:{m}")
-    try:
-        groups = n_m_groups(mask, m, axis)
-    except ConfigError:
-        return False
-    return bool(((groups != 0).sum(-1) <= n).all())
+    return n, m
 
 
 def select_n_m(
@@ -482,12 +488,7 @@ def select_n_m(
 
     Example: a row ``[1, 2, ..., 8]`` at 2:4 keeps ``[F, F, T, T, F, F, T, T]``.
     """
-    try:
-        n, m = operator.index(n), operator.index(m)
-    except TypeError:
-        raise _bad_sparsity(f"{n}:{m}") from None
-    if not 0 < n < m:
-        raise _bad_sparsity(f"{n}:{m}")
+    n, m = _pattern(n, m)
     scores = check_scores("select_n_m", scores)
     if not scores:
         raise ConfigError("no scores to select from")
