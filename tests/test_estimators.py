@@ -952,6 +952,12 @@ def test_hybrid_says_when_its_calibration_did_not_engage(batch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         search.significance()
+    # ... unless the calibrated layers' factors are far from the fallback 1: then the others rank 900x too low.
+    state["estimator"]["1.weight"]["calibration_measured"] = torch.tensor(1800.0, dtype=torch.float64)
+    search.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"^hybrid calibration did not engage for 3.weight, 5.weight: they keep factor 1 while "
+                                         r"the calibrated layers' median factor is 900, so they rank as if 900x less significant"):
+        search.significance()
 
 
 def test_taylor_update_every_k_steps_averages_those_steps_with_the_decay_compounded():

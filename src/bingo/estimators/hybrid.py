@@ -104,20 +104,35 @@ class HybridEstimator(TaylorEstimator):
             if float(entry["calibration_predicted"]) > 0 and float(entry["calibration_measured"]) <= 0
         ]
 
-    def notes(self) -> list[str]:
-        """A warning only when no layer was calibrated at all: then the scores are the Taylor estimate alone.
+    #: an uncalibrated layer keeps factor 1; warn when the calibrated layers' median factor is this far from it
+    FALLBACK_RATIO = 10.0
 
-        Some layers falling back to factor 1 is common (in most real runs: a
-        layer where 1% of zeroed weights measures no loss increase over the
-        run's probes); which ones is :meth:`uncalibrated`, and ``bingo run``
-        records them in its JSON (``uncalibrated_layers``) rather than warning.
+    def notes(self) -> list[str]:
+        """A warning when the fallback factor 1 makes scores incomparable: no layer calibrated, or the others far from 1.
+
+        Some layers falling back to factor 1 is common (a layer where 1% of
+        zeroed weights measures no loss increase over the run's probes);
+        which ones is :meth:`uncalibrated`, and ``bingo run`` records them in
+        its JSON (``uncalibrated_layers``). It matters when the calibrated
+        layers' factors are far from 1 (median beyond :data:`FALLBACK_RATIO`×):
+        then the uncalibrated layer ranks as if that many times less (or
+        more) significant, and a global prune can empty it to the floor.
         """
         missing = self.uncalibrated()
-        if not missing or len(missing) < len(self.state):
+        if not missing:
             return []
-        return [f"hybrid calibration did not engage for any of the {len(self.state)} layers: their probes measured no loss "
-                "increase in total, so the scores are the Taylor estimate alone (train longer, or probe more: a larger "
-                "fraction or a smaller every)"]
+        advice = "train longer, or probe more often (a smaller every) or more weights per probe (a larger fraction)"
+        if len(missing) == len(self.state):
+            return [f"hybrid calibration did not engage for any of the {len(self.state)} layers: their probes measured no loss "
+                    f"increase in total, so the scores are the Taylor estimate alone ({advice})"]
+        factors = sorted(f for key, f in self.calibration().items() if key not in missing)
+        typical = factors[len(factors) // 2]
+        if 1.0 / self.FALLBACK_RATIO <= typical <= self.FALLBACK_RATIO:
+            return []
+        direction = "less" if typical > 1 else "more"
+        return [f"hybrid calibration did not engage for {', '.join(missing)}: they keep factor 1 while the calibrated layers' "
+                f"median factor is {typical:.3g}, so they rank as if {max(typical, 1 / typical):.3g}x {direction} significant "
+                f"and a global prune may empty them to the floor ({advice})"]
 
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         factors = self.calibration()
