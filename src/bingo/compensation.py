@@ -169,20 +169,12 @@ def _check_calibration(calibration: Any) -> None:
 
 
 def _input_check(where: str, name: str, module: nn.Module) -> Callable | None:
-    """A forward pre-hook that refuses an input ``module`` cannot compute with: its dtype, or its width (features, channels)."""
+    """A forward pre-hook that refuses an input ``module`` cannot compute with: its dtype, or its width (its layer type's)."""
     weight = getattr(module, "weight", None)
-    if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or not isinstance(weight, torch.Tensor)
+    layer_type = layer_type_of(module)
+    if ((layer_type is not None and layer_type.takes_indices) or not isinstance(weight, torch.Tensor)
             or not weight.is_floating_point() or weight.dim() < 2):
         return None
-    conv1d = layer_type_of(module)
-    if isinstance(module, nn.Linear):
-        axis, expected, what = -1, module.in_features, "input features"
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        axis, expected, what = None, module.in_channels, "input channels"
-    elif conv1d is not None and conv1d.name == "Conv1D":
-        axis, expected, what = -1, weight.shape[0], "input features"
-    else:
-        axis, expected, what = None, None, ""
     label = f"layer {name!r} ({type(module).__name__})"
 
     def hook(m: nn.Module, args: tuple) -> None:
@@ -192,11 +184,10 @@ def _input_check(where: str, name: str, module: nn.Module) -> Callable | None:
         if x.dtype != weight.dtype:
             raise ConfigError(f"{where}: the calibration inputs reach {label} as {x.dtype}; it computes in "
                               f"{weight.dtype}: pass inputs of that dtype (as the model is trained on)")
-        if expected is None or x.dim() == 0:
-            return
-        channel = axis if axis is not None else (1 if x.dim() == len(module.kernel_size) + 2 else 0)
-        if x.shape[channel] != expected:
-            raise ConfigError(f"{where}: the calibration inputs give {label} {x.shape[channel]} {what}; it takes {expected}")
+        width = layer_type.input_width(module, x) if layer_type is not None else None
+        if width is not None and width[0] != width[1]:
+            given, expected, what = width
+            raise ConfigError(f"{where}: the calibration inputs give {label} {given} {what}; it takes {expected}")
 
     return hook
 

@@ -89,6 +89,8 @@ class LayerType:
     maps_to_outputs: ClassVar[bool] = True
     #: :func:`bingo.shrink` may rebuild it smaller (:meth:`resized`)
     shrinkable: ClassVar[bool] = False
+    #: its input is indices looked up, not values it computes with (an embedding): no dtype or width to check
+    takes_indices: ClassVar[bool] = False
 
     def matches(self, module: nn.Module) -> bool:
         """Whether ``module`` is of this type (by default ``isinstance(module, module_type)``)."""
@@ -97,6 +99,14 @@ class LayerType:
     def weights(self, module: nn.Module) -> tuple[str, ...]:
         """Names of the module's own weights this type scores."""
         return ("weight",)
+
+    def input_width(self, module: nn.Module, x: torch.Tensor) -> tuple[int, int, str] | None:
+        """``(width x gives the layer, width it takes, what the width is called)``; None where not known.
+
+        Lets :func:`bingo.compensate` name a calibration input of the wrong
+        width before torch's shape error would. The default knows none.
+        """
+        return None
 
     def unit_axis(self, module: nn.Module, name: str) -> int:
         """The axis of weight ``name`` that indexes units (output features)."""

@@ -39,6 +39,12 @@ class ConvLayer(LayerType):
 
     shrinkable = True
 
+    def input_width(self, module: nn.Module, x: torch.Tensor) -> tuple[int, int, str] | None:
+        if x.dim() == 0:
+            return None
+        channel = 1 if x.dim() == len(module.kernel_size) + 2 else 0  # batched, or one unbatched sample
+        return x.shape[channel], module.in_channels, "input channels"
+
     def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         new = type(module)(
             weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride, padding=module.padding,

@@ -19,6 +19,7 @@ class EmbeddingLayer(LayerType):
     module_type = (nn.Embedding, nn.EmbeddingBag)
     scored_by_default = False
     maps_to_outputs = False
+    takes_indices = True
 
     def bias_name(self, module: nn.Module, name: str) -> str | None:
         return None

@@ -34,6 +34,9 @@ class HuggingFaceConv1DLayer(LayerType):
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=last_axis_rows)]
 
+    def input_width(self, module: nn.Module, x: torch.Tensor) -> tuple[int, int, str] | None:
+        return (x.shape[-1], module.weight.shape[0], "input features") if x.dim() else None  # weight stored in × out
+
     def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
         return weight.T, bias  # stored in × out
 

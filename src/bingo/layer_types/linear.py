@@ -24,6 +24,9 @@ class LinearLayer(LayerType):
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=last_axis_rows)]
 
+    def input_width(self, module: nn.Module, x: torch.Tensor) -> tuple[int, int, str] | None:
+        return (x.shape[-1], module.in_features, "input features") if x.dim() else None
+
     def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
         return weight, bias
 
