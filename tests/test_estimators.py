@@ -493,8 +493,9 @@ def test_hybrid_every_k_probes_on_steps_1_4_7_and_accumulates_taylor_every_step(
         search.step(*batch)
         added.append(len(calls))
         calibration_sums.append(sums())
-    # probing steps: one unmodified pass plus one fake pass per layer (3 layers)
-    assert added == [4, 0, 0, 4, 0, 0, 4]
+    # probing steps: one unmodified pass plus one fake pass per layer (3 layers); the first probing
+    # step runs the 3 fake passes once more without reusing earlier layers' outputs, to compare
+    assert added == [7, 0, 0, 4, 0, 0, 4]
     # the calibration sums move on probing steps only
     moved = [after != before for before, after in zip(calibration_sums, calibration_sums[1:])]
     assert moved == [True, False, False, True, False, False, True]
@@ -524,7 +525,7 @@ def test_probe_every_k_counts_grow_only_on_searched_steps(batch, every):
         calls.clear()
         damages = search.step(*batch)
         searched = (step - 1) % every == 0
-        assert len(calls) == (4 if searched else 0)
+        assert len(calls) == ((7 if step == 1 else 4) if searched else 0)  # step 1 checks the reuse: 3 passes more
         assert set(damages) == (set(search.layers) if searched else set())
         counts = search.probe_counts()
         for key, c in counts.items():
@@ -930,7 +931,7 @@ def test_an_estimator_instance_serves_one_search():
 
 
 def test_hybrid_says_when_its_calibration_did_not_engage(batch):
-    # Probes that lower the loss (measured <= 0 in total) leave the factor at 1: say so, do not hide it.
+    # Probes that lower the loss (measured <= 0 in total) give a layer no factor of its own: say so, do not hide it.
     x, y = batch
     model = make_mlp()
     search = bingo.TicketSearch(model, estimator="hybrid", metric="loss", fraction=0.5)
@@ -943,24 +944,46 @@ def test_hybrid_says_when_its_calibration_did_not_engage(batch):
         state["estimator"][key]["calibration_predicted"] = torch.tensor(2.0, dtype=torch.float64)
     search.load_state_dict(state)
     assert search.estimator.uncalibrated() == ["1.weight", "3.weight", "5.weight"]
+    assert search.estimator.calibration() == {"1.weight": 1.0, "3.weight": 1.0, "5.weight": 1.0}
     with pytest.warns(UserWarning, match=r"^hybrid calibration did not engage for any of the 3 layers: .* the Taylor estimate alone "):
         search.significance()
-    # Some layers left at factor 1 is common: no warning, the layers are listed (and recorded by `bingo run`).
-    state["estimator"]["1.weight"]["calibration_measured"] = torch.tensor(1.0, dtype=torch.float64)
+    # Some layers without a factor is common: no warning, the layers are listed (and recorded by `bingo run`) ...
+    state["estimator"]["1.weight"]["calibration_measured"] = torch.tensor(1800.0, dtype=torch.float64)
     search.load_state_dict(state)
     assert search.estimator.uncalibrated() == ["3.weight", "5.weight"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         search.significance()
-    # ... unless the calibrated layers' factors are far from the fallback 1: then the others rank 900x too low.
-    state["estimator"]["1.weight"]["calibration_measured"] = torch.tensor(1800.0, dtype=torch.float64)
+    # ... and they take the calibrated layers' median factor, not 1, which would rank them 900x too low.
+    assert search.estimator.calibration() == {"1.weight": 900.0, "3.weight": 900.0, "5.weight": 900.0}
+    state["estimator"]["3.weight"]["calibration_measured"] = torch.tensor(200.0, dtype=torch.float64)
     search.load_state_dict(state)
-    with pytest.warns(UserWarning, match=r"^hybrid calibration did not engage for 3.weight, 5.weight: they keep factor 1 while "
-                                         r"the calibrated layers' median factor is 900, so they rank as if 900x less significant"):
-        search.significance()
+    assert search.estimator.calibration() == {"1.weight": 900.0, "3.weight": 100.0, "5.weight": 500.0}
 
 
-def test_taylor_update_every_k_steps_averages_those_steps_with_the_decay_compounded():
+def test_an_uncalibrated_layer_ranks_by_its_taylor_estimate_at_the_typical_scale(batch):
+    # Public behaviour: with every factor equal, the hybrid's ranking is the Taylor ranking, across layers too.
+    x, y = batch
+    model = make_mlp()
+    search = bingo.TicketSearch(model, estimator="hybrid", metric="loss", fraction=0.5, mode="zero")
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    search.step(x, y)
+    state = search.state_dict()
+    for key, measured in zip(state["estimator"], (900.0, 900.0, -1.0)):
+        state["estimator"][key]["calibration_measured"] = torch.tensor(measured, dtype=torch.float64)
+        state["estimator"][key]["calibration_predicted"] = torch.tensor(1.0, dtype=torch.float64)
+    search.load_state_dict(state)
+    hybrid = search.significance()
+    taylor = {key: search.estimator.estimate(key) for key in hybrid}
+    low = min(float(t.min()) for t in taylor.values())
+    high = max(float(t.max()) for t in taylor.values())
+    for key in hybrid:
+        assert torch.allclose(hybrid[key].double(), (taylor[key] - low) / (high - low), atol=1e-6), key
+    assert high > low
+
+
+def test_taylor_update_every_k_steps_averages_those_steps_with_the_decay_per_update():
     from bingo.estimators.taylor import TaylorEstimator
 
     layer = nn.Linear(3, 2, bias=False)
@@ -971,10 +994,23 @@ def test_taylor_update_every_k_steps_averages_those_steps_with_the_decay_compoun
     for g in grads:
         layer.weight.grad = g.clone()
         search.step(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
-    big = decay**k
     c1, c3 = (grads[0] * w) ** 2, (grads[2] * w) ** 2  # steps 1 and 3 are used; 2 and 4 are not
-    average = big * (1 - big) * c1 + (1 - big) * c3
-    expected = average.double() / (1 - big**2)
+    average = decay * (1 - decay) * c1 + (1 - decay) * c3  # two updates, the decay applied once between them
+    expected = average.double() / (1 - decay**2)
     torch.testing.assert_close(search.estimator.estimate("weight"), expected)
+    assert {key: int(c.unique()) for key, c in search.probe_counts().items()} == {"weight": 2}
+
+
+def test_the_default_search_takes_the_taylor_average_from_every_4th_step_and_the_config_drives_it():
+    from bingo.estimators.taylor import TaylorEstimator
+    from bingo.search import BINGO_SEARCH
+
+    model = make_mlp()
+    default = bingo.TicketSearch(model, config=BINGO_SEARCH)
+    assert default.config.taylor_every == 4 and default.estimator.update_every == 4
+    assert bingo.TicketSearch(model, estimator="taylor", taylor_every=3).estimator.update_every == 3
+    assert bingo.TicketSearch(model, estimator="hybrid").estimator.update_every == 1  # SearchConfig's own default
+    with pytest.raises(ConfigError, match="^taylor_every must be a whole number >= 1, got 0$"):
+        bingo.SearchConfig(estimator="taylor", taylor_every=0)
     with pytest.raises(ConfigError, match="^update_every must be a whole number >= 1, got 0$"):
         TaylorEstimator(update_every=0)

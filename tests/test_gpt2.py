@@ -249,9 +249,11 @@ def test_trainer_callback_searches_prunes_and_compensates_gpt2(tmp_path, corpus)
     total = sum(m.numel() for m in session.masks.values())
     assert sum(int((~m).sum()) for m in session.masks.values()) == round(0.5 * total)
     assert session.compensation is not None
-    assert set(session.compensation.layers) == set(BLOCK_WEIGHTS)
+    # every block weight was re-fitted, or re-fitted and put back where the fit did worse on held-out samples
+    assert set(session.compensation.layers) | set(session.compensation.unchanged) == set(BLOCK_WEIGHTS)
+    assert len(session.compensation.layers) >= len(BLOCK_WEIGHTS) // 2
     assert list(session.compensation.skipped) == []
-    assert [str(w.message) for w in caught if "compensate" in str(w.message)] == []
+    assert [str(w.message) for w in caught if "compensate" in str(w.message) and "left some weights as they were" not in str(w.message)] == []
     assert bool((model.transformer.wte.weight != 0).all())  # the tied matrix was not pruned
     model(input_ids=corpus["held_out"][:1])
     for key, mask in session.masks.items():

@@ -169,7 +169,7 @@ def test_callable_metric_higher_is_better():
 
     search = trained({"metric": margin}, steps=20)
     scores = search.significance()["weight"]
-    assert len(calls) == 40  # one unmodified pass and one fake pass per step
+    assert len(calls) == 41  # one unmodified pass and one fake pass per step, the first fake pass twice (the reuse check)
     # Margin before = 2; resetting W[0,0] gives mean(-1, 2) = 0.5 -> drop 0.75; W[1,1] -> 0.25.
     assert scores[0, 0] == pytest.approx(0.75) and scores[1, 1] == pytest.approx(0.25)
     assert search.config.to_dict()["metric"] == "callable:margin"
@@ -214,9 +214,11 @@ def test_fake_pass_resets_exactly_the_subset_to_theta0(batch):
     handle = model[1].register_forward_pre_hook(lambda module, args: seen.append(module.weight.detach().clone()))
     search.step(*batch)
     handle.remove()
-    # passes: unmodified, probe of layer 1, probe of layer 3, probe of layer 5
-    assert len(seen) == 4
+    # passes: unmodified, probe of layer 1, probe of layer 3, probe of layer 5, then (the first step's
+    # check of the reuse of earlier layers' outputs) the three probes again, in full
+    assert len(seen) == 7
     assert torch.equal(seen[0], current) and torch.equal(seen[2], current) and torch.equal(seen[3], current)
+    assert torch.equal(seen[4], seen[1]) and torch.equal(seen[5], current) and torch.equal(seen[6], current)
     probe = seen[1]
     changed = probe != current
     assert changed.sum() == round(0.1 * current.numel())
@@ -436,8 +438,8 @@ def test_search_on_an_already_pruned_model_sees_the_mask(batch):
     search.step(*batch)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
-    # passes: unmodified, probe of layer 1, probe of layer 3, probe of layer 5
-    assert len(seen) == 4 and torch.equal(seen[0], current)
+    # passes: unmodified, probe of layer 1, probe of layer 3, probe of layer 5, the three probes again (the reuse check)
+    assert len(seen) == 7 and torch.equal(seen[0], current) and torch.equal(seen[4], seen[1])
     probe = seen[1]
     assert (probe[~mask] == 0).all()  # the mask still applies in the fake pass
     probed = search.probe_counts()["1.weight"] == 1

@@ -62,7 +62,8 @@ class SearchConfig:
     granularity: str = field(default="weight", metadata={"help": "score single weights, or whole neurons / output channels", "choices": GRANULARITIES})
     rule: str | None = field(default=None, metadata={"help": "probe: default read-out of the probes' sums: mean (relative drop, averaged), paper (the author's s <- (s + |dA|) / 2), contrast (mean drop when probed minus when not); with --target it also decides the focus; default: the estimator's own", "choices": RULES})
     every: int | None = field(default=1, metadata={"help": "fake passes on every k-th training step only; none given (bingo's preset): chosen from the number of layers so that fake passes cost about 5% of training (bingo.estimators.fake_pass.auto_every)"})
-    decay: float = field(default=0.99, metadata={"help": "taylor/hybrid: weight of the past in the running average over steps (1 = plain mean)"})
+    decay: float = field(default=0.99, metadata={"help": "taylor/hybrid: weight of the past in the running average, per update (1 = plain mean)"})
+    taylor_every: int = field(default=1, metadata={"help": "taylor/hybrid: the running average takes the gradients of every k-th training step (bingo's preset: 4, a quarter of the per-step cost; the average then spans k / (1 - decay) steps)"})
     target: float = field(default=0.0, metadata={"help": "targeted ticket searching: concentrate fake passes on the weights whose fate at this global sparsity is uncertain (0 = uniform)"})
     band: float = field(default=0.1, metadata={"help": "targeted: keep in focus the weights ranked within this fraction either side of the threshold"})
     seed: int = field(default=0, metadata={"help": "seed of the search's own random generator", "cli": False})
@@ -86,6 +87,8 @@ class SearchConfig:
         check_choice("granularity", self.granularity, GRANULARITIES)
         if not 0.0 <= float(self.target) < 1.0:
             raise ConfigError(f"target must be a sparsity in [0, 1) (0 = untargeted), got {self.target!r}")
+        if isinstance(self.taylor_every, bool) or int(self.taylor_every) != self.taylor_every or self.taylor_every < 1:
+            raise ConfigError(f"taylor_every must be a whole number >= 1, got {self.taylor_every!r}")
         if self.every is not None and (isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1):
             raise ConfigError(f"every must be a whole number >= 1 (or None: chosen from the number of layers), got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
@@ -115,8 +118,9 @@ class SearchConfig:
 
 #: bingo's default search (the ``bingo`` method's, the CLI's and the trainer integrations'): hybrid Taylor
 #: estimates calibrated by fake passes that zero the probed weights, measured in loss, every k-th step
-#: chosen from the number of layers. ``SearchConfig()`` itself is the paper's search.
-BINGO_SEARCH = SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=None)
+#: chosen from the number of layers; the Taylor average from every 4th step (``benchmarks/search_budget.py``:
+#: no loss on five tasks, a quarter of its cost, which was most of the search's overhead on an MLP). ``SearchConfig()`` itself is the paper's search.
+BINGO_SEARCH = SearchConfig(estimator="hybrid", metric="loss", mode="zero", every=None, taylor_every=4)
 
 
 def _batch(inputs_or_closure: Any, targets: Any) -> Batch:
@@ -202,6 +206,10 @@ class TicketSearch:
         self.steps = 0
         self.seconds = 0.0  # wall time spent inside step(): the search's overhead
         self.synchronize = bool(synchronize)
+        #: fake passes take the intact pass's outputs of the scored layers before the probed one (bingo.estimators.reuse);
+        #: False runs the whole model every time. Checked on the first step with fake passes (``reuse_checked``).
+        self.reuse_activations = True
+        self.reuse_checked = False
         self.theta0 = {key: weight_of(module, key).detach().clone() for key, module in layers.items()}
         self.theta0_bias: dict[str, torch.Tensor] = {}  # neurons: a probed unit's bias is reset too
         if config.granularity == "neuron":

@@ -348,7 +348,8 @@ def _comparable(record: object) -> object:
     dict. Both flatten to the same keys here; settings that cannot change a
     result are dropped: the search seed (the experiment's), an empty
     include/exclude, ``batched=False``, compensation when it is off (and
-    ``batchnorm="keep"``, recorded since that option exists), the rule
+    ``batchnorm="keep"``, recorded since that option exists), ``taylor_every=1``
+    (the Taylor average from every step, as before that option), the rule
     of the taylor and hybrid estimators, and a probe rule of None (= mean).
     The search's results under both forms were checked bit-identical.
     """
@@ -370,6 +371,8 @@ def _comparable(record: object) -> object:
         flat.pop("solver", None)  # no re-fit, no solver (a compensated record without one ran another solver: refused)
     if flat.get("batchnorm") == "keep":  # the default, recorded only since the option exists
         flat.pop("batchnorm")
+    if flat.get("taylor_every") == 1:  # every step: what ran before the option existed
+        flat.pop("taylor_every")
     if flat.get("estimator") in ("taylor", "hybrid"):
         flat.pop("rule", None)
     elif "estimator" in flat and flat.get("rule") is None:

@@ -14,7 +14,9 @@ draws nothing) with every module's train/eval flag restored, and
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from ..errors import BingoError, ConfigError
 from ..distributed import average_over_ranks
 from ..layers import bias_name_of, weight_of, weight_parameter_name
 from ..masks import refresh_masked
+from .reuse import PrefixReuse, shared_tensors
 
 if TYPE_CHECKING:
     from ..search import TicketSearch
@@ -308,6 +311,22 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
     return tensors
 
 
+def _check_reuse(search: TicketSearch, read: list[float], probes: int) -> list[float]:
+    """``[before, *probes]`` from ``read`` = ``[before, *reused, *recomputed]``; switches the reuse off if they differ."""
+    before, reused, recomputed = read[0], read[1 : 1 + probes], read[1 + probes : 1 + 2 * probes]
+    search.reuse_checked = True
+    # the same kernels on the same inputs give the same bits; a tolerance for devices whose kernels do not
+    if not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)) for a, b in zip(reused, recomputed)):
+        search.reuse_activations = False
+        warnings.warn(
+            "search: fake passes that reuse the intact pass's outputs of earlier layers measured differently from full "
+            "passes (does the model read a layer's weights outside that layer's call?): reuse turned off, every fake pass "
+            "runs the whole model",
+            stacklevel=4,
+        )
+    return [before, *recomputed]
+
+
 def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """The score on this batch before any reset, and after resetting each layer's subset alone (higher = better).
 
@@ -320,6 +339,12 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     Costs one host sync: the L + 1 measurements stay on the model's device
     (averaged there over ranks) and are read back together at the end. One
     layer's probe tensors exist at a time, never a copy of every scored weight.
+    A fake pass takes the intact pass's outputs of the scored layers called
+    before the probed one (:class:`~bingo.estimators.reuse.PrefixReuse`)
+    unless ``search.reuse_activations`` is False; on the search's first call
+    every probe is also run without, and where the two differ the reuse is
+    turned off for good, with a warning (the values returned are the ones
+    computed without it).
     """
     if batch.closure is not None and search.config.metric != "loss":
         raise ConfigError(
@@ -334,9 +359,13 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
         model.eval()
         # Belt and braces: eval mode draws no random numbers in standard
         # layers, but a custom module might, and training must not notice.
+        reuse = PrefixReuse(search.layers.values()) if search.reuse_activations else None
+        shared = shared_tensors(model) if reuse else set()
+        checking = reuse is not None and not search.reuse_checked
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             try:
-                outputs = None if batch.closure is not None else batch.outputs(model)
+                with reuse.recording() if reuse and batch.closure is None else contextlib.nullcontext():
+                    outputs = None if batch.closure is not None else batch.outputs(model)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 inputs = batch.inputs
                 shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
@@ -344,12 +373,18 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
                 raise ConfigError(f"search.step: the model cannot take these inputs (shape {shape}): {reason}") from exc
             checks_labels = outputs is not None and metric in _ON_DEVICE
             if outputs is None:
-                before = batch.score_tensor(model, metric)
+                with reuse.recording() if reuse else contextlib.nullcontext():
+                    before = batch.score_tensor(model, metric)
             else:
                 before = _as_score(_ON_DEVICE.get(metric, metric)(outputs, batch.targets), outputs)
             values = [before]
             for key, subset in subsets.items():  # one probe's tensors at a time
-                values.append(batch.score_tensor(model, metric, _substitutes(search, key, subset)))
+                layer = search.layers[key]
+                tied = any(id(parameter) in shared for parameter in layer.parameters())
+                with reuse.serving(layer, shared=tied) if reuse else contextlib.nullcontext():
+                    values.append(batch.score_tensor(model, metric, _substitutes(search, key, subset)))
+            if checking:  # once per search: the same probes with nothing reused, to compare
+                values += [batch.score_tensor(model, metric, _substitutes(search, key, subset)) for key, subset in subsets.items()]
             if checks_labels:  # read back with the measurements: no sync of its own
                 values.append(((batch.targets < 0) | (batch.targets >= outputs.shape[1])).any())
             stacked = torch.stack([value.to(device, torch.float64, non_blocking=True) for value in values])
@@ -360,6 +395,8 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
         if checks_labels and read.pop() > 0:
             local = batch.targets
             raise _label_range_error(local, outputs.shape[1])
+        if checking:
+            read = _check_reuse(search, read, len(subsets))
         before, *changed = read
         after = dict(zip(subsets, changed))
         if not math.isfinite(before):

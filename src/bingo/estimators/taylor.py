@@ -51,16 +51,17 @@ class TaylorEstimator(Estimator):
             raise ConfigError(f"update_every must be a whole number >= 1, got {update_every!r}")
         self.decay = float(decay)
         #: the running average takes the gradients of every ``update_every``-th step only (the 1st, then every
-        #: k-th), with the decay compounded (``decay ** k`` per update) so that it spans the same steps: 1/k
-        #: of the per-step cost, for fewer (correlated) gradient samples. An experiment, not the default.
+        #: k-th): 1/k of the per-step cost. ``decay`` weighs the past per update, so the average holds as many
+        #: samples as with k = 1 and spans k times the steps. (Compounding the decay to span the same steps
+        #: instead cost up to 6 points on digits, where a run is 230 steps: ``benchmarks/search_budget.py``.)
         self.update_every = update_every
-        self._update_decay = self.decay**update_every
+        self._update_decay = self.decay
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> TaylorEstimator:
         if config.target:
             raise ConfigError(f"target needs fake passes to concentrate; estimator {cls.name!r} runs none (use probe or hybrid)")
-        return cls(decay=config.decay)
+        return cls(decay=config.decay, update_every=config.taylor_every)
 
     def attach(self, search: TicketSearch) -> None:
         super().attach(search)
@@ -90,8 +91,7 @@ class TaylorEstimator(Estimator):
                     "after optimizer.step() and before the next zero_grad()"
                 )
             entry = self.state[key]
-            entry["taylor_steps"] += 1
-            self.steps_seen[key] += 1
+            self.steps_seen[key] += 1  # into the state's "taylor_steps" at state_dict(): no tensor op per step
             new_weight = 1.0 / self.steps_seen[key] if self.decay == 1.0 else 1.0 - self._update_decay
             average = entry["taylor_average"]
             grad, value = weight.grad.detach(), weight.detach()
@@ -157,6 +157,11 @@ class TaylorEstimator(Estimator):
             key: torch.full(entry["taylor_average"].shape, self.steps_seen[key], dtype=torch.int64)
             for key, entry in self.state.items()
         }
+
+    def state_dict(self) -> dict:
+        for key, entry in self.state.items():
+            entry["taylor_steps"].fill_(self.steps_seen[key])
+        return super().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
