@@ -145,6 +145,10 @@ def main() -> int:
         subprocess.run([sys.executable, "benchmarks/finetune_ranking.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         if not (ROOT / "benchmarks/results/compensation_scaling.md").exists():  # 35 minutes: rerun it by hand
             subprocess.run([sys.executable, "benchmarks/compensation_scaling.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    # issue 21's targets table reads the result files written above (it runs no benchmark): after all of them
+    subprocess.run([sys.executable, "benchmarks/one_shot_targets.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    one_shot_targets = "\n## " + (ROOT / "benchmarks/results/one_shot_targets.md").read_text().replace(
+        "\n## ", "\n### ").replace("\n# ", "\n## ").removeprefix("# ").strip() + "\n"
     size_text = (ROOT / "benchmarks/results/size_latency.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
     ddp_text = (ROOT / "benchmarks/results/ddp_throughput.md").read_text().replace("\n# ", "\n## ").removeprefix("# ")
     ddp_text += ddp_limits()
@@ -174,11 +178,12 @@ Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion
 about two hours on 2 cores, resumable), which runs `benchmarks/curve.py`, the fine-tune
 comparisons, `benchmarks/ablation.py`, `benchmarks/size_latency.py` and
 `benchmarks/ddp_throughput.py`, `benchmarks/n_m.py`, `benchmarks/masked_speed.py`, `benchmarks/search_overhead.py`, `benchmarks/search_budget.py`, `benchmarks/shrink_speed.py`, `benchmarks/generated_tasks.py`, `benchmarks/multistep_compensation.py`, `benchmarks/recovery.py`, `benchmarks/finetune_ranking.py` and (when its results are not there:
-it takes 35 minutes) `benchmarks/compensation_scaling.py`, and rewrites this
+it takes 35 minutes) `benchmarks/compensation_scaling.py`, then `benchmarks/one_shot_targets.py` (issue 21's targets
+table below, from their result files), and rewrites this
 file from their result files. Machine of the last run: {platform.machine()},
 {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}
 (each results.json lists the machines that measured its rows).
-
+{one_shot_targets}
 ## The whole accuracy-vs-sparsity curve from one training run, without retraining
 
 Every method with its preset, no fine-tune after any prune: `bingo` (the default: hybrid
