@@ -160,3 +160,52 @@ def test_a_forward_set_on_the_instance_is_put_back_and_the_model_is_left_as_it_w
     searched(model, True, batches(2))
     assert model[2].__dict__["forward"] is custom
     assert all("forward" not in model[i].__dict__ for i in (0, 4))
+
+
+def _encoder() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(4 * 16, 3))
+
+
+def test_a_transformer_probe_skips_the_blocks_before_its_own(monkeypatch):
+    # In eval mode nn.TransformerEncoderLayer runs a fused kernel that reads its layers' weights without
+    # calling them (nor its nn.MultiheadAttention, which returns a tuple and reads out_proj.weight itself):
+    # a probe of a layer in block 2 is served block 1 whole, and computes block 2 and the head.
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 4, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator)) for _ in range(3)]
+
+    def run(reuse):
+        model = _encoder()
+        search = bingo.TicketSearch(model, estimator="hybrid", metric="loss", every=1, fraction=0.25, mode="zero")
+        search.reuse_activations = reuse
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in data:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            search.step(lambda net: F.cross_entropy(net(x), y))
+        return search
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reused = run(True)
+    assert reused.reuse_activations
+    assert any(key.endswith("out_proj.weight") for key in reused.layers)
+    assert_same_scores(reused, run(False))
+
+    computed = []
+    original = nn.TransformerEncoderLayer.forward
+    monkeypatch.setattr(nn.TransformerEncoderLayer, "forward", lambda self, *a, **k: computed.append(1) or original(self, *a, **k))
+    x, y = data[0]
+    per_block = len([key for key in reused.layers if key.startswith("0.layers.0.")])
+    assert per_block == len([key for key in reused.layers if key.startswith("0.layers.1.")]) >= 4
+    for reuse in (False, True):
+        reused.reuse_activations = reuse
+        computed.clear()
+        reused.step(lambda net: F.cross_entropy(net(x), y))
+        passes = 1 + len(reused.layers)
+        if reuse:  # block 1 runs in the intact pass and its own probes; block 2 in those and its own (not the head's)
+            assert len(computed) == (1 + per_block) + (1 + 2 * per_block)
+        else:
+            assert len(computed) == 2 * passes

@@ -359,7 +359,7 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
         model.eval()
         # Belt and braces: eval mode draws no random numbers in standard
         # layers, but a custom module might, and training must not notice.
-        reuse = PrefixReuse(search.layers.values()) if search.reuse_activations else None
+        reuse = PrefixReuse(model) if search.reuse_activations else None
         shared = shared_tensors(model) if reuse else set()
         checking = reuse is not None and not search.reuse_checked
         with torch.random.fork_rng(devices=devices), torch.no_grad():
