@@ -37,22 +37,13 @@ from bingo.bench.training import TrainConfig, evaluate, train  # noqa: E402
 from bingo.compensation import suggested_calibration_samples  # noqa: E402
 from bingo.io import atomic_write  # noqa: E402
 from bingo.scoring import MAGNITUDE_WEIGHT, bingo_scores  # noqa: E402
+from search_budget import TASKS  # noqa: E402  (the same five tasks and recipes)
 
 OUT = ROOT / "benchmarks/results/blend_weight"
 REPORT = ROOT / "benchmarks/results/blend_weight.md"
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.8, 0.9, 0.95)
-#: (data, model, recipe): the tasks of ``benchmarks/search_budget.py``
-TASKS = (
-    ("fashion-mnist", "lenet300", TrainConfig(epochs=3, batch_size=128, lr=1.2e-3, optimizer="adam")),
-    ("digits", "mlp", TrainConfig(epochs=10, batch_size=64, lr=3e-3, optimizer="adam")),
-    ("teacher-student", "mlp", TrainConfig(epochs=20, batch_size=128, lr=1.2e-3, optimizer="adam")),
-    ("tokens", "transformer", TrainConfig(epochs=10, batch_size=128, lr=3e-3, optimizer="adam")),
-    ("signals", "conv1d", TrainConfig(epochs=10, batch_size=128, lr=1.2e-3, optimizer="adam")),
-)
-
-
 def measure(data_name: str, model_name: str, recipe: TrainConfig, seed: int) -> dict:
     """Test and validation accuracy at every blend weight and sparsity, for one training run (cached as JSON)."""
     path = OUT / f"{data_name}-{model_name}-seed-{seed}.json"
@@ -107,7 +98,8 @@ def main() -> str:
             picks = [chosen_by_validation(r, s) for r in records]
             value = statistics.mean(p["test"] for p in picks)
             margins["validation"].append(value - test(1.0, s))
-            cells.append(f"{value:.3f} (m = {', '.join(f'{p['weight']:g}' for p in picks)})")
+            chosen = ", ".join(f"{p['weight']:g}" for p in picks)
+            cells.append(f"{value:.3f} (m = {chosen})")
         lines.append("| chosen by validation accuracy | " + " | ".join(cells) + " |")
         sections.append(f"## {data_name} / {model_name}: {recipe.epochs} epochs, seeds {', '.join(map(str, SEEDS))}; dense {dense:.3f}\n\n"
                         + "\n".join(lines))

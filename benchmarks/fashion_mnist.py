@@ -138,6 +138,7 @@ def main() -> int:
         subprocess.run([sys.executable, "benchmarks/masked_speed.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "benchmarks/search_overhead.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "benchmarks/search_budget.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "benchmarks/blend_weight.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "benchmarks/shrink_speed.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "benchmarks/generated_tasks.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "benchmarks/multistep_compensation.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -154,7 +155,7 @@ def main() -> int:
     ddp_text += ddp_limits()
     extra = ""
     # Sections of their own, if they have been run (gpu_check.md only on a machine with a CUDA GPU).
-    for name in ("generated_tasks.md", "multistep_compensation.md", "recovery.md", "finetune_ranking.md", "search_overhead.md", "search_budget.md", "masked_speed.md", "shrink_speed.md", "n_m.md", "compensation_scaling.md", "gpu_check.md"):
+    for name in ("generated_tasks.md", "multistep_compensation.md", "recovery.md", "finetune_ranking.md", "search_overhead.md", "search_budget.md", "blend_weight.md", "masked_speed.md", "shrink_speed.md", "n_m.md", "compensation_scaling.md", "gpu_check.md"):
         path = ROOT / "benchmarks/results" / name
         if path.exists():
             extra += "\n\n## " + path.read_text().replace("\n## ", "\n### ").replace("\n# ", "\n## ").removeprefix("# ").strip()
@@ -177,7 +178,7 @@ def main() -> int:
 Regenerate everything below with `make benchmarks` (= `python benchmarks/fashion_mnist.py`;
 about two hours on 2 cores, resumable), which runs `benchmarks/curve.py`, the fine-tune
 comparisons, `benchmarks/ablation.py`, `benchmarks/size_latency.py` and
-`benchmarks/ddp_throughput.py`, `benchmarks/n_m.py`, `benchmarks/masked_speed.py`, `benchmarks/search_overhead.py`, `benchmarks/search_budget.py`, `benchmarks/shrink_speed.py`, `benchmarks/generated_tasks.py`, `benchmarks/multistep_compensation.py`, `benchmarks/recovery.py`, `benchmarks/finetune_ranking.py` and (when its results are not there:
+`benchmarks/ddp_throughput.py`, `benchmarks/n_m.py`, `benchmarks/masked_speed.py`, `benchmarks/search_overhead.py`, `benchmarks/search_budget.py`, `benchmarks/blend_weight.py`, `benchmarks/shrink_speed.py`, `benchmarks/generated_tasks.py`, `benchmarks/multistep_compensation.py`, `benchmarks/recovery.py`, `benchmarks/finetune_ranking.py` and (when its results are not there:
 it takes 35 minutes) `benchmarks/compensation_scaling.py`, then `benchmarks/one_shot_targets.py` (issue 21's targets
 table below, from their result files), and rewrites this
 file from their result files. Machine of the last run: {platform.machine()},

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+import bingo
+
 from bingo.bench.compare import CompareConfig, mask_overlap, run_compare
 from bingo.bench.data import load_dataset
 from bingo.estimators.fake_pass import auto_every
@@ -54,7 +56,12 @@ def test_compare_records_runs_dense_and_overhead(tmp_path):
     # outputs); the later ones count as whole forwards though they recompute only from the probed layer on.
     check = 3
     assert fake("bingo-paper") == {4 * steps + check}
-    assert fake("bingo") == {4 * math.ceil(steps / every) + check + one_pass}
+    # bingo prunes and compensates at each of the 5 blend weights and judges each on the validation split (one batch)
+    validation = math.ceil(len(load_dataset("digits").x_val) / 2048)
+    assert fake("bingo") == {4 * math.ceil(steps / every) + check + len(bingo.BLEND_WEIGHTS) * (one_pass + validation)}
+    chosen = {r["magnitude_weight"] for r in results["runs"] if r["method"] == "bingo"}
+    assert chosen and chosen <= set(bingo.BLEND_WEIGHTS)
+    assert all("magnitude_weight" not in r for r in results["runs"] if r["method"] != "bingo")
     assert fake("magnitude") == {0}
     assert sorted((o["method"], o["seed"]) for o in results["search_overhead"]) == [
         ("bingo", 0), ("bingo", 1), ("bingo-paper", 0), ("bingo-paper", 1)
@@ -370,8 +377,8 @@ def test_resume_accepts_settings_recorded_before_nested_configs(tmp_path):
 
     from bingo.bench.strategies import CompensationConfig
 
-    # the default of those days: fake passes every 10th step, the Taylor average from every step, no compensation
-    then = dataclasses.replace(BINGO, search=dataclasses.replace(BINGO.search, every=10, taylor_every=1),
+    # the default of those days: fake passes every 10th step, the Taylor average from every step, a fixed blend, no compensation
+    then = dataclasses.replace(BINGO, search=dataclasses.replace(BINGO.search, every=10, taylor_every=1), magnitude_weight=0.5,
                                compensation=CompensationConfig(compensate=False))
     config = CompareConfig(data="digits", model="mlp", epochs=1, methods=("bingo",), sparsities=(0.5,), seeds=1,
                            method_configs={"bingo": then})

@@ -9,6 +9,7 @@ training loops, baselines, ``bingo compare``, plots, the ``bingo`` command)
 is :mod:`bingo.bench`, which ``import bingo`` does not load.
 """
 
+from .blend import BLEND_WEIGHTS, BlendChoice, choose_magnitude_weight
 from .compensation import CompensationResult, compensate, reestimate_batchnorm, suggested_calibration_samples
 from .coupled import ChannelGroup, channel_groups, prune_coupled, shrink_coupled
 from .heads import PrunedMultiheadAttention, head_scores, prune_heads, shrink_heads
@@ -33,10 +34,13 @@ __all__ = [
     "apply_masks",
     "bingo_scores",
     "BINGO_SEARCH",
+    "BLEND_WEIGHTS",
+    "BlendChoice",
     "BingoError",
     "channel_groups",
     "ChannelGroup",
     "CheckpointError",
+    "choose_magnitude_weight",
     "combine_ranks",
     "compensate",
     "CompensationResult",

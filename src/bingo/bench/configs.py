@@ -58,6 +58,8 @@ def _converter(field: dataclasses.Field, example: Any, flag: str):
     kind = type(example) if example is not None and not callable(example) else str
     if example is None and str(field.type).startswith("int"):
         kind = int
+    if example is None and str(field.type).startswith("float"):
+        kind = float
     if kind is int and "float" in str(field.type):
         kind = float
 

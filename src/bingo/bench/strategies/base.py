@@ -104,10 +104,12 @@ class Outcome:
     #: wall time of the one-shot prune itself, compensation included (part of ``seconds``); None for
     #: methods that prune during training (IMP, GMP), where no single prune has a time of its own
     prune_seconds: float | None = None
+    #: the magnitude weight of the blended score, where it was chosen per sparsity on validation data (else None)
+    magnitude_weight: float | None = None
 
     def record(self) -> dict:
         """The JSON row (masks left out)."""
-        return {
+        row = {
             "method": self.method,
             "seed": self.seed,
             "sparsity": self.sparsity,
@@ -117,6 +119,9 @@ class Outcome:
             "forward_passes": self.forward_passes,
             "solve_flops": self.solve_flops,
         }
+        if self.magnitude_weight is not None:
+            row["magnitude_weight"] = self.magnitude_weight
+        return row
 
 
 def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...blend import choose_magnitude_weight
 from ...checks import check_field_types
 from ...compensation import BATCHNORM_CHOICES, compensate, suggested_calibration_samples
 from ...solvers import SOLVERS
@@ -30,6 +32,9 @@ from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
 from ...selection import SCOPES
 from ..training import evaluate
 from .base import DenseRun, Experiment, Outcome, Strategy, register
+
+#: samples per forward when judging a blend weight on the validation split (evaluate's own default)
+EVALUATION_BATCH = 2048
 
 __all__ = [
     "BINGO",
@@ -128,12 +133,22 @@ class OneShotStrategy(Strategy):
                 yield self._deliver(experiment, dense, model, stepped.masks, sparsity, time.perf_counter() - start,
                                     stepped.forward_passes, stepped.solve_flops)
                 continue
+            choice = None if groups else self.choose_blend(experiment, dense, sparsity)
+            if choice is not None:  # pruned and compensated at each blend weight; the best on validation data
+                model, masks, calls, flops, weight = choice
+                yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops,
+                                    magnitude_weight=weight)
+                continue
             if groups:  # a residual network: tied channels get one joint score and go together
                 masks = prune_coupled(model, scores, groups, sparsity, self.config.scope, seed=experiment.seed)
             else:
                 masks = prune(model, scores, sparsity, self.config.scope, seed=experiment.seed)
             calls, flops = self._compensate(experiment, dense, model)
             yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops)
+
+    def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
+        """``(model, masks, calibration passes, solve FLOPs, magnitude weight)`` where the blend is chosen per sparsity, else None."""
+        return None
 
     def step_scores(self, dense: DenseRun, scores: dict[str, torch.Tensor]):
         """What a multi-step prune ranks by before each step: ``scores`` as they are (overridden where a score reads the weights)."""
@@ -192,7 +207,7 @@ class OneShotStrategy(Strategy):
 
     def _deliver(
         self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float | str,
-        prune_seconds: float, calibration_passes: int = 0, solve_flops: float = 0.0,
+        prune_seconds: float, calibration_passes: int = 0, solve_flops: float = 0.0, magnitude_weight: float | None = None,
     ) -> Outcome:
         """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`.
 
@@ -210,7 +225,7 @@ class OneShotStrategy(Strategy):
             tuned = experiment.train(model, epochs=self.config.finetune_epochs, description=f"{self.name} fine-tune {sparsity if isinstance(sparsity, str) else format(sparsity, 'g')}")
             seconds, steps, forwards = seconds + tuned.seconds, steps + tuned.steps, forwards + tuned.forward_passes
         return Outcome(self.name, experiment.seed, sparsity, experiment.evaluate(model), seconds, steps, forwards, masks, model,
-                       solve_flops, prune_seconds=prune_seconds)
+                       solve_flops, prune_seconds=prune_seconds, magnitude_weight=magnitude_weight)
 
 
 @dataclass(frozen=True)
@@ -224,7 +239,7 @@ class BingoConfig:
     """
 
     search: SearchConfig = field(default=BINGO_SEARCH, metadata={"help": "ticket search settings"})
-    magnitude_weight: float = field(default=MAGNITUDE_WEIGHT, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend"})
+    magnitude_weight: float | None = field(default=None, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend; none given (bingo's preset): chosen per sparsity among 0, 0.25, 0.5, 0.75, 1 by validation accuracy after compensation (bingo.choose_magnitude_weight; 0.5 where there is no validation split, no compensation, a multi-step or a coupled prune)"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021); block: prune each block (the path up to its first numeric index, e.g. h.0) to the sparsity, one ranking inside it", "choices": SCOPES})
     # On by default: without retraining, re-fitting the survivors is what makes a one-shot prune hold up (BENCHMARKS.md).
@@ -236,21 +251,27 @@ class BingoConfig:
             raise ConfigError(f"BingoConfig.search must be a SearchConfig, got {type(self.search).__name__}")
         _check_finetune(self.finetune_epochs)
         check_choice("scope", self.scope, SCOPES)
-        check_magnitude_weight(self.magnitude_weight)
+        if self.magnitude_weight is not None:
+            check_magnitude_weight(self.magnitude_weight)
 
     @property
     def granularity(self) -> str:
         """The search's granularity: what is scored is what is pruned."""
         return self.search.granularity
 
+    @property
+    def fixed_magnitude_weight(self) -> float:
+        """The weight used where none is chosen per sparsity: ``magnitude_weight``, or bingo's 0.5 if that is None."""
+        return MAGNITUDE_WEIGHT if self.magnitude_weight is None else self.magnitude_weight
+
     def final_scores(self, search: TicketSearch, model: nn.Module) -> dict[str, torch.Tensor]:
         """The scores the one-shot prune ranks by, after training: :func:`bingo.bingo_scores`.
 
         ``search.significance()`` blended by rank with the trained weights'
-        magnitude, weights ``1 − magnitude_weight`` and ``magnitude_weight``,
+        magnitude, weights ``1 − m`` and ``m`` (:attr:`fixed_magnitude_weight`),
         at this config's granularity (the significance alone at weight 0).
         """
-        return bingo_scores(search.significance(), model, self.magnitude_weight, granularity=self.granularity)
+        return bingo_scores(search.significance(), model, self.fixed_magnitude_weight, granularity=self.granularity)
 
 
 #: the default ``bingo``: hybrid Taylor + calibrating fake passes, blended with magnitude, survivors compensated
@@ -283,6 +304,28 @@ class BingoStrategy(OneShotStrategy):
     def step_scores(self, dense: DenseRun, scores: dict[str, torch.Tensor]):
         """Before each step of a multi-step prune: the search's significance re-blended with the re-fitted weights' magnitude."""
         return lambda model: self.config.final_scores(dense.search, model)
+
+    def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
+        """With ``magnitude_weight=None`` and compensation on: :func:`bingo.choose_magnitude_weight` on the validation split.
+
+        Each candidate is compensated as the delivered network is, then its
+        validation accuracy judged; every candidate's calibration passes and
+        solves, and its validation forwards, are charged to the outcome.
+        """
+        data, settings = experiment.data, self.config.compensation
+        if self.config.magnitude_weight is not None or not settings.compensate or len(data.x_val) == 0:
+            return None
+        calls, flops = 0, 0.0
+
+        def judge(candidate: nn.Module) -> float:
+            nonlocal calls, flops
+            more, solves = self._compensate(experiment, dense, candidate)
+            calls, flops = calls + more + math.ceil(len(data.x_val) / EVALUATION_BATCH), flops + solves
+            return evaluate(candidate, data.x_val, data.y_val, batch_size=EVALUATION_BATCH)
+
+        choice = choose_magnitude_weight(dense.model, dense.search.significance(), sparsity, judge, scope=self.config.scope,
+                                         seed=experiment.seed, granularity=self.config.granularity)
+        return choice.model, choice.masks, calls, flops, choice.magnitude_weight
 
     def extras(self, experiment: Experiment) -> dict[str, dict]:
         """The search's overhead: dense training time with the search / without, and whether both ended bit-identical."""
