@@ -563,6 +563,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "--method bingo-gradual --sparsity S (one training run per target)")
     for row, outcome in zip(results, outcomes):  # the prune's own time (compensation included), beside train/search seconds
         row["prune_seconds"] = outcome.prune_seconds
+        if outcome.magnitude_weight is not None:  # chosen for this sparsity on the validation split
+            row["magnitude_weight"] = outcome.magnitude_weight
     pruned_model = outcomes[-1].model
     scored = coverage(pruned_model if pruned_model is not None else experiment.new_model(), outcomes[-1].masks)
     for row, outcome in zip(results, outcomes):  # the sparsity asked for is over the scored weights; this is over everything
@@ -633,9 +635,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         report["export_dir"] = args.export
     write_json(args.out, report)
     print(scored)
+    chosen = any("magnitude_weight" in r for r in results)
     print(_table(
-        [[_sparsity_text(r), f"{r['sparsity_all_parameters']:.4f}", f"{r['accuracy']:.4f}"] for r in results],
-        ["sparsity", "of all parameters", "accuracy"],
+        [[_sparsity_text(r), f"{r['sparsity_all_parameters']:.4f}", f"{r['accuracy']:.4f}",
+          *([f"{r['magnitude_weight']:g}" if "magnitude_weight" in r else "-"] if chosen else [])] for r in results],
+        ["sparsity", "of all parameters", "accuracy", *(["magnitude weight (chosen on validation)"] if chosen else [])],
     ))
     dense_text = "" if dense_accuracy is None else f"dense accuracy {dense_accuracy:.4f}; "
     print(f"{dense_text}train {train_seconds:.1f} s (search {search_seconds:.1f} s); results in {args.out}")
