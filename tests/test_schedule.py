@@ -237,8 +237,9 @@ def test_gmp_config_keeps_its_fields_and_record():
 
 def test_gradual_config_defaults_to_bingo_and_checks_its_fields():
     config = GradualBingoConfig()
-    assert config.search == BINGO.search and config.magnitude_weight == BINGO.magnitude_weight
-    assert config.scoring == BingoConfig(search=BINGO.search, magnitude_weight=BINGO.magnitude_weight)
+    # the same search and the equal blend bingo falls back to (a gradual run has no per-sparsity choice)
+    assert config.search == BINGO.search and config.magnitude_weight == BINGO.fixed_magnitude_weight
+    assert config.scoring == BingoConfig(search=BINGO.search, magnitude_weight=BINGO.fixed_magnitude_weight)
     assert {f.name: f.default for f in dataclasses.fields(ScheduleConfig)} == {
         f.name: getattr(config, f.name) for f in dataclasses.fields(ScheduleConfig)
     }  # the same schedule as GMP's

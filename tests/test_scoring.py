@@ -209,7 +209,8 @@ def test_bingo_scores_of_a_search_is_the_documented_blend(granularity):
 
 def test_bingo_presets_live_in_the_core():
     assert bingo.BINGO_SEARCH is BINGO_SEARCH and bingo.bingo_scores is bingo_scores
-    assert BINGO.search == BINGO_SEARCH and BINGO.magnitude_weight == MAGNITUDE_WEIGHT
+    assert BINGO.search == BINGO_SEARCH and BINGO.magnitude_weight is None  # chosen per sparsity on validation data
+    assert BINGO.fixed_magnitude_weight == MAGNITUDE_WEIGHT  # where it cannot be chosen
     assert (BINGO_SEARCH.estimator, BINGO_SEARCH.metric, BINGO_SEARCH.mode, BINGO_SEARCH.every) == ("hybrid", "loss", "zero", None)
 
 
