@@ -120,8 +120,12 @@ def test_demo_prints_table_of_methods_by_sparsity(capsys):
     columns = ["sparsity", "bingo", "bingo-uncompensated", "bingo-paper", "magnitude", "magnitude+compensation", "random"]
     header = next(i for i, line in enumerate(lines) if line.split() == columns)
     assert set(lines[header + 1].replace(" ", "")) == {"-"}
-    rows = [line.split() for line in lines[header + 2 :] if line.strip()]
+    rows = [line.split() for line in lines[header + 2 : header + 8]]
     assert [row[0] for row in rows] == ["0.00", "0.50", "0.70", "0.80", "0.90", "0.95"]
+    # bingo's blend weight, chosen per pruned sparsity on the validation digits
+    chosen = re.search(r"bingo's magnitude weight, chosen on the \d+ validation digits: (.*) \(", out).group(1)
+    assert [part.split(" at ")[1] for part in chosen.split(", ")] == ["0.5", "0.7", "0.8", "0.9", "0.95"]
+    assert all(float(part.split(" at ")[0]) in bingo.BLEND_WEIGHTS for part in chosen.split(", "))
     for row in rows:
         assert len(row) == len(columns)
         for value in row[1:]:
@@ -154,7 +158,9 @@ def test_run_writes_json_report(capsys, run_args, out):
     check_accuracy(report["dense_accuracy"])
     assert [r["sparsity"] for r in report["results"]] == [0.5, 0.9]
     for result in report["results"]:
-        assert set(result) == {"sparsity", "accuracy", "sparsity_all_parameters", "prune_seconds"}
+        # the default bingo records the blend weight it chose on the validation split at each sparsity
+        assert set(result) == {"sparsity", "accuracy", "sparsity_all_parameters", "prune_seconds", "magnitude_weight"}
+        assert result["magnitude_weight"] in bingo.BLEND_WEIGHTS
         check_accuracy(result["accuracy"])
     for key in ("train_seconds", "search_seconds"):
         assert isinstance(report[key], float) and report[key] >= 0.0
