@@ -63,6 +63,10 @@ FINETUNES = {
                                "recovery/steps-25", "recovery/steps-63"),
     "digits-mlp": ("finetune_ranking/digits-mlp/default", "finetune_ranking/digits-mlp-10ep/default"),
     "teacher-student": ("finetune_ranking/teacher-student-mlp/default",),
+    "digits-conv": ("finetune_ranking/digits-conv/default",),
+    "fashion-mnist-conv": ("finetune_ranking/fashion-mnist-conv/default",),
+    "tokens": ("finetune_ranking/tokens-transformer/default",),
+    "signals": ("finetune_ranking/signals-conv1d/default",),
 }
 MULTISTEP = "multistep_compensation"
 MULTISTEP_BENCHMARK = "fashion-mnist-lenet300"  #: the benchmark (and seeds) multistep_compensation.py prunes

@@ -100,7 +100,7 @@ def test_missing_runs_are_not_measured_not_skipped(root):
     # a benchmark with no results at all: every target says so
     for target in ("a", "a′", "b", "c"):
         assert outcome[(target, "digits-mlp")].note
-    assert outcome[("b", "digits-conv")].note == "no fine-tune comparison on this benchmark"
+    assert outcome[("b", "digits-conv")].note == "no finetune_ranking/digits-conv/default/results.json"
     # a benchmark that ran, without bingo-gradual and without compensated magnitude
     assert outcome[("c", "tokens")].note == "no bingo-gradual run"
     assert "magnitude+compensation" in outcome[("a", "tokens")].note
@@ -117,4 +117,4 @@ def test_report_summary_and_file(root):
     assert "**0/1 hit**" in summary["b"]
     assert "**1/1 hit**" in summary["c"]
     assert "**1/2 hit**" in summary["d"] and "bingo, 4-step compensation -1.00 points" in summary["d"]
-    assert "| b | digits-conv | — | — | — | — | — | — | — | not measured: no fine-tune comparison on this benchmark |" in text
+    assert "| b | digits-conv | — | — | — | — | — | — | — | not measured: no finetune_ranking/digits-conv/default/results.json |" in text
