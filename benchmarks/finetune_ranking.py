@@ -49,9 +49,10 @@ TASKS = (
     ("fashion-mnist-conv", ["--data", "fashion-mnist", "--model", "conv", "--epochs", "3", "--train-samples", "5000"], 2),
     ("tokens-transformer", ["--data", "tokens", "--model", "transformer", "--epochs", "10", "--lr", "3e-3"], 2),
     ("signals-conv1d", ["--data", "signals", "--model", "conv1d", "--epochs", "10"], 2),
+    ("fashion-mnist-resnet", ["--data", "fashion-mnist", "--model", "resnet", "--epochs", "3", "--train-samples", "5000"], 1),
 )
 #: tasks that run only the ``default`` variant (bingo and magnitude with the same fine-tune: issue 21's target)
-DEFAULT_ONLY = {"digits-conv", "fashion-mnist-conv", "tokens-transformer", "signals-conv1d"}
+DEFAULT_ONLY = {"digits-conv", "fashion-mnist-conv", "tokens-transformer", "signals-conv1d", "fashion-mnist-resnet"}
 
 # folder, methods, method flags; the report's columns are (folder, method) pairs
 VARIANTS = (

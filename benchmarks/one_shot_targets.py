@@ -67,6 +67,7 @@ FINETUNES = {
     "fashion-mnist-conv": ("finetune_ranking/fashion-mnist-conv/default",),
     "tokens": ("finetune_ranking/tokens-transformer/default",),
     "signals": ("finetune_ranking/signals-conv1d/default",),
+    "fashion-mnist-resnet": ("finetune_ranking/fashion-mnist-resnet/default",),
 }
 MULTISTEP = "multistep_compensation"
 MULTISTEP_BENCHMARK = "fashion-mnist-lenet300"  #: the benchmark (and seeds) multistep_compensation.py prunes
