@@ -206,7 +206,7 @@ class TicketSearch:
         self.steps = 0
         self.seconds = 0.0  # wall time spent inside step(): the search's overhead
         self.synchronize = bool(synchronize)
-        #: fake passes take the intact pass's outputs of the scored layers before the probed one (bingo.estimators.reuse);
+        #: fake passes take the intact pass's outputs of the modules run before the probed layer (bingo.estimators.reuse);
         #: False runs the whole model every time. Checked on the first step with fake passes (``reuse_checked``).
         self.reuse_activations = True
         self.reuse_checked = False

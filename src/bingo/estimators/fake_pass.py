@@ -339,8 +339,8 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     Costs one host sync: the L + 1 measurements stay on the model's device
     (averaged there over ranks) and are read back together at the end. One
     layer's probe tensors exist at a time, never a copy of every scored weight.
-    A fake pass takes the intact pass's outputs of the scored layers called
-    before the probed one (:class:`~bingo.estimators.reuse.PrefixReuse`)
+    A fake pass takes the intact pass's outputs of the modules that ran
+    before the probed layer (:class:`~bingo.estimators.reuse.PrefixReuse`)
     unless ``search.reuse_activations`` is False; on the search's first call
     every probe is also run without, and where the two differ the reuse is
     turned off for good, with a warning (the values returned are the ones
@@ -357,11 +357,11 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         model.eval()
+        reuse = PrefixReuse(model) if search.reuse_activations else None
+        shared = shared_tensors(model) if reuse else set()  # tied weights: never served from the record
+        checking = reuse is not None and not search.reuse_checked
         # Belt and braces: eval mode draws no random numbers in standard
         # layers, but a custom module might, and training must not notice.
-        reuse = PrefixReuse(model) if search.reuse_activations else None
-        shared = shared_tensors(model) if reuse else set()
-        checking = reuse is not None and not search.reuse_checked
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             try:
                 with reuse.recording() if reuse and batch.closure is None else contextlib.nullcontext():
