@@ -18,26 +18,20 @@ generated tasks (``bingo.bench.generated``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import bingo  # noqa: E402
-from bingo.bench.data import load_dataset  # noqa: E402
-from bingo.bench.strategies import Experiment  # noqa: E402
 from bingo.bench.strategies.oneshot import BINGO  # noqa: E402
-from bingo.bench.training import TrainConfig, evaluate, train  # noqa: E402
-from bingo.compensation import suggested_calibration_samples  # noqa: E402
+from bingo.bench.training import TrainConfig, evaluate  # noqa: E402
 from bingo.io import atomic_write  # noqa: E402
 from bingo.scoring import MAGNITUDE_WEIGHT, bingo_scores  # noqa: E402
-from search_budget import TASKS  # noqa: E402  (the same five tasks and recipes)
+from search_budget import TASKS, trained  # noqa: E402  (the same five tasks and recipes)
 
 OUT = ROOT / "benchmarks/results/blend_weight"
 REPORT = ROOT / "benchmarks/results/blend_weight.md"
@@ -49,13 +43,8 @@ def measure(data_name: str, model_name: str, recipe: TrainConfig, seed: int) -> 
     path = OUT / f"{data_name}-{model_name}-seed-{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    torch.set_num_threads(1)
-    recipe = dataclasses.replace(recipe, seed=seed)
-    experiment = Experiment(load_dataset(data_name, seed=seed), model_name, recipe, seed, progress=False)
-    model = experiment.new_model()
-    search = bingo.TicketSearch(model, config=BINGO.search, seed=seed)
-    train(model, experiment.data, recipe, search=search, progress=False)
-    calibration = experiment.calibration(suggested_calibration_samples(model, experiment.calibration(1), minimum=1024))
+    experiment, model, search, calibration = trained(
+        data_name, model_name, recipe, seed, lambda net: bingo.TicketSearch(net, config=BINGO.search, seed=seed))
     significance = search.significance()
     rows = []
     for weight in WEIGHTS:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from bingo.bench.strategies import Experiment  # noqa: E402
 from bingo.bench.strategies.oneshot import BINGO  # noqa: E402
 from bingo.bench.training import TrainConfig, train  # noqa: E402
 from bingo.compensation import suggested_calibration_samples  # noqa: E402
+from bingo.estimators.fake_pass import auto_every  # noqa: E402
 from bingo.estimators.hybrid import HybridEstimator  # noqa: E402
 from bingo.io import atomic_write  # noqa: E402
 from bingo.scoring import MAGNITUDE_WEIGHT, bingo_scores  # noqa: E402
@@ -67,26 +67,33 @@ TASKS = (
 )
 
 
-def every_for(layers: int, budget: float) -> int:
-    """``auto_every`` for another budget: ``ceil((1 + layers) / (3 × budget))``."""
-    return max(1, math.ceil((1 + layers) / (3 * budget)))
+def trained(data_name: str, model_name: str, recipe: TrainConfig, seed: int, make_searches):
+    """One training run of a task and seed carrying ``make_searches(model)``'s searches (a dict or one search).
+
+    Returns ``(experiment, model, searches, calibration inputs)``: the
+    calibration set as the ``bingo`` method sizes it.
+    """
+    torch.set_num_threads(1)
+    recipe = dataclasses.replace(recipe, seed=seed)
+    experiment = Experiment(load_dataset(data_name, seed=seed), model_name, recipe, seed, progress=False)
+    model = experiment.new_model()
+    searches = make_searches(model)
+    train(model, experiment.data, recipe, search=list(searches.values()) if isinstance(searches, dict) else searches, progress=False)
+    calibration = experiment.calibration(suggested_calibration_samples(model, experiment.calibration(1), minimum=1024))
+    return experiment, model, searches, calibration
 
 
 def measure(data_name: str, model_name: str, recipe: TrainConfig, seed: int) -> dict:
     path = OUT / f"{data_name}-{model_name}-seed-{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    torch.set_num_threads(1)
-    recipe = dataclasses.replace(recipe, seed=seed)
-    experiment = Experiment(load_dataset(data_name, seed=seed), model_name, recipe, seed, progress=False)
-    model = experiment.new_model()
-    layers = len(bingo.TicketSearch(model, config=BINGO.search).layers)
-    searches = {name: bingo.TicketSearch(model, config=dataclasses.replace(
-                    BINGO.search, estimator=HybridEstimator(decay=decay, update_every=k), every=every_for(layers, budget)), seed=seed)
+    def make_searches(model):
+        layers = len(bingo.TicketSearch(model, config=BINGO.search).layers)
+        return {name: bingo.TicketSearch(model, config=dataclasses.replace(
+                    BINGO.search, estimator=HybridEstimator(decay=decay, update_every=k), every=auto_every(layers, budget)), seed=seed)
                 for name, k, decay, budget in VARIANTS}
-    train(model, experiment.data, recipe, search=list(searches.values()), progress=False)
-    samples = suggested_calibration_samples(model, experiment.calibration(1), minimum=1024)
-    calibration = experiment.calibration(samples)
+
+    experiment, model, searches, calibration = trained(data_name, model_name, recipe, seed, make_searches)
     rows = []
     for name, search in searches.items():
         scores = bingo_scores(search.significance(), model, MAGNITUDE_WEIGHT, granularity="weight")

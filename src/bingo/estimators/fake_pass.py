@@ -264,8 +264,8 @@ def subset_size(search: TicketSearch, key: str) -> int:
 PROBE_BUDGET = 0.05
 
 
-def auto_every(layers: int) -> int:
-    """The probe interval that keeps fake passes at about :data:`PROBE_BUDGET` of training compute.
+def auto_every(layers: int, budget: float = PROBE_BUDGET) -> int:
+    """The probe interval that keeps fake passes at about ``budget`` (:data:`PROBE_BUDGET`) of training compute.
 
     A step with fake passes runs ``1 + layers`` forwards (the intact model,
     then one per probed layer); a training step costs about three forwards
@@ -273,7 +273,7 @@ def auto_every(layers: int) -> int:
     27 for LeNet-300-100's three layers, 114 for a 16-layer ResNet, where
     probing every 10th step made the search cost more than half of training.
     """
-    return max(1, math.ceil((1 + layers) / (3 * PROBE_BUDGET)))
+    return max(1, math.ceil((1 + layers) / (3 * budget)))
 
 
 def due(search: TicketSearch) -> bool:
