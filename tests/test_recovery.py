@@ -27,7 +27,7 @@ def test_recovery_trains_exactly_n_masked_steps_and_charges_them():
     dense, _ = strategy.trained(experiment)
     assert recovered.train_steps == plain.train_steps + 7 == dense.cost.steps + 7
     assert recovered.forward_passes == plain.forward_passes + 7
-    assert recovered.seconds > plain.seconds
+    # wall seconds are not compared: two runs' times swing on a shared machine (CI saw the plain run 17x slower)
     # the masks stay on: pruned weights are still zero, and the kept ones moved
     assert recovered.masks.keys() == plain.masks.keys()
     assert all(torch.equal(recovered.masks[key], plain.masks[key]) for key in plain.masks)  # the same prune
