@@ -210,6 +210,7 @@ class TicketSearch:
         #: False runs the whole model every time. Checked on the first step with fake passes (``reuse_checked``).
         self.reuse_activations = True
         self.reuse_checked = False
+        self._device_checked = False  # step() refuses a meta model (values are read); checked on the first call
         self.theta0 = {key: weight_of(module, key).detach().clone() for key, module in layers.items()}
         self.theta0_bias: dict[str, torch.Tensor] = {}  # neurons: a probed unit's bias is reset too
         if config.granularity == "neuron":
@@ -267,8 +268,10 @@ class TicketSearch:
         gradients, buffers, train/eval flags and the global RNG are exactly as
         before the call.
         """
-        if any(t.is_meta for t in self.theta0.values()) or model_device(self.model).type == "meta":
-            raise ConfigError(f"search.step: model {META_DEVICE}, then build the TicketSearch over it")
+        if not self._device_checked:  # once: walking the parameters every step cost ~1% of a small model's training
+            if any(t.is_meta for t in self.theta0.values()) or model_device(self.model).type == "meta":
+                raise ConfigError(f"search.step: model {META_DEVICE}, then build the TicketSearch over it")
+            self._device_checked = True
         batch = _batch(inputs_or_closure, targets)
         wait = _device_wait(self.theta0) if self.synchronize else None
         if wait:
