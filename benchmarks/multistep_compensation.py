@@ -9,9 +9,14 @@ and one plain dense run (for compensated magnitude), each then pruned with
 no retraining at 90 / 95 / 98% by :func:`bingo.multistep.prune_in_steps` with
 K = 1, 2, 4, 8 steps up the cubic schedule, re-scoring before every step:
 
-- ``bingo``: :func:`bingo.bingo_scores` of the search's significance (fixed:
+- ``bingo``: the harness's ``bingo`` method with ``compensation_steps=K``:
+  the magnitude weight of the blend chosen per sparsity on the validation
+  split, each candidate weight judged after its own K-step prune
+  (:func:`bingo.choose_magnitude_weight` with ``prune_with``), every
+  candidate's calibration passes and validation forwards charged;
+- ``bingo, m = 0.5``: :func:`bingo.bingo_scores` of the search's significance (fixed:
   it was measured during training) and the re-fitted weights' magnitude
-  (the rank blend, ``magnitude_weight`` 0.5);
+  at the fixed equal blend;
 - ``magnitude+compensation``: ``|w|`` of the re-fitted weights.
 
 Every re-fit aims at the dense network's layer outputs on the harness's
@@ -28,6 +33,7 @@ interrupted run resumes with the seeds it has.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -37,11 +43,11 @@ import torch
 
 from bingo.compensation import suggested_calibration_samples
 from bingo.io import atomic_write
-from bingo.multistep import prune_in_steps
+from bingo.multistep import prune_in_steps, step_sparsities
 from bingo.scoring import MAGNITUDE_WEIGHT, bingo_scores, magnitude_scores
 from bingo.bench.data import load_dataset
 from bingo.bench.strategies import Experiment
-from bingo.bench.strategies.oneshot import BingoStrategy
+from bingo.bench.strategies.oneshot import BINGO, BingoStrategy
 from bingo.bench.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,11 +61,20 @@ RECIPE = TrainConfig(epochs=3, batch_size=128, lr=1.2e-3, optimizer="adam")
 MIN_CALIBRATION = 1024  # the harness's default calibration_samples
 
 
+#: the rows' method names: the ``bingo`` method itself, and its score at the fixed blend (recorded as "bingo")
+CHOSEN, FIXED = "bingo (m chosen)", "bingo"
+LABELS = {CHOSEN: "bingo", FIXED: "bingo, m = 0.5", "magnitude+compensation": "magnitude+compensation"}
+
+
 def measure(seed: int) -> dict:
     """Every (method, sparsity, K) row of one seed, computed or read back from its JSON file."""
     path = OUT / f"seed-{seed}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if not any(row["method"] == CHOSEN for row in record["rows"]):  # a file from before the chosen blend's rows
+            record["rows"] += chosen_rows(seed)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        return record
     torch.set_num_threads(1)
     experiment = Experiment(load_dataset("fashion-mnist"), "lenet300", RECIPE, seed, progress=False)
     searched, _ = BingoStrategy().trained(experiment)
@@ -81,10 +96,31 @@ def measure(seed: int) -> dict:
                              "calibration_forwards": result.forward_passes, "solve_flops": result.solve_flops,
                              "seconds": result.seconds, "step_sparsities": list(result.sparsities)})
                 print(f"seed {seed} {method} {sparsity:g} K={steps}: {rows[-1]['accuracy']:.4f}", file=sys.stderr)
+    rows += chosen_rows(seed)
     record = {"seed": seed, "calibration_samples": samples, "dense": {m: experiment.evaluate(d.model) for m, (d, _) in sources.items()},
               "dense_train_forwards": plain.cost.forward_passes, "rows": rows}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
+
+
+def chosen_rows(seed: int) -> list[dict]:
+    """The ``bingo`` method's rows (its blend chosen per sparsity on validation) for every K, as ``bingo compare`` runs it."""
+    torch.set_num_threads(1)
+    experiment = Experiment(load_dataset("fashion-mnist"), "lenet300", RECIPE, seed, progress=False)
+    rows = []
+    for steps in STEPS:
+        config = dataclasses.replace(BINGO, compensation=dataclasses.replace(BINGO.compensation, compensation_steps=steps))
+        strategy = BingoStrategy(config)
+        dense, _ = strategy.trained(experiment)  # one training run, cached by the experiment for every K
+        for outcome in strategy.run(experiment, list(SPARSITIES)):
+            rows.append({"method": CHOSEN, "sparsity": outcome.sparsity, "steps": steps, "accuracy": outcome.accuracy,
+                         "calibration_forwards": outcome.forward_passes - dense.cost.forward_passes,
+                         "solve_flops": outcome.solve_flops, "seconds": outcome.prune_seconds,
+                         "magnitude_weight": outcome.magnitude_weight,
+                         "step_sparsities": list(step_sparsities(outcome.sparsity, steps))})
+            print(f"seed {seed} {CHOSEN} {outcome.sparsity:g} K={steps}: {outcome.accuracy:.4f} (m = {outcome.magnitude_weight})",
+                  file=sys.stderr)
+    return rows
 
 
 def _mean(values: list[float]) -> float:
@@ -108,18 +144,19 @@ def report(records: list[dict]) -> str:
 
     head = "| method | K | " + " | ".join(f"{s:g}" for s in SPARSITIES) + " |"
     lines = [head, "|:---|---:|" + "---:|" * len(SPARSITIES)]
-    for method in ("bingo", "magnitude+compensation"):
+    for method in LABELS:
         for steps in STEPS:
-            lines.append(f"| {method} | {steps} | " + " | ".join(_cell(ours(method, s, steps)) for s in SPARSITIES) + " |")
+            lines.append(f"| {LABELS[method]} | {steps} | " + " | ".join(_cell(ours(method, s, steps)) for s in SPARSITIES) + " |")
     lines.append("| gmp (curve benchmark, same seeds) | — | " + " | ".join(_cell(curve_accuracy("gmp", s)) for s in SPARSITIES) + " |")
     gaps = ["| bingo − gmp, points | K | " + " | ".join(f"{s:g}" for s in SPARSITIES) + " |", "|:---|---:|" + "---:|" * len(SPARSITIES)]
-    for steps in STEPS:
-        gaps.append(f"| bingo | {steps} | " + " | ".join(
-            f"{100 * (_mean(ours('bingo', s, steps)) - _mean(curve_accuracy('gmp', s))):+.1f}" for s in SPARSITIES) + " |")
+    for method in (CHOSEN, FIXED):
+        for steps in STEPS:
+            gaps.append(f"| {LABELS[method]} | {steps} | " + " | ".join(
+                f"{100 * (_mean(ours(method, s, steps)) - _mean(curve_accuracy('gmp', s))):+.1f}" for s in SPARSITIES) + " |")
     cost = ["| method | K | calibration forward calls (all 3 sparsities) | ÷ dense training's forward calls | solve GFLOPs | seconds |",
             "|:---|---:|---:|---:|---:|---:|"]
     dense_forwards = _mean([r["dense_train_forwards"] for r in records])
-    for method in ("bingo", "magnitude+compensation"):
+    for method in LABELS:
         for steps in STEPS:
             calls = _mean([sum(row["calibration_forwards"] for row in rec["rows"] if row["method"] == method and row["steps"] == steps)
                            for rec in records])
@@ -127,11 +164,11 @@ def report(records: list[dict]) -> str:
                            for rec in records])
             secs = _mean([sum(row["seconds"] for row in rec["rows"] if row["method"] == method and row["steps"] == steps)
                           for rec in records])
-            cost.append(f"| {method} | {steps} | {calls:.0f} | {calls / dense_forwards:.3f} | {flops / 1e9:.1f} | {secs:.1f} |")
+            cost.append(f"| {LABELS[method]} | {steps} | {calls:.0f} | {calls / dense_forwards:.3f} | {flops / 1e9:.1f} | {secs:.1f} |")
     matches = all(
         abs(row["accuracy"] - next(r["accuracy"] for r in curve["runs"] if r["method"] == "bingo" and r["seed"] == rec["seed"]
                                    and r["sparsity"] == row["sparsity"])) < 1e-9
-        for rec in records for row in rec["rows"] if row["method"] == "bingo" and row["steps"] == 1)
+        for rec in records for row in rec["rows"] if row["method"] == CHOSEN and row["steps"] == 1)
     dense = ", ".join(f"seed {r['seed']}: {r['dense']['bingo']:.4f} (searched) / {r['dense']['magnitude+compensation']:.4f} (plain)"
                       for r in records)
     return f"""# Multi-step compensation without training (Fashion-MNIST, LeNet-300-100)

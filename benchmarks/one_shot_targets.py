@@ -71,6 +71,8 @@ FINETUNES = {
 }
 MULTISTEP = "multistep_compensation"
 MULTISTEP_BENCHMARK = "fashion-mnist-lenet300"  #: the benchmark (and seeds) multistep_compensation.py prunes
+#: its rows' methods as the table names them: the ``bingo`` method (blend chosen per candidate), and its fixed equal blend
+MULTISTEP_NAMES = {"bingo (m chosen)": "bingo", "bingo": "bingo (m = 0.5)"}
 
 TARGETS = {
     "a": "compensated `bingo`, no retraining, ≥ compensated magnitude (80–95%)",
@@ -252,7 +254,8 @@ def multistep_results(root: Path) -> dict | None:
         steps = seed_rows.get("dense_train_forwards", 0)
         dense.append({"seed": seed, "accuracy": seed_rows["dense"]["bingo"], "seconds": 0.0, "train_steps": steps,
                       "forward_passes": steps})
-        runs += [{"method": f"{row['method']}, {row['steps']}-step compensation", "seed": seed, "sparsity": row["sparsity"],
+        runs += [{"method": f"{MULTISTEP_NAMES.get(row['method'], row['method'])}, {row['steps']}-step compensation",
+                  "seed": seed, "sparsity": row["sparsity"],
                   "accuracy": row["accuracy"], "seconds": row.get("seconds", 0.0), "train_steps": 0,
                   "forward_passes": row.get("calibration_forwards", 0)} for row in seed_rows["rows"]]
     return {"settings": {}, "dense": dense, "runs": runs}
@@ -271,8 +274,8 @@ def extreme_checks(root: Path) -> list[Check]:
     multistep = multistep_results(root)
     if multistep is None:
         return rows + [_not_measured("d", benchmark, f"no {MULTISTEP}/seed-*.json (multi-step compensation)")]
-    names = sorted({r["method"] for r in multistep["runs"] if r["method"].startswith("bingo, ")},
-                   key=lambda m: int(m.removeprefix("bingo, ").split("-")[0]))
+    names = sorted({r["method"] for r in multistep["runs"] if r["method"].startswith("bingo")},
+                   key=lambda m: (m.startswith("bingo ("), int(m.rpartition(", ")[2].split("-")[0])))
     for name in names:
         if name != "bingo, 1-step compensation":  # K = 1 is the one-step prune of the row above, recomputed
             # the candidate's runs and GMP's sit in different files; compare() takes the seeds both have

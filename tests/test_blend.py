@@ -91,3 +91,35 @@ def test_bad_arguments_are_one_line_config_errors(case):
         bingo.choose_magnitude_weight(model, significance, 0.5, lambda m: 1.0, weights=(0.5, 1.5))
     with pytest.raises(ConfigError, match=r"^unknown scope 'all'"):
         bingo.choose_magnitude_weight(model, significance, 0.5, lambda m: 1.0, scope="all")
+
+
+def test_prune_with_prunes_each_candidate_its_own_way_and_can_rescore_the_changed_weights(case):
+    model, significance = case
+    calls = []
+
+    def in_two_steps(candidate, scores):
+        bingo.prune(candidate, scores(candidate), 0.25)
+        with torch.no_grad():  # as a re-fit would: the second step's magnitude sees the changed weights
+            candidate[2].weight_orig.mul_(3.0)
+        masks = bingo.prune(candidate, scores(candidate), 0.5)
+        calls.append(candidate)
+        return masks
+
+    values = {0.0: 0.1, 0.25: 0.2, 0.5: 0.3, 0.75: 0.9, 1.0: 0.4}
+    judged_by_weight = {}
+
+    def judge(candidate):
+        weight = sorted(bingo.BLEND_WEIGHTS, reverse=True)[len(judged_by_weight)]
+        judged_by_weight[weight] = candidate
+        return values[weight]
+
+    choice = bingo.choose_magnitude_weight(model, significance, 0.5, judge, prune_with=in_two_steps)
+    assert choice.magnitude_weight == 0.75 and len(calls) == 5 and choice.model is judged_by_weight[0.75]
+    by_hand = model_and_significance()[0]
+    bingo.prune(by_hand, bingo.bingo_scores(significance, by_hand, 0.75), 0.25)
+    with torch.no_grad():
+        by_hand[2].weight_orig.mul_(3.0)
+    expected_masks = bingo.prune(by_hand, bingo.bingo_scores(significance, by_hand, 0.75), 0.5)
+    assert all(torch.equal(choice.masks[key], expected_masks[key]) for key in expected_masks)
+    with pytest.raises(ConfigError, match=r"^choose_magnitude_weight: prune_with must be a function \(model, scores\) -> masks, got int$"):
+        bingo.choose_magnitude_weight(model, significance, 0.5, judge, prune_with=3)

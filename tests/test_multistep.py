@@ -157,7 +157,7 @@ def test_harness_steps_are_prune_in_steps_with_the_method_s_rescoring(method):
     from bingo.bench.training import TrainConfig
 
     experiment = Experiment(load_dataset("digits"), "mlp", TrainConfig(epochs=1), 0, progress=False)
-    preset = BINGO if method == "bingo" else OneShotConfig()
+    preset = dataclasses.replace(BINGO, magnitude_weight=0.5) if method == "bingo" else OneShotConfig()
     config = dataclasses.replace(preset, compensation=CompensationConfig(compensate=True, compensation_steps=3))
     strategy = get_strategy(method, config)
     outcome = next(iter(strategy.run(experiment, [0.9])))
@@ -175,6 +175,37 @@ def test_harness_steps_are_prune_in_steps_with_the_method_s_rescoring(method):
         assert torch.equal(p, q), name
     assert outcome.accuracy == experiment.evaluate(by_hand)
     assert outcome.forward_passes == dense.cost.forward_passes + result.forward_passes
+
+
+def test_bingo_s_chosen_blend_judges_each_weight_after_its_own_multi_step_prune():
+    import dataclasses
+
+    from bingo.bench.data import load_dataset
+    from bingo.bench.strategies import BINGO, CompensationConfig, Experiment, get_strategy
+    from bingo.bench.strategies.oneshot import EVALUATION_BATCH
+    from bingo.bench.training import TrainConfig, evaluate
+
+    experiment = Experiment(load_dataset("digits"), "mlp", TrainConfig(epochs=1), 0, progress=False)
+    config = dataclasses.replace(BINGO, compensation=CompensationConfig(compensate=True, compensation_steps=2))
+    strategy = get_strategy("bingo", config)
+    outcome = next(iter(strategy.run(experiment, [0.9])))
+
+    dense, _ = strategy.trained(experiment)
+    significance = dense.search.significance()
+    data = experiment.data
+    samples = bingo.suggested_calibration_samples(dense.model, experiment.calibration(1), minimum=1024)
+    judged, passes = {}, 0
+    for weight in sorted(bingo.BLEND_WEIGHTS, reverse=True):
+        by_hand = copy.deepcopy(dense.model)
+        result = prune_in_steps(by_hand, lambda m, w=weight: bingo.bingo_scores(significance, m, w), 0.9,
+                                experiment.calibration(samples), steps=2, seed=0, reference=dense.model)
+        judged[weight] = (evaluate(by_hand, data.x_val, data.y_val, batch_size=EVALUATION_BATCH), by_hand)
+        passes += result.forward_passes + -(-len(data.x_val) // EVALUATION_BATCH)
+    best = max(judged, key=lambda w: (judged[w][0], w))  # ties to the larger weight
+    assert outcome.magnitude_weight == best
+    for (name, p), (_, q) in zip(outcome.model.state_dict().items(), judged[best][1].state_dict().items()):
+        assert torch.equal(p, q), name
+    assert outcome.forward_passes == dense.cost.forward_passes + passes  # every candidate's steps and judgement charged
 
 
 def test_compensation_steps_is_recorded_only_when_not_one():

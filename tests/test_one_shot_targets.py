@@ -59,8 +59,9 @@ def root(tmp_path: Path) -> Path:
     multistep = tmp_path / "multistep_compensation"
     multistep.mkdir()
     for seed in (0, 1):
-        rows = [{"method": "bingo", "sparsity": 0.98, "steps": k, "accuracy": acc, "calibration_forwards": 28 * k, "seconds": 1.0}
-                for k, acc in ((1, 0.80), (4, 0.79))]
+        rows = [{"method": "bingo (m chosen)", "sparsity": 0.98, "steps": k, "accuracy": acc, "calibration_forwards": 28 * k,
+                 "seconds": 1.0} for k, acc in ((1, 0.80), (4, 0.79))]
+        rows.append({"method": "bingo", "sparsity": 0.98, "steps": 4, "accuracy": 0.81, "calibration_forwards": 1, "seconds": 1.0})
         rows.append({"method": "magnitude+compensation", "sparsity": 0.98, "steps": 4, "accuracy": 0.5, "calibration_forwards": 1, "seconds": 1.0})
         (multistep / f"seed-{seed}.json").write_text(json.dumps({"seed": seed, "dense": {"bingo": 0.9, "magnitude+compensation": 0.9},
                                                                  "dense_train_forwards": 100, "rows": rows}))
@@ -87,6 +88,8 @@ def test_hits_misses_and_margins_by_hand(root):
     assert d.outcome == "hit" and d.margin == pytest.approx(0.0)
     d4 = rows[("d", lenet, 0.98, "bingo, 4-step compensation")]
     assert (d4.outcome, d4.seeds, d4.margin) == ("MISS", 2, pytest.approx(-0.01))
+    fixed = rows[("d", lenet, 0.98, "bingo (m = 0.5), 4-step compensation")]  # the benchmark's fixed-blend rows, named so
+    assert (fixed.outcome, fixed.margin) == ("hit", pytest.approx(0.01))
     rounded = rows[("a", "digits-conv", 0.9, "bingo")]
     assert rounded.candidate_mean < rounded.baseline_mean and rounded.outcome == "hit"
     assert ("d", lenet, 0.98, "bingo, 1-step compensation") not in rows  # the one-step row is already there
@@ -116,5 +119,5 @@ def test_report_summary_and_file(root):
     assert "**0/1 hit**" in summary["a′"] and "1 n/a" in summary["a′"]  # lenet300 at 0.9 misses; tokens n/a
     assert "**0/1 hit**" in summary["b"]
     assert "**1/1 hit**" in summary["c"]
-    assert "**1/2 hit**" in summary["d"] and "bingo, 4-step compensation -1.00 points" in summary["d"]
+    assert "**2/3 hit**" in summary["d"] and "bingo, 4-step compensation -1.00 points" in summary["d"]
     assert "| b | digits-conv | — | — | — | — | — | — | — | not measured: no finetune_ranking/digits-conv/default/results.json |" in text

@@ -55,6 +55,7 @@ def choose_magnitude_weight(
     scope: str = "global",
     seed: int = 0,
     granularity: str | None = None,
+    prune_with: Callable[[nn.Module, Callable[[nn.Module], dict[str, torch.Tensor]]], Mapping[str, torch.Tensor]] | None = None,
 ) -> BlendChoice:
     """Prune a copy of ``model`` at each magnitude weight in ``weights``; keep the one ``judge`` rates highest.
 
@@ -66,11 +67,21 @@ def choose_magnitude_weight(
     held-out data, not the test set. Ties (and NaN judgements, which never
     win) go to the larger weight, the one closer to plain magnitude. ``model``
     itself is not changed.
+
+    ``prune_with(candidate, scores) -> masks`` says how a candidate is pruned,
+    given the copy and its blended score as a function of the weights
+    (``scores(model) -> {key: tensor}``, so a prune that re-fits between steps
+    can re-score); default: ``bingo.prune(candidate, scores(candidate),
+    sparsity, scope, seed=seed)``, one shot. For a multi-step prune,
+    ``lambda m, s: prune_in_steps(m, s, sparsity, calibration, steps=4).masks``
+    (it re-fits as it goes, so the judge only measures).
     """
     check_model("choose_magnitude_weight", model)
     significance = check_scores("choose_magnitude_weight", dict(significance))
     if not callable(judge):
         raise ConfigError(f"choose_magnitude_weight: judge must be a function model -> number (higher = better), got {type(judge).__name__}")
+    if prune_with is not None and not callable(prune_with):
+        raise ConfigError(f"choose_magnitude_weight: prune_with must be a function (model, scores) -> masks, got {type(prune_with).__name__}")
     if not isinstance(weights, (tuple, list)) or not weights:
         raise ConfigError(f"choose_magnitude_weight: weights must be a non-empty tuple of magnitude weights in [0, 1], got {weights!r}")
     tried = sorted({check_magnitude_weight(w) for w in weights}, reverse=True)  # the larger first: ties stay with it
@@ -79,8 +90,14 @@ def choose_magnitude_weight(
     judged: dict[float, float] = {}
     for weight in tried:
         candidate = copy.deepcopy(model)
-        scores = bingo_scores(significance, candidate, weight, granularity=granularity)
-        masks = prune(candidate, scores, sparsity, scope, seed=seed)
+
+        def scores(pruned: nn.Module, weight: float = weight) -> dict[str, torch.Tensor]:
+            return bingo_scores(significance, pruned, weight, granularity=granularity)
+
+        if prune_with is None:
+            masks = prune(candidate, scores(candidate), sparsity, scope, seed=seed)
+        else:
+            masks = dict(prune_with(candidate, scores))
         value = float(judge(candidate))
         judged[weight] = value
         if best is None or (not math.isnan(value) and (math.isnan(best[1]) or value > best[1])):

@@ -125,15 +125,13 @@ class OneShotStrategy(Strategy):
             start = time.perf_counter()
             groups = experiment.coupled_groups() if self.config.granularity == "neuron" else []
             settings = self.config.compensation
-            if settings.compensate and settings.compensation_steps > 1 and not groups:
-                stepped = prune_in_steps(
-                    model, self.step_scores(dense, scores), sparsity, experiment.calibration(self._calibration_samples(experiment, model)),
-                    steps=settings.compensation_steps, scope=self.config.scope, seed=experiment.seed, reference=dense.model,
-                    solver=settings.solver, batchnorm=settings.batchnorm)
-                yield self._deliver(experiment, dense, model, stepped.masks, sparsity, time.perf_counter() - start,
-                                    stepped.forward_passes, stepped.solve_flops)
-                continue
+            stepped = settings.compensate and settings.compensation_steps > 1 and not groups
             choice = None if groups else self.choose_blend(experiment, dense, sparsity)
+            if stepped and choice is None:
+                result = self._prune_in_steps(experiment, dense, model, self.step_scores(dense, scores), sparsity)
+                yield self._deliver(experiment, dense, model, result.masks, sparsity, time.perf_counter() - start,
+                                    result.forward_passes, result.solve_flops)
+                continue
             if choice is not None:  # pruned and compensated at each blend weight; the best on validation data
                 model, masks, calls, flops, weight = choice
                 yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops,
@@ -149,6 +147,14 @@ class OneShotStrategy(Strategy):
     def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
         """``(model, masks, calibration passes, solve FLOPs, magnitude weight)`` where the blend is chosen per sparsity, else None."""
         return None
+
+    def _prune_in_steps(self, experiment: Experiment, dense: DenseRun, model: nn.Module, scores, sparsity: float | str):
+        """:func:`bingo.prune_in_steps` of ``model`` with this config's compensation settings, re-fitting to the dense run."""
+        settings = self.config.compensation
+        return prune_in_steps(
+            model, scores, sparsity, experiment.calibration(self._calibration_samples(experiment, model)),
+            steps=settings.compensation_steps, scope=self.config.scope, seed=experiment.seed, reference=dense.model,
+            solver=settings.solver, batchnorm=settings.batchnorm)
 
     def step_scores(self, dense: DenseRun, scores: dict[str, torch.Tensor]):
         """What a multi-step prune ranks by before each step: ``scores`` as they are (overridden where a score reads the weights)."""
@@ -239,7 +245,7 @@ class BingoConfig:
     """
 
     search: SearchConfig = field(default=BINGO_SEARCH, metadata={"help": "ticket search settings"})
-    magnitude_weight: float | None = field(default=None, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend; none given (bingo's preset): chosen per sparsity among 0, 0.25, 0.5, 0.75, 1 by validation accuracy after compensation (bingo.choose_magnitude_weight; 0.5 where there is no validation split, no compensation, a multi-step or a coupled prune)"})
+    magnitude_weight: float | None = field(default=None, metadata={"help": "weight of the magnitude rank in the final score, in [0, 1]: 0 = the search's significance alone, 0.5 = equal rank blend; none given (bingo's preset): chosen per sparsity among 0, 0.25, 0.5, 0.75, 1 by validation accuracy after compensation (bingo.choose_magnitude_weight; each candidate judged as delivered, multi-step prunes included; 0.5 where there is no validation split, no compensation, or a coupled prune)"})
     finetune_epochs: int = field(default=0, metadata={"help": "epochs of masked fine-tuning after the prune (charged to the method)"})
     scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021); block: prune each block (the path up to its first numeric index, e.g. h.0) to the sparsity, one ranking inside it", "choices": SCOPES})
     # On by default: without retraining, re-fitting the survivors is what makes a one-shot prune hold up (BENCHMARKS.md).
@@ -308,23 +314,34 @@ class BingoStrategy(OneShotStrategy):
     def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
         """With ``magnitude_weight=None`` and compensation on: :func:`bingo.choose_magnitude_weight` on the validation split.
 
-        Each candidate is compensated as the delivered network is, then its
-        validation accuracy judged; every candidate's calibration passes and
-        solves, and its validation forwards, are charged to the outcome.
+        Each candidate is compensated as the delivered network is (in
+        ``compensation_steps`` prune-and-refit steps where that is more than
+        one, re-scored by its own blend before each), then its validation
+        accuracy judged; every candidate's calibration passes and solves, and
+        its validation forwards, are charged to the outcome.
         """
         data, settings = experiment.data, self.config.compensation
         if self.config.magnitude_weight is not None or not settings.compensate or len(data.x_val) == 0:
             return None
         calls, flops = 0, 0.0
+        prune_with = None
+        if settings.compensation_steps > 1:
+            def prune_with(candidate: nn.Module, scores) -> dict[str, torch.Tensor]:
+                nonlocal calls, flops
+                result = self._prune_in_steps(experiment, dense, candidate, scores, sparsity)
+                calls, flops = calls + result.forward_passes, flops + result.solve_flops
+                return result.masks
 
         def judge(candidate: nn.Module) -> float:
             nonlocal calls, flops
-            more, solves = self._compensate(experiment, dense, candidate)
-            calls, flops = calls + more + math.ceil(len(data.x_val) / EVALUATION_BATCH), flops + solves
+            if prune_with is None:  # a multi-step prune has re-fitted already
+                more, solves = self._compensate(experiment, dense, candidate)
+                calls, flops = calls + more, flops + solves
+            calls += math.ceil(len(data.x_val) / EVALUATION_BATCH)
             return evaluate(candidate, data.x_val, data.y_val, batch_size=EVALUATION_BATCH)
 
         choice = choose_magnitude_weight(dense.model, dense.search.significance(), sparsity, judge, scope=self.config.scope,
-                                         seed=experiment.seed, granularity=self.config.granularity)
+                                         seed=experiment.seed, granularity=self.config.granularity, prune_with=prune_with)
         return choice.model, choice.masks, calls, flops, choice.magnitude_weight
 
     def extras(self, experiment: Experiment) -> dict[str, dict]:
