@@ -324,13 +324,13 @@ class BingoStrategy(OneShotStrategy):
         if self.config.magnitude_weight is not None or not settings.compensate or len(data.x_val) == 0:
             return None
         calls, flops = 0, 0.0
-        prune_with = None
-        if settings.compensation_steps > 1:
-            def prune_with(candidate: nn.Module, scores) -> dict[str, torch.Tensor]:
-                nonlocal calls, flops
-                result = self._prune_in_steps(experiment, dense, candidate, scores, sparsity)
-                calls, flops = calls + result.forward_passes, flops + result.solve_flops
-                return result.masks
+        def in_steps(candidate: nn.Module, scores) -> dict[str, torch.Tensor]:
+            nonlocal calls, flops
+            result = self._prune_in_steps(experiment, dense, candidate, scores, sparsity)
+            calls, flops = calls + result.forward_passes, flops + result.solve_flops
+            return result.masks
+
+        prune_with = in_steps if settings.compensation_steps > 1 else None
 
         def judge(candidate: nn.Module) -> float:
             nonlocal calls, flops
