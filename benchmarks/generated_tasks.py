@@ -11,7 +11,9 @@ Three tasks from :mod:`bingo.bench.generated` (``--data`` names, seed 0, no down
 ``--resume --rerun-changed`` (an interrupted benchmark continues where it stopped):
 
 - ``methods/``: ``bingo`` (compensated, its preset), ``bingo-gradual`` and ``gmp``;
-- ``magnitude+compensation/``: one-shot magnitude with the same re-fit.
+- ``magnitude+compensation/``: one-shot magnitude with the same re-fit;
+- ``bingo-4-step/``: ``bingo`` with ``--bingo-compensation-steps 4`` (each sparsity reached in 4
+  prune-and-refit steps, its blend chosen per candidate after them; still no training).
 
 No method fine-tunes after its prune. The report's numbers are all read from
 those folders' ``results.json``.
@@ -39,6 +41,8 @@ COLUMNS = {
     "magnitude+compensation": ("magnitude+compensation", "magnitude", ["--magnitude-compensate"]),
     "bingo-gradual": ("methods", "bingo-gradual", []),
     "gmp": ("methods", "gmp", []),
+    # issue 21 item 1 on tasks other than Fashion-MNIST: the same bingo, reaching each sparsity in 4 prune-and-refit steps
+    "bingo, 4-step compensation": ("bingo-4-step", "bingo", ["--bingo-compensation-steps", "4"]),
 }
 
 
