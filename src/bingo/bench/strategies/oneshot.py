@@ -324,6 +324,7 @@ class BingoStrategy(OneShotStrategy):
         if self.config.magnitude_weight is not None or not settings.compensate or len(data.x_val) == 0:
             return None
         calls, flops = 0, 0.0
+
         def in_steps(candidate: nn.Module, scores) -> dict[str, torch.Tensor]:
             nonlocal calls, flops
             result = self._prune_in_steps(experiment, dense, candidate, scores, sparsity)
