@@ -56,11 +56,15 @@ def root(tmp_path: Path) -> Path:
     # a generated task without bingo-gradual (and without a magnitude+compensation folder), where GMP is 3 points
     # below dense: a′ does not apply
     _compare(tmp_path, "generated_tasks/tokens/methods", {("bingo", 0.8): {0: 0.90}, ("gmp", 0.8): {0: 0.94}}, {0: 0.97})
+    # the same task's 4-step bingo: at 0.8 against its GMP (3 points below dense), at 0.9 with no GMP run to face
+    _compare(tmp_path, "generated_tasks/tokens/bingo-4-step", {("bingo", 0.8): {0: 0.925}, ("bingo", 0.9): {0: 0.955}}, {0: 0.97})
     multistep = tmp_path / "multistep_compensation"
     multistep.mkdir()
     for seed in (0, 1):
         rows = [{"method": "bingo (m chosen)", "sparsity": 0.98, "steps": k, "accuracy": acc, "calibration_forwards": 28 * k,
                  "seconds": 1.0} for k, acc in ((1, 0.80), (4, 0.79))]
+        rows.append({"method": "bingo (m chosen)", "sparsity": 0.9, "steps": 4, "accuracy": 0.876, "calibration_forwards": 1,
+                     "seconds": 1.0})
         rows.append({"method": "bingo", "sparsity": 0.98, "steps": 4, "accuracy": 0.81, "calibration_forwards": 1, "seconds": 1.0})
         rows.append({"method": "magnitude+compensation", "sparsity": 0.98, "steps": 4, "accuracy": 0.5, "calibration_forwards": 1, "seconds": 1.0})
         (multistep / f"seed-{seed}.json").write_text(json.dumps({"seed": seed, "dense": {"bingo": 0.9, "magnitude+compensation": 0.9},
@@ -95,6 +99,19 @@ def test_hits_misses_and_margins_by_hand(root):
     assert ("d", lenet, 0.98, "bingo, 1-step compensation") not in rows  # the one-step row is already there
     # only 80–95% for a–c
     assert {r.sparsity for r in rows.values() if r.target in ("a", "a′", "c") and r.benchmark == lenet} == {0.9}
+
+
+def test_four_step_rows_from_the_stepped_folder_and_from_the_multistep_benchmark(root):
+    rows = _by_key(targets.checks(root))
+    lenet = rows[("a′ (4 steps)", "fashion-mnist-lenet300", 0.9, "bingo, 4 steps")]  # 0.876 ≥ 0.885 − 0.01
+    assert (lenet.outcome, lenet.seeds, lenet.margin) == ("hit", 2, pytest.approx(0.001))
+    assert lenet.source.startswith("multistep_compensation")
+    tokens = rows[("a′ (4 steps)", "tokens", 0.8, "bingo, 4 steps")]  # against the tokens GMP, 3 points below dense
+    assert (tokens.outcome, tokens.note) == ("n/a", "GMP -3.0 points from dense")
+    assert tokens.source == "generated_tasks/tokens/bingo-4-step, 3 ep"
+    assert ("a′ (4 steps)", "tokens", 0.9, "bingo, 4 steps") in rows  # measured by the stepped run, GMP not: not measured
+    assert rows[("a′ (4 steps)", "tokens", 0.9, "bingo, 4 steps")].outcome == "not measured"
+    assert not any(r.target == "a′ (4 steps)" and r.benchmark == "digits-conv" for r in rows.values())  # no stepped run there
 
 
 def test_missing_runs_are_not_measured_not_skipped(root):
