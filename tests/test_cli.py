@@ -244,6 +244,9 @@ def test_run_max_accuracy_drop(capsys, run_args, out):
     assert code == 0, err
     # where one-shot stops holding, and what goes further
     assert re.search(r"^one-shot \S+ holds the floor up to sparsity 0\.\d{4} .*beyond it, prune during training: --method bingo-gradual", stdout, flags=re.M)
+    # bingo compensates by default, so it is also pointed to the multi-step re-fit; uncompensated magnitude is not
+    assert re.search(r"^one-shot bingo holds .*without training reach --sparsity S in prune-and-refit steps: --compensation-steps 4$",
+                     stdout, flags=re.M)
     report = json.loads(out.read_text())
     [result] = report["results"]
     assert set(result) == {"sparsity", "accuracy", "validation_accuracy", "validation_floor", "evaluations", "sparsity_all_parameters",
@@ -252,6 +255,13 @@ def test_run_max_accuracy_drop(capsys, run_args, out):
     assert 0.0 <= result["validation_floor"] <= 1.0
     assert 0.0 < result["sparsity"] < 1.0
     check_accuracy(result["accuracy"])
+
+
+def test_run_max_accuracy_drop_uncompensated_is_not_pointed_to_compensation_steps(capsys, run_args):
+    code, stdout, err = call(capsys, *run_args("--method", "magnitude", "--max-accuracy-drop", "0.1", epochs=2))
+    assert code == 0, err
+    assert re.search(r"^one-shot magnitude holds the floor up to .*--method bingo-gradual --sparsity S \(one training run per target\)$",
+                     stdout, flags=re.M)
 
 
 def test_run_save_and_scores_files(capsys, run_args, out, tmp_path):

@@ -575,7 +575,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif one_shot and args.method != "bingo-gradual":  # where one-shot stops holding, and what goes further
             print(f"one-shot {args.method} holds the floor up to sparsity {floor.sparsity:.4f} (validation accuracy "
                   f"{floor.accuracy:.4f} >= {floor.floor:.4f}); beyond it, prune during training: "
-                  "--method bingo-gradual --sparsity S (one training run per target)")
+                  "--method bingo-gradual --sparsity S (one training run per target)"
+                  # multi-step re-fits went further than one jump on every benchmark measured (BENCHMARKS.md)
+                  + (", or without training reach --sparsity S in prune-and-refit steps: --compensation-steps 4"
+                     if getattr(getattr(strategy.config, "compensation", None), "compensate", False) else ""))
     for row, outcome in zip(results, outcomes):  # the prune's own time (compensation included), beside train/search seconds
         row["prune_seconds"] = outcome.prune_seconds
         if outcome.magnitude_weight is not None:  # chosen for this sparsity on the validation split
