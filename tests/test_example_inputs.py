@@ -132,3 +132,45 @@ def test_any_wrong_shape_is_a_config_error_and_the_right_one_works(shape):
             continue
         with pytest.raises(ConfigError, match=rf"^{call.__name__}: .*(one sample's shape|below 1)"):
             call(model, shape)
+
+
+def test_conv1d_and_embedding_first_layers_say_what_they_take():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14, 3))
+    with pytest.raises(ConfigError, match=r"pass one sample's shape without the batch dimension, here \(2, 16\), or an example input "
+                       r"tensor with a batch dimension, here torch\.randn\(1, 2, 16\); its first layer '0' \(Conv1d\) takes \(N, 2, L\)$"):
+        bingo.shrink(model, (1, 2, 16))
+    tokens = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(4 * 6, 2))
+    with pytest.raises(ConfigError, match=r"its first layer '0' \(Embedding\) takes \(N, \.\.\.\) integer indices in \[0, 10\)$"):
+        bingo.shrink(tokens, torch.zeros(2, 5, dtype=torch.long))  # 5 tokens where the model takes 6
+
+
+class _Scale(nn.Module):
+    """A layer type of one's own: ``y = x * w`` over the last axis."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_a_registered_layer_type_says_what_its_layer_takes():
+    from bingo.layer_types import LAYER_TYPES, LayerType, register_layer_type
+
+    class ScaleLayer(LayerType):
+        name = "Scale"
+        module_type = _Scale
+
+        def takes(self, module: nn.Module) -> str | None:
+            return f"(N, {module.weight.numel()})"
+
+    model = nn.Sequential(_Scale(4), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"its first layer '1' \(Linear\) takes \(N, \.\.\., 4\)$"):
+        bingo.shrink(model, (5,))  # not a registered type yet: not a layer bingo knows
+    register_layer_type(ScaleLayer)
+    try:
+        with pytest.raises(ConfigError, match=r"its first layer '0' \(_Scale\) takes \(N, 4\)$"):
+            bingo.shrink(model, (5,))
+    finally:
+        LAYER_TYPES.remove(next(t for t in LAYER_TYPES if isinstance(t, ScaleLayer)))

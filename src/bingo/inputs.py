@@ -30,7 +30,7 @@ from torch import nn
 
 from .distributed import unwrap
 from .errors import ConfigError
-from .layers import PRUNABLE_TYPES
+from .layer_types import layer_type_of
 
 __all__ = ["ExampleInputs", "check_runs", "example_inputs"]
 
@@ -101,29 +101,26 @@ def _as_shape(value: tuple | list | torch.Size, what: str) -> tuple[int, ...]:
 
 def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The first layer in registration order: what the model takes when its forward never reached one."""
-    return next(((name, m) for name, m in model.named_modules() if isinstance(m, (*PRUNABLE_TYPES, nn.MultiheadAttention))), None)
+    return next(((name, m) for name, m in model.named_modules() if layer_type_of(m) is not None), None)
 
 
 def _takes(module: nn.Module) -> str:
-    """What ``module`` takes as input, e.g. ``(N, 1, H, W)``."""
-    if isinstance(module, nn.Conv2d):
-        return f"(N, {module.in_channels}, H, W)"
-    if isinstance(module, nn.Conv1d):
-        return f"(N, {module.in_channels}, L)"
-    if isinstance(module, nn.Linear):
-        return f"(N, ..., {module.in_features})"
-    if isinstance(module, nn.MultiheadAttention):
-        return f"(N, L, {module.embed_dim})" if module.batch_first else f"(L, N, {module.embed_dim})"
-    return "what its forward takes"
+    """What ``module`` takes as input, e.g. ``(N, 1, H, W)``, as its layer type says."""
+    layer_type = layer_type_of(module)
+    return (layer_type.takes(module) if layer_type is not None else None) or "what its forward takes"
 
 
 def _hint(module: nn.Module | None, shape: tuple[int, ...]) -> tuple[str, str]:
     """(one sample's shape, an example tensor) to suggest for a shape given with its batch dimension."""
-    dims = {nn.Conv2d: 3, nn.Conv1d: 2}.get(type(module))
-    if dims is not None and len(shape) == dims + 1 and shape[1] == module.in_channels:
+    layer_type = layer_type_of(module) if module is not None else None
+    layout = layer_type.sample_layout(module) if layer_type is not None else None
+    if layout is None:
+        return "", ""
+    channels, dims = layout
+    if len(shape) == dims + 1 and shape[1] == channels:
         return f", here {shape[1:]}", f", here torch.randn{shape}"
-    if dims is not None and len(shape) >= dims - 1:
-        guess = (module.in_channels, *shape[len(shape) - dims + 1:])
+    if len(shape) >= dims - 1:
+        guess = (channels, *shape[len(shape) - dims + 1:])
         return ("", "") if guess == shape else (f", e.g. {guess}", "")
     return "", ""
 
@@ -138,7 +135,7 @@ def check_runs(model: nn.Module, example: ExampleInputs, what: str) -> None:
         if not called:
             called.append((names.get(module, "?"), module))
 
-    hooks = [m.register_forward_pre_hook(first) for m in model.modules() if isinstance(m, (*PRUNABLE_TYPES, nn.MultiheadAttention))]
+    hooks = [m.register_forward_pre_hook(first) for m in model.modules() if layer_type_of(m) is not None]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()

@@ -55,6 +55,9 @@ class AttentionLayer(LayerType):
     def has_units(self, module: nn.Module, name: str) -> bool:
         return False
 
+    def takes(self, module: nn.Module) -> str | None:
+        return f"(N, L, {module.embed_dim})" if module.batch_first else f"(L, N, {module.embed_dim})"
+
     def bias_name(self, module: nn.Module, name: str) -> str | None:
         return "in_proj_bias" if module.in_proj_bias is not None else None
 
@@ -91,6 +94,9 @@ class AttentionOutputLayer(LayerType):
 
     name = "MultiheadAttention.out_proj"
     module_type = NonDynamicallyQuantizableLinear
+
+    def takes(self, module: nn.Module) -> str | None:
+        return f"(N, ..., {module.in_features})"
 
     def refits(self, module: nn.Module, name: str) -> list[Refit] | str:
         return [Refit(rows=slice(None), design=_heads_output, hook_on="parent", when="post")]

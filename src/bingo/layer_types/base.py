@@ -108,6 +108,17 @@ class LayerType:
         """
         return None
 
+    def takes(self, module: nn.Module) -> str | None:
+        """What ``module`` takes as input, for error messages, e.g. ``"(N, ..., 784)"``; None where not known."""
+        return None
+
+    def sample_layout(self, module: nn.Module) -> tuple[int, int] | None:
+        """``(channels, dimensions of one sample)`` for a channels-first layer (a Conv2d: ``(C, 3)``), else None.
+
+        Lets an input-shape error guess one sample's shape from a shape given with its batch dimension.
+        """
+        return None
+
     def unit_axis(self, module: nn.Module, name: str) -> int:
         """The axis of weight ``name`` that indexes units (output features)."""
         return 0

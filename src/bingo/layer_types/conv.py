@@ -45,6 +45,12 @@ class ConvLayer(LayerType):
         channel = 1 if x.dim() == len(module.kernel_size) + 2 else 0  # batched, or one unbatched sample
         return x.shape[channel], module.in_channels, "input channels"
 
+    def takes(self, module: nn.Module) -> str | None:
+        return f"(N, {module.in_channels}, " + ("H, W)" if len(module.kernel_size) == 2 else "L)")
+
+    def sample_layout(self, module: nn.Module) -> tuple[int, int] | None:
+        return module.in_channels, 1 + len(module.kernel_size)
+
     def resized(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         new = type(module)(
             weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride, padding=module.padding,

@@ -21,6 +21,9 @@ class EmbeddingLayer(LayerType):
     maps_to_outputs = False
     takes_indices = True
 
+    def takes(self, module: nn.Module) -> str | None:
+        return f"(N, ...) integer indices in [0, {module.num_embeddings})"
+
     def bias_name(self, module: nn.Module, name: str) -> str | None:
         return None
 

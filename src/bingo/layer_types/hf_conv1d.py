@@ -37,6 +37,9 @@ class HuggingFaceConv1DLayer(LayerType):
     def input_width(self, module: nn.Module, x: torch.Tensor) -> tuple[int, int, str] | None:
         return (x.shape[-1], module.weight.shape[0], "input features") if x.dim() else None  # weight stored in × out
 
+    def takes(self, module: nn.Module) -> str | None:
+        return f"(N, ..., {module.weight.shape[0]})"
+
     def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
         return weight.T, bias  # stored in × out
 

@@ -27,6 +27,9 @@ class LinearLayer(LayerType):
     def input_width(self, module: nn.Module, x: torch.Tensor) -> tuple[int, int, str] | None:
         return (x.shape[-1], module.in_features, "input features") if x.dim() else None
 
+    def takes(self, module: nn.Module) -> str | None:
+        return f"(N, ..., {module.in_features})"
+
     def linear_form(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
         return weight, bias
 
