@@ -7,7 +7,7 @@ Fashion-MNIST, LeNet-300-100, the main benchmark's recipe (3 epochs, Adam
 search (the harness's ``bingo`` method: :class:`~bingo.bench.strategies.BingoStrategy`)
 and one plain dense run (for compensated magnitude), each then pruned with
 no retraining at 90 / 95 / 98% by :func:`bingo.multistep.prune_in_steps` with
-K = 1, 2, 4, 8 steps up the cubic schedule, re-scoring before every step:
+K = 1, 2, 4, 8, 16 steps up the cubic schedule, re-scoring before every step:
 
 - ``bingo``: the harness's ``bingo`` method with ``compensation_steps=K``:
   the magnitude weight of the blend chosen per sparsity on the validation
@@ -55,7 +55,7 @@ OUT = ROOT / "benchmarks/results/multistep_compensation"
 REPORT = ROOT / "benchmarks/results/multistep_compensation.md"
 CURVE = ROOT / "benchmarks/results/curve/fashion-mnist-lenet300/methods/results.json"
 SPARSITIES = (0.9, 0.95, 0.98)
-STEPS = (1, 2, 4, 8)
+STEPS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)  # the curve benchmark's three
 RECIPE = TrainConfig(epochs=3, batch_size=128, lr=1.2e-3, optimizer="adam")
 MIN_CALIBRATION = 1024  # the harness's default calibration_samples
@@ -67,48 +67,54 @@ LABELS = {CHOSEN: "bingo", FIXED: "bingo, m = 0.5", "magnitude+compensation": "m
 
 
 def measure(seed: int) -> dict:
-    """Every (method, sparsity, K) row of one seed, computed or read back from its JSON file."""
+    """Every (method, sparsity, K) row of one seed: read back from its JSON file, the missing ones computed and added."""
     path = OUT / f"seed-{seed}.json"
-    if path.exists():
-        record = json.loads(path.read_text())
-        if not any(row["method"] == CHOSEN for row in record["rows"]):  # a file from before the chosen blend's rows
-            record["rows"] += chosen_rows(seed)
-            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    record = json.loads(path.read_text()) if path.exists() else None
+    done = {(row["method"], row["steps"]) for row in (record or {}).get("rows", [])}
+    fixed_missing = [k for k in STEPS if any((m, k) not in done for m in (FIXED, "magnitude+compensation"))]
+    chosen_missing = [k for k in STEPS if (CHOSEN, k) not in done]
+    if record is not None and not fixed_missing and not chosen_missing:
         return record
     torch.set_num_threads(1)
-    experiment = Experiment(load_dataset("fashion-mnist"), "lenet300", RECIPE, seed, progress=False)
-    searched, _ = BingoStrategy().trained(experiment)
-    significance = searched.search.significance()
-    plain = experiment.dense()
-    sources = {
-        "bingo": (searched, lambda model: bingo_scores(significance, model, MAGNITUDE_WEIGHT, granularity="weight")),
-        "magnitude+compensation": (plain, lambda model: magnitude_scores(model, "weight")),
-    }
-    samples = suggested_calibration_samples(searched.model, experiment.calibration(1), minimum=MIN_CALIBRATION)
-    calibration = experiment.calibration(samples)
-    rows = []
-    for method, (dense, scores) in sources.items():
-        for sparsity in SPARSITIES:
-            for steps in STEPS:
-                model = copy.deepcopy(dense.model)
-                result = prune_in_steps(model, scores, sparsity, calibration, steps=steps, seed=seed, reference=dense.model)
-                rows.append({"method": method, "sparsity": sparsity, "steps": steps, "accuracy": experiment.evaluate(model),
-                             "calibration_forwards": result.forward_passes, "solve_flops": result.solve_flops,
-                             "seconds": result.seconds, "step_sparsities": list(result.sparsities)})
-                print(f"seed {seed} {method} {sparsity:g} K={steps}: {rows[-1]['accuracy']:.4f}", file=sys.stderr)
-    rows += chosen_rows(seed)
-    record = {"seed": seed, "calibration_samples": samples, "dense": {m: experiment.evaluate(d.model) for m, (d, _) in sources.items()},
-              "dense_train_forwards": plain.cost.forward_passes, "rows": rows}
+    rows = [] if record is None else record["rows"]
+    if record is None or fixed_missing:
+        experiment = Experiment(load_dataset("fashion-mnist"), "lenet300", RECIPE, seed, progress=False)
+        searched, _ = BingoStrategy().trained(experiment)
+        significance = searched.search.significance()
+        plain = experiment.dense()
+        sources = {
+            FIXED: (searched, lambda model: bingo_scores(significance, model, MAGNITUDE_WEIGHT, granularity="weight")),
+            "magnitude+compensation": (plain, lambda model: magnitude_scores(model, "weight")),
+        }
+        samples = suggested_calibration_samples(searched.model, experiment.calibration(1), minimum=MIN_CALIBRATION)
+        calibration = experiment.calibration(samples)
+        for method, (dense, scores) in sources.items():
+            for steps in fixed_missing:
+                for sparsity in SPARSITIES:
+                    model = copy.deepcopy(dense.model)
+                    result = prune_in_steps(model, scores, sparsity, calibration, steps=steps, seed=seed, reference=dense.model)
+                    rows.append({"method": method, "sparsity": sparsity, "steps": steps, "accuracy": experiment.evaluate(model),
+                                 "calibration_forwards": result.forward_passes, "solve_flops": result.solve_flops,
+                                 "seconds": result.seconds, "step_sparsities": list(result.sparsities)})
+                    print(f"seed {seed} {method} {sparsity:g} K={steps}: {rows[-1]['accuracy']:.4f}", file=sys.stderr)
+        if record is None:
+            record = {"seed": seed, "calibration_samples": samples,
+                      "dense": {m: experiment.evaluate(d.model) for m, (d, _) in sources.items()},
+                      "dense_train_forwards": plain.cost.forward_passes}
+    rows += chosen_rows(seed, chosen_missing)
+    record["rows"] = sorted(rows, key=lambda row: (list(LABELS).index(row["method"]), row["steps"], row["sparsity"]))
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
 
 
-def chosen_rows(seed: int) -> list[dict]:
-    """The ``bingo`` method's rows (its blend chosen per sparsity on validation) for every K, as ``bingo compare`` runs it."""
+def chosen_rows(seed: int, steps_wanted: list[int]) -> list[dict]:
+    """The ``bingo`` method's rows (its blend chosen per sparsity on validation) for each K in ``steps_wanted``, as ``bingo compare`` runs it."""
+    if not steps_wanted:
+        return []
     torch.set_num_threads(1)
     experiment = Experiment(load_dataset("fashion-mnist"), "lenet300", RECIPE, seed, progress=False)
     rows = []
-    for steps in STEPS:
+    for steps in steps_wanted:
         config = dataclasses.replace(BINGO, compensation=dataclasses.replace(BINGO.compensation, compensation_steps=steps))
         strategy = BingoStrategy(config)
         dense, _ = strategy.trained(experiment)  # one training run, cached by the experiment for every K
