@@ -247,7 +247,7 @@ def test_a_refit_that_does_worse_on_held_out_samples_is_undone_and_said_so():
     # inputs and a bias per unit) fits their noise; correlated inputs: the survivors can stand in for the pruned ones
     mixing = torch.randn(12, 200)
     layer = nn.Sequential(nn.Linear(200, 6))
-    masks = bingo.prune(layer, bingo.magnitude_scores(layer), 0.5)
+    bingo.prune(layer, bingo.magnitude_scores(layer), 0.5)
     pruned = copy.deepcopy(layer)
     few = torch.randn(160, 200)
     with pytest.warns(UserWarning, match=r"0.weight: the re-fit reproduced the dense outputs worse on the 16 held-out"):

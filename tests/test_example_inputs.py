@@ -101,8 +101,8 @@ def test_a_batched_tensor_tuple_or_dict_gives_what_the_sample_shape_gives():
     x = torch.randn(1, *SHAPE)
     assert bingo.channel_groups(model, x) == bingo.channel_groups(model, SHAPE) == bingo.channel_groups(model, {"x": x})
     reference = bingo.shrink(model, SHAPE)
-    for given in (x, (x,), {"x": x}, list(SHAPE), torch.Size(SHAPE)):
-        small = bingo.shrink(model, given)
+    for example in (x, (x,), {"x": x}, list(SHAPE), torch.Size(SHAPE)):
+        small = bingo.shrink(model, example)
         state, want = small.state_dict(), reference.state_dict()
         assert list(state) == list(want)
         for key, value in want.items():
