@@ -30,6 +30,7 @@ from ...pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from ...scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight, magnitude_scores, random_scores
 from ...search import BINGO_SEARCH, SearchConfig, TicketSearch
 from ...selection import SCOPES
+from ..configs import config_record
 from ..training import evaluate
 from .base import DenseRun, Experiment, Outcome, Strategy, register
 
@@ -133,9 +134,9 @@ class OneShotStrategy(Strategy):
                                     result.forward_passes, result.solve_flops)
                 continue
             if choice is not None:  # pruned and compensated at each blend weight; the best on validation data
-                model, masks, calls, flops, weight = choice
+                model, masks, calls, flops, weight, judge_steps = choice
                 yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops,
-                                    magnitude_weight=weight)
+                                    magnitude_weight=weight, extra_steps=judge_steps)
                 continue
             if groups:  # a residual network: tied channels get one joint score and go together
                 masks = prune_coupled(model, scores, groups, sparsity, self.config.scope, seed=experiment.seed)
@@ -145,7 +146,7 @@ class OneShotStrategy(Strategy):
             yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops)
 
     def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
-        """``(model, masks, calibration passes, solve FLOPs, magnitude weight)`` where the blend is chosen per sparsity, else None."""
+        """``(model, masks, calibration passes, solve FLOPs, magnitude weight, training steps)`` where the blend is chosen per sparsity, else None."""
         return None
 
     def _prune_in_steps(self, experiment: Experiment, dense: DenseRun, model: nn.Module, scores, sparsity: float | str):
@@ -214,14 +215,16 @@ class OneShotStrategy(Strategy):
     def _deliver(
         self, experiment: Experiment, dense: DenseRun, model: nn.Module, masks: dict, sparsity: float | str,
         prune_seconds: float, calibration_passes: int = 0, solve_flops: float = 0.0, magnitude_weight: float | None = None,
+        extra_steps: int = 0,
     ) -> Outcome:
         """Fine-tune the pruned ``model`` if asked and charge everything to one :class:`Outcome`.
 
         ``prune_seconds`` and ``calibration_passes`` (compensation's forward calls on calibration batches,
-        counted with the training forwards) and ``solve_flops`` (its least-squares solves) are the prune's own cost.
+        counted with the training forwards) and ``solve_flops`` (its least-squares solves) are the prune's own cost;
+        ``extra_steps`` the training steps it took (blend candidates judged after ``judge_steps``).
         """
         seconds = dense.cost.seconds + prune_seconds
-        steps, forwards = dense.cost.steps, dense.cost.forward_passes + calibration_passes
+        steps, forwards = dense.cost.steps + extra_steps, dense.cost.forward_passes + calibration_passes
         recovery = self.config.compensation.recovery_steps
         if recovery:
             label = sparsity if isinstance(sparsity, str) else format(sparsity, "g")
@@ -250,6 +253,7 @@ class BingoConfig:
     scope: str = field(default="global", metadata={"help": "global: rank all layers together (each keeps at least 1%); layer: prune each layer to the sparsity; lamp: rank globally by LAMP-normalised scores (Lee et al. 2021); block: prune each block (the path up to its first numeric index, e.g. h.0) to the sparsity, one ranking inside it", "choices": SCOPES})
     # On by default: without retraining, re-fitting the survivors is what makes a one-shot prune hold up (BENCHMARKS.md).
     compensation: CompensationConfig = field(default=CompensationConfig(compensate=True), metadata={"help": "compensation settings"})
+    judge_steps: int = field(default=0, metadata={"help": "with the blend chosen on validation: masked training steps (the training recipe) each candidate gets, on a copy, before its validation accuracy is judged, for runs that fine-tune, where the ranking after the fine-tune can differ from the one right after the prune; charged to the method; 0 = judged right after the prune"})
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -259,6 +263,15 @@ class BingoConfig:
         check_choice("scope", self.scope, SCOPES)
         if self.magnitude_weight is not None:
             check_magnitude_weight(self.magnitude_weight)
+        if isinstance(self.judge_steps, bool) or int(self.judge_steps) != self.judge_steps or self.judge_steps < 0:
+            raise ConfigError(f"judge steps must be a whole number >= 0, got {self.judge_steps!r}")
+
+    def to_dict(self) -> dict:
+        """The JSON record; ``judge_steps`` only when it is not 0, so runs recorded before it resume unchanged."""
+        record = {f.name: config_record(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if record["judge_steps"] == 0:
+            del record["judge_steps"]
+        return record
 
     @property
     def granularity(self) -> str:
@@ -323,7 +336,7 @@ class BingoStrategy(OneShotStrategy):
         data, settings = experiment.data, self.config.compensation
         if self.config.magnitude_weight is not None or not settings.compensate or len(data.x_val) == 0:
             return None
-        calls, flops = 0, 0.0
+        calls, flops, steps = 0, 0.0, 0
 
         def in_steps(candidate: nn.Module, scores) -> dict[str, torch.Tensor]:
             nonlocal calls, flops
@@ -334,16 +347,21 @@ class BingoStrategy(OneShotStrategy):
         prune_with = in_steps if settings.compensation_steps > 1 else None
 
         def judge(candidate: nn.Module) -> float:
-            nonlocal calls, flops
+            nonlocal calls, flops, steps
             if prune_with is None:  # a multi-step prune has re-fitted already
                 more, solves = self._compensate(experiment, dense, candidate)
                 calls, flops = calls + more, flops + solves
+            judged = candidate
+            if self.config.judge_steps:  # judged as a fine-tune will leave it: after a few masked steps, on a copy
+                judged = copy.deepcopy(candidate)
+                trained = experiment.train(judged, steps=self.config.judge_steps, description="bingo judging a blend")
+                calls, steps = calls + trained.forward_passes, steps + trained.steps
             calls += math.ceil(len(data.x_val) / EVALUATION_BATCH)
-            return evaluate(candidate, data.x_val, data.y_val, batch_size=EVALUATION_BATCH)
+            return evaluate(judged, data.x_val, data.y_val, batch_size=EVALUATION_BATCH)
 
         choice = choose_magnitude_weight(dense.model, dense.search.significance(), sparsity, judge, scope=self.config.scope,
                                          seed=experiment.seed, granularity=self.config.granularity, prune_with=prune_with)
-        return choice.model, choice.masks, calls, flops, choice.magnitude_weight
+        return choice.model, choice.masks, calls, flops, choice.magnitude_weight, steps
 
     def extras(self, experiment: Experiment) -> dict[str, dict]:
         """The search's overhead: dense training time with the search / without, and whether both ended bit-identical."""
