@@ -54,9 +54,9 @@ TASKS = (
 #: tasks that run fewer variants than all: ``default`` (bingo and magnitude with the same fine-tune: issue 21's
 #: target), and on the BatchNorm conv nets also the two that say whether the re-fit before the fine-tune helps there
 SOME_VARIANTS = {
-    "digits-conv": {"default", "nocomp", "mw1"},
-    "fashion-mnist-conv": {"default", "nocomp", "mw1"},
-    "fashion-mnist-resnet": {"default", "nocomp", "mw1"},
+    "digits-conv": {"default", "nocomp", "mw1", "judge"},
+    "fashion-mnist-conv": {"default", "nocomp", "mw1", "judge"},
+    "fashion-mnist-resnet": {"default", "nocomp", "mw1", "judge"},
     "tokens-transformer": {"default"},
     "signals-conv1d": {"default"},
 }
@@ -68,7 +68,12 @@ VARIANTS = (
     ("mw08", "bingo", ["--bingo-magnitude-weight", "0.8"]),
     ("mw1", "bingo,magnitude", ["--bingo-magnitude-weight", "1.0", "--magnitude-compensate"]),
     ("mw1-nocomp", "bingo", ["--bingo-magnitude-weight", "1.0", "--no-bingo-compensate"]),
+    # the blend's candidates judged after a tenth of an epoch of masked training each (issue 21, item 3)
+    ("judge", "bingo", ["--bingo-judge-steps", "{judge}"]),
 )
+#: task -> training steps in a tenth of an epoch of its training split (batch 128), at least 1: ``judge``'s steps
+JUDGE_STEPS = {"digits-mlp": 1, "digits-mlp-10ep": 1, "teacher-student-mlp": 14, "fashion-mnist-lenet300": 42, "digits-conv": 1,
+               "fashion-mnist-conv": 4, "tokens-transformer": 6, "signals-conv1d": 4, "fashion-mnist-resnet": 4}
 COLUMNS = (
     ("bingo", "default", "bingo"),
     ("bingo, no compensation", "nocomp", "bingo"),
@@ -77,10 +82,13 @@ COLUMNS = (
     ("bingo mw 1.0, no compensation", "mw1-nocomp", "bingo"),
     ("magnitude", "default", "magnitude"),
     ("magnitude + compensation", "mw1", "magnitude"),
+    ("bingo, candidates judged after 1/10 epoch", "judge", "bingo"),
 )
 
 
 def command(task: list[str], seeds: int, folder: Path, methods: str, flags: list[str]) -> list[str]:
+    name = folder.parent.name
+    flags = [flag.format(judge=JUDGE_STEPS.get(name, 1)) for flag in flags]
     return ["compare", *task, "--seeds", str(seeds), "--sparsities", SPARSITIES, "--finetune-epochs", FINETUNE,
             "--methods", methods, *flags, "--no-progress", "--resume", "--rerun-changed",
             "--out", str(folder.relative_to(ROOT))]
@@ -151,17 +159,17 @@ def _means(name: str, folder: str, method: str) -> dict[float, float]:
 
 def effects() -> list[str]:
     """One row per (task, sparsity): what the re-fit and the ranking each changed after the fine-tune, in points."""
-    lines = ["| task | sparsity | re-fit, bingo's ranking | re-fit, magnitude's ranking | blend vs magnitude ranking (both re-fitted) | bingo − magnitude (the target) |",
-             "|:---|---:|---:|---:|---:|---:|"]
+    lines = ["| task | sparsity | re-fit, bingo's ranking | re-fit, magnitude's ranking | blend vs magnitude ranking (both re-fitted) | bingo − magnitude (the target) | judged after 1/10 epoch − bingo | judged − magnitude |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, _, _ in TASKS:
         bingo, nocomp = _means(name, "default", "bingo"), _means(name, "nocomp", "bingo")
         magnitude, magnitude_refit = _means(name, "default", "magnitude"), _means(name, "mw1", "magnitude")
-        by_magnitude = _means(name, "mw1", "bingo")
+        by_magnitude, judged = _means(name, "mw1", "bingo"), _means(name, "judge", "bingo")
         for s in sorted(bingo):
             def gap(a: dict, b: dict) -> str:
                 return f"{100 * (a[s] - b[s]):+.1f}" if s in a and s in b else "—"
             lines.append(f"| {name} | {s:g} | {gap(bingo, nocomp)} | {gap(magnitude_refit, magnitude)} | "
-                         f"{gap(bingo, by_magnitude)} | {gap(bingo, magnitude)} |")
+                         f"{gap(bingo, by_magnitude)} | {gap(bingo, magnitude)} | {gap(judged, bingo)} | {gap(judged, magnitude)} |")
     return lines
 
 
@@ -195,7 +203,9 @@ the best mean of each row in bold. `mw` is `--bingo-magnitude-weight` (0.5 is th
 
 The re-fit's effect is `bingo` − `bingo, no compensation` (and `magnitude + compensation` − `magnitude`);
 the ranking's is `bingo` − `bingo mw 1.0` (both compensated: the search's blend against magnitude alone).
-A dash: that variant was not run on the task.
+The judge's effect is `bingo, candidates judged after 1/10 epoch` − `bingo` (`--bingo-judge-steps`: each blend
+candidate gets a tenth of an epoch of masked training on a copy before its validation accuracy decides; the steps
+are charged). A dash: that variant was not run on the task.
 
 {chr(10).join(effects())}
 """
