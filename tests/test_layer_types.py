@@ -289,3 +289,11 @@ def test_a_nan_score_after_the_refit_undoes_it():
     with pytest.warns(UserWarning, match="every layer: evaluate"):
         result = bingo.compensate(model, None, torch.randn(32, 6), evaluate=lambda m: next(scores))
     assert result.undone and torch.equal(model[0].weight, pruned[0].weight)
+
+
+def test_coverage_names_embedding_rows_by_their_layer_type():
+    from bingo.layers import coverage
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+    text = str(coverage(model, ["2.weight"]))
+    assert text.endswith("not scored: embeddings 40, biases 3"), text

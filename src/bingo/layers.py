@@ -267,7 +267,7 @@ def _kind(module: nn.Module, name: str) -> str:
     biases = {layer_type.bias_name(module, w) for w in layer_type.weights(module)} if layer_type is not None else set()
     if name in ("bias", "in_proj_bias") or name.startswith("bias_") or name in biases:
         return "biases"
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+    if layer_type is not None and layer_type.takes_indices:  # looked-up rows (Embedding, EmbeddingBag, one's own)
         return "embeddings"
     if isinstance(module, nn.MultiheadAttention) and name in ATTENTION_PROJECTIONS:
         return "attention q/k/v projections (MultiheadAttention.in_proj_weight)"
