@@ -51,6 +51,9 @@ def test_judge_steps_is_checked_and_recorded_only_when_set():
     assert "judge_steps" not in config_record(BINGO)  # earlier records resume unchanged
     assert config_record(dataclasses.replace(BINGO, judge_steps=4))["judge_steps"] == 4
     assert config_record(BINGO)["search"] == config_record(BINGO.search)  # nested configs still recorded as before
+    with pytest.raises(ConfigError, match=r"^judge steps apply where the blend is chosen on validation \(magnitude_weight none\), "
+                       r"not with magnitude_weight=0\.5$"):
+        dataclasses.replace(BINGO, judge_steps=2, magnitude_weight=0.5)
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match=r"judge steps must be a whole number >= 0, got|must be"):
             dataclasses.replace(BINGO, judge_steps=bad)

@@ -51,6 +51,12 @@ __all__ = [
 ]
 
 
+def _check_steps(what: str, value: int, minimum: int) -> None:
+    """A count of steps: a whole number (not a bool) of at least ``minimum``, else a one-line ConfigError."""
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+
+
 def _check_finetune(finetune_epochs: int) -> None:
     if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ConfigError(f"finetune epochs must be a whole number >= 0, got {finetune_epochs!r}")
@@ -77,10 +83,8 @@ class CompensationConfig:
             raise ConfigError(f"calibration samples must be a whole number >= 1, got {self.calibration_samples!r}")
         check_choice("batchnorm", self.batchnorm, BATCHNORM_CHOICES)
         check_choice("solver", self.solver, SOLVER_CHOICES)
-        if isinstance(self.recovery_steps, bool) or int(self.recovery_steps) != self.recovery_steps or self.recovery_steps < 0:
-            raise ConfigError(f"recovery steps must be a whole number >= 0, got {self.recovery_steps!r}")
-        if isinstance(self.compensation_steps, bool) or int(self.compensation_steps) != self.compensation_steps or self.compensation_steps < 1:
-            raise ConfigError(f"compensation steps must be a whole number >= 1, got {self.compensation_steps!r}")
+        _check_steps("recovery steps", self.recovery_steps, 0)
+        _check_steps("compensation steps", self.compensation_steps, 1)
 
     def to_dict(self) -> dict:
         """The JSON record; ``compensation_steps`` only when it is not 1 and ``recovery_steps`` when not 0, so runs
@@ -263,8 +267,10 @@ class BingoConfig:
         check_choice("scope", self.scope, SCOPES)
         if self.magnitude_weight is not None:
             check_magnitude_weight(self.magnitude_weight)
-        if isinstance(self.judge_steps, bool) or int(self.judge_steps) != self.judge_steps or self.judge_steps < 0:
-            raise ConfigError(f"judge steps must be a whole number >= 0, got {self.judge_steps!r}")
+        _check_steps("judge steps", self.judge_steps, 0)
+        if self.judge_steps and self.magnitude_weight is not None:  # nothing is chosen, so nothing would be judged
+            raise ConfigError(f"judge steps apply where the blend is chosen on validation (magnitude_weight none), "
+                              f"not with magnitude_weight={self.magnitude_weight!r}")
 
     def to_dict(self) -> dict:
         """The JSON record; ``judge_steps`` only when it is not 0, so runs recorded before it resume unchanged."""
