@@ -57,8 +57,8 @@ SOME_VARIANTS = {
     "digits-conv": {"default", "nocomp", "mw1", "judge"},
     "fashion-mnist-conv": {"default", "nocomp", "mw1", "judge"},
     "fashion-mnist-resnet": {"default", "nocomp", "mw1", "judge"},
-    "tokens-transformer": {"default"},
-    "signals-conv1d": {"default"},
+    "tokens-transformer": {"default", "judge"},
+    "signals-conv1d": {"default", "judge"},
 }
 
 # folder, methods, method flags; the report's columns are (folder, method) pairs

@@ -43,6 +43,7 @@ __all__ = [
     "BingoConfig",
     "BingoPaperStrategy",
     "BingoStrategy",
+    "ChosenBlend",
     "CompensationConfig",
     "MagnitudeStrategy",
     "OneShotConfig",
@@ -98,6 +99,18 @@ class CompensationConfig:
 
 
 @dataclass(frozen=True)
+class ChosenBlend:
+    """A prune at the blend weight chosen on validation data, and the cost of choosing it (every candidate's)."""
+
+    model: nn.Module  #: pruned (and compensated) at ``magnitude_weight``
+    masks: dict[str, torch.Tensor]  #: ``{layer key: bool mask}``, True = kept
+    magnitude_weight: float  #: the chosen weight of the magnitude rank, in [0, 1]
+    calibration_passes: int  #: forward calls: every candidate's compensation, judging steps and validation batches
+    solve_flops: float  #: every candidate's least-squares solves
+    training_steps: int  #: masked training steps spent judging candidates (``judge_steps`` each)
+
+
+@dataclass(frozen=True)
 class OneShotConfig:
     """Settings shared by the prune-once-after-training methods."""
 
@@ -138,9 +151,9 @@ class OneShotStrategy(Strategy):
                                     result.forward_passes, result.solve_flops)
                 continue
             if choice is not None:  # pruned and compensated at each blend weight; the best on validation data
-                model, masks, calls, flops, weight, judge_steps = choice
-                yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops,
-                                    magnitude_weight=weight, extra_steps=judge_steps)
+                yield self._deliver(experiment, dense, choice.model, choice.masks, sparsity, time.perf_counter() - start,
+                                    choice.calibration_passes, choice.solve_flops,
+                                    magnitude_weight=choice.magnitude_weight, extra_steps=choice.training_steps)
                 continue
             if groups:  # a residual network: tied channels get one joint score and go together
                 masks = prune_coupled(model, scores, groups, sparsity, self.config.scope, seed=experiment.seed)
@@ -149,8 +162,8 @@ class OneShotStrategy(Strategy):
             calls, flops = self._compensate(experiment, dense, model)
             yield self._deliver(experiment, dense, model, masks, sparsity, time.perf_counter() - start, calls, flops)
 
-    def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
-        """``(model, masks, calibration passes, solve FLOPs, magnitude weight, training steps)`` where the blend is chosen per sparsity, else None."""
+    def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> ChosenBlend | None:
+        """The pruned network at the blend weight chosen for ``sparsity``, with what choosing it cost; None where no blend is chosen."""
         return None
 
     def _prune_in_steps(self, experiment: Experiment, dense: DenseRun, model: nn.Module, scores, sparsity: float | str):
@@ -330,7 +343,7 @@ class BingoStrategy(OneShotStrategy):
         """Before each step of a multi-step prune: the search's significance re-blended with the re-fitted weights' magnitude."""
         return lambda model: self.config.final_scores(dense.search, model)
 
-    def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> tuple | None:
+    def choose_blend(self, experiment: Experiment, dense: DenseRun, sparsity: float | str) -> ChosenBlend | None:
         """With ``magnitude_weight=None`` and compensation on: :func:`bingo.choose_magnitude_weight` on the validation split.
 
         Each candidate is compensated as the delivered network is (in
@@ -367,7 +380,7 @@ class BingoStrategy(OneShotStrategy):
 
         choice = choose_magnitude_weight(dense.model, dense.search.significance(), sparsity, judge, scope=self.config.scope,
                                          seed=experiment.seed, granularity=self.config.granularity, prune_with=prune_with)
-        return choice.model, choice.masks, calls, flops, choice.magnitude_weight, steps
+        return ChosenBlend(choice.model, choice.masks, choice.magnitude_weight, calls, flops, steps)
 
     def extras(self, experiment: Experiment) -> dict[str, dict]:
         """The search's overhead: dense training time with the search / without, and whether both ended bit-identical."""
