@@ -1,6 +1,6 @@
 """GPT-2 end to end: held-out perplexity dense / pruned / compensated at 50% and 80%, and what it cost.
 
-    python benchmarks/gpt2.py            # 1-3 minutes on 2 CPU cores; table on stdout, numbers in benchmarks/results/gpt2.json
+    python benchmarks/gpt2.py            # 1-3 minutes on 2 CPU cores; table on stdout and in benchmarks/results/gpt2.md, numbers in benchmarks/results/gpt2.json
     python benchmarks/gpt2.py --quick    # the example's own size, to check the script
 
 Runs ``examples/gpt2_prune.py`` (its ``run``) longer than the example does:
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> str:
         "table": text,
     }
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    # the same table as markdown beside the JSON, so the two cannot disagree
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text + "\n"))
     return text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,3 +66,13 @@ def test_shrink_speed_compares_identical_results_round_by_round():
     assert parts["whole `shrink`"] >= parts["one copy, masks baked in (`permanent_copy`)"] > 0
     text = shrink_speed.report(result)
     assert "| bingo, groups reused |" in text and "NO" not in text
+
+
+def test_gpt2_benchmark_writes_its_table_as_markdown_beside_the_json(tmp_path, capsys):
+    gpt2 = pytest.importorskip("gpt2")
+    out = tmp_path / "gpt2.json"
+    text = gpt2.main(["--quick", "--seeds", "0", "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == text
+    assert (tmp_path / "gpt2.md").read_text() == text + "\n"  # the same table: the two files cannot disagree
+    assert "| sparsity | dense | pruned | compensated |" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.json", "gpt2.md"]
