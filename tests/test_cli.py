@@ -420,6 +420,12 @@ BAD_OPTIONS = [
     (("--sparsity", "nan"), r"sparsity must be in \[0, 1\), got nan$"),
     (("--sparsity", "half"), r"argument --sparsity: --sparsity expects fractions in \[0, 1\) or N:M patterns such as 2:4, separated by commas, got 'half'$"),
     (("--sparsity", ","), r"--sparsity needs at least one value$"),
+    (("--sparsity", "0.9,,0.95"), r"--sparsity has an empty item in '0\.9,,0\.95'; separate the values by single commas$"),
+    (("--sparsity", "0.5,"), r"--sparsity has an empty item in '0\.5,'; separate the values by single commas$"),
+    (("--onnx",), r"--onnx writes model\.onnx into the --export folder; add --export DIR, or drop --onnx$"),
+    (("--data-dir", "."), r"--data-dir applies to fashion-mnist and mnist \(the folder of their IDX files\), not to --data digits; drop --data-dir$"),
+    (("--out", ""), r"--out is empty; give a file path$"),
+    (("--save", " "), r"--save is empty; give a file path$"),
     (("--fraction", "0"), r"fraction must be in \(0, 1\], got 0\.0$"),
     (("--fraction", "1.5"), r"fraction must be in \(0, 1\], got 1\.5$"),
     (("--fraction", "lots"), r"--fraction expects a float, got 'lots'$"),
@@ -726,6 +732,17 @@ def test_compare_train_samples_out_of_range_is_one_line(capsys, tmp_path):
                         "--epochs", "1", "--out", tmp_path / "c", "--no-progress")
     assert_user_error(code, err, r"training samples must be a whole number in \[1, 1293\]")
     assert not (tmp_path / "c" / "results.json").exists()
+
+
+@pytest.mark.parametrize(("extra", "pattern"), [
+    (("--data-dir", "."), r"--data-dir applies to fashion-mnist and mnist \(the folder of their IDX files\), not to --data digits; drop --data-dir$"),
+    (("--methods", "random,,magnitude"), r"--methods has an empty item in 'random,,magnitude'; separate the values by single commas$"),
+], ids=["data-dir", "empty-method"])
+def test_compare_refuses_what_it_would_ignore(capsys, tmp_path, extra, pattern):
+    code, _, err = call(capsys, "compare", "--data", "digits", "--model", "mlp", "--methods", "random", "--epochs", "1",
+                        "--out", tmp_path / "c", "--no-progress", *extra)
+    assert_user_error(code, err, pattern)
+    assert not (tmp_path / "c").exists()
 
 
 def test_run_reports_what_was_scored_and_the_sparsity_over_all_parameters(capsys, tmp_path):

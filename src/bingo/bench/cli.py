@@ -55,7 +55,10 @@ def _train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig = TrainC
 def _sparsities(text: str) -> list[float | str]:
     """``--sparsity``: fractions and N:M patterns (``"2:4"``, kept as text ``"N:M"``), comma-separated."""
     values: list[float | str] = []
-    for part in (part.strip() for part in text.split(",")):
+    parts = [part.strip() for part in text.split(",")]
+    if any(parts) and not all(parts):  # "0.9,,0.95" or "0.5,": a value lost to a typo, not a shorter list
+        raise argparse.ArgumentTypeError(f"--sparsity has an empty item in {text!r}; separate the values by single commas")
+    for part in parts:
         if not part:
             continue
         if ":" in part:
@@ -218,8 +221,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _comma_list(kind: type, flag: str):
     def convert(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if any(parts) and not all(parts):
+            raise argparse.ArgumentTypeError(f"{flag} has an empty item in {text!r}; separate the values by single commas")
         try:
-            values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+            values = [kind(part) for part in parts if part]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} expects a comma-separated list, got {text!r}") from None
         if not values:
@@ -310,6 +316,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .report import markdown_tables, write_report
 
     _check_file_path("out", args.out, folder=True)
+    _check_data_dir(args.data, args.data_dir)
     if not args.overwrite:  # (with --overwrite they are moved aside, whatever they are)
         for name in _COMPARE_FILES:
             refuse_special(Path(args.out) / name, "--out")
@@ -427,6 +434,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+#: the datasets read from a folder of IDX files, the only ones ``--data-dir`` applies to
+IDX_DATASETS = ("fashion-mnist", "mnist")
+
+
+def _check_data_dir(data: str, data_dir: str | None) -> None:
+    """Refuse ``--data-dir`` where nothing reads it (it would be ignored without a word)."""
+    if data_dir is not None and data not in IDX_DATASETS:
+        raise ConfigError(f"--data-dir applies to {' and '.join(IDX_DATASETS)} (the folder of their IDX files), "
+                          f"not to --data {data}; drop --data-dir")
+
+
 def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     """Refuse, before training, an output path that can never be written.
 
@@ -436,6 +454,8 @@ def _check_file_path(flag: str, path: str, *, folder: bool = False) -> None:
     """
     from ..io import folder_is_writable
 
+    if not str(path).strip():
+        raise ConfigError(f"--{flag} is empty; give a {'folder' if folder else 'file path'}")
     target = Path(path)
     kind = special_file(target)
     if folder and kind is not None:
@@ -508,6 +528,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown model {args.model!r}; valid choices: {', '.join(MODELS)}")
     if args.train_samples is not None and args.train_samples < 1:
         raise ConfigError(f"--train-samples must be a whole number >= 1, got {args.train_samples}")
+    if args.onnx and args.export is None:
+        raise ConfigError("--onnx writes model.onnx into the --export folder; add --export DIR, or drop --onnx")
+    _check_data_dir(args.data, args.data_dir)
     outputs = [(flag, getattr(args, flag)) for flag in ("out", "save", "scores", "checkpoint", "export") if getattr(args, flag) is not None]
     for flag, path in outputs:
         _check_file_path(flag, path, folder=flag == "export")
