@@ -737,7 +737,8 @@ def test_compare_train_samples_out_of_range_is_one_line(capsys, tmp_path):
 @pytest.mark.parametrize(("extra", "pattern"), [
     (("--data-dir", "."), r"--data-dir applies to fashion-mnist and mnist \(the folder of their IDX files\), not to --data digits; drop --data-dir$"),
     (("--methods", "random,,magnitude"), r"--methods has an empty item in 'random,,magnitude'; separate the values by single commas$"),
-], ids=["data-dir", "empty-method"])
+    (("--gmp-frequency", "0"), r"--gmp-frequency sets method 'gmp', which --methods does not include \(random\); add gmp to --methods, or drop --gmp-frequency$"),
+], ids=["data-dir", "empty-method", "flag-of-a-method-not-compared"])
 def test_compare_refuses_what_it_would_ignore(capsys, tmp_path, extra, pattern):
     code, _, err = call(capsys, "compare", "--data", "digits", "--model", "mlp", "--methods", "random", "--epochs", "1",
                         "--out", tmp_path / "c", "--no-progress", *extra)

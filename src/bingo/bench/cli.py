@@ -23,7 +23,7 @@ from .. import __version__, distributed
 from .data import DATASETS, dataset_files, load_dataset, training_subset
 from ..blend import choose_magnitude_weight
 from ..compensation import compensate
-from .configs import add_config_flags, apply_flags, config_record
+from .configs import add_config_flags, apply_flags, config_record, given_flags
 from .environment import machine
 from ..devices import resolve_device
 from ..errors import BingoError, ConfigError
@@ -300,6 +300,11 @@ class _MethodHelp(argparse.Action):
 
 def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict:
     """Each named method's preset with its ``--<method>-<setting>`` flags and ``--finetune-epochs`` applied."""
+    for name in STRATEGIES:  # a method's settings with the method not compared would be ignored without a word
+        flags = given_flags(args, prefix=name, dest=f"method_{name}") if name not in methods else []
+        if flags:
+            raise ConfigError(f"{flags[0]} sets method {name!r}, which --methods does not include ({','.join(methods)}); "
+                              f"add {name} to --methods, or drop {flags[0]}")
     configs = {}
     for name in methods:
         if name not in STRATEGIES:

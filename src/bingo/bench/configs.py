@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["add_config_flags", "apply_flags", "config_leaves", "config_record"]
+__all__ = ["add_config_flags", "apply_flags", "config_leaves", "config_record", "given_flags"]
 
 
 def config_leaves(config: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
@@ -120,6 +120,11 @@ def add_config_flags(
 def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     start = f"{prefix}__"
     return {k[len(start):]: v for k, v in vars(args).items() if k.startswith(start) and v is not None}
+
+
+def given_flags(args: argparse.Namespace, *, prefix: str = "", dest: str = "") -> list[str]:
+    """The flags of one :func:`add_config_flags` group that the command line gave, as the user typed them (``--gmp-frequency``)."""
+    return [_flag(name, prefix) for name in _given(args, dest or prefix)]
 
 
 def apply_flags(args: argparse.Namespace, config: Any, *, prefix: str = "", dest: str = "", method: str = "") -> Any:
