@@ -52,15 +52,22 @@ def _train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig = TrainC
     add_config_flags(parser, {"training": defaults}, dest="train")
 
 
+def _items(text: str, flag: str) -> list[str]:
+    """The comma-separated items of ``text``, stripped; an empty item among others is refused.
+
+    ``"0.9,,0.95"`` or ``"0.5,"`` is a value lost to a typo, not a shorter list.
+    An all-empty ``text`` gives ``[]`` (the caller says it needs a value).
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if any(parts) and not all(parts):
+        raise argparse.ArgumentTypeError(f"{flag} has an empty item in {text!r}; separate the values by single commas")
+    return [part for part in parts if part]
+
+
 def _sparsities(text: str) -> list[float | str]:
     """``--sparsity``: fractions and N:M patterns (``"2:4"``, kept as text ``"N:M"``), comma-separated."""
     values: list[float | str] = []
-    parts = [part.strip() for part in text.split(",")]
-    if any(parts) and not all(parts):  # "0.9,,0.95" or "0.5,": a value lost to a typo, not a shorter list
-        raise argparse.ArgumentTypeError(f"--sparsity has an empty item in {text!r}; separate the values by single commas")
-    for part in parts:
-        if not part:
-            continue
+    for part in _items(text, "--sparsity"):
         if ":" in part:
             try:
                 n, m = parse_n_m(part)
@@ -221,11 +228,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _comma_list(kind: type, flag: str):
     def convert(text: str) -> list:
-        parts = [part.strip() for part in text.split(",")]
-        if any(parts) and not all(parts):
-            raise argparse.ArgumentTypeError(f"{flag} has an empty item in {text!r}; separate the values by single commas")
+        parts = _items(text, flag)
         try:
-            values = [kind(part) for part in parts if part]
+            values = [kind(part) for part in parts]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} expects a comma-separated list, got {text!r}") from None
         if not values:
