@@ -1,4 +1,4 @@
-"""Masked forwards outside training reuse orig * mask while neither changed; training and every write still see the truth."""
+"""Inside bingo.cached_masks(), masked forwards outside training reuse orig * mask while neither changed; outside it, torch's behaviour."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_eval_forwards_compute_the_masked_weight_once_until_something_changes(mo
     real = torch_prune.BasePruningMethod.apply_mask
     monkeypatch.setattr(torch_prune.BasePruningMethod, "apply_mask", lambda self, m: calls.append(1) or real(self, m))
     x = torch.randn(3, 6)
-    with torch.no_grad():
+    with torch.no_grad(), bingo.cached_masks():
         first = layer(x)
         second = layer(x)
         assert len(calls) == 1 and torch.equal(first, second)
@@ -47,7 +47,7 @@ def test_training_is_identical_to_torch_prune():
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
     for step in range(3):
         for model, optimiser in zip((ours, theirs), optimisers):
-            with torch.no_grad():
+            with torch.no_grad(), bingo.cached_masks():
                 model(x)  # an evaluation between steps fills the cache; training must not use a stale one
             loss = F.cross_entropy(model(x), y)
             optimiser.zero_grad()
@@ -61,7 +61,7 @@ def test_training_is_identical_to_torch_prune():
 def test_copies_and_pickles_compute_the_same_and_own_their_cache():
     layer, _ = _masked()
     x = torch.randn(2, 6)
-    with torch.no_grad():
+    with torch.no_grad(), bingo.cached_masks():
         layer(x)
         twin = copy.deepcopy(layer)
         buffer = io.BytesIO()
@@ -74,3 +74,47 @@ def test_copies_and_pickles_compute_the_same_and_own_their_cache():
         assert not torch.equal(twin(x), layer(x))
     bingo.make_permanent(layer)
     assert not hasattr(layer, "weight_orig") and not layer._forward_pre_hooks
+
+
+def test_outside_the_block_every_forward_recomputes_like_torch_prune(monkeypatch):
+    layer, keep = _masked()
+    calls = []
+    real = torch_prune.BasePruningMethod.apply_mask
+    monkeypatch.setattr(torch_prune.BasePruningMethod, "apply_mask", lambda self, m: calls.append(1) or real(self, m))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    assert len(calls) == 2
+    with torch.no_grad(), bingo.cached_masks():
+        layer(x)
+        with bingo.cached_masks():  # nests
+            layer(x)
+        layer(x)
+    assert len(calls) == 3
+    with torch.no_grad(), bingo.cached_masks():  # a later block never reuses an earlier block's product
+        layer(x)
+    assert len(calls) == 4
+
+
+def test_a_write_through_data_between_blocks_is_seen():
+    # the rewind / hand-written-optimizer idiom: p.data.copy_(...) bumps no version counter
+    layer, keep = _masked()
+    x = torch.randn(2, 6)
+    new = torch.randn(4, 6)
+    with torch.no_grad():
+        with bingo.cached_masks():
+            layer(x)
+        layer.weight_orig.data.copy_(new)
+        torch.testing.assert_close(layer(x), F.linear(x, new * keep, layer.bias), rtol=0, atol=0)
+        with bingo.cached_masks():
+            torch.testing.assert_close(layer(x), F.linear(x, new * keep, layer.bias), rtol=0, atol=0)
+
+
+def test_a_frozen_masked_weight_follows_data_writes_outside_the_block():
+    layer, keep = _masked()
+    layer.weight_orig.requires_grad_(False)
+    x = torch.randn(2, 6)
+    layer(x)
+    layer.weight_orig.data.mul_(3)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight_orig * keep, layer.bias), rtol=0, atol=0)

@@ -18,7 +18,7 @@ from .export import ExportResult, RawInputModel, export_checkpoint, export_model
 from .estimators import ESTIMATORS, Estimator, register_estimator
 from .io import load_scores, save_scores
 from .layers import coverage, find_layers
-from .masks import apply_masks, current_masks, load_pruned_state_dict, make_permanent, model_sparsity, pruned_parameters
+from .masks import apply_masks, cached_masks, current_masks, load_pruned_state_dict, make_permanent, model_sparsity, pruned_parameters
 from .pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from .multistep import MultiStepResult, prune_in_steps, step_sparsities
 from .schedule import SparsityScheduler, gmp_sparsity
@@ -33,6 +33,7 @@ __all__ = [
     "AccuracyFloorResult",
     "apply_masks",
     "bingo_scores",
+    "cached_masks",
     "BINGO_SEARCH",
     "BLEND_WEIGHTS",
     "BlendChoice",

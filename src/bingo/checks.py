@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 __all__ = [
     "META_DEVICE", "check_field_types", "check_fraction", "check_model", "check_names", "check_positive_int", "check_scores",
-    "check_seed", "check_state_dict", "describe",
+    "check_judgement", "check_seed", "check_state_dict", "describe",
 ]
 
 #: what to do about a model on the meta device (``torch.device("meta")``: shapes without data)
@@ -67,6 +67,17 @@ def check_scores(where: str, scores: object, name: str = "scores") -> dict[str, 
         if value.is_complex():
             raise ConfigError(f"{where}: {name}[{key!r}] is a {value.dtype} tensor; scores must be real numbers")
     return dict(scores)
+
+
+def check_judgement(where: str, value: object, when: str = "") -> float:
+    """``value`` (what a caller's ``evaluate(model)`` returned) as a finite float, else :class:`ConfigError` saying what it was."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: evaluate(model) must return a number (higher = better), got {describe(value)}") from None
+    if not math.isfinite(score):
+        raise ConfigError(f"{where}: evaluate(model) returned {score}{' ' + when if when else ''}; it must be a finite number")
+    return score
 
 
 def check_state_dict(where: str, state: object, name: str = "state_dict") -> Mapping:

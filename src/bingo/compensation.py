@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_fraction, check_model, check_positive_int, describe
+from .checks import check_fraction, check_judgement, check_model, check_positive_int, describe
 from .devices import model_device, to_device
 from .distributed import broadcast_buffers, sum_over_ranks, unwrap, world_size
 from .errors import ConfigError, check_choice
@@ -73,7 +73,7 @@ from .layer_types import Refit, from_unit_matrix, layer_type_of, unit_matrix
 from .layers import tied_weights
 from .graph_pass import LayerByLayer, NotTraceable, Stop
 from .solvers import Solver, choose_solver, get_solver
-from .masks import apply_masks, make_permanent, masked_names, masked_value, refresh_masked
+from .masks import apply_masks, cached_masks, make_permanent, masked_names, masked_value, refresh_masked
 
 __all__ = ["BATCHNORM_CHOICES", "MODES", "CompensationResult", "compensate", "reestimate_batchnorm", "suggested_calibration_samples"]
 
@@ -472,6 +472,7 @@ def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size:
     return calls
 
 
+@cached_masks()  # the calibration passes multiply each masked weight out once, not once per batch
 def compensate(
     model: nn.Module,
     masks: dict[str, torch.Tensor] | None,
@@ -682,14 +683,7 @@ def compensate(
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, when: str) -> float:
     """``evaluate(model)`` as a finite float, or a :class:`ConfigError` that says what it returned."""
-    value = evaluate(model)
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"compensate: evaluate(model) must return a number (higher = better), got {value!r}") from None
-    if not math.isfinite(score):
-        raise ConfigError(f"compensate: evaluate(model) returned {score} {when} the re-fit; it must be a finite number")
-    return score
+    return check_judgement("compensate", evaluate(model), f"{when} the re-fit")
 
 
 def _hook_module(target: _Target, refit: Refit) -> str:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -155,6 +155,13 @@ def _meets_untracked(group, tp) -> bool:
     return False
 
 
+def _is_grouped_conv(module: object) -> bool:
+    """A conv with ``1 < groups`` that is not depthwise (depthwise: one group per input channel, which Torch-Pruning couples)."""
+    groups = getattr(module, "groups", 1)
+    return (isinstance(module, nn.modules.conv._ConvNd) and groups > 1
+            and not (groups == module.in_channels and module.out_channels % groups == 0))
+
+
 @dataclass
 class _Traced:
     """One trace of a model's copy: its graph, its groups, and the eval outputs of the traced forward."""
@@ -163,6 +170,8 @@ class _Traced:
     found: list[tuple[object, ChannelGroup]]  # (Torch-Pruning's group, bingo's description of it)
     inputs: ExampleInputs  # what the forward ran on
     outputs: Any  # what it returned, detached
+    #: (layer name, the grouped conv) for the layers whose output channels a grouped conv reads or writes: never removed
+    left_alone: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
@@ -182,9 +191,17 @@ def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
     except Exception as exc:  # noqa: BLE001 - the graph library's own failure on an unusual model, in one line
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ConfigError(f"cannot find the coupled channels of {type(model).__name__}: {reason}") from None
-    found = []
+    found, left_alone = [], []
     for group in all_groups:
         if _meets_untracked(group, tp):
+            continue
+        grouped = next((item.dep.target.module for item in group if _is_grouped_conv(item.dep.target.module)), None)
+        if grouped is not None:  # its channels must leave evenly from every group of the conv: not supported, left alone
+            writers = {names[item.dep.target.module] for item in group if item.dep.target.module in names
+                       and isinstance(item.dep.target.module, PRUNABLE_TYPES)
+                       and graph.is_out_channel_pruning_fn(item.dep.handler)}
+            left_alone.extend((name, f"{names.get(grouped, '?')!r} ({type(grouped).__name__}, groups={grouped.groups})")
+                              for name in sorted(writers))
             continue
         members, norms, others = [], [], []
         for item in group:
@@ -208,7 +225,7 @@ def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
             found.append((group, ChannelGroup(tuple(members), tuple(norms), len(group[0].idxs))))
     # in model order (of each group's first member), as the layers are everywhere else
     found.sort(key=lambda entry: order[entry[1].key.rpartition(".")[0]])
-    return _Traced(graph, found, example, outputs)
+    return _Traced(graph, found, example, outputs, left_alone)
 
 
 def _traced_or_explained(net: nn.Module, example: ExampleInputs, what: str) -> _Traced:
@@ -443,6 +460,12 @@ def _remove_zero_channels(net: nn.Module, traced: _Traced, groups: list[ChannelG
         mark_shrunk(net)
     if plan:  # nothing removed: net is the traced copy itself, computing what it computed
         _check_same_outputs(traced.outputs, net, traced.inputs)
+    dead = {name: int((unit_matrix(module.weight.detach()) == 0).all(dim=1).sum())
+            for name, grouped in traced.left_alone if (module := net.get_submodule(name)) is not None}
+    kept = [f"{dead[name]} of {name!r} (it meets {grouped})" for name, grouped in traced.left_alone if dead.get(name)]
+    if kept:
+        warnings.warn(f"{what} kept zero channels a grouped conv meets, which it cannot remove (only groups=1 and "
+                      f"depthwise convs are supported): {'; '.join(kept)}", stacklevel=3)
     if kept_shifted:
         warnings.warn(
             f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "

@@ -210,7 +210,9 @@ class RawInputModel(nn.Module):
     reshaped to ``(N, *input_shape)`` and standardised as
     ``x = (raw - offset) / scale`` (the same float32 operations as
     :meth:`bingo.bench.data.Dataset.preprocess`, so integer raw values give inputs
-    bit-identical to the dataset's), then passed to ``model``.
+    bit-identical to the dataset's), then cast to the dtype of the model's
+    floating-point parameters (a float64 or bfloat16 model gets its own dtype)
+    and passed to ``model``.
     """
 
     def __init__(self, model: nn.Module, offset: float, scale: float, input_shape: tuple[int, ...]) -> None:
@@ -219,10 +221,12 @@ class RawInputModel(nn.Module):
         self.offset = float(offset)
         self.scale = float(scale)
         self.input_shape = check_shape("RawInputModel", "input_shape", input_shape)
+        floating = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self.dtype = floating[0] if floating else torch.float32
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         x = raw.to(torch.float32).reshape(-1, *self.input_shape)
-        return self.model((x - self.offset) / self.scale)
+        return self.model(((x - self.offset) / self.scale).to(self.dtype))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ Which weights to mask is decided elsewhere (:mod:`bingo.selection`,
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -32,6 +35,7 @@ from .layers import ATTENTION_PROJECTIONS, bias_name_of, has_units, parameter_na
 
 __all__ = [
     "apply_masks",
+    "cached_masks",
     "check_units_left",
     "current_masks",
     "is_unit_mask",
@@ -164,17 +168,54 @@ def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
             setattr(module, name, tensor.detach())
 
 
-class _CachedProduct:
-    """Mixin for ``torch.nn.utils.prune``'s hooks: reuse ``orig * mask`` while neither has changed.
+#: how many :func:`cached_masks` blocks are open (0: torch's behaviour, the product recomputed every forward)
+_CACHING_DEPTH = 0
+#: which block: a product cached in an earlier block is never reused in a later one
+_CACHING_BLOCKS = itertools.count(1)
+_caching_block = 0
 
-    Torch's hook recomputes the product into a fresh full-size tensor before
-    every forward, which makes a masked model slower than the dense one. With
-    autograd recording for ``orig`` (training), it still does, so the product
-    is in the graph; otherwise (evaluation, ``torch.no_grad``, a frozen
-    weight) the last product is reused as long as ``orig`` and the mask are
-    the same tensors with the same storage and version counter (every
-    in-place write, an optimizer step or ``copy_``, bumps it) and the module
-    still holds it.
+
+@contextlib.contextmanager
+def cached_masks() -> Iterator[None]:
+    """Inside this block, masked forwards outside training reuse ``weight_orig * weight_mask`` while neither changed.
+
+    ``torch.nn.utils.prune`` recomputes the product into a fresh full-size
+    tensor before every forward, which makes a masked model slower than the
+    dense one (a 90%-pruned 4096² Linear ran at 0.07× dense speed at batch 1:
+    ``benchmarks/masked_speed.py``). Inside the block (like
+    ``torch.nn.utils.parametrize.cached()``), a forward with no autograd
+    recording for the weight (evaluation, ``torch.no_grad``, a frozen weight)
+    computes the product once and reuses it while ``weight_orig`` and the mask
+    are the same tensors with the same storage and version counter: an
+    optimizer step, ``copy_``, ``load_state_dict`` or any in-place write bumps
+    it, and the next forward sees the change. A write through ``.data``
+    (``p.data.copy_(...)``) bumps nothing, so it is invisible to the check:
+    write weights that way only outside the block. Training forwards are
+    unaffected. Outside the block, masked modules behave exactly as
+    ``torch.nn.utils.prune``'s. Nests; global like ``parametrize.cached()``.
+
+    bingo's own repeated forwards (fake passes, compensation's calibration
+    passes, evaluation in the benchmark harness) run inside it.
+    """
+    global _CACHING_DEPTH, _caching_block
+    if _CACHING_DEPTH == 0:
+        _caching_block = next(_CACHING_BLOCKS)
+    _CACHING_DEPTH += 1
+    try:
+        yield
+    finally:
+        _CACHING_DEPTH -= 1
+
+
+class _CachedProduct:
+    """Mixin for ``torch.nn.utils.prune``'s hooks: inside :func:`cached_masks`, reuse ``orig * mask`` while neither changed.
+
+    Outside the block, or with autograd recording for ``orig`` (training),
+    torch's hook runs as it is, so the product is in the graph; otherwise the
+    last product is reused as long as ``orig`` and the mask are the same
+    tensors with the same storage and version counter (every in-place write
+    but one through ``.data`` bumps it), it was computed in the same block,
+    and the module still holds it.
     """
 
     _cache: tuple | None = None
@@ -182,10 +223,10 @@ class _CachedProduct:
     def __call__(self, module: nn.Module, inputs: object) -> None:
         name = self._tensor_name
         orig, mask = getattr(module, f"{name}_orig"), getattr(module, f"{name}_mask")
-        if torch.is_grad_enabled() and orig.requires_grad:
+        if not _CACHING_DEPTH or (torch.is_grad_enabled() and orig.requires_grad):
             self._cache = None
             return super().__call__(module, inputs)
-        key = (orig, orig._version, orig.data_ptr(), mask, mask._version, mask.data_ptr())
+        key = (_caching_block, orig, orig._version, orig.data_ptr(), mask, mask._version, mask.data_ptr())
         cached = self._cache
         held = module.__dict__.get(name)
         if (cached is not None and held is cached[-1] and all(a is b if isinstance(a, torch.Tensor) else a == b
@@ -217,7 +258,7 @@ _CACHED = {torch_prune.CustomFromMask: _CachedCustomFromMask, torch_prune.Prunin
 
 def keep_copyable(module: nn.Module) -> None:
     """Make a masked ``module`` ``deepcopy``-able now and after every forward (see :func:`_detach_masked`), and its
-    masked forwards outside training reuse the masked weights while they are unchanged (:class:`_CachedProduct`); idempotent."""
+    masked forwards outside training, inside :func:`cached_masks`, reuse the masked weights while unchanged; idempotent."""
     if not any(hook is _detach_masked for hook in module._forward_hooks.values()):
         module.register_forward_hook(_detach_masked)
     for handle, hook in list(module._forward_pre_hooks.items()):
@@ -270,6 +311,11 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """
     check_model("apply_masks", model)
     masks = check_scores("apply_masks", masks, "masks")
+    for key, mask in masks.items():  # a score passed by mistake would rescale the weights, not mask them
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ConfigError(f"apply_masks: masks[{key!r}] is not a keep-mask (bool, or 0 / 1 values; got {mask.dtype} "
+                              f"values such as {float(mask[(mask != 0) & (mask != 1)][0]):g}): pass scores to bingo.prune, "
+                              "masks from it (or bingo.select_masks) here")
     tied = tied_weights(model)
     canonical = {alias: key for key, aliases in tied.items() for alias in aliases}
     merged: dict[str, torch.Tensor] = {}

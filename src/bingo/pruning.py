@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import check_model, check_scores
+from .checks import check_judgement, check_model, check_scores
 from .coupled import prune_coupled
 from .errors import ConfigError, check_choice
 from .layers import unit_axis
@@ -185,7 +185,7 @@ def prune_to_accuracy(
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)
-    dense = float(evaluate(model))
+    dense = check_judgement("prune_to_accuracy", evaluate(model), "for the unpruned model")
     floor = float(min_accuracy) if min_accuracy is not None else dense - float(max_drop)
     evaluations = 1
 
@@ -197,7 +197,7 @@ def prune_to_accuracy(
         except ConfigError:
             return -math.inf  # a layer or group left with no units: never allowed, whatever the floor
         evaluations += 1
-        return float(evaluate(trial))
+        return check_judgement("prune_to_accuracy", evaluate(trial), f"at {j} pruned")
 
     if groups:
         sizes = [group.channels for group in groups if any(key in scores for key in group.members)]

@@ -34,6 +34,7 @@ from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
 from .estimators.fake_pass import Batch, Metric, first_tensor, auto_every, resolve_metric
 from .devices import model_device
 from .distributed import broadcast_tensors, unwrap
+from .masks import cached_masks
 from .layers import GRANULARITIES, Coverage, bias_name_of, coverage, find_layers, unit_axis, weight_of
 
 __all__ = ["BINGO_SEARCH", "GRANULARITIES", "METRICS", "MODES", "RULES", "UNPROBED", "SearchConfig", "TicketSearch"]
@@ -278,7 +279,8 @@ class TicketSearch:
             wait()
         start = time.perf_counter()
         self.steps += 1
-        damages = self.estimator.observe(batch)
+        with cached_masks():  # on a masked model (gradual pruning), each fake pass reuses the masked weights
+            damages = self.estimator.observe(batch)
         if wait:
             wait()
         self.seconds += time.perf_counter() - start

@@ -80,7 +80,7 @@ from torch import nn
 from .checks import check_model
 from .errors import BingoError, ConfigError
 from .distributed import unwrap
-from .inputs import ExampleInputs, check_runs, example_inputs
+from .inputs import ExampleInputs, _as_shape, check_runs, example_inputs
 from .layer_types import layer_type_of
 from .layers import attention_inputs, unit_axis
 from .masks import masked_value, permanent_copy
@@ -184,6 +184,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     Runs one forward pass on zeros in eval mode; train/eval flags are restored.
     """
     check_model("count_flops", model)
+    shape = _as_shape(input_shape, "count_flops")  # a one-line error for what is not one sample's shape
     macs = 0
     inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
@@ -207,8 +208,13 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     try:
         model.eval()
         param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-        model(torch.zeros((1, *input_shape), device=device))
+        factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, *shape), **factory))
+        except Exception:  # the shape does not fit: the same one-line error as shrink's
+            check_runs(model, example_inputs(model, shape, "count_flops", check=False), "count_flops")
+            raise
     finally:
         for handle in handles:
             handle.remove()

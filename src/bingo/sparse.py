@@ -45,7 +45,7 @@ from .errors import ConfigError, check_choice
 from .inputs import example_inputs as as_example_inputs
 from .layer_types import layer_type_of
 from .layers import tied_weights
-from .masks import masked_names, masked_value
+from .masks import cached_masks, masked_names, masked_value
 from .selection import is_n_m
 
 __all__ = ["CHOICES", "SparseLayer", "SparseLinear", "SparseResult", "forward_seconds", "to_sparse"]
@@ -390,7 +390,7 @@ def to_sparse(
             x = torch.randn(batch_size, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
         ratios: dict[str, list[float]] = {form_name: [] for form_name in candidates}
         failed: dict[str, str] = {}
-        with torch.no_grad():
+        with torch.no_grad(), cached_masks():  # the masked layer at its best: its product multiplied out once
             for form_name, candidate in candidates.items():  # a kernel that does not take this dtype / device fails here
                 try:
                     candidate(x)

@@ -28,6 +28,7 @@ from ..checks import check_field_types
 from .. import distributed
 from .data import Dataset
 from ..devices import model_device, to_device
+from ..masks import cached_masks
 from ..errors import CheckpointError, ConfigError, TrainingError, check_choice
 from ..io import load_checkpoint, save_checkpoint
 from ..search import TicketSearch
@@ -98,6 +99,7 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 @torch.no_grad()
+@cached_masks()  # a masked model's weights are multiplied out once, not once per batch
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
     """Accuracy of ``model`` on ``(x, y)`` in eval mode; the train/eval flag is restored."""
     if len(x) == 0:

@@ -1,0 +1,119 @@
+"""A third hostile round, on models and training loops not in the repo: each case once gave a wrong result or a raw error."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bingo
+
+
+def _mlp(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).to(dtype)
+
+
+def test_apply_masks_refuses_scores_passed_as_masks():
+    model = _mlp()
+    before = model[0].weight.detach().clone()
+    with pytest.raises(bingo.ConfigError, match=r"^apply_masks: masks\['0.weight'\] is not a keep-mask \(bool, or 0 / 1 values"):
+        bingo.apply_masks(model, bingo.magnitude_scores(model))
+    assert torch.equal(model[0].weight, before) and not hasattr(model[0], "weight_mask")  # nothing applied
+    bingo.apply_masks(model, {"0.weight": (before > 0).float()})  # 0 / 1 floats are masks
+    assert torch.equal(model[0].weight, before * (before > 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("conv", [False, True])
+def test_export_runs_a_float64_or_bfloat16_model_on_the_float32_input_it_declares(tmp_path, dtype, conv):
+    torch.manual_seed(0)
+    model = (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 3)) if conv else _mlp()).to(dtype).eval()
+    shape = (3, 4, 4) if conv else (8,)
+    bingo.prune(model, bingo.magnitude_scores(model), sparsity=0.5)
+    bingo.export_model(model, preprocess=(0.5, 2.0), input_shape=shape, out_dir=tmp_path / "out")
+    program = torch.export.load(tmp_path / "out" / "model.pt2").module()
+    raw = torch.randn(2, *shape)
+    with torch.no_grad():
+        expected = model(((raw - 0.5) / 2.0).to(dtype))
+    torch.testing.assert_close(program(raw), expected)
+
+
+@pytest.mark.parametrize("shape,pattern", [
+    ((9,), r"^count_flops: Sequential cannot run on input_shape \(9,\) taken as one sample"),
+    (("8",), r"^count_flops: input_shape must be one sample's shape as a tuple of ints"),
+])
+def test_count_flops_says_when_the_shape_does_not_fit(shape, pattern):
+    with pytest.raises(bingo.ConfigError, match=pattern):
+        bingo.count_flops(_mlp(), shape)
+    assert bingo.count_flops(_mlp(), (8,)) == 8 * 16 + 16 * 3
+    assert bingo.count_flops(_mlp(torch.float64), (8,)) == 8 * 16 + 16 * 3  # a float64 model is run in float64
+
+
+@pytest.mark.parametrize("value,pattern", [
+    (float("nan"), r"^prune_to_accuracy: evaluate\(model\) returned nan for the unpruned model; it must be a finite number$"),
+    ("0.9?", r"^prune_to_accuracy: evaluate\(model\) must return a number \(higher = better\), got "),
+])
+def test_prune_to_accuracy_refuses_an_evaluate_that_returns_no_number(value, pattern):
+    model = _mlp()
+    with pytest.raises(bingo.ConfigError, match=pattern):
+        bingo.prune_to_accuracy(model, bingo.magnitude_scores(model), lambda net: value, min_accuracy=0.5)
+    assert not hasattr(model[0], "weight_mask")
+
+
+def test_prune_to_accuracy_refuses_nan_on_a_pruned_trial():
+    model = _mlp()
+    calls = []
+
+    def evaluate(net):
+        calls.append(1)
+        return 0.9 if len(calls) == 1 else float("nan")
+
+    with pytest.raises(bingo.ConfigError, match=r"returned nan at \d+ pruned; it must be a finite number"):
+        bingo.prune_to_accuracy(model, bingo.magnitude_scores(model), evaluate, min_accuracy=0.5)
+
+
+def _grouped(groups: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=groups), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def test_channel_groups_leave_out_what_a_grouped_conv_meets_and_shrink_says_what_it_kept():
+    model = _grouped(2)
+    groups = bingo.channel_groups(model, (3, 8, 8))
+    assert [g.members for g in groups] == [("0.weight",)]  # 2 feeds the grouped conv, 4 is one: both left alone
+    scores = bingo.magnitude_scores(model, granularity="neuron")
+    bingo.prune(model, {k: scores[k] for k in ("0.weight", "2.weight")}, sparsity=0.5, scope="layer")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shrunk = bingo.shrink(model, (3, 8, 8))
+    assert [str(w.message) for w in caught] == [
+        "shrink kept zero channels a grouped conv meets, which it cannot remove (only groups=1 and depthwise convs "
+        "are supported): 8 of '2' (it meets '4' (Conv2d, groups=2))"]
+    assert shrunk[0].out_channels == 8 and shrunk[2].out_channels == 16
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_shrink_coupled_with_a_grouped_conv_is_exact_not_a_crash():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    assert bingo.channel_groups(model, (3, 8, 8)) == []
+    bingo.prune(model, {"0.weight": torch.arange(32.0)}, sparsity=0.5, scope="layer")
+    with pytest.warns(UserWarning, match=r"16 of '0' \(it meets '2' \(Conv2d, groups=2\)\)"):
+        shrunk = bingo.coupled.shrink_coupled(model, (3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_convs_still_shrink_as_coupled_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    groups = bingo.channel_groups(model, (3, 6, 6))
+    assert ("0.weight", "2.weight") in [g.members for g in groups]
