@@ -117,3 +117,112 @@ def test_depthwise_convs_still_shrink_as_coupled_channels():
                           nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
     groups = bingo.channel_groups(model, (3, 6, 6))
     assert ("0.weight", "2.weight") in [g.members for g in groups]
+
+
+# ---- training loops (a second reviewer's round) ----
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+def _train(model, search, steps=6, inf_at=None, channels_last=False):
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        x, y = torch.randn(8, 2, 5, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if step == inf_at:  # a step whose gradients overflowed: a GradScaler skips optimizer.step
+            for p in model.parameters():
+                p.grad.fill_(float("inf"))
+        else:
+            optimizer.step()
+        search.step(x, y)
+    return search
+
+
+@pytest.mark.parametrize("config", ["BINGO_SEARCH", "paper"])
+def test_a_channels_last_model_searches_as_the_row_major_one(config):
+    settings = dict(config=bingo.BINGO_SEARCH, every=2) if config == "BINGO_SEARCH" else dict(every=2, fraction=0.3)
+    model = _cnn()
+    plain = _train(model, bingo.TicketSearch(model, seed=0, **settings))
+    model = _cnn().to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    last = _train(model, bingo.TicketSearch(model, seed=0, **settings), channels_last=True)
+    for key, value in plain.significance().items():
+        torch.testing.assert_close(last.significance()[key], value, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_a_step_with_overflowed_gradients_counts_as_a_zero_gradient(granularity):
+    def run(zero: bool):
+        model = _cnn()
+        search = bingo.TicketSearch(model, estimator="taylor", granularity=granularity, seed=0)
+        real_step = search.step
+
+        def step(x, y):
+            if zero and search.steps == 2:  # the step after the overflow: its gradients as zeros instead of inf
+                for p in model.parameters():
+                    p.grad.zero_()
+            return real_step(x, y)
+
+        search.step = step
+        return _train(model, search, inf_at=2).significance()
+
+    overflowed, zeroed = run(False), run(True)
+    for key, value in zeroed.items():
+        assert torch.isfinite(overflowed[key]).all(), key
+        torch.testing.assert_close(overflowed[key], value, rtol=0, atol=0)
+
+
+def test_int32_labels_are_labels_for_the_loss_metric():
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    results = []
+    for labels in (y, y.int()):
+        model = _mlp()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        search = bingo.TicketSearch(model, config=bingo.BINGO_SEARCH, every=1, seed=0)
+        results.append(search.step(x, labels))
+    assert results[0] == results[1] and results[0]
+
+
+@pytest.mark.parametrize("value,what", [(lambda o, t: o.sum(1), r"a tensor of shape \(8,\)"), (lambda o, t: None, "None")])
+def test_a_metric_that_returns_no_single_number_says_so(value, what):
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    search = bingo.TicketSearch(_mlp(), estimator="probe", metric=value, every=1, seed=0)
+    with pytest.raises(bingo.ConfigError, match=rf"^a metric must return one number per batch \(higher = better\), got {what}$"):
+        search.step(x, y)
+
+
+def test_a_frozen_layer_under_the_default_search_is_named_as_frozen():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    search = bingo.TicketSearch(model, config=bingo.BINGO_SEARCH, seed=0)
+    with pytest.raises(bingo.ConfigError, match=r"'0.weight', which is frozen \(requires_grad=False\): leave it out of the "
+                                                r"search \(exclude=\['0.weight'\]\) or let it train$"):
+        search.step(x, y)
+    bingo.TicketSearch(model, config=bingo.BINGO_SEARCH, exclude=["0.weight"], seed=0).step(x, y)
+
+
+@pytest.mark.parametrize("seed,pattern", [(1.5, r"seed must be an integer, got float 1.5"),
+                                          (2**70, r"seed must be a whole number in \[-9223372036854775808, 18446744073709551615\]")])
+def test_a_search_seed_torch_cannot_take_is_a_one_line_error(seed, pattern):
+    with pytest.raises(bingo.ConfigError, match=rf"^SearchConfig: {pattern}"):
+        bingo.TicketSearch(_mlp(), seed=seed)
+
+
+def test_scheduler_refuses_groups_that_are_not_channel_groups_and_a_fractional_step():
+    model = _mlp()
+    with pytest.raises(bingo.ConfigError, match=r"^SparsityScheduler: groups must be the list bingo.channel_groups"):
+        bingo.SparsityScheduler(model, lambda: bingo.magnitude_scores(model), final_sparsity=0.5, start_step=0,
+                                end_step=4, frequency=1, groups="x")
+    scheduler = bingo.SparsityScheduler(model, lambda: bingo.magnitude_scores(model), final_sparsity=0.5, start_step=0,
+                                        end_step=4, frequency=1)
+    with pytest.raises(bingo.CheckpointError, match=r"^not a SparsityScheduler state dict"):
+        scheduler.load_state_dict({**scheduler.state_dict(), "last_step": 2.7})

@@ -147,14 +147,20 @@ def check_field_types(config: object) -> None:
             raise ConfigError(f"{type(config).__name__}.{f.name} must be {expected}, got {describe(value)}")
 
 
+#: what ``torch.Generator.manual_seed`` takes
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def check_seed(where: str, name: str, value: object) -> int:
-    """``value`` as an int seed (a whole number, not a bool), else :class:`ConfigError`."""
+    """``value`` as an int seed (a whole number in :data:`SEED_RANGE`, not a bool), else :class:`ConfigError`."""
     try:
         number = operator.index(value) if not isinstance(value, bool) else None
     except TypeError:
         number = None
     if number is None:
         raise ConfigError(f"{where}: {name} must be an integer, got {describe(value)}")
+    if not SEED_RANGE[0] <= number <= SEED_RANGE[1]:
+        raise ConfigError(f"{where}: {name} must be a whole number in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {number}")
     return number
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Callable
 
 import torch
@@ -156,7 +157,11 @@ class SparsityScheduler:
         self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
         self.start_step, self.end_step, self.frequency = int(start_step), int(end_step), int(frequency)
         self.scope, self.seed = scope, check_seed("SparsityScheduler", "seed", seed)
-        self.groups = list(groups) if groups else None  #: tied channels pruned together (bingo.channel_groups)
+        from .coupled import _check_groups  # (imported here, as in _prune: coupled imports the pruning stack)
+        from .distributed import unwrap
+
+        #: tied channels pruned together (bingo.channel_groups)
+        self.groups = _check_groups(unwrap(model), groups, "SparsityScheduler") if groups else None
         self.last_step = 0  #: optimizer steps taken so far (0 = construction)
         self.last_sparsity = 0.0  #: the sparsity the latest update pruned to (0 before the first)
         self._update()
@@ -211,7 +216,7 @@ class SparsityScheduler:
     def load_state_dict(self, state: dict) -> None:
         """Resume from a :meth:`state_dict`. :class:`CheckpointError` if its settings differ from this scheduler's."""
         try:
-            last_step, last_sparsity = int(state["last_step"]), float(state["last_sparsity"])
+            last_step, last_sparsity = operator.index(state["last_step"]), float(state["last_sparsity"])
             saved = {key: state[key] for key in _SETTINGS}
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"not a SparsityScheduler state dict (missing or bad {exc})") from None

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import META_DEVICE, check_field_types, check_model, check_names, describe
+from .checks import META_DEVICE, check_field_types, check_model, check_names, check_seed, describe
 from .errors import CheckpointError, ConfigError, check_choice
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.fake_pass import METRICS as METRIC_FUNCTIONS
@@ -93,6 +93,7 @@ class SearchConfig:
         if self.every is not None and (isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1):
             raise ConfigError(f"every must be a whole number >= 1 (or None: chosen from the number of layers), got {self.every!r}")
         object.__setattr__(self, "fraction", fraction)
+        object.__setattr__(self, "seed", check_seed("SearchConfig", "seed", self.seed))
         object.__setattr__(self, "include", None if self.include is None else tuple(check_names("SearchConfig", "include", self.include)))
         object.__setattr__(self, "exclude", tuple(check_names("SearchConfig", "exclude", self.exclude)))
         if isinstance(self.estimator, Estimator):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..checks import describe
 from ..errors import BingoError, ConfigError
 from ..distributed import average_over_ranks
 from ..layers import bias_name_of, weight_of, weight_parameter_name
@@ -190,7 +191,8 @@ def _negative_loss_tensor(outputs: torch.Tensor, targets: torch.Tensor) -> torch
     check_class_shapes(outputs, targets)
     # Clamped so that out-of-range labels cannot raise (or assert on a GPU) before
     # measure() reads their flag back with the measurements and reports them.
-    return -F.cross_entropy(outputs, targets.clamp(0, outputs.shape[1] - 1)).double()
+    # .long(): int32 / int16 labels are labels too, and cross_entropy takes only int64 (or uint8)
+    return -F.cross_entropy(outputs, targets.clamp(0, outputs.shape[1] - 1).long()).double()
 
 
 #: the built-in metrics as device tensors, for :meth:`Batch.score_tensor`
@@ -204,8 +206,13 @@ def _as_score(value: Any, outputs: Any) -> torch.Tensor:
     """A metric's value as a 0-dim float64 tensor, on the outputs' device when it is a Python number."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.detach().reshape(()).double()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else describe(value)
+        raise ConfigError(f"a metric must return one number per batch (higher = better), got {what}") from None
     device = outputs.device if isinstance(outputs, torch.Tensor) else None
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+    return torch.tensor(number, dtype=torch.float64, device=device)
 
 
 #: metric name -> ``metric(outputs, targets) -> float``, higher = better
@@ -295,13 +302,17 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
     reset = search.config.mode == "reset"
     weight = weight_of(module, key).detach()
     subset = subset.to(weight.device, non_blocking=True)  # drawn on the host: no sync for the copy
-    probe = weight.clone()
+    # Row-major whatever the weight's layout (a channels_last conv's is not), so that flat index i is the
+    # score's entry i and the flat view below is a view: the write must land in probe.
+    probe = weight.clone(memory_format=torch.contiguous_format)
     if search.config.granularity == "neuron":  # whole units: index the unit axis (a view, so the write lands in probe)
         axis = search.unit_axis(key)
         rows, initial = probe.movedim(axis, 0), search.theta0[key].movedim(axis, 0)
     else:
-        rows, initial = probe.view(-1), search.theta0[key].view(-1)
+        rows, initial = probe.view(-1), search.theta0[key].reshape(-1)
     rows[subset] = initial[subset] if reset else 0
+    if not weight.is_contiguous():  # back in the weight's own layout: the forward runs the kernels it runs
+        probe = torch.empty_like(weight).copy_(probe)
     tensors = {prefix + weight_parameter_name(module, key): probe}
     if key in search.theta0_bias:
         name = weight_parameter_name(module, bias_name_of(module, key))

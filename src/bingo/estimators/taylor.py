@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 __all__ = ["TaylorEstimator"]
 
 
+#: a non-finite gradient (the overflowed gradients of a step a ``torch.amp.GradScaler`` skipped) adds nothing to the
+#: average, as a zero gradient would: one such step must not make the whole estimate infinite for good. A non-finite
+#: weight still makes it non-finite: that is a diverged training, and significance() says so.
+_SKIPPED = {"nan": 0.0, "posinf": 0.0, "neginf": 0.0}
+
+
 @register_estimator
 class TaylorEstimator(Estimator):
     """Every weight scored at every step by a second-order Taylor estimate; no forward passes.
@@ -35,7 +41,9 @@ class TaylorEstimator(Estimator):
     on the past, bias-corrected like Adam's moments, so the score reflects the
     trained network rather than its early steps; ``decay=1`` is the plain mean.
 
-    Reads ``.grad``: call ``search.step`` after ``optimizer.step()`` and
+    Reads ``.grad``: call ``search.step`` after ``optimizer.step()`` (after
+    ``scaler.step(optimizer)`` with a ``GradScaler``, which unscales the
+    gradients; the non-finite ones of a step it skipped count as zero) and
     before the next ``zero_grad()``. Scores are in loss units (higher = more
     significant), mapped to [0, 1] by the search.
     """
@@ -85,6 +93,11 @@ class TaylorEstimator(Estimator):
             return {}
         for key, module in search.layers.items():
             weight = weight_of(module, key)
+            if weight.grad is None and not weight.requires_grad:
+                raise ConfigError(
+                    f"estimator {self.name!r} reads the gradient of {key!r}, which is frozen (requires_grad=False): "
+                    f"leave it out of the search (exclude=[{key!r}]) or let it train"
+                )
             if weight.grad is None:
                 raise ConfigError(
                     f"estimator {self.name!r} reads the gradient of {key!r}, which is None: call search.step(x, y) "
@@ -95,6 +108,9 @@ class TaylorEstimator(Estimator):
             new_weight = 1.0 / self.steps_seen[key] if self.decay == 1.0 else 1.0 - self._update_decay
             average = entry["taylor_average"]
             grad, value = weight.grad.detach(), weight.detach()
+            if not (average.device.type == "cpu" and grad.is_contiguous() and value.is_contiguous()
+                    and search.config.granularity != "neuron"):
+                grad = grad.nan_to_num(**_SKIPPED)  # (the CPU piecewise update cleans its pieces in cache)
             reset = search.theta0[key] if search.config.mode == "reset" else None
             if search.config.granularity == "neuron":
                 change = grad * (reset - value) if reset is not None else grad * value  # the sign of Δ = -w does not matter once squared
@@ -112,19 +128,21 @@ class TaylorEstimator(Estimator):
         """``average ← (1 - a)·average + a·(g Δ)²`` over flat CPU tensors, a cache-sized piece at a time.
 
         The same operations element by element as the whole-tensor update, so
-        the result is bit-identical; only the temporary ``g Δ`` lives in one
-        reused scratch buffer instead of a fresh allocation per layer and step.
+        the result is bit-identical; only the temporaries (``g`` with
+        non-finite entries zeroed, ``g Δ``) live in one reused scratch buffer
+        instead of a fresh allocation per layer and step.
         """
         n = average.numel()
-        if getattr(self, "_scratch", None) is None or self._scratch.numel() < min(n, self.CPU_CHUNK):
-            self._scratch = torch.empty(min(max(n, 1), self.CPU_CHUNK), dtype=average.dtype)
+        if getattr(self, "_scratch", None) is None or self._scratch.shape[1] < min(n, self.CPU_CHUNK):
+            self._scratch = torch.empty(2, min(max(n, 1), self.CPU_CHUNK), dtype=average.dtype)
         for start in range(0, n, self.CPU_CHUNK):
             stop = min(start + self.CPU_CHUNK, n)
-            change = self._scratch[: stop - start]
+            change, clean = self._scratch[0, : stop - start], self._scratch[1, : stop - start]
+            torch.nan_to_num(grad[start:stop], out=clean, **_SKIPPED)  # in cache: nearly free
             if reset is None:
-                torch.mul(grad[start:stop], value[start:stop], out=change)
+                torch.mul(clean, value[start:stop], out=change)
             else:
-                torch.sub(reset[start:stop], value[start:stop], out=change).mul_(grad[start:stop])
+                torch.sub(reset[start:stop], value[start:stop], out=change).mul_(clean)
             average[start:stop].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
 
     def bias_correction(self, key: str) -> float:
