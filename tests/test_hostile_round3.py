@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -226,3 +227,51 @@ def test_scheduler_refuses_groups_that_are_not_channel_groups_and_a_fractional_s
                                         end_step=4, frequency=1)
     with pytest.raises(bingo.CheckpointError, match=r"^not a SparsityScheduler state dict"):
         scheduler.load_state_dict({**scheduler.state_dict(), "last_step": 2.7})
+
+
+def test_compensate_takes_a_transformer_encoder_with_a_padding_mask_in_eval_mode():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(8, 16)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2,
+                                             enable_nested_tensor=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x, mask):
+            return self.fc(self.enc(self.emb(x), src_key_padding_mask=mask).mean(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x, mask = torch.randn(128, 5, 8), torch.zeros(128, 5, dtype=torch.bool)
+    mask[:, -1] = True  # padding: the encoder's fast path would make nested tensors of the activations
+    dense = copy.deepcopy(model)
+    masks = bingo.prune(model, bingo.magnitude_scores(model), sparsity=0.7)
+    result = bingo.compensate(model, masks, (x, mask))
+    assert any("self_attn" in k for k in result.layers) and all(result.error_after[k] <= result.error_before[k] for k in result.error_after)
+    assert torch.backends.mha.get_fastpath_enabled()  # the global flag is restored
+    with torch.no_grad():
+        assert torch.isfinite(model(x, mask)).all() and model(x, mask).shape == dense(x, mask).shape
+
+
+def test_head_scores_name_separate_q_k_v_projections():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.fc = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True), nn.Linear(16, 3)
+
+    model = Net()
+    with pytest.raises(bingo.ConfigError, match=r"^'att' has separate q/k/v projections \(kdim/vdim differ from embed_dim\)"):
+        bingo.head_scores(model, bingo.magnitude_scores(model))
+
+
+def test_channel_groups_leave_a_hugging_face_attention_s_projections_alone():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    groups = bingo.channel_groups(model, {"input_ids": torch.randint(0, 60, (4, 8))})
+    members = [key for group in groups for key in group.members]
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in members  # the feed-forward's hidden channels: free
+    assert not any(".attention.self." in key for key in members)  # q / k / v: tied to the heads

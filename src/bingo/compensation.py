@@ -53,6 +53,7 @@ units and are not reported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -472,7 +473,25 @@ def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size:
     return calls
 
 
+@contextlib.contextmanager
+def dense_attention() -> Iterator[None]:
+    """Inside this block, ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers take their plain path.
+
+    In eval mode with a padding mask their fast path turns activations into
+    nested tensors, which have no ``.shape`` for the re-fit's hooks to read;
+    the plain path computes the same outputs (to float rounding) as dense
+    tensors. The global flag (``torch.backends.mha``) is restored on exit.
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 @cached_masks()  # the calibration passes multiply each masked weight out once, not once per batch
+@dense_attention()  # the hooks read each layer's inputs as dense tensors
 def compensate(
     model: nn.Module,
     masks: dict[str, torch.Tensor] | None,

@@ -155,6 +155,18 @@ def _meets_untracked(group, tp) -> bool:
     return False
 
 
+#: attributes by which an attention module tells its head count or size (Hugging Face, nn.MultiheadAttention, GPT-2)
+_HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "head_dim", "attention_head_size")
+
+
+def _inside_attention(key: str, model: nn.Module) -> bool:
+    """True if the layer of weight ``key`` lies inside a module that declares heads (an int ``num_heads``, ...)."""
+    # the layer's ancestors below the model itself (a whole model may keep a head count for its blocks)
+    path = key.rpartition(".")[0].split(".")[:-1]
+    return any(isinstance(getattr(model.get_submodule(".".join(path[:depth])), name, None), int)
+               for depth in range(1, len(path) + 1) for name in _HEAD_ATTRIBUTES)
+
+
 def _is_grouped_conv(module: object) -> bool:
     """A conv with ``1 < groups`` that is not depthwise (depthwise: one group per input channel, which Torch-Pruning couples)."""
     groups = getattr(module, "groups", 1)
@@ -218,7 +230,11 @@ def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
             else:  # a LayerNorm (normalises across the channels), an attention, an embedding...
                 others.append(module)
         # Removing a channel that such a module also sees is not exact (a LayerNorm's mean and variance would
-        # change) or not supported: the group is left alone, never pruned.
+        # change) or not supported: the group is left alone, never pruned. So is a group with a layer inside an
+        # attention written as plain matmuls (Hugging Face's): its width is tied to the heads, which the graph
+        # does not see, so single channels would leave across head boundaries.
+        if any(_inside_attention(key, model) for key in members):
+            continue
         if members and not others:
             members = sorted(set(members), key=lambda key: order[key.rpartition(".")[0]])
             norms = sorted(set(norms), key=order.__getitem__)

@@ -76,6 +76,9 @@ def head_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, 
     for name, attention in _attentions(model).items():
         key = f"{name}.in_proj_weight" if name else "in_proj_weight"
         if key not in scores:
+            prefix = f"{name}." if name else ""
+            if any(f"{prefix}{p}_proj_weight" in scores for p in "qkv"):  # scored, as separate projections
+                _check_supported(name, attention)
             continue
         _check_supported(name, attention)
         values = scores[key].detach().double().cpu()
