@@ -275,3 +275,16 @@ def test_channel_groups_leave_a_hugging_face_attention_s_projections_alone():
     members = [key for group in groups for key in group.members]
     assert "bert.encoder.layer.0.intermediate.dense.weight" in members  # the feed-forward's hidden channels: free
     assert not any(".attention.self." in key for key in members)  # q / k / v: tied to the heads
+
+
+def test_a_compiled_model_is_searched_and_pruned_under_its_own_keys():
+    model = _cnn()
+    compiled = torch.compile(model, backend="eager")  # the dynamo wrapper without a C++ toolchain
+    eager = _cnn()
+    searched = _train(compiled, bingo.TicketSearch(compiled, config=bingo.BINGO_SEARCH, every=2, seed=0))
+    plain = _train(eager, bingo.TicketSearch(eager, config=bingo.BINGO_SEARCH, every=2, seed=0))
+    assert list(searched.significance()) == ["0.weight", "2.weight", "5.weight"]  # not "_orig_mod.0.weight"
+    for key, value in plain.significance().items():
+        torch.testing.assert_close(searched.significance()[key], value)
+    masks = bingo.prune(compiled, searched.significance(), sparsity=0.5)
+    assert set(masks) == {"0.weight", "2.weight", "5.weight"} and hasattr(model[0], "weight_mask")

@@ -88,19 +88,25 @@ def barrier() -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` (or ``DataParallel``) wrapper trains; ``model`` itself otherwise.
+    """The module a ``DistributedDataParallel`` (or ``DataParallel``) wrapper trains, or ``torch.compile`` compiled; else ``model``.
 
     Scores and masks are keyed by the inner module's parameter names
-    (``"fc1.weight"``, not ``"module.fc1.weight"``), so a search attached to
-    the wrapper and one attached to the inner module agree.
+    (``"fc1.weight"``, not ``"module.fc1.weight"`` or ``"_orig_mod.fc1.weight"``),
+    so a search attached to the wrapper and one attached to the inner module
+    agree, and bingo's own extra forwards (fake passes, calibration) run the
+    plain module rather than making the compiler trace each variant again.
     """
     if not isinstance(model, nn.Module):
         from .checks import describe  # checks imports nothing of bingo's but errors
 
         raise ConfigError(f"model must be a torch.nn.Module, got {describe(model)}")
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper (torch._dynamo's OptimizedModule), not imported to check
+        else:
+            return model
 
 
 def _device() -> torch.device:
