@@ -288,3 +288,12 @@ def test_a_compiled_model_is_searched_and_pruned_under_its_own_keys():
         torch.testing.assert_close(searched.significance()[key], value)
     masks = bingo.prune(compiled, searched.significance(), sparsity=0.5)
     assert set(masks) == {"0.weight", "2.weight", "5.weight"} and hasattr(model[0], "weight_mask")
+
+
+def test_loading_a_pruned_state_keeps_the_parameter_order_an_optimizer_state_relies_on():
+    pruned = _mlp()
+    bingo.prune(pruned, bingo.magnitude_scores(pruned), sparsity=0.5)
+    fresh = _mlp()
+    bingo.load_pruned_state_dict(fresh, pruned.state_dict())
+    # weight_orig where weight was (torch.nn.utils.prune alone would list it after the bias)
+    assert [n for n, _ in fresh.named_parameters()] == ["0.weight_orig", "0.bias", "2.weight_orig", "2.bias"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ __all__ = [
     "model_sparsity",
     "permanent_copy",
     "pruned_parameters",
+    "put_masks_from_state",
     "refresh_masked",
     "weight_owner",
 ]
@@ -414,34 +415,77 @@ def permanent_copy(model: nn.Module) -> nn.Module:
     return net
 
 
-def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load the ``state_dict`` of a pruned model into a fresh (unpruned) one.
+def _mask_keeping_order(module: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """``custom_from_mask(module, name, mask)``, with ``<name>_orig`` in ``<name>``'s place among the parameters.
 
-    Every ``<module>.<name>_mask`` entry is first put on ``model`` as a mask,
-    so the keys ``weight_orig`` / ``weight_mask`` exist; then the state is
-    loaded strictly. Raises :class:`CheckpointError` if it does not fit.
+    ``torch.nn.utils.prune`` registers ``<name>_orig`` last; an optimizer built
+    over ``model.parameters()`` afterwards would then not line up with
+    optimizer state saved (by position) from the pruned model it resumes.
     """
-    check_model("load_pruned_state_dict", model, meta=False)
-    check_state_dict("load_pruned_state_dict", state_dict)
+    order = list(module._parameters)
+    torch_prune.custom_from_mask(module, name, mask)
+    renamed = [f"{name}_orig" if entry == name else entry for entry in order]
+    parameters = {entry: module._parameters[entry] for entry in renamed}
+    module._parameters.clear()
+    module._parameters.update(parameters)
+    keep_copyable(module)
+
+
+def put_masks_from_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "", *,
+                         strict: bool = True) -> list[str]:
+    """Put on ``model`` every mask a pruned model's ``state_dict`` holds, so that the state then loads into it.
+
+    A mask is a ``<module>.<name>_mask`` entry (under ``prefix``; with
+    ``strict=False`` only one with its ``<name>_orig`` beside it), for a
+    ``<name>`` the model has unmasked; it goes
+    on through ``torch.nn.utils.prune`` as :func:`apply_masks` would, with
+    ``<name>_orig`` in ``<name>``'s place among the module's parameters (so an
+    optimizer's saved state still lines up). Returns the keys masked.
+    ``strict``: a mask of a parameter the model lacks, or of another shape, is
+    a :class:`CheckpointError`; otherwise it is left for the load to report.
+    """
+    masked = []
     for key, value in state_dict.items():
-        if not key.endswith("_mask"):
+        if not (key.startswith(prefix) and key.endswith("_mask")):
             continue
-        module_name, _, attr = key.rpartition(".")
+        if not strict and f"{key[: -len('_mask')]}_orig" not in state_dict:
+            continue  # (a buffer that merely ends in _mask is not a pruning mask)
+        module_name, _, attr = key[len(prefix):].rpartition(".")
         name = attr[: -len("_mask")]
         try:
             module = model.get_submodule(module_name) if module_name else model
             target = getattr(module, name)
         except AttributeError:
-            raise CheckpointError(f"state dict masks {key!r}, which this model does not have") from None
+            if strict:
+                raise CheckpointError(f"state dict masks {key!r}, which this model does not have") from None
+            continue
         if hasattr(module, f"{name}_mask"):
             continue
-        if not isinstance(target, torch.Tensor) or target.shape != value.shape:
-            raise CheckpointError(
-                f"state dict mask {key!r} has shape {tuple(value.shape)}, the model's {name} has "
-                f"{tuple(getattr(target, 'shape', ()))}"
-            )
-        torch_prune.custom_from_mask(module, name, value.to(target.device, dtype=torch.bool))
-        keep_copyable(module)
+        if not isinstance(target, nn.Parameter) or target.shape != value.shape:
+            if strict:
+                raise CheckpointError(
+                    f"state dict mask {key!r} has shape {tuple(value.shape)}, the model's {name} has "
+                    f"{tuple(getattr(target, 'shape', ()))}"
+                )
+            continue
+        _mask_keeping_order(module, name, value.to(target.device, dtype=torch.bool))
+        masked.append(key[len(prefix):-len("_mask")])
+    if masked:
+        mask_attention_outputs(model)
+    return masked
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load the ``state_dict`` of a pruned model into a fresh (unpruned) one.
+
+    Every ``<module>.<name>_mask`` entry is first put on ``model`` as a mask
+    (:func:`put_masks_from_state`), so the keys ``weight_orig`` /
+    ``weight_mask`` exist; then the state is loaded strictly. Raises
+    :class:`CheckpointError` if it does not fit.
+    """
+    check_model("load_pruned_state_dict", model, meta=False)
+    check_state_dict("load_pruned_state_dict", state_dict)
+    put_masks_from_state(model, state_dict)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

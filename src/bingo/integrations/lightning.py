@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
-from .session import PruneAfterTraining
+from .session import PrunedLoading, PruneAfterTraining
 
 __all__ = ["BingoCallback"]
 
@@ -63,7 +63,12 @@ class BingoCallback(pl.Callback):
     Checkpoints Lightning writes during fit (``last.ckpt`` included) hold the
     model as it was then: dense, with a one-shot prune, which happens when
     fit ends. Save the pruned module after ``fit`` returns, e.g.
-    ``trainer.save_checkpoint("pruned.ckpt")``.
+    ``trainer.save_checkpoint("pruned.ckpt")``. With ``gradual=`` they hold
+    the masks reached so far, and ``fit(..., ckpt_path=)`` into a fresh
+    module puts them on before Lightning loads the weights
+    (:class:`~bingo.integrations.session.PrunedLoading`), so the run resumes
+    where it stopped; if fit ends before the schedule's ``end_step``, the rest
+    is pruned then, and the module ends at ``sparsity``.
     """
 
     def __init__(self, sparsity: float | str | None = None, *, closure: Callable[[nn.Module, Any, int], Any] | None = None, **settings: Any) -> None:
@@ -71,9 +76,24 @@ class BingoCallback(pl.Callback):
         self.session = PruneAfterTraining(sparsity, **settings)
         self.closure = closure
         self._optimizer_steps = 0
+        self._loading: PrunedLoading | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning loads a ckpt_path's state dict before any callback hook that could see it (on_load_checkpoint
+        # comes after): a checkpoint of a model pruned during fit needs its masks on the fresh module first.
+        if self._loading is None:
+            self._loading = PrunedLoading(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._loading is not None:
+            self._loading.remove()
+            self._loading = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.session.start(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not at fit start: a ckpt_path restores global_step after on_fit_start
         self._optimizer_steps = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -15,14 +15,50 @@ from torch import nn
 
 from ..compensation import CompensationResult, compensate
 from ..errors import ConfigError, check_choice
-from ..masks import current_masks
+from ..masks import current_masks, masked_names, put_masks_from_state, refresh_masked
 from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
 from ..schedule import SparsityScheduler
 from ..scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight
 from ..search import BINGO_SEARCH, SearchConfig, TicketSearch
 from ..selection import SCOPES, parse_sparsity
 
-__all__ = ["PruneAfterTraining"]
+__all__ = ["PrunedLoading", "PruneAfterTraining"]
+
+
+class PrunedLoading:
+    """While attached, loading a pruned model's state into the unpruned ``model`` puts its masks on first.
+
+    A model pruned during training (``gradual=``) is saved by the trainers
+    with ``<name>_orig`` / ``<name>_mask`` entries; their own resume
+    (Lightning's ``ckpt_path``, the Trainer's ``resume_from_checkpoint``)
+    loads that into a fresh, unpruned model, which has ``<name>`` instead:
+    Lightning fails on the keys, the Trainer loads non-strictly and keeps
+    the fresh weights. Attached, every ``model.load_state_dict`` first puts
+    on each mask the state holds (:func:`bingo.masks.put_masks_from_state`,
+    as :func:`bingo.load_pruned_state_dict` does: ``model.parameters()``
+    keeps its order, so an optimizer built over it afterwards matches the
+    optimizer state saved with the checkpoint), and afterwards sets the
+    masked weights to the loaded values (:func:`bingo.masks.refresh_masked`).
+    :meth:`remove` detaches it; nothing else stays on the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._handles = [model.register_load_state_dict_pre_hook(self._put_masks),
+                         model.register_load_state_dict_post_hook(self._refresh)]
+
+    def _put_masks(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        put_masks_from_state(module, state_dict, prefix, strict=False)  # what does not fit, the load itself reports
+
+    def _refresh(self, module: nn.Module, incompatible_keys: Any) -> None:
+        if any(masked_names(submodule) for submodule in module.modules()):
+            refresh_masked(module)
+
+    def remove(self) -> None:
+        """Detach from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class PruneAfterTraining:
@@ -47,8 +83,11 @@ class PruneAfterTraining:
         gradual: ``(start_step, end_step)``: prune *during* training instead,
             ``bingo-gradual``'s way: a :class:`bingo.SparsityScheduler` on GMP's
             cubic schedule (every ``frequency`` optimizer steps) ranks by the
-            same blended score and reaches ``sparsity`` at ``end_step``. Needs
-            ``sparsity``; nothing is compensated (training adapts).
+            same blended score and reaches ``sparsity`` at ``end_step``. If
+            training ends before ``end_step`` (fewer steps than planned, early
+            stopping), :meth:`finish` prunes the rest at once
+            (:meth:`bingo.SparsityScheduler.finish`), so the model always ends at
+            ``sparsity``. Needs ``sparsity``; nothing is compensated (training adapts).
 
     Shaped like an optimizer: :meth:`start` with the model before training,
     :meth:`step` after every optimizer step, :meth:`finish` at the end,
@@ -131,10 +170,15 @@ class PruneAfterTraining:
         return bingo_scores(self.search, model, self.magnitude_weight)
 
     def finish(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Prune ``model`` once, by the search's significance blended with magnitude; returns the keep-masks."""
+        """Prune ``model`` once, by the search's significance blended with magnitude; returns the keep-masks.
+
+        With ``gradual``: bring the masks to ``sparsity`` if the schedule has not
+        (training stopped before ``end_step``), and return them.
+        """
         if self.search is None or self.search.steps == 0:
             raise ConfigError("nothing to prune by: the search saw no optimizer step")
-        if self.scheduler is not None:  # pruned during training already
+        if self.scheduler is not None:  # pruned during training already; to the target now if training stopped early
+            self.scheduler.finish()
             self.masks = {key: mask.bool() for key, mask in current_masks(model, dict(self.search.theta0)).items()}
             return self.masks
         scores = self.scores(model)
