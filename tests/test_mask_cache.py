@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,11 +22,19 @@ def _masked(seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
     return layer, keep
 
 
-def test_eval_forwards_compute_the_masked_weight_once_until_something_changes(monkeypatch):
-    layer, keep = _masked()
+@pytest.fixture
+def products(monkeypatch) -> list:
+    """Grows by one entry each time a masked weight is multiplied out (torch's ``apply_mask``)."""
     calls = []
     real = torch_prune.BasePruningMethod.apply_mask
     monkeypatch.setattr(torch_prune.BasePruningMethod, "apply_mask", lambda self, m: calls.append(1) or real(self, m))
+    return calls
+
+
+def test_eval_forwards_compute_the_masked_weight_once_until_something_changes(products):
+    layer, keep = _masked()
+    calls = products
+    calls.clear()  # the product torch computes as the mask goes on
     x = torch.randn(3, 6)
     with torch.no_grad(), bingo.cached_masks():
         first = layer(x)
@@ -76,11 +85,10 @@ def test_copies_and_pickles_compute_the_same_and_own_their_cache():
     assert not hasattr(layer, "weight_orig") and not layer._forward_pre_hooks
 
 
-def test_outside_the_block_every_forward_recomputes_like_torch_prune(monkeypatch):
+def test_outside_the_block_every_forward_recomputes_like_torch_prune(products):
     layer, keep = _masked()
-    calls = []
-    real = torch_prune.BasePruningMethod.apply_mask
-    monkeypatch.setattr(torch_prune.BasePruningMethod, "apply_mask", lambda self, m: calls.append(1) or real(self, m))
+    calls = products
+    calls.clear()  # the product torch computes as the mask goes on
     x = torch.randn(3, 6)
     with torch.no_grad():
         layer(x)

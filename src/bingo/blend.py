@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import check_model, check_scores
+from .checks import check_model, check_scores, describe
 from .errors import ConfigError, check_choice
 from .pruning import prune
 from .scoring import bingo_scores, check_magnitude_weight
@@ -98,7 +98,12 @@ def choose_magnitude_weight(
             masks = prune(candidate, scores(candidate), sparsity, scope, seed=seed)
         else:
             masks = dict(prune_with(candidate, scores))
-        value = float(judge(candidate))
+        value = judge(candidate)
+        try:
+            value = float(value)  # NaN never wins, below
+        except (TypeError, ValueError):
+            raise ConfigError(f"choose_magnitude_weight: judge(candidate) must return a number (higher = better), "
+                              f"got {describe(value)}") from None
         judged[weight] = value
         if best is None or (not math.isnan(value) and (math.isnan(best[1]) or value > best[1])):
             best = (weight, value, candidate, masks)

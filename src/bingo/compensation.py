@@ -474,7 +474,7 @@ def reestimate_batchnorm(model: nn.Module, calibration: Calibration, batch_size:
 
 
 @contextlib.contextmanager
-def dense_attention() -> Iterator[None]:
+def _dense_attention() -> Iterator[None]:
     """Inside this block, ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers take their plain path.
 
     In eval mode with a padding mask their fast path turns activations into
@@ -491,7 +491,7 @@ def dense_attention() -> Iterator[None]:
 
 
 @cached_masks()  # the calibration passes multiply each masked weight out once, not once per batch
-@dense_attention()  # the hooks read each layer's inputs as dense tensors
+@_dense_attention()  # the hooks read each layer's inputs as dense tensors
 def compensate(
     model: nn.Module,
     masks: dict[str, torch.Tensor] | None,
@@ -679,7 +679,11 @@ def compensate(
             module.training = training
     evaluation, undone = None, False
     if evaluate is not None:
-        score_after = float(evaluate(model))
+        score_after = evaluate(model)
+        try:
+            score_after = float(score_after)  # NaN after the re-fit counts as worse, below
+        except (TypeError, ValueError):
+            check_judgement("compensate", score_after, "after the re-fit")
         evaluation = (score_before, score_after)
         # under torch.distributed: undone on every rank if evaluate() said worse on any (each may see its own data);
         # NaN after the re-fit counts as worse

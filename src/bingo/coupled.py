@@ -160,11 +160,17 @@ _HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "head_dim", "a
 
 
 def _inside_attention(key: str, model: nn.Module) -> bool:
-    """True if the layer of weight ``key`` lies inside a module that declares heads (an int ``num_heads``, ...)."""
-    # the layer's ancestors below the model itself (a whole model may keep a head count for its blocks)
-    path = key.rpartition(".")[0].split(".")[:-1]
-    return any(isinstance(getattr(model.get_submodule(".".join(path[:depth])), name, None), int)
-               for depth in range(1, len(path) + 1) for name in _HEAD_ATTRIBUTES)
+    """True if the layer of weight ``key`` is a direct child of a module that declares heads (an int ``num_heads``, ...).
+
+    Only the parent: a transformer block may keep a head count too (torchvision's ViT ``EncoderBlock``), and its
+    MLP's hidden channels are free; an attention's projections (Hugging Face's q/k/v/o, GPT-2's ``c_attn``,
+    Llama's ``*_proj``) are its direct children.
+    """
+    parent = key.rpartition(".")[0].rpartition(".")[0]
+    if not parent:
+        return False
+    module = model.get_submodule(parent)
+    return any(isinstance(getattr(module, name, None), int) for name in _HEAD_ATTRIBUTES)
 
 
 def _is_grouped_conv(module: object) -> bool:
@@ -476,8 +482,8 @@ def _remove_zero_channels(net: nn.Module, traced: _Traced, groups: list[ChannelG
         mark_shrunk(net)
     if plan:  # nothing removed: net is the traced copy itself, computing what it computed
         _check_same_outputs(traced.outputs, net, traced.inputs)
-    dead = {name: int((unit_matrix(module.weight.detach()) == 0).all(dim=1).sum())
-            for name, grouped in traced.left_alone if (module := net.get_submodule(name)) is not None}
+    dead = {name: int((unit_matrix(net.get_submodule(name).weight.detach()) == 0).all(dim=1).sum())
+            for name, _ in traced.left_alone}
     kept = [f"{dead[name]} of {name!r} (it meets {grouped})" for name, grouped in traced.left_alone if dead.get(name)]
     if kept:
         warnings.warn(f"{what} kept zero channels a grouped conv meets, which it cannot remove (only groups=1 and "

@@ -221,12 +221,12 @@ class RawInputModel(nn.Module):
         self.offset = float(offset)
         self.scale = float(scale)
         self.input_shape = check_shape("RawInputModel", "input_shape", input_shape)
-        floating = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        self.dtype = floating[0] if floating else torch.float32
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         x = raw.to(torch.float32).reshape(-1, *self.input_shape)
-        return self.model(((x - self.offset) / self.scale).to(self.dtype))
+        floating = next((t.dtype for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()),
+                        torch.float32)  # read here: the model may have been cast since
+        return self.model(((x - self.offset) / self.scale).to(floating))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import threading
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -61,6 +62,10 @@ def weight_owner(model: nn.Module, key: str) -> nn.Module:
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
+        wrapper = next((p for p in ("_orig_mod.", "module.") if key.startswith(p)), None)
+        if wrapper is not None:  # a key of the torch.compile / DDP wrapper's own parameter names
+            raise ConfigError(f"score key {key!r} names the wrapper's parameter: keys name the inner module's "
+                              f"({key[len(wrapper):]!r}, as bingo's scores and searches give them)") from None
         raise ConfigError(f"score key {key!r} names no module of {type(model).__name__}") from None
     layer_type = layer_type_of(module)
     names = layer_type.weights(module) if layer_type is not None else ("weight",)
@@ -169,11 +174,10 @@ def _detach_masked(module: nn.Module, inputs: object, output: object) -> None:
             setattr(module, name, tensor.detach())
 
 
-#: how many :func:`cached_masks` blocks are open (0: torch's behaviour, the product recomputed every forward)
-_CACHING_DEPTH = 0
-#: which block: a product cached in an earlier block is never reused in a later one
+#: per thread: ``depth``, how many :func:`cached_masks` blocks are open (0: torch's behaviour, the product
+#: recomputed every forward), and ``block``, which one (a product cached in an earlier block is never reused)
+_CACHING = threading.local()
 _CACHING_BLOCKS = itertools.count(1)
-_caching_block = 0
 
 
 @contextlib.contextmanager
@@ -182,7 +186,7 @@ def cached_masks() -> Iterator[None]:
 
     ``torch.nn.utils.prune`` recomputes the product into a fresh full-size
     tensor before every forward, which makes a masked model slower than the
-    dense one (a 90%-pruned 4096² Linear ran at 0.07× dense speed at batch 1:
+    dense one (a 90%-pruned 4096² Linear ran at 0.12× dense speed at batch 1:
     ``benchmarks/masked_speed.py``). Inside the block (like
     ``torch.nn.utils.parametrize.cached()``), a forward with no autograd
     recording for the weight (evaluation, ``torch.no_grad``, a frozen weight)
@@ -193,19 +197,20 @@ def cached_masks() -> Iterator[None]:
     (``p.data.copy_(...)``) bumps nothing, so it is invisible to the check:
     write weights that way only outside the block. Training forwards are
     unaffected. Outside the block, masked modules behave exactly as
-    ``torch.nn.utils.prune``'s. Nests; global like ``parametrize.cached()``.
+    ``torch.nn.utils.prune``'s. Nests; per thread (a block in one thread
+    leaves the others' forwards as torch's).
 
     bingo's own repeated forwards (fake passes, compensation's calibration
     passes, evaluation in the benchmark harness) run inside it.
     """
-    global _CACHING_DEPTH, _caching_block
-    if _CACHING_DEPTH == 0:
-        _caching_block = next(_CACHING_BLOCKS)
-    _CACHING_DEPTH += 1
+    depth = getattr(_CACHING, "depth", 0)
+    if depth == 0:
+        _CACHING.block = next(_CACHING_BLOCKS)
+    _CACHING.depth = depth + 1
     try:
         yield
     finally:
-        _CACHING_DEPTH -= 1
+        _CACHING.depth -= 1
 
 
 class _CachedProduct:
@@ -224,10 +229,10 @@ class _CachedProduct:
     def __call__(self, module: nn.Module, inputs: object) -> None:
         name = self._tensor_name
         orig, mask = getattr(module, f"{name}_orig"), getattr(module, f"{name}_mask")
-        if not _CACHING_DEPTH or (torch.is_grad_enabled() and orig.requires_grad):
+        if not getattr(_CACHING, "depth", 0) or (torch.is_grad_enabled() and orig.requires_grad):
             self._cache = None
             return super().__call__(module, inputs)
-        key = (_caching_block, orig, orig._version, orig.data_ptr(), mask, mask._version, mask.data_ptr())
+        key = (_CACHING.block, orig, orig._version, orig.data_ptr(), mask, mask._version, mask.data_ptr())
         cached = self._cache
         held = module.__dict__.get(name)
         if (cached is not None and held is cached[-1] and all(a is b if isinstance(a, torch.Tensor) else a == b
@@ -334,9 +339,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         for alias in (key, *tied.get(key, ())):
             owner = weight_owner(model, alias) if alias != key else module
             if bias_mask is not None and bias_name_of(owner, alias) is not None:
-                torch_prune.custom_from_mask(owner, bias_name_of(owner, alias), bias_mask)
-            torch_prune.custom_from_mask(owner, parameter_name(alias), mask)
-            keep_copyable(owner)
+                _mask_keeping_order(owner, bias_name_of(owner, alias), bias_mask)
+            _mask_keeping_order(owner, parameter_name(alias), mask)
     mask_attention_outputs(model)
 
 
@@ -418,9 +422,10 @@ def permanent_copy(model: nn.Module) -> nn.Module:
 def _mask_keeping_order(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     """``custom_from_mask(module, name, mask)``, with ``<name>_orig`` in ``<name>``'s place among the parameters.
 
-    ``torch.nn.utils.prune`` registers ``<name>_orig`` last; an optimizer built
-    over ``model.parameters()`` afterwards would then not line up with
-    optimizer state saved (by position) from the pruned model it resumes.
+    ``torch.nn.utils.prune`` registers ``<name>_orig`` last, so the order of
+    ``model.parameters()`` would depend on when and how the masks went on; an
+    optimizer's state, saved by position, then lands on the wrong tensors
+    after a resume. Every masked model bingo makes keeps the dense order.
     """
     order = list(module._parameters)
     torch_prune.custom_from_mask(module, name, mask)

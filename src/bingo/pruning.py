@@ -197,7 +197,13 @@ def prune_to_accuracy(
         except ConfigError:
             return -math.inf  # a layer or group left with no units: never allowed, whatever the floor
         evaluations += 1
-        return check_judgement("prune_to_accuracy", evaluate(trial), f"at {j} pruned")
+        value = evaluate(trial)
+        try:
+            if math.isnan(float(value)) or math.isinf(float(value)):
+                return -math.inf  # an over-pruned trial whose metric overflowed: below any floor, not an error
+        except (TypeError, ValueError):
+            pass  # not a number: check_judgement says so
+        return check_judgement("prune_to_accuracy", value, f"at {j} pruned")
 
     if groups:
         sizes = [group.channels for group in groups if any(key in scores for key in group.members)]

@@ -133,11 +133,14 @@ class TaylorEstimator(Estimator):
         instead of a fresh allocation per layer and step.
         """
         n = average.numel()
-        if getattr(self, "_scratch", None) is None or self._scratch.shape[1] < min(n, self.CPU_CHUNK):
-            self._scratch = torch.empty(2, min(max(n, 1), self.CPU_CHUNK), dtype=average.dtype)
+        size = min(max(n, 1), self.CPU_CHUNK)
+        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=average.dtype)
+        if getattr(self, "_clean", None) is None or self._clean.numel() < size or self._clean.dtype != grad.dtype:
+            self._clean = torch.empty(size, dtype=grad.dtype)  # the gradient's own dtype: nan_to_num's out must match
         for start in range(0, n, self.CPU_CHUNK):
             stop = min(start + self.CPU_CHUNK, n)
-            change, clean = self._scratch[0, : stop - start], self._scratch[1, : stop - start]
+            change, clean = self._scratch[: stop - start], self._clean[: stop - start]
             torch.nan_to_num(grad[start:stop], out=clean, **_SKIPPED)  # in cache: nearly free
             if reset is None:
                 torch.mul(clean, value[start:stop], out=change)

@@ -81,10 +81,18 @@ class BingoCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning loads a ckpt_path's state dict before any callback hook that could see it (on_load_checkpoint
         # comes after): a checkpoint of a model pruned during fit needs its masks on the fresh module first.
+        if self._loading is not None and self._loading.model is not pl_module:  # a fit that failed on another module
+            self._detach_loading()
         if self._loading is None:
             self._loading = PrunedLoading(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._detach_loading()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach_loading()  # Lightning skips teardown when fit raises: no hook may stay on the module
+
+    def _detach_loading(self) -> None:
         if self._loading is not None:
             self._loading.remove()
             self._loading = None
