@@ -90,7 +90,7 @@ def test_lightning_gradual_resumes_the_pruned_module_from_its_checkpoint(tmp_pat
     assert resumed.session.masks.keys() == full.session.masks.keys()
     assert all(torch.equal(resumed.session.masks[key], mask) for key, mask in full.session.masks.items())
     assert _same_significance(resumed.session.search, full.session.search)
-    assert not module._load_state_dict_pre_hooks and not module._load_state_dict_post_hooks  # nothing left behind
+    _assert_loads_like_plain_torch(module)  # nothing left behind
 
 
 def test_lightning_resume_with_accumulation_takes_one_search_step_per_optimizer_step(tmp_path):
@@ -162,7 +162,7 @@ def test_trainer_gradual_resumes_the_pruned_model_from_its_checkpoint(tmp_path):
     assert _same_state(model, full_model)  # weight_orig and weight_mask of every layer, bit for bit
     assert all(torch.equal(resumed.session.masks[key], mask) for key, mask in full.session.masks.items())
     assert _same_significance(resumed.session.search, full.session.search)
-    assert not model._load_state_dict_pre_hooks and not model._load_state_dict_post_hooks  # nothing left behind
+    _assert_loads_like_plain_torch(model)  # nothing left behind
 
 
 def test_trainer_reads_the_search_from_the_checkpoint_it_resumes(tmp_path):
@@ -184,3 +184,13 @@ def test_trainer_gradual_stopped_before_the_end_step_still_ends_at_the_sparsity(
     pruned, total = _pruned_fraction(callback.session.masks)
     assert pruned == round(0.8 * total)
     assert all(bool((model.net[i].weight[~callback.session.masks[f"net.{i}.weight"]] == 0).all()) for i in (0, 2, 4))
+
+
+def _assert_loads_like_plain_torch(model: torch.nn.Module) -> None:
+    """No mask-loading hook stays on ``model``: a dense copy refuses its pruned state, as plain torch does."""
+    import copy
+
+    dense = copy.deepcopy(model)  # (a copy carries the model's hooks)
+    bingo.make_permanent(dense)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        dense.load_state_dict(model.state_dict())
