@@ -62,7 +62,7 @@ from .masks import apply_masks, keep_copyable, permanent_copy
 from .selection import SCOPES, select_masks
 from .shrink import mark_shrunk
 
-__all__ = ["ChannelGroup", "channel_groups", "is_coupled", "prune_coupled", "shrink_coupled"]
+__all__ = ["ChannelGroup", "channel_groups", "check_groups", "is_coupled", "prune_coupled", "shrink_coupled"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -384,7 +384,7 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor,
     return exact, rows_zero & ~exact
 
 
-def _check_groups(model: nn.Module, groups: Any, what: str) -> list[ChannelGroup]:
+def check_groups(model: nn.Module, groups: Any, what: str) -> list[ChannelGroup]:
     """``groups`` as a list, if they can be ``model``'s: every member a Conv/Linear and every norm a BatchNorm of it, with the group's channel count.
 
     Groups from :func:`channel_groups` of another model, or of this one
@@ -531,6 +531,6 @@ def shrink_coupled(model: nn.Module, example_inputs: Any, *, groups: list[Channe
     model = unwrap(model)
     example = example_inputs_of(model, example_inputs, "shrink_coupled", check=False)
     if groups is not None:
-        groups = _check_groups(model, groups, "shrink_coupled")
+        groups = check_groups(model, groups, "shrink_coupled")
     net = permanent_copy(model)
     return _remove_zero_channels(net, _traced_or_explained(net, example, "shrink_coupled"), groups, "shrink_coupled")

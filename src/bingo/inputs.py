@@ -32,7 +32,7 @@ from .distributed import unwrap
 from .errors import ConfigError
 from .layer_types import layer_type_of
 
-__all__ = ["ExampleInputs", "check_runs", "example_inputs"]
+__all__ = ["ExampleInputs", "as_shape", "check_runs", "example_inputs"]
 
 #: Batch size of the zeros a shape is run on: 2, since a batch of one can be
 #: squeezed or specialised by a trace, and BatchNorm in training mode refuses it.
@@ -87,7 +87,8 @@ def _integer(value: Any) -> bool:
     return not isinstance(value, bool) and hasattr(type(value), "__index__")
 
 
-def _as_shape(value: tuple | list | torch.Size, what: str) -> tuple[int, ...]:
+def as_shape(value: tuple | list | torch.Size, what: str) -> tuple[int, ...]:
+    """``value`` (one sample's shape) as a tuple of ints >= 1, else a one-line :class:`ConfigError` naming ``what``."""
     if not all(_integer(d) for d in value):
         kinds = sorted({type(d).__name__ for d in value if not _integer(d)})
         raise ConfigError(
@@ -185,7 +186,7 @@ def example_inputs(model: nn.Module, value: Any, what: str, *, check: bool = Tru
     elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         example = ExampleInputs(tuple(value))
     elif isinstance(value, (tuple, list, torch.Size)) and not any(isinstance(v, torch.Tensor) for v in value):
-        shape = _as_shape(value, what)
+        shape = as_shape(value, what)
         parameter = next(iter(unwrap(model).parameters()), None)
         factory = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
         example = ExampleInputs((torch.zeros((SHAPE_BATCH, *shape), **factory),), {}, shape)

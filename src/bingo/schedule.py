@@ -157,11 +157,11 @@ class SparsityScheduler:
         self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
         self.start_step, self.end_step, self.frequency = int(start_step), int(end_step), int(frequency)
         self.scope, self.seed = scope, check_seed("SparsityScheduler", "seed", seed)
-        from .coupled import _check_groups  # (imported here, as in _prune: coupled imports the pruning stack)
+        from .coupled import check_groups  # (imported here, as in _prune: coupled imports the pruning stack)
         from .distributed import unwrap
 
         #: tied channels pruned together (bingo.channel_groups)
-        self.groups = _check_groups(unwrap(model), groups, "SparsityScheduler") if groups else None
+        self.groups = check_groups(unwrap(model), groups, "SparsityScheduler") if groups else None
         self.last_step = 0  #: optimizer steps taken so far (0 = construction)
         self.last_sparsity = 0.0  #: the sparsity the latest update pruned to (0 before the first)
         self._update()

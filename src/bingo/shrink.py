@@ -80,7 +80,7 @@ from torch import nn
 from .checks import check_model
 from .errors import BingoError, ConfigError
 from .distributed import unwrap
-from .inputs import ExampleInputs, _as_shape, check_runs, example_inputs
+from .inputs import ExampleInputs, as_shape, check_runs, example_inputs
 from .layer_types import layer_type_of
 from .layers import attention_inputs, unit_axis
 from .masks import masked_value, permanent_copy
@@ -184,7 +184,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     Runs one forward pass on zeros in eval mode; train/eval flags are restored.
     """
     check_model("count_flops", model)
-    shape = _as_shape(input_shape, "count_flops")  # a one-line error for what is not one sample's shape
+    shape = as_shape(input_shape, "count_flops")  # a one-line error for what is not one sample's shape
     macs = 0
     inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
@@ -687,17 +687,17 @@ def shrink(
             op between layers, grouped convs, BatchNorm without running
             stats), or ``groups`` are not the model's.
     """
-    from .coupled import _check_groups, _groups, _remove_zero_channels, _traced_or_explained, is_coupled
+    from .coupled import check_groups, _groups, _remove_zero_channels, _traced_or_explained, is_coupled
 
     if input_shape is None:
-        if groups is not None and is_coupled(_check_groups(unwrap(model), groups, "shrink")):
+        if groups is not None and is_coupled(check_groups(unwrap(model), groups, "shrink")):
             raise ConfigError("shrink: these groups tie channels of several layers (a residual add); removing them "
                               "needs Torch-Pruning's dependency graph, traced on example inputs: pass input_shape")
         return _shrink_chain(model, None)
     model = unwrap(model)
     example = example_inputs(model, input_shape, "shrink", check=False)  # checked by the trace below, or on its failure
     if groups is not None:
-        groups = _check_groups(model, groups, "shrink")
+        groups = check_groups(model, groups, "shrink")
     net = permanent_copy(model)
     traced = None
     if groups is None:
