@@ -139,6 +139,61 @@ def test_taylor_average_over_varying_batches(mode, decay):
         assert torch.allclose(score.double(), (expected[name] - low) / (high - low), atol=1e-5), name
 
 
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_taylor_average_over_many_updates_and_a_resume_between_them(granularity):
+    # decay 0.5 over 60 updates: the stored scale falls below its floor (2^-20) twice and is
+    # multiplied out; the average still matches the closed-form EMA, and a search saved and
+    # loaded half-way continues bit for bit like the one that never stopped.
+    torch.manual_seed(0)
+    model = make_mlp()
+    batches = _varying_batches(60, seed=3)
+    search = bingo.TicketSearch(model, estimator="taylor", mode="zero", decay=0.5, granularity=granularity)
+    weights = {name: p for name, p in model.named_parameters() if name in search.layers}
+    assert len(weights) >= 2
+    values = {name: [] for name in weights}
+    resumed = None
+    for step, (x, y) in enumerate(batches):
+        _backward(model, x, y)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-0.05)
+        search.step(x, y)
+        if resumed is not None:
+            resumed.step(x, y)
+        for name, w in weights.items():
+            change = w.grad * w.detach()
+            if granularity == "neuron":
+                change = change.sum(dim=1)
+            values[name].append(change.double().square())
+        if step == 29:
+            resumed = bingo.TicketSearch(model, estimator="taylor", mode="zero", decay=0.5, granularity=granularity)
+            buffer = io.BytesIO()
+            torch.save(search.state_dict(), buffer)
+            buffer.seek(0)
+            resumed.load_state_dict(torch.load(buffer))
+    for name, vs in values.items():
+        t = len(vs)
+        expected = sum(0.5 * 0.5 ** (t - 1 - s) * v for s, v in enumerate(vs)) / (1 - 0.5**t)
+        torch.testing.assert_close(_taylor(search, name), expected, rtol=1e-5, atol=1e-12)
+        assert torch.equal(_taylor(resumed, name), _taylor(search, name)), name
+
+
+def test_a_taylor_state_saved_without_a_scale_loads_as_the_average_itself():
+    # States saved before the stored average had a scale hold the average: they load with scale 1.
+    model = make_mlp()
+    search = bingo.TicketSearch(model, estimator="taylor", mode="zero", decay=0.9)
+    for x, y in _varying_batches(3):
+        _backward(model, x, y)
+        search.step(x, y)
+    state = search.state_dict()
+    for entry in state["estimator"].values():
+        entry["taylor_average"] = entry["taylor_average"] * entry.pop("taylor_scale")  # the old layout
+    loaded = bingo.TicketSearch(model, estimator="taylor", mode="zero", decay=0.9)
+    loaded.load_state_dict(state)
+    for key in search.layers:
+        torch.testing.assert_close(_taylor(loaded, key), _taylor(search, key), rtol=1e-6, atol=0)
+
+
 def test_taylor_decay_zero_keeps_only_the_latest_step():
     model = make_mlp()
     search = bingo.TicketSearch(model, estimator="taylor", mode="zero", decay=0.0)

@@ -481,6 +481,23 @@ def test_random_subsets_are_distinct_and_uniform(n, size):
     assert (hits - expected).abs().max() < 5 * (expected * (1 - size / n)) ** 0.5 + 1
 
 
+def test_random_subsets_are_the_draws_torch_unique_would_keep():
+    # Deduplicating with NumPy must keep exactly torch.unique's values, so that the same seed draws
+    # the same probes (and gives the same scores) as when torch.unique did it.
+    from bingo.estimators.fake_pass import random_subset
+
+    def reference(n, size, generator):
+        while True:
+            distinct = torch.unique(torch.randint(n, (size + size // 4 + 8,), generator=generator))
+            if len(distinct) >= size:
+                return distinct[torch.randperm(len(distinct), generator=generator)[:size]]
+
+    for n, size in [(235200, 2352), (30000, 300), (400, 90), (100, 2)]:
+        mine, theirs = torch.Generator().manual_seed(n), torch.Generator().manual_seed(n)
+        for _ in range(5):
+            assert torch.equal(random_subset(n, size, mine), reference(n, size, theirs)), (n, size)
+
+
 def _held_bytes_per_weight_byte(search: bingo.TicketSearch) -> float:
     def walk(tree):
         if isinstance(tree, torch.Tensor):

@@ -84,7 +84,7 @@ class HybridEstimator(TaylorEstimator):
         average = entry["taylor_average"]
         chosen = average.view(-1)[subset.to(average.device, non_blocking=True)]
         entry["calibration_measured"] += measured_loss_increase
-        entry["calibration_predicted"] += 0.5 * chosen.double().sum() / self.bias_correction(key)  # stays on the device
+        entry["calibration_predicted"] += chosen.double().sum() * (0.5 * self.scales[key] / self.bias_correction(key))  # stays on the device
 
     def calibration(self) -> dict[str, float]:
         """Per layer, measured / Taylor-predicted loss change of its probes.

@@ -79,74 +79,96 @@ class TaylorEstimator(Estimator):
             self.state[key] = {
                 "taylor_average": torch.zeros(search.unit_shape(key), dtype=torch.float32, device=device),
                 "taylor_steps": torch.zeros((), dtype=torch.int64, device=device),
+                "taylor_scale": torch.ones((), dtype=torch.float64, device=device),
             }
-        # The step count as a Python number too, so that no step reads it back from the device.
+        # The step count and the scale as Python numbers too, so that no step reads them back from the device.
         self.steps_seen = {key: 0 for key in search.layers}
+        self.scales = {key: 1.0 for key in search.layers}
 
     #: elements per piece of the CPU update (512 KB of float32 scratch: stays in cache, and no fresh allocation
     #: per step, whose page faults made the update cost 2-3x its arithmetic)
     CPU_CHUNK = 131072
 
+    #: the scale below which the stored average is multiplied out (one pass over it every ~1,400 updates at
+    #: decay 0.99), so that the stored values stay within ~10^6 of the average's and float32 cannot overflow
+    FOLD_BELOW = 2.0**-20
+
     def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
         if (search.steps - 1) % self.update_every:
             return {}
+        neuron = search.config.granularity == "neuron"
+        reset_mode = search.config.mode == "reset"
         for key, module in search.layers.items():
             weight = weight_of(module, key)
-            if weight.grad is None and not weight.requires_grad:
-                raise ConfigError(
-                    f"estimator {self.name!r} reads the gradient of {key!r}, which is frozen (requires_grad=False): "
-                    f"leave it out of the search (exclude=[{key!r}]) or let it train"
-                )
             if weight.grad is None:
+                if not weight.requires_grad:
+                    raise ConfigError(
+                        f"estimator {self.name!r} reads the gradient of {key!r}, which is frozen (requires_grad=False): "
+                        f"leave it out of the search (exclude=[{key!r}]) or let it train"
+                    )
                 raise ConfigError(
                     f"estimator {self.name!r} reads the gradient of {key!r}, which is None: call search.step(x, y) "
                     "after optimizer.step() and before the next zero_grad()"
                 )
-            entry = self.state[key]
             self.steps_seen[key] += 1  # into the state's "taylor_steps" at state_dict(): no tensor op per step
             new_weight = 1.0 / self.steps_seen[key] if self.decay == 1.0 else 1.0 - self._update_decay
-            average = entry["taylor_average"]
+            average = self.state[key]["taylor_average"]
+            step_weight = self._rescale(key, average, 1.0 - new_weight) * new_weight
             grad, value = weight.grad.detach(), weight.detach()
-            if not (average.device.type == "cpu" and grad.is_contiguous() and value.is_contiguous()
-                    and search.config.granularity != "neuron"):
-                grad = grad.nan_to_num(**_SKIPPED)  # (the CPU piecewise update cleans its pieces in cache)
-            reset = search.theta0[key] if search.config.mode == "reset" else None
-            if search.config.granularity == "neuron":
-                change = grad * (reset - value) if reset is not None else grad * value  # the sign of Δ = -w does not matter once squared
+            reset = search.theta0[key] if reset_mode else None
+            if not neuron and average.device.type == "cpu" and grad.is_contiguous() and value.is_contiguous():
+                self._update_in_pieces(average.view(-1), grad.view(-1), value.view(-1), None if reset is None else reset.view(-1), step_weight)
+                continue
+            grad = grad.nan_to_num(**_SKIPPED)
+            change = grad * (reset - value) if reset is not None else grad * value  # the sign of Δ = -w does not matter once squared
+            if neuron:
                 change = unit_matrix(change, search.unit_axis(key)).sum(dim=1)
-                average.mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
-            elif average.device.type == "cpu" and grad.is_contiguous() and value.is_contiguous():
-                self._update_in_pieces(average.view(-1), grad.view(-1), value.view(-1), None if reset is None else reset.view(-1), new_weight)
-            else:  # one kernel per op; on a GPU the temporary comes from the caching allocator
-                change = grad * (reset - value) if reset is not None else grad * value
-                average.mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
+            average.addcmul_(change, change, value=step_weight)  # one kernel per op; on a GPU the temporary comes from the caching allocator
         return {}
 
+    def _rescale(self, key: str, average: torch.Tensor, keep: float) -> float:
+        """The factor ``1 / c`` of this update's term, having set the scale ``c ← c · keep``.
+
+        The running average is stored as ``S`` with ``average = c · S``
+        (``scales[key]``, a Python number): ``average ← keep · average + a·x``
+        is then ``S ← S + (a / c)·x`` with the new ``c``, one pass over the
+        weights fewer than scaling the stored average at every update. When
+        ``c`` falls below :data:`FOLD_BELOW` (at once for ``keep = 0``: the
+        first update of a plain mean, or ``decay = 0``) it is multiplied into
+        ``S`` and starts again at 1.
+        """
+        scale = self.scales[key] * keep
+        if scale < self.FOLD_BELOW:
+            average.mul_(scale)
+            scale = 1.0
+        self.scales[key] = scale
+        return 1.0 / scale
+
     def _update_in_pieces(self, average: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-                          reset: torch.Tensor | None, new_weight: float) -> None:
-        """``average ← (1 - a)·average + a·(g Δ)²`` over flat CPU tensors, a cache-sized piece at a time.
+                          reset: torch.Tensor | None, step_weight: float) -> None:
+        """``S ← S + w·(g Δ)²`` over flat CPU tensors, a cache-sized piece at a time.
 
         The same operations element by element as the whole-tensor update, so
         the result is bit-identical; only the temporaries (``g`` with
-        non-finite entries zeroed, ``g Δ``) live in one reused scratch buffer
+        non-finite entries zeroed, ``g Δ``) live in reused scratch buffers
         instead of a fresh allocation per layer and step.
         """
         n = average.numel()
         size = min(max(n, 1), self.CPU_CHUNK)
-        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
-            self._scratch = torch.empty(size, dtype=average.dtype)
-        if getattr(self, "_clean", None) is None or self._clean.numel() < size or self._clean.dtype != grad.dtype:
-            self._clean = torch.empty(size, dtype=grad.dtype)  # the gradient's own dtype: nan_to_num's out must match
+        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size or self._scratch.dtype != grad.dtype:
+            self._scratch = torch.empty(size, dtype=grad.dtype)  # the gradient's own dtype: nan_to_num's out must match
+        if reset is not None and (getattr(self, "_delta", None) is None or self._delta.numel() < size or self._delta.dtype != value.dtype):
+            self._delta = torch.empty(size, dtype=value.dtype)
         for start in range(0, n, self.CPU_CHUNK):
             stop = min(start + self.CPU_CHUNK, n)
-            change, clean = self._scratch[: stop - start], self._clean[: stop - start]
-            torch.nan_to_num(grad[start:stop], out=clean, **_SKIPPED)  # in cache: nearly free
+            change = self._scratch[: stop - start]
+            torch.nan_to_num(grad[start:stop], out=change, **_SKIPPED)  # in cache: nearly free
             if reset is None:
-                torch.mul(clean, value[start:stop], out=change)
+                change.mul_(value[start:stop])
             else:
-                torch.sub(reset[start:stop], value[start:stop], out=change).mul_(clean)
-            average[start:stop].mul_(1.0 - new_weight).addcmul_(change, change, value=new_weight)
+                change.mul_(torch.sub(reset[start:stop], value[start:stop], out=self._delta[: stop - start]))
+            average[start:stop].addcmul_(change, change, value=step_weight)
 
     def bias_correction(self, key: str) -> float:
         """``1 - decay^steps`` (Adam's bias correction of a zero-started average); 1 for the plain mean."""
@@ -155,7 +177,7 @@ class TaylorEstimator(Estimator):
 
     def estimate(self, key: str) -> torch.Tensor:
         """Bias-corrected running average of ``(g Δ)²`` for layer ``key``, float64."""
-        return self.state[key]["taylor_average"].double() / self.bias_correction(key)
+        return self.state[key]["taylor_average"].double() * (self.scales[key] / self.bias_correction(key))
 
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         self.resolve_rule(rule)
@@ -180,10 +202,17 @@ class TaylorEstimator(Estimator):
         }
 
     def state_dict(self) -> dict:
+        """The state; a layer's running average is its ``taylor_average × taylor_scale`` (see :meth:`_rescale`)."""
         for key, entry in self.state.items():
             entry["taylor_steps"].fill_(self.steps_seen[key])
+            entry["taylor_scale"].fill_(self.scales[key])
         return super().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        # A state saved before the scale existed holds the average itself: scale 1.
+        state = {key: {**entry, "taylor_scale": torch.ones((), dtype=torch.float64)}
+                 if isinstance(entry, dict) and "taylor_average" in entry and "taylor_scale" not in entry else entry
+                 for key, entry in state.items()}
         super().load_state_dict(state)
         self.steps_seen = {key: int(entry["taylor_steps"]) for key, entry in self.state.items()}
+        self.scales = {key: float(entry["taylor_scale"]) for key, entry in self.state.items()}
