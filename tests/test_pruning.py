@@ -82,6 +82,9 @@ def test_state_dict_into_a_fresh_model(batch):
     assert torch.equal(fresh(batch[0]), model(batch[0]))
     assert torch.equal(fresh[3].weight_mask, model[3].weight_mask)
     with pytest.raises(CheckpointError, match="state dict masks '9.weight_mask'"):
+        bingo.load_pruned_state_dict(make_mlp(), {"9.weight_mask": torch.ones(2), "9.weight_orig": torch.ones(2)})
+    # a lone *_mask entry (no *_orig beside it) is not a pruning mask: the load reports it as a key the model lacks
+    with pytest.raises(CheckpointError, match='Unexpected key.*"9.weight_mask"'):
         bingo.load_pruned_state_dict(make_mlp(), {"9.weight_mask": torch.ones(2)})
 
 

@@ -440,8 +440,9 @@ def put_masks_from_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                          strict: bool = True) -> list[str]:
     """Put on ``model`` every mask a pruned model's ``state_dict`` holds, so that the state then loads into it.
 
-    A mask is a ``<module>.<name>_mask`` entry (under ``prefix``; with
-    ``strict=False`` only one with its ``<name>_orig`` beside it), for a
+    A mask is a ``<module>.<name>_mask`` entry with its ``<name>_orig``
+    beside it (under ``prefix``; a buffer that merely ends in ``_mask``, such
+    as a causal mask, is not one), for a
     ``<name>`` the model has unmasked; it goes
     on through ``torch.nn.utils.prune`` as :func:`apply_masks` would, with
     ``<name>_orig`` in ``<name>``'s place among the module's parameters (so an
@@ -453,8 +454,8 @@ def put_masks_from_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     for key, value in state_dict.items():
         if not (key.startswith(prefix) and key.endswith("_mask")):
             continue
-        if not strict and f"{key[: -len('_mask')]}_orig" not in state_dict:
-            continue  # (a buffer that merely ends in _mask is not a pruning mask)
+        if f"{key[: -len('_mask')]}_orig" not in state_dict:
+            continue  # a buffer that merely ends in _mask (a causal mask) is not a pruning mask
         module_name, _, attr = key[len(prefix):].rpartition(".")
         name = attr[: -len("_mask")]
         try:
@@ -502,7 +503,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 def pruned_parameters(model: nn.Module) -> int:
     """How many parameter entries the masks on ``model`` remove (weights and, for pruned units, biases)."""
     check_model("pruned_parameters", model)
-    return sum(int((buffer == 0).sum()) for name, buffer in model.named_buffers() if name.endswith("_mask"))
+    return sum(int((getattr(module, f"{name}_mask") == 0).sum()) for module in model.modules() for name in masked_names(module))
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:

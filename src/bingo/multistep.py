@@ -31,7 +31,7 @@ from torch import nn
 
 from .compensation import Calibration, CompensationResult, compensate
 from .errors import ConfigError
-from .masks import current_masks
+from .masks import current_masks, masked_names
 from .pruning import prune
 from .schedule import gmp_sparsity
 from .selection import SCOPES, check_sparsity
@@ -128,8 +128,7 @@ def prune_in_steps(
     if not callable(scores) and not isinstance(scores, Mapping):
         raise ConfigError(f"scores must be a {{key: tensor}} dict or a function model -> scores, got {type(scores).__name__}")
     if reference is None:
-        if any(hasattr(module, name) for module in model.modules() for name, _ in module.named_buffers(recurse=False)
-               if name.endswith("_mask")):
+        if any(masked_names(module) for module in model.modules()):
             raise ConfigError("prune_in_steps: the model is already pruned; pass reference= (the dense network the re-fits aim at)")
         reference = copy.deepcopy(model)
     start = time.perf_counter()
