@@ -156,19 +156,25 @@ class TaylorEstimator(Estimator):
         """
         n = average.numel()
         size = min(max(n, 1), self.CPU_CHUNK)
-        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size or self._scratch.dtype != grad.dtype:
-            self._scratch = torch.empty(size, dtype=grad.dtype)  # the gradient's own dtype: nan_to_num's out must match
-        if reset is not None and (getattr(self, "_delta", None) is None or self._delta.numel() < size or self._delta.dtype != value.dtype):
-            self._delta = torch.empty(size, dtype=value.dtype)
+        scratch = self._scratch_buffer("_scratch", size, grad.dtype)  # the gradient's own dtype: nan_to_num's out must match
+        delta = None if reset is None else self._scratch_buffer("_delta", size, value.dtype)
         for start in range(0, n, self.CPU_CHUNK):
             stop = min(start + self.CPU_CHUNK, n)
-            change = self._scratch[: stop - start]
+            change = scratch[: stop - start]
             torch.nan_to_num(grad[start:stop], out=change, **_SKIPPED)  # in cache: nearly free
-            if reset is None:
+            if delta is None:
                 change.mul_(value[start:stop])
             else:
-                change.mul_(torch.sub(reset[start:stop], value[start:stop], out=self._delta[: stop - start]))
+                change.mul_(torch.sub(reset[start:stop], value[start:stop], out=delta[: stop - start]))
             average[start:stop].addcmul_(change, change, value=step_weight)
+
+    def _scratch_buffer(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """The reused CPU buffer ``name`` with room for ``size`` elements of ``dtype`` (made anew only when it has not)."""
+        buffer = getattr(self, name, None)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = torch.empty(size, dtype=dtype)
+            setattr(self, name, buffer)
+        return buffer
 
     def bias_correction(self, key: str) -> float:
         """``1 - decay^steps`` (Adam's bias correction of a zero-started average); 1 for the plain mean."""
