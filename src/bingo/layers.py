@@ -18,6 +18,17 @@ A *tied* parameter, one tensor that two modules use (GPT-2's ``lm_head`` and
 ``named_parameters()`` gives it. It is left out by default (pruning it
 prunes both uses, and its role in each differs); an ``include`` that names
 any of its names chooses it, under that one key.
+
+A *computed* weight, one that ``torch.nn.utils.parametrize`` (orthogonal,
+spectral or weight normalisation) or a hook-based
+``torch.nn.utils.weight_norm`` rebuilds from other parameters on each read,
+is not scored: a fake pass's substitute would be overwritten by the rebuild
+(the layer would look harmless to reset) and a mask cannot sit on it. It is
+left out by default and reported by :func:`coverage`; an ``include`` that
+names it raises :class:`ConfigError` saying how to remove the
+parametrisation first. Its weight is never read while looking (reading a
+spectral-normalised weight runs a power iteration, which would change
+training).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 from .checks import check_names
 from .distributed import unwrap
@@ -38,6 +51,7 @@ __all__ = [
     "ATTENTION_PROJECTIONS",
     "attention_inputs",
     "bias_name_of",
+    "computed_weight",
     "Coverage",
     "GRANULARITIES",
     "PRUNABLE_TYPES",
@@ -67,12 +81,39 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
 
 
+def computed_weight(module: nn.Module, name: str = "weight") -> str | None:
+    """What rebuilds ``module``'s weight ``name`` from other parameters on every read, or None for a stored weight.
+
+    Found without reading the weight: ``torch.nn.utils.parametrize``'s
+    parametrisations (``"torch.nn.utils.parametrize (_SpectralNorm)"``) and
+    forward pre-hooks that own a tensor of that name, such as
+    ``torch.nn.utils.weight_norm``'s (``"a forward pre-hook (WeightNorm)"``).
+    ``torch.nn.utils.prune``'s own reparametrisation does not count: its
+    weight is stored (``weight_orig``) and masked, which bingo handles.
+    """
+    name = parameter_name(name)
+    if parametrize.is_parametrized(module, name):
+        return f"torch.nn.utils.parametrize ({', '.join(type(p).__name__ for p in module.parametrizations[name])})"
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) == name and not isinstance(hook, torch_prune.BasePruningMethod):
+            return f"a forward pre-hook ({type(hook).__name__})"
+    return None
+
+
 def _weight_names(module: nn.Module, layer_type: LayerType | None) -> list[str]:
-    """Names of ``module``'s own weights of two or more dimensions that can be scored."""
+    """Names of ``module``'s own weights of two or more dimensions that can be scored (computed ones included)."""
     candidates = layer_type.weights(module) if layer_type is not None else ("weight",)
     names = []
     for name in candidates:
+        if computed_weight(module, name) is not None:
+            names.append(name)  # not read: reading may change it (spectral normalisation's power iteration)
+            continue
         weight = getattr(module, name, None)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ConfigError(
+                f"{type(module).__name__}.{name} is not materialised yet (a lazy module): run one forward with an "
+                "example batch (model(example)) before searching, scoring or pruning, so that its shape is known"
+            )
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
             names.append(name)
     return names
@@ -84,22 +125,36 @@ class _Candidate:
     module: nn.Module
     name: str
     layer_type: LayerType | None
+    computed: str | None  #: what rebuilds the weight on every read (computed_weight), None for a stored one
 
 
 def _candidates(model: nn.Module) -> list[list[_Candidate]]:
     """Every scorable weight, grouped by parameter: a tied parameter's names together, first name first."""
-    groups: dict[int, list[_Candidate]] = {}
+    groups: dict[object, list[_Candidate]] = {}
     for module_name, module in model.named_modules():
         layer_type = layer_type_of(module)
         for name in _weight_names(module, layer_type):
             key = f"{module_name}.{name}" if module_name else name
-            groups.setdefault(id(weight_of(module, name)), []).append(_Candidate(key, module, name, layer_type))
+            computed = computed_weight(module, name)
+            # A computed weight is a fresh tensor per read, whose id() CPython may reuse: group it by its key alone.
+            group = ("computed", key) if computed is not None else id(weight_of(module, name))
+            groups.setdefault(group, []).append(_Candidate(key, module, name, layer_type, computed))
     return list(groups.values())
 
 
 def tied_weights(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """``{key: (other names of the same parameter, ...)}`` for every scorable weight two or more modules share."""
     return {group[0].key: tuple(c.key for c in group[1:]) for group in _candidates(unwrap(model)) if len(group) > 1}
+
+
+def _refuse_computed(candidate: _Candidate) -> None:
+    remove = (f"torch.nn.utils.parametrize.remove_parametrizations(module, {candidate.name!r})"
+              if candidate.computed.startswith("torch.nn.utils.parametrize")
+              else "torch.nn.utils.remove_weight_norm(module) or remove_spectral_norm(module)")
+    raise ConfigError(
+        f"cannot score {candidate.key!r}: its weight is rebuilt on every read by {candidate.computed}, which would "
+        f"overwrite a fake pass's reset and a pruning mask; remove it first ({remove}) or leave the layer out (exclude)"
+    )
 
 
 def find_layers(
@@ -118,6 +173,10 @@ def find_layers(
     have a weight of two or more dimensions (an embedding), and a tied
     parameter by any of its names (it is keyed by its first).
 
+    A computed weight (``torch.nn.utils.parametrize``, hook-based
+    ``weight_norm``) is left out by default; an ``include`` naming it raises
+    :class:`ConfigError`.
+
     ``granularity="neuron"`` scores units, a row with its bias entry, so it
     takes only weights whose layer type has units (attention's packed q/k/v
     rows are not units; heads are) and leaves out the output layer
@@ -133,11 +192,14 @@ def find_layers(
     for group in _candidates(model):
         first = group[0]
         if include is None:
-            wanted = len(group) == 1 and first.layer_type is not None and first.layer_type.scored_by_default
+            wanted = (len(group) == 1 and first.layer_type is not None and first.layer_type.scored_by_default
+                      and first.computed is None)
         else:
             wanted = any(_matches(c.key, include) for c in group)
         if not wanted or any(_matches(c.key, exclude) for c in group):
             continue
+        if first.computed is not None:
+            _refuse_computed(first)
         if granularity == "neuron":
             if output in (c.key for c in group):
                 continue
@@ -262,7 +324,22 @@ class Coverage:
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
+def _computed_kind(module: nn.Module, name: str) -> str | None:
+    """The coverage kind of a parameter a computed weight is rebuilt from, or None."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return "computed weights (torch.nn.utils.parametrize)"
+    for hook in module._forward_pre_hooks.values():
+        owner = getattr(hook, "name", None)
+        if (isinstance(owner, str) and not isinstance(hook, torch_prune.BasePruningMethod)
+                and (name == owner or name.startswith(owner + "_"))):
+            return f"computed weights ({type(hook).__name__})"
+    return None
+
+
 def _kind(module: nn.Module, name: str) -> str:
+    computed = _computed_kind(module, name)
+    if computed is not None:
+        return computed
     layer_type = layer_type_of(module)
     biases = {layer_type.bias_name(module, w) for w in layer_type.weights(module)} if layer_type is not None else set()
     if name in ("bias", "in_proj_bias") or name.startswith("bias_") or name in biases:
