@@ -122,3 +122,25 @@ def test_an_unmaterialised_lazy_module_gets_a_config_error():
             call(model)
     model(torch.randn(2, 5))
     assert list(bingo.find_layers(model)) == ["0.weight", "2.weight"]
+
+
+@pytest.mark.parametrize("estimator", ["probe", "hybrid"])
+def test_reset_mode_follows_a_dtype_change_made_after_the_search_was_built(estimator):
+    def scores(build_first: bool) -> dict[str, torch.Tensor]:
+        model = _chain()
+        search = bingo.TicketSearch(model, mode="reset", estimator=estimator, every=1, seed=3) if build_first else None
+        model.double()  # float32 -> float64 is exact, so θ0 is the same numbers either way
+        search = search or bingo.TicketSearch(model, mode="reset", estimator=estimator, every=1, seed=3)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(32, 8, generator=generator, dtype=torch.float64)
+            y = torch.randint(0, 3, (32,), generator=generator)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            search.step(x, y)
+        return search.significance()
+
+    before, after = scores(build_first=True), scores(build_first=False)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(before[key], after[key], rtol=1e-6, atol=1e-6)

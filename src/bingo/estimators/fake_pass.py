@@ -316,14 +316,20 @@ def _substitutes(search: TicketSearch, key: str, subset: torch.Tensor) -> dict[s
         rows, initial = probe.movedim(axis, 0), search.theta0[key].movedim(axis, 0)
     else:
         rows, initial = probe.view(-1), search.theta0[key].reshape(-1)
-    rows[subset] = initial[subset] if reset else 0
+    if reset and initial.device != weight.device:
+        raise ConfigError(
+            f"search.step: {key!r} is on {weight.device} but the search was built with it on {initial.device} "
+            "(its θ0 lives there): build the TicketSearch after moving the model (model.to(device))"
+        )
+    # .to: a no-op unless the model changed dtype after the search was built (model.half()); θ0 follows it
+    rows[subset] = initial[subset].to(rows.dtype) if reset else 0
     if not weight.is_contiguous():  # back in the weight's own layout: the forward runs the kernels it runs
         probe = torch.empty_like(weight).copy_(probe)
     tensors = {prefix + weight_parameter_name(module, key): probe}
     if key in search.theta0_bias:
         name = weight_parameter_name(module, bias_name_of(module, key))
         bias = getattr(module, name).detach().clone()
-        bias[subset] = search.theta0_bias[key][subset] if reset else 0
+        bias[subset] = search.theta0_bias[key][subset].to(bias.dtype) if reset else 0
         tensors[prefix + name] = bias
     return tensors
 
