@@ -992,6 +992,7 @@ def test_hybrid_says_when_its_calibration_did_not_engage(batch):
     search = bingo.TicketSearch(model, estimator="hybrid", metric="loss", fraction=0.5)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # weights that moved: mode='reset' scores g·(θ0 − w)
     search.step(x, y)
     state = search.state_dict()
     for key in state["estimator"]:

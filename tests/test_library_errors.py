@@ -35,7 +35,9 @@ def test_step_with_mismatched_batch_names_both_sizes(batch, estimator):
     model = make_mlp()
     _trained_grads(model, x, y)
     search = bingo.TicketSearch(model, estimator=estimator, metric="loss")
-    with pytest.raises(ConfigError, match=r"^search.step got 32 inputs but 31 targets; pass the batch just trained on$"):
+    with pytest.raises(ConfigError, match=r"^search.step got 32 inputs but 31 targets \(the first dimension of each\); "
+                       r"pass the batch just trained on, or, where the inputs' first dimension is not the batch \(a sequence-first RNN\), a closure: "
+                       r"search\.step\(lambda model: loss_fn\(model\(x\), y\)\)$"):
         search.step(x, y[:-1])
     assert search.steps == 0  # refused before anything was recorded
 

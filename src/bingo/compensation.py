@@ -167,6 +167,23 @@ def _check_calibration(calibration: Any) -> None:
             "compensate needs calibration inputs: a non-empty tensor (N, ...) of training samples, "
             "or a tuple / dict of such tensors as the model takes them (model(*x), model(**x))"
         )
+    lengths = dict(_sample_counts(calibration))
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{where or 'the tensor'} has {n}" for where, n in lengths.items())
+        raise ConfigError(f"the calibration inputs disagree on the number of samples (their first dimension): {listed}; "
+                          "every tensor in them needs the same N, as they are cut into batches together")
+
+
+def _sample_counts(value: Any, where: str = "") -> Iterator[tuple[str, int]]:
+    """``(position, first dimension)`` of every tensor :func:`_slice` cuts, e.g. ``("[0]", 64)``, ``("['mask']", 32)``."""
+    if isinstance(value, torch.Tensor):
+        yield where, len(value) if value.dim() else 0
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            yield from _sample_counts(item, f"{where}[{i}]")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _sample_counts(item, f"{where}[{key!r}]")
 
 
 def _input_check(where: str, name: str, module: nn.Module) -> Callable | None:

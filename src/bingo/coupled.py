@@ -190,6 +190,8 @@ class _Traced:
     outputs: Any  # what it returned, detached
     #: (layer name, the grouped conv) for the layers whose output channels a grouped conv reads or writes: never removed
     left_alone: list[tuple[str, str]] = field(default_factory=list)
+    #: the layers whose output channels are cut and rejoined (``torch.split`` / ``cat``, then an add): never removed
+    untied: list[str] = field(default_factory=list)
 
 
 def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
@@ -209,7 +211,7 @@ def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
     except Exception as exc:  # noqa: BLE001 - the graph library's own failure on an unusual model, in one line
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ConfigError(f"cannot find the coupled channels of {type(model).__name__}: {reason}") from None
-    found, left_alone = [], []
+    found, left_alone, untied = [], [], []
     for group in all_groups:
         if _meets_untracked(group, tp):
             continue
@@ -220,6 +222,13 @@ def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
                        and graph.is_out_channel_pruning_fn(item.dep.handler)}
             left_alone.extend((name, f"{names.get(grouped, '?')!r} ({type(grouped).__name__}, groups={grouped.groups})")
                               for name in sorted(writers))
+            continue
+        if len({len(item.idxs) for item in group}) > 1:
+            # Channels cut and rejoined (torch.split / chunk / cat, then an add): channel i meets channel i + k,
+            # which the graph does not tie, so its items disagree on the group's width. Not one to one: left alone.
+            untied.extend(sorted({names[item.dep.target.module] for item in group if item.dep.target.module in names
+                                  and isinstance(item.dep.target.module, PRUNABLE_TYPES)
+                                  and graph.is_out_channel_pruning_fn(item.dep.handler)}))
             continue
         members, norms, others = [], [], []
         for item in group:
@@ -247,7 +256,7 @@ def _groups(model: nn.Module, example: ExampleInputs) -> _Traced:
             found.append((group, ChannelGroup(tuple(members), tuple(norms), len(group[0].idxs))))
     # in model order (of each group's first member), as the layers are everywhere else
     found.sort(key=lambda entry: order[entry[1].key.rpartition(".")[0]])
-    return _Traced(graph, found, example, outputs, left_alone)
+    return _Traced(graph, found, example, outputs, left_alone, sorted(set(untied), key=order.__getitem__))
 
 
 def _traced_or_explained(net: nn.Module, example: ExampleInputs, what: str) -> _Traced:
@@ -488,6 +497,11 @@ def _remove_zero_channels(net: nn.Module, traced: _Traced, groups: list[ChannelG
     if kept:
         warnings.warn(f"{what} kept zero channels a grouped conv meets, which it cannot remove (only groups=1 and "
                       f"depthwise convs are supported): {'; '.join(kept)}", stacklevel=3)
+    dead = {name: int((unit_matrix(net.get_submodule(name).weight.detach()) == 0).all(dim=1).sum()) for name in traced.untied}
+    kept = [f"{dead[name]} of {name!r}" for name in traced.untied if dead[name]]
+    if kept:
+        warnings.warn(f"{what} kept zero channels that are cut and rejoined (torch.split, chunk or cat, then an add), "
+                      f"so not tied one to one, which it cannot remove: {'; '.join(kept)}", stacklevel=3)
     if kept_shifted:
         warnings.warn(
             f"shrink kept {kept_shifted} channel(s) whose weights are zero but whose BatchNorm still adds a constant; "

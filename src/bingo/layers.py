@@ -147,14 +147,21 @@ def tied_weights(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {group[0].key: tuple(c.key for c in group[1:]) for group in _candidates(unwrap(model)) if len(group) > 1}
 
 
-def _refuse_computed(candidate: _Candidate) -> None:
-    remove = (f"torch.nn.utils.parametrize.remove_parametrizations(module, {candidate.name!r})"
-              if candidate.computed.startswith("torch.nn.utils.parametrize")
+def computed_weight_refusal(key: str, name: str, computed: str, action: str = "score") -> ConfigError:
+    """The error for ``action`` (score, prune) on weight ``key`` (attribute ``name``), rebuilt by ``computed``."""
+    remove = (f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})"
+              if computed.startswith("torch.nn.utils.parametrize")
               else "torch.nn.utils.remove_weight_norm(module) or remove_spectral_norm(module)")
-    raise ConfigError(
-        f"cannot score {candidate.key!r}: its weight is rebuilt on every read by {candidate.computed}, which would "
-        f"overwrite a fake pass's reset and a pruning mask; remove it first ({remove}) or leave the layer out (exclude)"
+    overwritten, leave_out = (("a pruning mask", "leave its key out of the scores") if action == "prune"
+                              else ("a fake pass's reset and a pruning mask", "leave the layer out (exclude)"))
+    return ConfigError(
+        f"cannot {action} {key!r}: its weight is rebuilt on every read by {computed}, which would "
+        f"overwrite {overwritten}; remove it first ({remove}) or {leave_out}"
     )
+
+
+def _refuse_computed(candidate: _Candidate) -> None:
+    raise computed_weight_refusal(candidate.key, candidate.name, candidate.computed)
 
 
 def find_layers(

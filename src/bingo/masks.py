@@ -32,7 +32,8 @@ from .checks import check_model, check_names, check_scores, check_state_dict
 from .distributed import unwrap
 from .errors import CheckpointError, ConfigError
 from .layer_types import expand_units, layer_type_of, unit_matrix
-from .layers import ATTENTION_PROJECTIONS, bias_name_of, has_units, parameter_name, tied_weights, unit_axis, weight_of, weight_parameter_name
+from .layers import (ATTENTION_PROJECTIONS, bias_name_of, computed_weight, computed_weight_refusal, has_units, parameter_name,
+                     tied_weights, unit_axis, weight_of, weight_parameter_name)
 
 __all__ = [
     "apply_masks",
@@ -74,6 +75,9 @@ def weight_owner(model: nn.Module, key: str) -> nn.Module:
             f"score key {key!r} does not name a weight (expected '<module>.weight' or a MultiheadAttention's "
             f"'<module>.{{{','.join(ATTENTION_PROJECTIONS)}}}')"
         )
+    computed = computed_weight(module, attr)
+    if computed is not None:  # checked before reading it: a read may change it (a spectral norm's power iteration)
+        raise computed_weight_refusal(key, attr, computed, "prune")
     if not isinstance(getattr(module, weight_parameter_name(module, attr), None), torch.Tensor):
         raise ConfigError(f"score key {key!r} names {module_name or 'the model'} ({type(module).__name__}), which has no {attr}")
     return module

@@ -142,7 +142,11 @@ def _batch(inputs_or_closure: Any, targets: Any) -> Batch:
     if sizes[0] == 0:
         raise ConfigError("search.step got an empty batch; skip the call (an empty batch has no loss to measure)")
     if sizes[0] != sizes[1]:
-        raise ConfigError(f"search.step got {sizes[0]} inputs but {sizes[1]} targets; pass the batch just trained on")
+        raise ConfigError(
+            f"search.step got {sizes[0]} inputs but {sizes[1]} targets (the first dimension of each); pass the batch just "
+            "trained on, or, where the inputs' first dimension is not the batch (a sequence-first RNN), a closure: "
+            "search.step(lambda model: loss_fn(model(x), y))"
+        )
     return Batch(inputs=inputs, targets=targets)
 
 

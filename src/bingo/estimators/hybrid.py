@@ -120,13 +120,17 @@ class HybridEstimator(TaylorEstimator):
         ]
 
     def notes(self) -> list[str]:
-        """A warning when no layer's calibration engaged, so the scores are the Taylor estimate alone.
+        """A warning when every gradient read was zero (:meth:`TaylorEstimator.notes`), else when no layer's
+        calibration engaged, so the scores are the Taylor estimate alone.
 
         Some layers without a factor of their own is common; they take the
         median of the others (:meth:`calibration`), and which they were is
         :meth:`uncalibrated`, recorded by ``bingo run`` in its JSON
         (``uncalibrated_layers``).
         """
+        zero = super().notes()  # every gradient zero: the cause to fix first
+        if zero:
+            return zero
         missing = self.uncalibrated()
         if missing and len(missing) == len(self.state):
             advice = "train longer, or probe more often (a smaller every) or more weights per probe (a larger fraction)"

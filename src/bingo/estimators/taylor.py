@@ -107,6 +107,12 @@ class TaylorEstimator(Estimator):
                         f"estimator {self.name!r} reads the gradient of {key!r}, which is frozen (requires_grad=False): "
                         f"leave it out of the search (exclude=[{key!r}]) or let it train"
                     )
+                if any(weight_of(other, name).grad is not None for name, other in search.layers.items()):
+                    # others have theirs: this layer took no part in the loss, not a call made out of order
+                    raise ConfigError(
+                        f"estimator {self.name!r} reads the gradient of {key!r}, which is None while other layers' are "
+                        f"not: the layer took no part in the loss (unused in forward?); leave it out (exclude=[{key!r}])"
+                    )
                 raise ConfigError(
                     f"estimator {self.name!r} reads the gradient of {key!r}, which is None: call search.step(x, y) "
                     "after optimizer.step() and before the next zero_grad()"
@@ -184,6 +190,26 @@ class TaylorEstimator(Estimator):
     def estimate(self, key: str) -> torch.Tensor:
         """Bias-corrected running average of ``(g Δ)²`` for layer ``key``, float64."""
         return self.state[key]["taylor_average"].double() * (self.scales[key] / self.bias_correction(key))
+
+    def notes(self) -> list[str]:
+        """A warning when every term ``g·Δ`` the running average read was zero, so every score is zero.
+
+        The usual cause is the order of calls: gradients zeroed in place
+        (``zero_grad(set_to_none=False)``) before ``search.step`` leave zeros,
+        not None, so nothing stopped the step. With ``mode="reset"`` (where
+        ``Δ = θ0 − w``) it is also what a search sees before the weights have
+        moved from where it started.
+        """
+        updates = max(self.steps_seen.values(), default=0)
+        if not updates or any(bool(entry["taylor_average"].any()) for entry in self.state.values()):
+            return []
+        reset = self.search is not None and self.search.config.mode == "reset"
+        cause = ("the gradients were zero when search.step ran (call it after loss.backward() and before "
+                 "optimizer.zero_grad())")
+        if reset:
+            cause += " or the weights had not moved from where the search started (mode='reset' scores g·(θ0 − w))"
+        return [f"estimator {self.name!r}: every term g·Δ it read over {updates} update{'s' if updates != 1 else ''} "
+                f"was zero, so every score is zero and the ranking is arbitrary: {cause}"]
 
     def raw_scores(self, rule: str | None) -> dict[str, torch.Tensor]:
         self.resolve_rule(rule)
