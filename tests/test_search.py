@@ -520,3 +520,29 @@ def test_memory_the_search_holds_per_scored_weight(settings, most):
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     held = _held_bytes_per_weight_byte(bingo.TicketSearch(model, **settings))
     assert most - 0.01 <= held <= most + 0.01, held  # the layers' totals are a few scalars
+
+
+@pytest.mark.parametrize("estimator", ["probe", "taylor", "hybrid"])
+def test_steps_the_estimator_says_record_nothing_are_only_counted_and_change_no_score(estimator):
+    # search.step skips observe where records_at says it records nothing: the scores must be what calling it gives
+    def run(skip: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+        model = make_mlp()
+        search = bingo.TicketSearch(model, estimator=estimator, metric="loss", every=3, taylor_every=2, seed=0)
+        if not skip:
+            search.estimator.records_at = lambda step: True
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        probed = []
+        for step, (x, y) in enumerate(_batches(11), start=1):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if search.step(x, y):
+                probed.append(step)
+        assert search.steps == 11
+        return search.significance(), probed
+
+    skipped, probed = run(skip=True)
+    called, probed_called = run(skip=False)
+    assert probed == probed_called == ([] if estimator == "taylor" else [1, 4, 7, 10])
+    for key in called:
+        assert torch.equal(skipped[key], called[key]), key

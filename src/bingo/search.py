@@ -279,6 +279,9 @@ class TicketSearch:
                 raise ConfigError(f"search.step: model {META_DEVICE}, then build the TicketSearch over it")
             self._device_checked = True
         batch = _batch(inputs_or_closure, targets)
+        if not self.estimator.records_at(self.steps + 1):  # most steps: only the count moves
+            self.steps += 1
+            return {}
         wait = _device_wait(self.theta0) if self.synchronize else None
         if wait:
             wait()

@@ -58,6 +58,10 @@ class HybridEstimator(TaylorEstimator):
             if self.focus:
                 entry["focus"] = Focus.initial(search.unit_shape(key), device)
 
+    def records_at(self, step: int) -> bool:
+        """A Taylor update's step, or a fake pass's (the 1st, then every ``search.every``-th)."""
+        return super().records_at(step) or (step - 1) % self.search.every == 0
+
     def observe(self, batch: Batch) -> dict[str, float]:
         super().observe(batch)
         search = self.search
@@ -120,7 +124,7 @@ class HybridEstimator(TaylorEstimator):
         ]
 
     def notes(self) -> list[str]:
-        """A warning when every gradient read was zero (:meth:`TaylorEstimator.notes`), else when no layer's
+        """A warning when every Taylor term read was zero (:meth:`TaylorEstimator.notes`), else when no layer's
         calibration engaged, so the scores are the Taylor estimate alone.
 
         Some layers without a factor of their own is common; they take the
@@ -128,7 +132,7 @@ class HybridEstimator(TaylorEstimator):
         :meth:`uncalibrated`, recorded by ``bingo run`` in its JSON
         (``uncalibrated_layers``).
         """
-        zero = super().notes()  # every gradient zero: the cause to fix first
+        zero = super().notes()  # every term zero: the cause to fix first
         if zero:
             return zero
         missing = self.uncalibrated()

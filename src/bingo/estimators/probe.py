@@ -88,6 +88,10 @@ class ProbeEstimator(Estimator):
             if self.focus:
                 self.state[key]["focus"] = Focus.initial(shape, device)
 
+    def records_at(self, step: int) -> bool:
+        """The steps with fake passes: the 1st, then every ``search.every``-th."""
+        return (step - 1) % self.search.every == 0
+
     def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
         if not due(search):

@@ -93,9 +93,13 @@ class TaylorEstimator(Estimator):
     #: decay 0.99), so that the stored values stay within ~10^6 of the average's and float32 cannot overflow
     FOLD_BELOW = 2.0**-20
 
+    def records_at(self, step: int) -> bool:
+        """The 1st step, then every ``update_every``-th: the steps whose gradients the average takes."""
+        return (step - 1) % self.update_every == 0
+
     def observe(self, batch: Batch) -> dict[str, float]:
         search = self.search
-        if (search.steps - 1) % self.update_every:
+        if not TaylorEstimator.records_at(self, search.steps):
             return {}
         neuron = search.config.granularity == "neuron"
         reset_mode = search.config.mode == "reset"
