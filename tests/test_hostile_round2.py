@@ -350,7 +350,7 @@ def test_two_compares_started_together_into_one_folder_lose_nothing(tmp_path):
     assert codes == [0, 2], finished
     winner = ["magnitude", "random"][[code for code, _ in finished].index(0)]
     loser_err = next(err for code, err in finished if code == 2)
-    assert_user_error(2, loser_err, f"{out} (is in use by bingo compare pid \\d+|holds the results of an earlier comparison)")
+    assert_user_error(2, loser_err, f"{out} (is in use by (bingo compare pid \\d+|another bingo compare)|holds the results of an earlier comparison)")
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == [winner]
     assert sorted(p.name for p in (out / "masks").iterdir()) == [f"{winner}-seed0-sparsity0.5.safetensors"]
@@ -713,7 +713,7 @@ def test_concurrent_compares_into_one_folder_never_lose_a_row(tmp_path_factory, 
     won = [method for method, (code, _) in zip(("magnitude", "random"), finished) if code == 0]
     for code, err in finished:
         if code != 0:
-            assert_user_error(code, err, f"{out} (is in use by bingo compare pid \\d+|holds the results of an earlier comparison)")
+            assert_user_error(code, err, f"{out} (is in use by (bingo compare pid \\d+|another bingo compare)|holds the results of an earlier comparison)")
     assert won, finished
     results = json.loads((out / "results.json").read_text())
     assert sorted(r["method"] for r in results["runs"]) == sorted(won)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -290,3 +291,50 @@ def test_pruning_a_computed_weight_by_its_score_key_gets_a_config_error_and_chan
             call()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("estimator", ["probe", "hybrid"])
+def test_search_step_inside_inference_mode_records_what_it_records_outside(estimator):
+    def scores(inference: bool) -> dict[str, torch.Tensor]:
+        model = _chain()
+        search = bingo.TicketSearch(model, estimator=estimator, metric="loss", every=1, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            with torch.inference_mode() if inference else contextlib.nullcontext():
+                search.step(x, y)
+        return search.significance()
+
+    inside, outside = scores(True), scores(False)
+    for key in outside:
+        assert torch.equal(inside[key], outside[key]), key
+
+
+def test_significance_before_any_step_warns_that_nothing_was_measured():
+    search = bingo.TicketSearch(_chain())
+    with pytest.warns(UserWarning, match=re.escape("significance() before any search.step: nothing was measured, so every "
+                                                   "score is the unprobed value ('keep')")):
+        scores = search.significance()
+    assert all(bool((score == 1).all()) for score in scores.values())
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda x: x, ""),
+    (lambda x: (x, torch.ones_like(x)), " in [0]"),
+    (lambda x: {"x": torch.ones_like(x), "z": x}, " in ['z']"),
+])
+def test_non_finite_calibration_inputs_get_a_config_error_not_ill_conditioned_layers(make, where):
+    torch.manual_seed(0)
+    model = _TwoInputs() if where else _chain()
+    bingo.prune(model, bingo.magnitude_scores(model), sparsity=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = torch.randn(64, 4 if where else 8)
+    calibration[3, 2], calibration[9, 0] = float("nan"), float("inf")
+    with pytest.raises(bingo.ConfigError, match=re.escape(
+            f"the calibration inputs hold 2 non-finite values (NaN or inf){where}; pass finite samples")):
+        bingo.compensate(model, None, make(calibration))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

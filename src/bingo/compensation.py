@@ -168,22 +168,35 @@ def _check_calibration(calibration: Any) -> None:
             "or a tuple / dict of such tensors as the model takes them (model(*x), model(**x))"
         )
     lengths = dict(_sample_counts(calibration))
+    for where, tensor in _tensors(calibration):
+        # one pass over the inputs, small beside the fit: a NaN would make every design matrix NaN and every
+        # layer "ill-conditioned", which points at the wrong cause
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ConfigError(f"the calibration inputs hold {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf)"
+                              f"{' in ' + where if where else ''}; pass finite samples, as the model is trained on")
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{where or 'the tensor'} has {n}" for where, n in lengths.items())
         raise ConfigError(f"the calibration inputs disagree on the number of samples (their first dimension): {listed}; "
                           "every tensor in them needs the same N, as they are cut into batches together")
 
 
-def _sample_counts(value: Any, where: str = "") -> Iterator[tuple[str, int]]:
-    """``(position, first dimension)`` of every tensor :func:`_slice` cuts, e.g. ``("[0]", 64)``, ``("['mask']", 32)``."""
+def _tensors(value: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(position, tensor)`` for every tensor :func:`_slice` cuts, e.g. ``("[0]", x)``, ``("['mask']", m)``."""
     if isinstance(value, torch.Tensor):
-        yield where, len(value) if value.dim() else 0
+        yield where, value
     elif isinstance(value, tuple):
         for i, item in enumerate(value):
-            yield from _sample_counts(item, f"{where}[{i}]")
+            yield from _tensors(item, f"{where}[{i}]")
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _sample_counts(item, f"{where}[{key!r}]")
+            yield from _tensors(item, f"{where}[{key!r}]")
+
+
+def _sample_counts(value: Any) -> Iterator[tuple[str, int]]:
+    """``(position, first dimension)`` of every tensor in the calibration inputs (:func:`_tensors`)."""
+    for where, tensor in _tensors(value):
+        yield where, len(tensor) if tensor.dim() else 0
 
 
 def _input_check(where: str, name: str, module: nn.Module) -> Callable | None:

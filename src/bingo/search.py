@@ -17,6 +17,7 @@ and nothing is added to the model's ``state_dict``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -287,7 +288,10 @@ class TicketSearch:
             wait()
         start = time.perf_counter()
         self.steps += 1
-        with cached_masks():  # on a masked model (gradual pruning), each fake pass reuses the masked weights
+        # Inside torch.inference_mode() (a loop that evaluates and steps in one block), the fake passes' tensors
+        # would be inference tensors, which keep no version counter and cannot update the state: run outside it.
+        outside = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+        with outside, cached_masks():  # on a masked model (gradual pruning), each fake pass reuses the masked weights
             damages = self.estimator.observe(batch)
         if wait:
             wait()
@@ -320,6 +324,9 @@ class TicketSearch:
         """
         check_choice("unprobed", unprobed, UNPROBED)
         rule = self.estimator.resolve_rule(self.config.rule if rule is None else rule)
+        if self.steps == 0:
+            warnings.warn(f"significance() before any search.step: nothing was measured, so every score is the unprobed "
+                          f"value ({unprobed!r}); call search.step(x, y) after every optimizer.step()", stacklevel=2)
         for note in self.estimator.notes():
             warnings.warn(note, stacklevel=2)
         raw = self.estimator.raw_scores(rule)
