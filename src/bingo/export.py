@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,8 +284,13 @@ def _write_program(program, path: Path) -> Path:
     return atomic_write(path, write)
 
 
-def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path | None:
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+def _onnx_bytes(wrapper: nn.Module, example: torch.Tensor, name: str) -> bytes | None:
+    """The ONNX program of ``wrapper`` as bytes (None, with a warning, without the packages); nothing is written.
+
+    Made before any file of the export is written, so a model ONNX cannot
+    convert leaves the folder as it was (:class:`ConfigError`).
+    """
+    missing = [package for package in ("onnx", "onnxscript") if importlib.util.find_spec(package) is None]
     if missing:
         warnings.warn(f"ONNX export skipped: {', '.join(missing)} not installed (pip install {' '.join(missing)})", stacklevel=3)
         return None
@@ -294,16 +300,29 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> Path 
     # Export in memory and write the protobuf ourselves: given a file, torch.onnx.export
     # puts the weights in a sidecar named after it (here atomic_write's temporary file),
     # and model.onnx is useless without that file.
-    program = torch.onnx.export(
-        wrapper, (example,), input_names=["raw"], output_names=["logits"],
-        dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}}, verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            wrapper, (example,), input_names=["raw"], output_names=["logits"],
+            dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}}, verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - the converter's own failure on an op it lacks, in one line
+        raise ConfigError(f"ONNX cannot convert {name} (model.pt2 holds it; leave out onnx): {_onnx_reason(exc)}") from None
     proto = program.model_proto
     size = proto.ByteSize()
     if size >= 2**31:  # protobuf's limit: weights this large cannot be embedded
         raise ConfigError(f"model.onnx would be {size / 2**30:.1f} GiB, over ONNX's 2 GiB limit for one file; use model.pt2")
-    data = proto.SerializeToString()
+    return proto.SerializeToString()
 
+
+def _onnx_reason(exc: Exception) -> str:
+    """The line of torch.onnx's long report that names the cause ("No ONNX function found for ... aten.cummax ...")."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # its colour codes
+    causes = [line.split(">: ", 1)[1] for line in text.splitlines() if line.startswith("<class ") and ">: " in line]
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (causes[0] if causes else lines[0] if lines else type(exc).__name__).strip()
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -354,6 +373,10 @@ def export_model(
         - ``weights.safetensors``: the exported network's state dict.
         - ``model.onnx`` (with ``onnx=True``): the same program as ONNX, weights
           embedded, so the file works on its own (no external-data sidecar).
+          Converted before anything is written (a model ONNX cannot convert
+          leaves the folder as it was); a ``model.onnx`` of an earlier export
+          is removed when this one writes none, so the folder never holds
+          two models.
         - ``model.json``: the caller's ``metadata`` plus input shapes,
           preprocessing, parameter count, weight sparsity, layer shapes, and
           ``"shrunk"``: true when the exported network is physically smaller
@@ -413,11 +436,14 @@ def export_model(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"torch.export cannot export {type(model).__name__} for input {raw_shape}: {first}") from None
 
+    onnx_data = _onnx_bytes(wrapper, example, type(model).__name__) if onnx else None
     directory.mkdir(parents=True, exist_ok=True)
     program_path = _write_program(program, directory / "model.pt2")
     state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
     weights_path = atomic_write(directory / "weights.safetensors", lambda tmp: save_file(state, tmp))
-    onnx_path = _export_onnx(wrapper, example, directory / "model.onnx") if onnx else None
+    onnx_path = _write_bytes(directory / "model.onnx", onnx_data) if onnx_data is not None else None
+    if onnx_path is None and (directory / "model.onnx").is_file():
+        (directory / "model.onnx").unlink()  # an earlier export's model, not this one
     record = {
         "format": EXPORT_FORMAT,
         "version": 1,

@@ -223,4 +223,6 @@ class ImpStrategy(Strategy):
                 forwards += retrained.forward_passes
             reached = target
             masks = current_masks(model, magnitude_scores(model))
-            yield Outcome(self.name, experiment.seed, target, experiment.evaluate(model), seconds, steps, forwards, masks)
+            # a copy: the next target prunes this model further (``bingo run --save/--export`` take the last one)
+            yield Outcome(self.name, experiment.seed, target, experiment.evaluate(model), seconds, steps, forwards, masks,
+                          model=copy.deepcopy(model))

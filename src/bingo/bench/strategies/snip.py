@@ -118,4 +118,5 @@ class SnipStrategy(Strategy):
                 trained.steps,
                 counter.count + trained.forward_passes,
                 masks,
+                model=model,
             )
