@@ -151,3 +151,40 @@ def test_a_2_4_pattern_at_the_end_of_fit_with_compensation():
     assert set(callback.session.compensation.layers) == {"net.0.weight", "net.3.weight"}
     with pytest.raises(bingo.ConfigError, match="gradual pruning needs a fraction to reach, not the pattern '2:4'"):
         BingoCallback(sparsity="2:4", gradual=(0, 10))
+
+
+class ManualClassifier(Classifier):
+    """Manual optimization: its training_step zeroes, backpropagates and steps the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_manual_optimization_needs_a_closure_and_works_with_one():
+    def fit(callback):
+        pl.seed_everything(0, verbose=False)
+        module = ManualClassifier()
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        trainer.fit(module, _loader())
+        return module
+
+    with pytest.raises(bingo.ConfigError, match=r"^BingoCallback: ManualClassifier uses manual optimization "
+                                                r"\(automatic_optimization = False\), so its training_step steps the "
+                                                r"optimizer .*pass closure=\(module, batch, batch_idx\) -> loss"):
+        fit(BingoCallback(sparsity=0.5))
+    callback = BingoCallback(sparsity=0.5, closure=lambda module, batch, i: F.cross_entropy(module(batch[0]), batch[1]))
+    module = fit(callback)
+    assert callback.session.search.steps == 6  # 96 samples in batches of 16, one optimizer step each
+    weights = [module.net[0].weight, module.net[3].weight]
+    assert sum(int((w == 0).sum()) for w in weights) == sum(w.numel() for w in weights) // 2

@@ -106,3 +106,27 @@ def test_trainer_search_state_is_a_checksummed_checkpoint_and_a_corrupt_one_is_o
     with pytest.warns(UserWarning, match=r"written by an older bingo without a checksum"):
         _train(tmp_path / "run", [resumed], resume=str(saved.parent), dropout=0.0)
     assert resumed.session.search.steps == 12
+
+
+def test_a_trainer_that_calls_the_model_without_labels_gets_a_config_error_naming_the_way_out(tmp_path):
+    # label smoothing: the Trainer pops the labels and smooths the loss itself, so the model's output has no loss
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, report_to=[], use_cpu=True, seed=0,
+        logging_strategy="no", save_strategy="no", disable_tqdm=True, label_smoothing_factor=0.1)
+    trainer = transformers.Trainer(model=_model(), args=arguments, train_dataset=_Data(), callbacks=[BingoTrainerCallback()])
+    with pytest.raises(bingo.ConfigError, match=r"^BingoTrainerCallback: the Trainer called the model without labels "
+                                                r"\(label_smoothing_factor > 0, or a compute_loss that pops them\).*"
+                                                r"pass closure=\(model, args, kwargs\) -> loss$"):
+        trainer.train()
+    # the way out: a closure that computes the loss from labels it keeps
+    labels = {}
+
+    class Keeping(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            labels["last"] = inputs["labels"]
+            return super().compute_loss(model, inputs, return_outputs, **kwargs)
+
+    callback = BingoTrainerCallback(closure=lambda model, args, kwargs: torch.nn.functional.cross_entropy(
+        model(*args, **kwargs).logits, labels["last"]))
+    Keeping(model=_model(), args=arguments, train_dataset=_Data(), callbacks=[callback]).train()
+    assert callback.session.search.steps == 2

@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
+from ..errors import ConfigError
 from .session import PrunedLoading, PruneAfterTraining
 
 __all__ = ["BingoCallback"]
@@ -98,6 +99,13 @@ class BingoCallback(pl.Callback):
             self._loading = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.closure is None and not pl_module.automatic_optimization:
+            # its training_step zeroes, backpropagates and steps itself: re-run as a fake pass it would train
+            raise ConfigError(
+                f"BingoCallback: {type(pl_module).__name__} uses manual optimization (automatic_optimization = False), "
+                "so its training_step steps the optimizer and cannot be re-run to measure the loss: pass "
+                "closure=(module, batch, batch_idx) -> loss that only computes it"
+            )
         self.session.start(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

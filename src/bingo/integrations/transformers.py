@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class BingoTrainerCallback(TrainerCallback):
         if self.closure is not None:
             self.session.step(lambda m: self.closure(m, call_args, call_kwargs))
         else:
-            self.session.step(lambda m: m(*call_args, **call_kwargs))  # a ModelOutput's "loss" is read as the loss
+            self.session.step(lambda m: _model_loss(m(*call_args, **call_kwargs)))
 
     def on_save(self, args, state, control, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -123,6 +123,20 @@ class BingoTrainerCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self.session.finish(model)
+
+
+def _model_loss(output: Any) -> Any:
+    """The loss of a model call the Trainer made: its output's ``loss`` (:class:`ConfigError` when there is none)."""
+    loss = output.get("loss") if isinstance(output, Mapping) else None  # a ModelOutput is a Mapping of its set fields
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].numel() == 1:
+        loss = output[0]  # return_dict=False: (loss, logits, ...) when the call had labels
+    if loss is None:
+        raise ConfigError(
+            "BingoTrainerCallback: the Trainer called the model without labels (label_smoothing_factor > 0, or a "
+            "compute_loss that pops them), so its output has no loss for the fake passes to measure: leave the labels "
+            "in the model's inputs, or pass closure=(model, args, kwargs) -> loss"
+        )
+    return loss
 
 
 def _resumed_checkpoint() -> str | None:
