@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -72,3 +73,94 @@ def test_exporting_again_without_onnx_removes_the_earlier_models_onnx(tmp_path):
         assert json.loads((folder / "model.json").read_text())["files"]["onnx"] is None
     finally:
         logging.disable(logging.NOTSET)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "magnitude", "--compensation-steps", "8"],
+     "compensation steps (8) re-fit between prunes, so they need compensation: add --compensate"),
+    (["--no-compensate", "--judge-steps", "5"],
+     "judge steps apply where the blend is chosen on validation, which needs compensation (--compensate), not with "
+     "--no-compensate"),
+])
+def test_flags_that_do_nothing_without_compensation_are_refused_before_training(tmp_path, capsys, flags, message):
+    out = tmp_path / "r.json"
+    assert main(["run", "--data", "digits", "--model", "mlp", "--epochs", "1", "--sparsity", "0.9", *flags,
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bingo: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_an_evaluate_that_returns_a_percentage_is_refused_before_anything_is_pruned():
+    model = _mlp()
+    with pytest.raises(bingo.ConfigError, match=re.escape("prune_to_accuracy: evaluate(model) returned 85 for the "
+                                                          "unpruned model; the floor is an accuracy in [0, 1]")):
+        bingo.prune_to_accuracy(model, bingo.magnitude_scores(model), lambda m: 85.0, min_accuracy=0.9)
+    assert bingo.model_sparsity(model) == 0.0
+
+
+def test_a_global_prune_that_empties_a_layer_says_so():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    with pytest.warns(UserWarning, match=re.escape("sparsity 0.999 leaves no weight in '2.weight': such a layer outputs "
+                                                   "only its bias")):
+        masks = bingo.prune(model, bingo.magnitude_scores(model), sparsity=0.999)
+    assert not masks["2.weight"].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bingo.prune(_mlp(), bingo.magnitude_scores(_mlp()), sparsity=0.9)  # every layer keeps some: no warning
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, lambda m: torch.compile(m, backend="eager")], ids=["DataParallel", "compile"])
+def test_a_compact_file_of_a_wrapped_model_loads_into_the_plain_one_and_back(tmp_path, wrap):
+    wrapped = wrap(_mlp())
+    bingo.prune(wrapped, bingo.magnitude_scores(wrapped), 0.5)
+    path = bingo.save_compact(wrapped, tmp_path / "m.safetensors")
+    x = torch.randn(3, 8)
+    plain = bingo.load_compact(_mlp(), path)
+    torch.testing.assert_close(plain(x), wrapped(x))
+    again = wrap(_mlp())
+    assert bingo.load_compact(again, path) is again
+    torch.testing.assert_close(again(x), wrapped(x))
+
+
+def test_model_sparsity_counts_the_zeros_of_a_prune_made_permanent():
+    model = _mlp()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    assert bingo.model_sparsity(model) == 0.5
+    bingo.make_permanent(model)
+    assert bingo.model_sparsity(model) == 0.5
+    assert bingo.model_sparsity(_mlp()) == 0.0
+
+
+def test_a_mask_that_is_not_0_or_1_is_refused_when_loading():
+    model = _mlp()
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    state = model.state_dict()
+    state["0.weight_mask"] = state["0.weight_mask"] * 2
+    fresh = _mlp()
+    with pytest.raises(bingo.CheckpointError, match=re.escape("state dict entry '0.weight_mask' is not a pruning mask: "
+                                                              "it holds values other than 0 and 1")):
+        bingo.load_pruned_state_dict(fresh, state)
+
+
+def test_export_into_an_empty_folder_name_is_refused(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "m.pt"), ""]) == 2
+    assert capsys.readouterr().err == "bingo: error: the export folder is empty; give a folder name\n"
+
+
+def test_channels_last_images_in_an_npz_get_a_warning(tmp_path):
+    import numpy as np
+
+    from bingo.bench.data import load_dataset
+    generator = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=generator.random((30, 8, 8, 3), dtype=np.float32), y_train=np.arange(30) % 3,
+             x_test=generator.random((9, 8, 8, 3), dtype=np.float32), y_test=np.arange(9) % 3)
+    with pytest.warns(UserWarning, match=re.escape("x_train has shape (30, 8, 8, 3), which looks channels-last (N, H, W, "
+                                                   "C); bingo reads images as N x C x H x W")):
+        load_dataset(str(path))

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checks import check_model, check_shape
+from .distributed import unwrap
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write, write_json
 from .layer_types import layer_type_of, unit_matrix
@@ -95,9 +96,11 @@ def save_compact(model: nn.Module, path: str | os.PathLike) -> Path:
     under its own key. Shapes and dtypes go in the safetensors metadata. The
     file is written atomically. Values at pruned positions (``weight_orig``
     where the mask is 0) are not stored: they never reach the forward pass.
+    A wrapped model (``torch.compile``, DDP, ``nn.DataParallel``) is saved as
+    its inner module, keys without the wrapper's prefix.
     """
     check_model("save_compact", model)
-    state = model.state_dict()
+    state = unwrap(model).state_dict()
     tensors: dict[str, torch.Tensor] = {}
     masked: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
@@ -132,6 +135,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
             fit ``model``.
     """
     check_model("load_compact", model, meta=False)
+    wrapped, model = model, unwrap(model)  # keys name the inner module's entries, as save_compact writes them
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -170,7 +174,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, masks: bool = Tru
         except RuntimeError as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise CheckpointError(f"compact file {path} does not fit the model: {lines[-1] if lines else exc}") from None
-    return model
+    return wrapped
 
 
 def _masked_entries(path: str | os.PathLike, metadata: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -495,6 +495,10 @@ def load_pruned_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     """
     check_model("load_pruned_state_dict", model, meta=False)
     check_state_dict("load_pruned_state_dict", state_dict)
+    for key, value in state_dict.items():  # a mask scales its weight: anything but 0 / 1 would change the weights
+        if (key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state_dict and isinstance(value, torch.Tensor)
+                and not value.is_meta and not bool(((value == 0) | (value == 1)).all())):
+            raise CheckpointError(f"state dict entry {key!r} is not a pruning mask: it holds values other than 0 and 1")
     put_masks_from_state(model, state_dict)
     try:
         model.load_state_dict(state_dict)
@@ -511,8 +515,16 @@ def pruned_parameters(model: nn.Module) -> int:
 
 
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
-    """Fraction of zero entries over the weights named by ``keys`` (default: all masked weights of two or more dimensions)."""
+    """Fraction of zero entries over the weights named by ``keys``.
+
+    Default: every masked weight of two or more dimensions; on a model with
+    no mask (pruned, then :func:`make_permanent` or loaded plain), every
+    weight of two or more dimensions of the registered layer types, so the
+    zeros a prune left still count.
+    """
     keys = check_names("model_sparsity", "keys", keys, optional=True)
+    if keys is None and not any(masked_names(m) for m in unwrap(model).modules()):
+        keys = [key for key, weight in _layer_weights(model) if weight.dim() >= 2]
     zeros = total = 0
     seen: set[int] = set()  # a tied weight counts once
     for module_name, module in unwrap(model).named_modules():
@@ -531,6 +543,16 @@ def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
             zeros += int((weight == 0).sum())
             total += weight.numel()
     return zeros / total if total else 0.0
+
+
+def _layer_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, weight)`` of every weight the registered layer types name (``"weight"`` for other modules)."""
+    for module_name, module in unwrap(model).named_modules():
+        layer_type = layer_type_of(module)
+        for name in layer_type.weights(module) if layer_type is not None else ("weight",):
+            weight = getattr(module, name, None)
+            if isinstance(weight, torch.Tensor):
+                yield (f"{module_name}.{name}" if module_name else name), weight
 
 
 def check_units_left(masks: dict[str, torch.Tensor], model: nn.Module) -> None:

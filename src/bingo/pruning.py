@@ -100,6 +100,10 @@ def prune(
     masks = select_masks(_effective_scores(model, scores), sparsity, scope, seed, blocks=blocks,
                          pruned=_already_pruned(model, scores))
     check_units_left(masks, model)
+    emptied = [key for key, mask in masks.items() if mask.numel() and not mask.any()]
+    if emptied:  # the floors (MIN_KEEP) give way when the budget cannot cover them all; say what that costs
+        warnings.warn(f"sparsity {sparsity:g} leaves no weight in {', '.join(repr(k) for k in emptied)}: such a layer "
+                      "outputs only its bias, whatever its input; lower the sparsity or use scope='layer'", stacklevel=2)
     apply_masks(model, masks)
     applied = current_masks(model, scores)
     pruned = sum(int((~m).sum()) for m in applied.values())
@@ -186,6 +190,9 @@ def prune_to_accuracy(
             raise ConfigError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     check_choice("scope", scope, SCOPES)
     dense = check_judgement("prune_to_accuracy", evaluate(model), "for the unpruned model")
+    if not 0.0 <= dense <= 1.0:  # a percentage (85.0) would clear a floor of 0.9 at any sparsity
+        raise ConfigError(f"prune_to_accuracy: evaluate(model) returned {dense:g} for the unpruned model; the floor is "
+                          "an accuracy in [0, 1], so evaluate must return one (a percentage divided by 100)")
     floor = float(min_accuracy) if min_accuracy is not None else dense - float(max_drop)
     evaluations = 1
 

@@ -209,6 +209,8 @@ def _one_line_warnings():
 def cmd_export(args: argparse.Namespace) -> int:
     from .model_file import export_checkpoint
 
+    if not str(args.dir).strip():  # Path("") is the current folder: the files would land among the user's own
+        raise ConfigError("the export folder is empty; give a folder name")
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         kind = special_file(args.dir) or "a file"
         raise ConfigError(f"export folder {args.dir} is {kind}; give a folder")

@@ -460,6 +460,10 @@ def _check_inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
         )
     if 0 in shape[1:]:
         raise DataError(f"{source}: {key} samples hold no values (each has shape {tuple(shape[1:])})")
+    if len(shape) == 4 and shape[3] in (1, 3, 4) and min(shape[1], shape[2]) > 4:
+        # (N, H, W, C) read as (N, C, H, W) would train on H "channels" of W x C images, without any error
+        warnings.warn(f"{source}: {key} has shape {tuple(shape)}, which looks channels-last (N, H, W, C); bingo reads "
+                      f"images as N x C x H x W: store them as {key}.transpose(0, 3, 1, 2) if so", stacklevel=2)
     if x.dtype.kind == "f":
         if not np.all(np.isfinite(x)):
             raise DataError(f"{source}: {key} contains NaN or infinite values")

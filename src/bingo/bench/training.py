@@ -76,8 +76,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must be a whole number >= 0, got {self.epochs!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ConfigError(f"batch size must be a whole number >= 1, got {self.batch_size!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be a finite number > 0, got {self.lr!r}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_seed(self.seed)
 

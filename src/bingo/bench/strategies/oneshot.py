@@ -86,6 +86,9 @@ class CompensationConfig:
         check_choice("solver", self.solver, SOLVER_CHOICES)
         _check_steps("recovery steps", self.recovery_steps, 0)
         _check_steps("compensation steps", self.compensation_steps, 1)
+        if self.compensation_steps > 1 and not self.compensate:  # nothing re-fits between the steps: it would be ignored
+            raise ConfigError(f"compensation steps ({self.compensation_steps}) re-fit between prunes, so they need "
+                              "compensation: add --compensate (compensate=True), or leave them at 1")
 
     def to_dict(self) -> dict:
         """The JSON record; ``compensation_steps`` only when it is not 1 and ``recovery_steps`` when not 0, so runs
@@ -284,6 +287,9 @@ class BingoConfig:
         if self.judge_steps and self.magnitude_weight is not None:  # nothing is chosen, so nothing would be judged
             raise ConfigError(f"judge steps apply where the blend is chosen on validation (magnitude_weight none), "
                               f"not with magnitude_weight={self.magnitude_weight!r}")
+        if self.judge_steps and not self.compensation.compensate:  # the blend is chosen only after a re-fit
+            raise ConfigError("judge steps apply where the blend is chosen on validation, which needs compensation "
+                              "(--compensate), not with --no-compensate")
 
     def to_dict(self) -> dict:
         """The JSON record; ``judge_steps`` only when it is not 0, so runs recorded before it resume unchanged."""
