@@ -164,3 +164,52 @@ def test_channels_last_images_in_an_npz_get_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=re.escape("x_train has shape (30, 8, 8, 3), which looks channels-last (N, H, W, "
                                                    "C); bingo reads images as N x C x H x W")):
         load_dataset(str(path))
+
+
+def test_an_unchecked_re_fit_on_fewer_design_rows_than_inputs_warns():
+    def compensated(samples: int) -> list[str]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+        bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bingo.compensate(model, None, torch.randn(samples, 64))
+        return [str(w.message) for w in caught]
+
+    assert any(m.startswith("compensate re-fitted on fewer design rows than inputs, so each fit interpolates its 40 "
+                            "calibration samples") and "0.weight (40 rows for 65 inputs)" in m for m in compensated(40))
+    assert not any("fewer design rows" in m for m in compensated(100))  # more rows than inputs: a determined fit
+
+
+def test_prune_heads_takes_only_the_scopes_that_mean_something_for_heads():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1, enable_nested_tensor=False)
+    scores = {name: torch.rand(4) for name, m in encoder.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    for scope in ("lamp", "block"):
+        with pytest.raises(bingo.ConfigError, match=f"^unknown scope '{scope}'; valid choices: global, layer$"):
+            bingo.prune_heads(encoder, scores, 0.5, scope=scope)
+    assert [int(m.sum()) for m in bingo.prune_heads(encoder, scores, 0.5, scope="layer").values()] == [2]
+
+
+def test_a_scheduler_starting_at_sparsity_0_reads_no_scores_at_construction_and_resumes_without_a_warning():
+    model = _mlp()
+    search = bingo.TicketSearch(model, config=bingo.BINGO_SEARCH, seed=0)
+    read = []
+
+    def scores():
+        read.append(True)
+        return bingo.bingo_scores(search, model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "significance() before any search.step" nor a prune to 0
+        bingo.SparsityScheduler(model, scores, final_sparsity=0.8, start_step=0, end_step=10, frequency=2)
+    assert read == []
+    # rebuilt over a model already pruned (a resume), then its state loaded: no "already had ... pruned" warning
+    pruned = _mlp()
+    bingo.prune(pruned, bingo.magnitude_scores(pruned), 0.6)
+    before = bingo.model_sparsity(pruned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler = bingo.SparsityScheduler(pruned, lambda: bingo.magnitude_scores(pruned), final_sparsity=0.8,
+                                            start_step=0, end_step=10, frequency=2)
+    assert bingo.model_sparsity(pruned) == before and scheduler.last_sparsity == 0.0

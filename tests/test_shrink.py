@@ -366,8 +366,13 @@ class Scaled(Residual):
 def test_refuses_a_residual_connection():
     model = neuron_pruned(Residual(), 0.3)
     with pytest.raises(ConfigError, match=r"^cannot shrink Residual: the outputs of 'fc1' and 'fc2' meet at node 'add' \(add\); shrink follows "
-                                          r"a single chain of layers \(no residual adds, concatenations or branches\)$"):
+                                          r"a single chain of layers \(no residual adds, concatenations or branches\); "
+                                          r"given input_shape \(one sample's shape, e.g\. shrink\(model, \(1, 28, 28\)\)\), "
+                                          r"shrink follows channels tied by residual adds and branches too$"):
         shrink(model)
+    shrunk = shrink(model, (8,))  # as the message says: given input_shape, the residual network shrinks
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(shrunk.eval()(x), model.eval()(x), atol=1e-6, rtol=1e-5)
 
 
 def test_refuses_concatenation_reuse_and_unknown_ops():

@@ -629,7 +629,7 @@ def compensate(
     numbered = list(_numbered_batches(calibration, batch_size, fit_samples, model_device(model)))
     starts, batches = [start for start, _ in numbered], [batch for _, batch in numbered]
     calls, layer_calls, flops = 0, 0, 0.0
-    fitted, before, after, unchanged, used = [], {}, {}, [], {}
+    fitted, before, after, unchanged, used, underdetermined = [], {}, {}, [], {}, []
     nets = [model] if reference is None else [model, reference]
     modes = [(m, m.training) for net in nets for m in net.modules()]
     mode_used = "per-layer"
@@ -660,6 +660,8 @@ def compensate(
                 return
             refresh_masked(model)
             fitted.append(target.key)
+            if not held_out and fit["design_rows"] < fit["inputs"]:  # fewer equations than unknowns, and no check
+                underdetermined.append(f"{target.key} ({fit['design_rows']} rows for {fit['inputs']} inputs)")
             before[target.key] = fit["error"] / max(fit["rows"], 1)
             after[target.key] = fit["after"] / max(fit["rows"], 1)
             used[target.key] = "+".join(dict.fromkeys(fit["solvers"]))
@@ -730,6 +732,11 @@ def compensate(
             after = dict(before)
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
+    if underdetermined:  # the held-out check that would undo an overfit was off: say what it could not catch
+        warnings.warn(f"compensate re-fitted on fewer design rows than inputs, so each fit interpolates its {samples} "
+                      f"calibration samples and may reproduce the dense outputs worse elsewhere, unchecked (fewer than "
+                      f"{MIN_HELD_OUT} samples held out): {', '.join(underdetermined)}; pass more calibration samples "
+                      "(bingo.suggested_calibration_samples) or evaluate=", stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls,
                               evaluation, undone, tuple(unchanged), mode_used, layer_calls, used, flops)
 
@@ -817,7 +824,7 @@ def _fit(model: nn.Module, target: _Target, wanted: list[list[torch.Tensor | Non
                 "targets": torch.zeros((), dtype=torch.float64, device=device)}
 
     problems = [{"fit": sums(len(weight[r.rows])), "check": sums(len(weight[r.rows]))} for r in target.refits]
-    error, rows = 0.0, 0
+    error, rows, design_rows = 0.0, 0, 0
     for b, xs in designs:
         for refit, problem, x, y in zip(target.refits, problems, xs, wanted[b]):
             if x is None:
@@ -846,16 +853,17 @@ def _fit(model: nn.Module, target: _Target, wanted: list[list[torch.Tensor | Non
             if fitted:
                 error += float((_affine(x, weight, bias, refit) - y).square().sum(dtype=torch.float64))
                 rows += y.numel()
+                design_rows = max(design_rows, len(x)) if len(target.refits) > 1 else design_rows + len(x)
         wanted[b] = [None] * len(target.refits)  # used: free it
     for problem in problems:
         # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
         for part in problem.values():
             for value in part.values():
                 sum_over_ranks(value, process_group)
-    totals = sum_over_ranks(torch.tensor([error, float(rows)], dtype=torch.float64), process_group)
-    error, rows = float(totals[0]), int(totals[1])
+    totals = sum_over_ranks(torch.tensor([error, float(rows), float(design_rows)], dtype=torch.float64), process_group)
+    error, rows, design_rows = float(totals[0]), int(totals[1]), int(totals[2])
     result = {"error": error, "rows": rows, "failed": 0, "worse": None, "after": error, "solvers": (), "flops": 0.0,
-              "no_gain": False}
+              "no_gain": False, "design_rows": design_rows, "inputs": d}
     if error == 0.0:
         return result
     module = model.get_submodule(target.module_name) if target.module_name else model

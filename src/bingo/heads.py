@@ -40,10 +40,13 @@ from .checks import check_model, check_scores
 from .distributed import unwrap
 from .errors import ConfigError, check_choice
 from .masks import keep_copyable, make_permanent, mask_attention_outputs
-from .selection import SCOPES, select_masks
+from .selection import select_masks
 from .shrink import mark_shrunk
 
 __all__ = ["PrunedMultiheadAttention", "head_scores", "prune_heads", "shrink_heads"]
+
+#: the scopes of a head prune: LAMP's per-weight normalisation and weight blocks have no meaning for whole heads
+HEAD_SCOPES = ("global", "layer")
 
 
 def _attentions(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
@@ -122,7 +125,7 @@ def prune_heads(
     """
     check_model("prune_heads", model)
     scores = check_scores("prune_heads", scores)
-    check_choice("scope", scope, SCOPES)
+    check_choice("scope", scope, HEAD_SCOPES)
     attentions = _attentions(model)
     unknown = sorted(set(scores) - set(attentions))
     if unknown:

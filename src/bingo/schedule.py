@@ -102,8 +102,8 @@ class SparsityScheduler:
     through :func:`bingo.prune` to exactly ``round(s_t × n)`` of the ``n``
     scored entries; entries already pruned count first, so masks only grow,
     whatever the scores say now. Constructing it is step 0: if
-    ``start_step`` is 0 it prunes to ``initial_sparsity`` at once (as an LR
-    scheduler sets the initial rate).
+    ``start_step`` is 0 and ``initial_sparsity`` above 0 it prunes to
+    ``initial_sparsity`` at once (as an LR scheduler sets the initial rate).
 
     >>> scheduler = SparsityScheduler(model, lambda: bingo.magnitude_scores(model), 0.9, start_step=100, end_step=700, frequency=50)
     >>> for x, y in batches:
@@ -164,7 +164,10 @@ class SparsityScheduler:
         self.groups = check_groups(unwrap(model), groups, "SparsityScheduler") if groups else None
         self.last_step = 0  #: optimizer steps taken so far (0 = construction)
         self.last_sparsity = 0.0  #: the sparsity the latest update pruned to (0 before the first)
-        self._update()
+        # A first update at sparsity 0 prunes nothing: skipped, so that construction reads no scores (a search
+        # that has not stepped yet) and, rebuilt over a resumed pruned model, does not "prune" it to 0.
+        if self.sparsity_at(0) > 0:
+            self._update()
 
     def sparsity_at(self, step: int) -> float:
         """``s_t`` at ``step``: :func:`gmp_sparsity` with this scheduler's settings."""

@@ -693,7 +693,14 @@ def shrink(
         if groups is not None and is_coupled(check_groups(unwrap(model), groups, "shrink")):
             raise ConfigError("shrink: these groups tie channels of several layers (a residual add); removing them "
                               "needs Torch-Pruning's dependency graph, traced on example inputs: pass input_shape")
-        return _shrink_chain(model, None)
+        try:
+            return _shrink_chain(model, None)
+        except ConfigError as exc:
+            if "shrink follows a single chain" not in str(exc):
+                raise
+            # without example inputs only a chain can be shrunk: a residual network can, given them
+            raise ConfigError(f"{exc}; given input_shape (one sample's shape, e.g. shrink(model, (1, 28, 28))), "
+                              "shrink follows channels tied by residual adds and branches too") from None
     model = unwrap(model)
     example = example_inputs(model, input_shape, "shrink", check=False)  # checked by the trace below, or on its failure
     if groups is not None:
