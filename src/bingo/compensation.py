@@ -853,7 +853,8 @@ def _fit(model: nn.Module, target: _Target, wanted: list[list[torch.Tensor | Non
             if fitted:
                 error += float((_affine(x, weight, bias, refit) - y).square().sum(dtype=torch.float64))
                 rows += y.numel()
-                design_rows = max(design_rows, len(x)) if len(target.refits) > 1 else design_rows + len(x)
+                if refit is target.refits[0]:  # the equations of one problem (each refit sees the same samples)
+                    design_rows += len(x)
         wanted[b] = [None] * len(target.refits)  # used: free it
     for problem in problems:
         # Under torch.distributed: the fit on every rank's calibration inputs together, the same on every rank.
