@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -306,17 +307,26 @@ def test_overlap_after_overwrite_is_between_the_methods_run_now(tmp_path):
     assert _overlap_keys(resumed) == {"bingo_vs_imp", "magnitude_vs_imp"}
 
 
-def test_overlap_skips_a_recorded_run_whose_mask_file_was_replaced(tmp_path):
+def test_a_recorded_run_whose_mask_file_was_replaced_or_deleted_runs_again(tmp_path, capsys):
     import shutil
 
     first, other = tmp_path / "first", tmp_path / "other"
     imp = _config(methods=("imp",), sparsities=(0.5,), method_configs=_IMP_ONE_ROUND)
-    run_compare(imp, first, progress=False)
+    original = run_compare(imp, first, progress=False)
     run_compare(dataclasses.replace(imp, seeds=2), other, progress=False)
-    shutil.copy(other / "masks" / "imp-seed1-sparsity0.5.safetensors", first / "masks" / "imp-seed0-sparsity0.5.safetensors")
+    mask = first / "masks" / "imp-seed0-sparsity0.5.safetensors"
+    shutil.copy(other / "masks" / "imp-seed1-sparsity0.5.safetensors", mask)
     both = dataclasses.replace(imp, methods=("imp", "magnitude"))
     resumed = run_compare(both, first, resume=True, progress=False)
-    assert resumed["overlap"] == []  # the recorded IMP run did not write that file
+    assert f"the mask file {mask} does not match its recorded digest; imp (seed 0, sparsity 0.5) runs again" in capsys.readouterr().err
+    # run again, deterministically: the same row, its file back, and the overlap with IMP computed from it
+    (row,) = [r for r in resumed["runs"] if r["method"] == "imp"]
+    assert row["mask_sha256"] == original["runs"][0]["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    assert [r["seed"] for r in resumed["overlap"]] == [0]
+    mask.unlink()
+    again = run_compare(both, first, resume=True, progress=False)
+    assert "is missing; imp (seed 0, sparsity 0.5) runs again" in capsys.readouterr().err and mask.is_file()
+    assert [r["mask_sha256"] for r in again["runs"] if r["method"] == "imp"] == [row["mask_sha256"]]
     checked = run_compare(dataclasses.replace(both, seeds=2), other, resume=True, progress=False)
     assert [(r["seed"], sorted(r)) for r in checked["overlap"]] == [
         (seed, ["magnitude_vs_imp", "random_expectation", "seed", "sparsity"]) for seed in (0, 1)

@@ -213,3 +213,27 @@ def test_a_scheduler_starting_at_sparsity_0_reads_no_scores_at_construction_and_
         scheduler = bingo.SparsityScheduler(pruned, lambda: bingo.magnitude_scores(pruned), final_sparsity=0.8,
                                             start_step=0, end_step=10, frequency=2)
     assert bingo.model_sparsity(pruned) == before and scheduler.last_sparsity == 0.0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d["runs"].append(dict(d["runs"][0], accuracy=0.99)),
+     "runs[1] repeats runs[0] (method 'magnitude', seed 0, sparsity 0.5)"),
+    (lambda d: d["runs"][0].update(accuracy="x"), "runs[0]['accuracy'] is a str"),
+    (lambda d: d["runs"].append(dict(d["runs"][0], method="imp")),
+     "runs[1] has method 'imp', which settings['methods'] does not list"),
+    (lambda d: d["runs"][0].update(accuracy=float("nan")), "it holds NaN, which bingo never writes"),
+])
+def test_a_hand_edited_compare_results_file_is_refused_on_resume_in_one_line(tmp_path, capsys, damage, message):
+    arguments = ["compare", "--data", "digits", "--model", "mlp", "--epochs", "1", "--methods", "magnitude",
+                 "--sparsities", "0.5", "--seeds", "1", "--out", str(tmp_path / "c"), "--no-progress"]
+    assert main(arguments) == 0
+    path = tmp_path / "c" / "results.json"
+    results = json.loads(path.read_text())
+    damage(results)
+    path.write_text(json.dumps(results))  # json.dumps writes NaN as NaN, as a hand edit could
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main([*arguments, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert path.read_bytes() == before  # left as it was

@@ -259,7 +259,8 @@ def _not_results(previous: object) -> str | None:
         value = previous["settings"].get(key, kind())
         if wrong(value, kind) or any(wrong(v, item) for v in (value.values() if kind is dict else value)):
             return f"settings[{key!r}] is not {_kind(kind())} of the right values"
-    rows = {"dense": {"seed": int}, "runs": {"method": str, "seed": int, "sparsity": (int, float)},
+    rows = {"dense": {"seed": int, "accuracy": (int, float)},
+            "runs": {"method": str, "seed": int, "sparsity": (int, float), "accuracy": (int, float)},
             "overlap": {"seed": int, "sparsity": (int, float)}, "search_overhead": {}}
     for section, keys in rows.items():
         for i, row in enumerate(previous.get(section, [])):
@@ -270,6 +271,16 @@ def _not_results(previous: object) -> str | None:
                     return f"{section}[{i}] has no {key!r}"
                 if wrong(row[key], kind):
                     return f"{section}[{i}][{key!r}] is {_kind(row[key])}"
+    recorded = previous["settings"]
+    seen: dict[tuple, int] = {}
+    for i, row in enumerate(previous["runs"]):  # each run once, and only of what the file says it ran
+        key = (row["method"], row["seed"], row["sparsity"])
+        if key in seen:
+            return f"runs[{i}] repeats runs[{seen[key]}] (method {key[0]!r}, seed {key[1]}, sparsity {key[2]:g})"
+        seen[key] = i
+        for name, value in (("methods", row["method"]), ("seeds", row["seed"]), ("sparsities", row["sparsity"])):
+            if name in recorded and value not in recorded[name]:
+                return f"runs[{i}] has {name[:-1] if name != 'sparsities' else 'sparsity'} {value!r}, which settings[{name!r}] does not list"
     return None
 
 
@@ -282,8 +293,14 @@ def _load_previous(path: Path, base: dict, rerun_changed: bool = False) -> dict:
         text = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot resume from {path}: {exc.strerror or exc}") from None
+    def non_finite(constant: str) -> None:  # bingo writes none: a NaN here would be caught only at the next save
+        raise CheckpointError(f"cannot resume from {path}: it holds {constant}, which bingo never writes (JSON has no "
+                              "NaN or Infinity); use another --out")
+
     try:
-        previous = json.loads(text)
+        previous = json.loads(text, parse_constant=non_finite)
+    except CheckpointError:  # (a ValueError too) the non-finite constant's own message
+        raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = f"not JSON: {' '.join(str(exc).split())}" if isinstance(exc, json.JSONDecodeError) else "not JSON"
         raise CheckpointError(f"cannot resume from {path}: not a bingo compare results file ({reason}); use another --out") from None
@@ -319,6 +336,22 @@ def _load_previous(path: Path, base: dict, rerun_changed: bool = False) -> dict:
     # The machines that measured the rows: this one joins when it adds a row (_measured_here).
     previous["machines"] = previous.get("machines") if isinstance(previous.get("machines"), list) else []
     return previous
+
+
+def _drop_runs_without_their_masks(results: dict, out_dir: Path) -> None:
+    """Drop (so that they run again) the rows whose mask file is missing or no longer has the recorded digest."""
+    kept = []
+    for row in results["runs"]:
+        path = _mask_path(out_dir, row["method"], row["seed"], row["sparsity"])
+        digest = row.get("mask_sha256")  # rows of versions before it cannot be checked
+        why = ("is missing" if not path.is_file() else
+               "does not match its recorded digest" if digest is not None and _sha256(path) != digest else None)
+        if why is None or digest is None and path.is_file():
+            kept.append(row)
+            continue
+        print(f"bingo compare: the mask file {path} {why}; {row['method']} (seed {row['seed']}, sparsity "
+              f"{row['sparsity']:g}) runs again", file=sys.stderr)
+    results["runs"] = kept
 
 
 def _forget(results: dict, method: str) -> None:
@@ -427,6 +460,7 @@ def _run_compare(config: CompareConfig, out_dir: Path, *, resume: bool, overwrit
         "machines": [],
     }
     results = _load_previous(results_path, base, rerun_changed) if resume and results_path.exists() else base
+    _drop_runs_without_their_masks(results, out_dir)
     strategies: dict[str, Strategy] = {
         name: STRATEGIES[name](config.method_configs.get(name)) for name in config.methods
     }
