@@ -237,3 +237,16 @@ def test_a_hand_edited_compare_results_file_is_refused_on_resume_in_one_line(tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert path.read_bytes() == before  # left as it was
+
+
+@pytest.mark.parametrize("data, where", [({1: 2, "1": 3}, "'1'"), ({"a": [{1.5: 2, "1.5": 3}]}, "'a[0].1.5'")])
+def test_write_json_refuses_two_keys_that_would_be_written_as_one(tmp_path, data, where):
+    from bingo.io import write_json
+
+    path = tmp_path / "r.json"
+    path.write_text("{}\n")
+    with pytest.raises(bingo.BingoError, match=re.escape(f"two keys would both be written as {where}")):
+        write_json(path, data)
+    assert path.read_text() == "{}\n"  # left as it was
+    write_json(path, {"a": 1, 2: {"b": 3}})  # non-str keys that do not clash are written as JSON writes them
+    assert json.loads(path.read_text()) == {"a": 1, "2": {"b": 3}}

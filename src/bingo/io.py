@@ -254,6 +254,35 @@ def _non_finite(data: Any, where: str = "") -> tuple[str, float] | None:
     return None
 
 
+def _json_key(key: Any) -> Any:
+    """The object key ``json.dump`` writes for dict key ``key`` (non-str keys are converted; others it refuses)."""
+    if isinstance(key, str):
+        return key
+    if key is True or key is False or key is None:
+        return {True: "true", False: "false", None: "null"}[key]
+    return repr(key) if isinstance(key, (int, float)) else key
+
+
+def _clashing_key(data: Any, where: str = "") -> str | None:
+    """The first key path in ``data`` where two keys would be written as one (``{1: .., "1": ..}``), else None."""
+    if isinstance(data, dict):
+        seen: set = set()
+        for key, value in data.items():
+            written = _json_key(key)
+            if written in seen:
+                return f"{where}.{written}" if where else str(written)
+            seen.add(written)
+            found = _clashing_key(value, f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            found = _clashing_key(value, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically.
 
@@ -261,12 +290,16 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     which other readers reject). A non-finite number means something went
     wrong upstream (a diverged training, an empty split), so it is refused
     with a :class:`~bingo.errors.BingoError` naming the key, and the file is
-    not touched.
+    not touched; so are two keys that would be written as one (``1`` and
+    ``"1"``: JSON keys are strings, and a reader keeps only the last).
     """
     found = _non_finite(data)
     if found is not None:
         key, value = found
         raise BingoError(f"cannot write {path}: {key} is {value}, and JSON has no NaN or Infinity")
+    clash = _clashing_key(data)
+    if clash is not None:  # json.dump would write the key twice, and a reader keeps only the last
+        raise BingoError(f"cannot write {path}: two keys would both be written as {clash!r} (e.g. 1 and '1')")
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
