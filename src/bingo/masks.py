@@ -524,35 +524,31 @@ def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     """
     keys = check_names("model_sparsity", "keys", keys, optional=True)
     if keys is None and not any(masked_names(m) for m in unwrap(model).modules()):
-        keys = [key for key, weight in _layer_weights(model) if weight.dim() >= 2]
+        keys = [key for key, _, _, weight in _layer_weights(model) if weight.dim() >= 2]
     zeros = total = 0
     seen: set[int] = set()  # a tied weight counts once
-    for module_name, module in unwrap(model).named_modules():
-        layer_type = layer_type_of(module)
-        for name in layer_type.weights(module) if layer_type is not None else ("weight",):
-            key = f"{module_name}.{name}" if module_name else name
-            weight = getattr(module, name, None)
-            if not isinstance(weight, torch.Tensor) or (keys is not None and key not in keys):
-                continue
-            parameter = weight_of(module, name)
-            if id(parameter) in seen:
-                continue
-            seen.add(id(parameter))
-            if keys is None and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
-                continue  # by default: masked weight matrices and filters (not a BatchNorm's masked scale)
-            zeros += int((weight == 0).sum())
-            total += weight.numel()
+    for key, module, name, weight in _layer_weights(model):
+        if keys is not None and key not in keys:
+            continue
+        parameter = weight_of(module, name)
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        if keys is None and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
+            continue  # by default: masked weight matrices and filters (not a BatchNorm's masked scale)
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
     return zeros / total if total else 0.0
 
 
-def _layer_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, weight)`` of every weight the registered layer types name (``"weight"`` for other modules)."""
+def _layer_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """``(key, module, name, weight)`` of every weight the registered layer types name (``"weight"`` for other modules)."""
     for module_name, module in unwrap(model).named_modules():
         layer_type = layer_type_of(module)
         for name in layer_type.weights(module) if layer_type is not None else ("weight",):
             weight = getattr(module, name, None)
             if isinstance(weight, torch.Tensor):
-                yield (f"{module_name}.{name}" if module_name else name), weight
+                yield (f"{module_name}.{name}" if module_name else name), module, name, weight
 
 
 def check_units_left(masks: dict[str, torch.Tensor], model: nn.Module) -> None:
