@@ -350,6 +350,34 @@ def _check_reuse(search: TicketSearch, read: list[float], probes: int) -> list[f
     return [before, *recomputed]
 
 
+class _BufferSnapshot:
+    """Every buffer of ``model`` as it is now; :meth:`restore` puts them all back.
+
+    Eval mode stops BatchNorm from updating its statistics, but not a module
+    that writes its buffers in any mode: a quantization observer
+    (``torch.ao``'s fake-quantize modules keep a running min / max, scale and
+    zero point) would otherwise learn from the probed networks, and training
+    with the search would no longer be bit-identical to training without it.
+    Every buffer is copied back, not only those whose version counter moved:
+    the fused fake-quantize kernel writes its buffers without moving it.
+    Costs a copy of the buffers (usually a small fraction of the weights)
+    there and back per step with fake passes, and no host sync.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.kept = [(module, name, buffer, buffer.detach().clone())
+                     for module in model.modules() for name, buffer in module._buffers.items() if buffer is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, buffer, saved in self.kept:
+                if module._buffers.get(name) is not buffer:  # rebound to a new tensor: put the original back
+                    module._buffers[name] = buffer
+                if buffer.shape != saved.shape:
+                    buffer.resize_(saved.shape)  # an observer that resized its scale (per-channel) in place
+                buffer.copy_(saved)
+
+
 def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """The score on this batch before any reset, and after resetting each layer's subset alone (higher = better).
 
@@ -357,7 +385,9 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     One evaluation of the intact model, then one fake pass per layer (a
     closure is handed the model with the probe's tensors swapped in for the
     call, see :class:`_ClosureCall`). The model's parameters,
-    buffers, train/eval flags and the global RNG are exactly as before the call.
+    buffers (also those a module writes in eval mode, see
+    :class:`_BufferSnapshot`), train/eval flags and the global RNG are
+    exactly as before the call.
 
     Costs one host sync: the L + 1 measurements stay on the model's device
     (averaged there over ranks) and are read back together at the end. One
@@ -378,6 +408,7 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     modes = [(m, m.training) for m in model.modules()]
     device = batch.device(model)
     devices = [device.index or 0] if device.type == "cuda" else []
+    buffers = _BufferSnapshot(model)
     try:
         model.eval()
         reuse = PrefixReuse(model) if search.reuse_activations else None
@@ -430,6 +461,7 @@ def measure(search: TicketSearch, batch: Batch, subsets: dict[str, torch.Tensor]
     finally:
         for module, training in modes:
             module.training = training
+        buffers.restore()
         # torch's prune recomputes ``weight = weight_orig * mask`` in a forward
         # pre-hook and leaves it on the module: after a fake pass that is the
         # probe's value, until the next real forward. Put the real one back.

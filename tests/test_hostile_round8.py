@@ -1,0 +1,49 @@
+"""Defects found in hostile round 8 (plug-ins and unusual models, N:M and solvers, training-loop integration)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bingo
+
+from conftest import train_tiny, tiny_data
+
+
+class _RunningMax(nn.Module):
+    """Keeps the running max |activation| in every mode, as a quantization observer does.
+
+    ``through_data``: the write goes through ``.data``, which (like torch's
+    fused fake-quantize kernel) leaves the buffer's version counter where it was.
+    """
+
+    def __init__(self, through_data: bool) -> None:
+        super().__init__()
+        self.through_data = through_data
+        self.register_buffer("amax", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.amax.data if self.through_data else self.amax
+            target.copy_(torch.maximum(self.amax, x.abs().max()))
+        return x
+
+
+@pytest.mark.parametrize("through_data", [False, True], ids=["in-place", "through-data"])
+@pytest.mark.parametrize("config", [dataclasses.replace(bingo.BINGO_SEARCH, every=1), bingo.SearchConfig(estimator="probe", fraction=0.3, every=1)],
+                         ids=["bingo", "probe"])
+def test_a_module_that_writes_its_buffers_in_eval_mode_is_left_as_training_left_it(through_data, config):
+    def factory():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _RunningMax(through_data), nn.Linear(32, 4))
+
+    data = tiny_data((64, 16), 4)
+    plain, _ = train_tiny(factory, data)
+    searched, search = train_tiny(factory, data, lambda m: bingo.TicketSearch(m, config=config, seed=0))
+    assert search.steps == 12
+    for (name, a), b in zip(plain.state_dict().items(), searched.state_dict().values()):
+        assert torch.equal(a, b), name
