@@ -47,3 +47,27 @@ def test_a_module_that_writes_its_buffers_in_eval_mode_is_left_as_training_left_
     assert search.steps == 12
     for (name, a), b in zip(plain.state_dict().items(), searched.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_an_estimator_cannot_take_a_built_in_estimators_name():
+    class Clash(bingo.estimators.TaylorEstimator):
+        name = "hybrid"
+
+    with pytest.raises(bingo.ConfigError, match=r"^register_estimator: the name 'hybrid' of Clash is a built-in "
+                                                r"estimator's \(built-in: probe, .*hybrid.*\); give Clash another name$"):
+        bingo.register_estimator(Clash)
+    assert bingo.ESTIMATORS["hybrid"] is bingo.estimators.HybridEstimator
+    assert type(bingo.TicketSearch(nn.Linear(4, 2), config=bingo.BINGO_SEARCH).estimator) is bingo.estimators.HybridEstimator
+
+
+def test_a_users_estimator_registered_again_replaces_its_earlier_class():
+    def define():
+        class Mine(bingo.estimators.TaylorEstimator):
+            name = "round8-mine"
+        return bingo.register_estimator(Mine)
+
+    try:
+        first, second = define(), define()  # a notebook cell run twice
+        assert first is not second and bingo.ESTIMATORS["round8-mine"] is second
+    finally:
+        bingo.ESTIMATORS.pop("round8-mine", None)

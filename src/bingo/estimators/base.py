@@ -176,8 +176,22 @@ def register_estimator(cls: type[Estimator]) -> type[Estimator]:
         raise ConfigError(f"{cls.__name__}.name must be a str (the estimator= name), got {type(cls.name).__name__}")
     if not cls.name:
         raise ConfigError(f"{cls.__name__} needs a class attribute 'name' to be registered")
+    taken = ESTIMATORS.get(cls.name)
+    if taken is not None and taken is not cls and _is_builtin(taken):
+        # Replacing a built-in would change what bingo.BINGO_SEARCH and the CLI's methods run, silently.
+        # A user's own name registered again (a notebook cell run twice) replaces the earlier class.
+        builtin = ", ".join(name for name, other in ESTIMATORS.items() if _is_builtin(other))
+        raise ConfigError(
+            f"register_estimator: the name {cls.name!r} of {cls.__name__} is a built-in estimator's (built-in: "
+            f"{builtin}); give {cls.__name__} another name"
+        )
     ESTIMATORS[cls.name] = cls
     return cls
+
+
+def _is_builtin(cls: type[Estimator]) -> bool:
+    """True for the estimators that ship with bingo (defined in the package itself)."""
+    return cls.__module__ == "bingo" or cls.__module__.startswith("bingo.")
 
 
 def get_estimator(name_or_instance: str | Estimator, config: SearchConfig) -> Estimator:
