@@ -71,3 +71,30 @@ def test_a_users_estimator_registered_again_replaces_its_earlier_class():
         assert first is not second and bingo.ESTIMATORS["round8-mine"] is second
     finally:
         bingo.ESTIMATORS.pop("round8-mine", None)
+
+
+@pytest.mark.parametrize("bake", ["make_permanent", "permanent_copy"])
+def test_baking_the_masks_in_keeps_the_parameters_in_their_dense_order(bake):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    dense_order = [name for name, _ in model.named_parameters()]
+    scores = bingo.magnitude_scores(model)
+    scores["0.weight"] = scores["0.weight"].abs().sum(1)  # whole units of the first layer: its bias is masked too
+    bingo.prune(model, scores, sparsity=0.5, scope="layer")
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    if bake == "make_permanent":
+        bingo.make_permanent(model)
+        baked = model
+    else:
+        baked = bingo.masks.permanent_copy(model)
+    assert [name for name, _ in baked.named_parameters()] == dense_order
+    resumed = torch.optim.Adam(baked.parameters(), lr=0.01)
+    resumed.load_state_dict(optimizer.state_dict())  # kept by position: it must fit the baked model's tensors
+    resumed.zero_grad()
+    nn.functional.cross_entropy(baked(x), y).backward()
+    resumed.step()

@@ -363,8 +363,10 @@ def make_permanent(model: nn.Module) -> None:
         for name in masked_names(module):
             shared.setdefault(id(getattr(module, f"{name}_orig")), []).append((module, name))
     for module in model.modules():
+        order = list(module._parameters)
         for name in masked_names(module):
             torch_prune.remove(module, name)
+        _restore_order(module, order)
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for handle_id, hook in list(hooks.items()):
                 if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
@@ -408,6 +410,7 @@ def permanent_copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     net = copy.deepcopy(model, memo)
     for module in net.modules():
+        order = list(module._parameters)
         for name in masked_names(module):
             for handle, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == name:
@@ -416,11 +419,24 @@ def permanent_copy(model: nn.Module) -> nn.Module:
             baked = module._parameters.pop(f"{name}_orig")
             del module._buffers[f"{name}_mask"]
             module.register_parameter(name, baked)
+        _restore_order(module, order)
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for handle_id, hook in list(hooks.items()):
                 if hook in (_detach_masked, _mask_out_proj, _detach_out_proj):
                     del hooks[handle_id]
     return net
+
+
+def _restore_order(module: nn.Module, order: list[str]) -> None:
+    """Put ``module``'s parameters back in ``order`` (its names before the masks were baked in), ``<name>`` where
+    ``<name>_orig`` was: ``prune.remove`` registers the baked parameter last, and an optimizer's state saved from the
+    masked model (kept by position) must still fit the model made permanent."""
+    wanted = [entry[: -len("_orig")] if entry.endswith("_orig") and entry not in module._parameters else entry
+              for entry in order]
+    wanted += [entry for entry in module._parameters if entry not in wanted]
+    parameters = {entry: module._parameters[entry] for entry in wanted if entry in module._parameters}
+    module._parameters.clear()
+    module._parameters.update(parameters)
 
 
 def _mask_keeping_order(module: nn.Module, name: str, mask: torch.Tensor) -> None:
