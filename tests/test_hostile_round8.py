@@ -98,3 +98,32 @@ def test_baking_the_masks_in_keeps_the_parameters_in_their_dense_order(bake):
     resumed.zero_grad()
     nn.functional.cross_entropy(baked(x), y).backward()
     resumed.step()
+
+
+def _pruned_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    bingo.prune(model, bingo.magnitude_scores(model), 0.7)
+    return model
+
+
+@pytest.mark.parametrize("failure", [None, KeyboardInterrupt], ids=["returns-none", "interrupted"])
+def test_an_evaluate_that_fails_after_the_refit_leaves_the_model_as_pruned(failure):
+    model = _pruned_mlp()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    calls = []
+
+    def evaluate(net):
+        calls.append(1)
+        if len(calls) == 1:
+            return 0.5
+        if failure is not None:
+            raise failure
+        return None
+
+    with pytest.raises(KeyboardInterrupt if failure else bingo.ConfigError):
+        bingo.compensate(model, None, torch.randn(500, 16), evaluate=evaluate)
+    assert len(calls) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert torch.equal(model[2].weight, model[2].weight_orig * model[2].weight_mask)

@@ -711,20 +711,21 @@ def compensate(
             module.training = training
     evaluation, undone = None, False
     if evaluate is not None:
-        score_after = evaluate(model)
         try:
-            score_after = float(score_after)  # NaN after the re-fit counts as worse, below
-        except (TypeError, ValueError):
-            check_judgement("compensate", score_after, "after the re-fit")
+            score_after = evaluate(model)
+            try:
+                score_after = float(score_after)  # NaN after the re-fit counts as worse, below
+            except (TypeError, ValueError):
+                check_judgement("compensate", score_after, "after the re-fit")
+        except BaseException:  # an evaluate that fails (or Ctrl-C) judged nothing: the model goes back as pruned
+            _put_back(model, pruned_state)
+            raise
         evaluation = (score_before, score_after)
         # under torch.distributed: undone on every rank if evaluate() said worse on any (each may see its own data);
         # NaN after the re-fit counts as worse
         worse = sum_over_ranks(torch.tensor([float(not score_after >= score_before)], dtype=torch.float64), process_group)
         if float(worse) > 0:
-            with torch.no_grad():
-                for name, value in model.state_dict().items():
-                    value.copy_(pruned_state[name])
-            refresh_masked(model)
+            _put_back(model, pruned_state)
             undone = True
             skipped.append(f"every layer: evaluate() gave {score_after:.6g} after the re-fit, {score_before:.6g} before, "
                            "so the pruned weights were put back (the re-fit aims at the dense outputs, and this pruned "
@@ -739,6 +740,14 @@ def compensate(
                       "(bingo.suggested_calibration_samples) or evaluate=", stacklevel=2)
     return CompensationResult(tuple(fitted), tuple(skipped), before, after, time.perf_counter() - start_time, calls,
                               evaluation, undone, tuple(unchanged), mode_used, layer_calls, used, flops)
+
+
+def _put_back(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every entry of ``model.state_dict()`` (weights, BatchNorm statistics) back to ``state``, the masked weights too."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            value.copy_(state[name])
+    refresh_masked(model)
 
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, when: str) -> float:
