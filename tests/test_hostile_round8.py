@@ -127,3 +127,22 @@ def test_an_evaluate_that_fails_after_the_refit_leaves_the_model_as_pruned(failu
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert torch.equal(model[2].weight, model[2].weight_orig * model[2].weight_mask)
+
+
+@pytest.mark.parametrize("arguments,calibration,message", [
+    ({"solver": "nope"}, None, r"^unknown solver 'nope'; valid choices: auto, exact, sparsegpt, cg, or a Solver instance$"),
+    ({"batchnorm": "bogus"}, None, r"^unknown batchnorm 'bogus'; valid choices: keep, reestimate$"),
+    ({"batch_size": 0}, None, r"^compensate: batch_size must be an integer >= 1, got int 0$"),
+    ({}, torch.randn(256, 19), r"^compensate: the calibration inputs give layer '0' \(Linear\) 19 input features; it takes 20"),
+    ({}, torch.full((256, 20), float("nan")), r"^the calibration inputs hold 5120 non-finite values"),
+], ids=["solver", "batchnorm", "batch-size", "width", "nan"])
+def test_prune_in_steps_checks_what_compensate_needs_before_the_first_prune(arguments, calibration, message):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    calibration = torch.randn(256, 20) if calibration is None else calibration
+    with pytest.raises(bingo.ConfigError, match=message):
+        bingo.prune_in_steps(model, bingo.magnitude_scores(model), 0.5, calibration, steps=2, **arguments)
+    assert bingo.model_sparsity(model) == 0.0
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())

@@ -520,6 +520,35 @@ def _dense_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+def check_compensate_arguments(model: nn.Module, calibration: Calibration, *, reference: nn.Module | None = None,
+                               damping: float = 0.01, batch_size: int = 256, batchnorm: str = "keep",
+                               validation: float = 0.1, evaluate: Callable[[nn.Module], float] | None = None,
+                               solver: str | Solver = "auto", mode: str = "auto"):
+    """Every check :func:`compensate` makes of its arguments before it changes anything, one :class:`ConfigError` each.
+
+    Runs one calibration sample through ``model``. Returns ``(model,
+    reference, batch_size, damping, validation)``, the models unwrapped (the
+    inner module of a DDP wrapper: its forwards need no collectives). Callers
+    that change the model before compensating (:func:`bingo.prune_in_steps`)
+    call it first, so that a bad argument leaves the model as it was.
+    """
+    check_choice("batchnorm", batchnorm, BATCHNORM_CHOICES)
+    check_choice("mode", mode, MODES)
+    get_solver(solver)
+    model = unwrap(check_model("compensate", model))
+    reference = None if reference is None else unwrap(check_model("compensate", reference, "reference"))
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError(f"compensate: evaluate must be a function model -> float (higher = better), got {describe(evaluate)}")
+    _check_calibration(calibration)
+    batch_size = check_positive_int("compensate", "batch_size", batch_size)
+    damping = check_fraction("", "damping", damping)
+    validation = check_fraction("", "validation", validation)
+    if reference is not None:
+        _check_reference(model, reference)
+    _check_model_takes("compensate", model, calibration)  # before anything changes: a failure leaves the model as it was
+    return model, reference, batch_size, damping, validation
+
+
 @cached_masks()  # the calibration passes multiply each masked weight out once, not once per batch
 @_dense_attention()  # the hooks read each layer's inputs as dense tensors
 def compensate(
@@ -592,23 +621,13 @@ def compensate(
         A :class:`CompensationResult`; per-layer errors let you check it helped.
         Masks are unchanged.
     """
-    check_choice("batchnorm", batchnorm, BATCHNORM_CHOICES)
-    check_choice("mode", mode, MODES)
     chosen = get_solver(solver)
-    model = unwrap(check_model("compensate", model))  # the inner module of a DDP wrapper: its forwards need no collectives
-    reference = None if reference is None else unwrap(check_model("compensate", reference, "reference"))
+    model, reference, batch_size, damping, validation = check_compensate_arguments(
+        model, calibration, reference=reference, damping=damping, batch_size=batch_size, batchnorm=batchnorm,
+        validation=validation, evaluate=evaluate, solver=solver, mode=mode)
     if masks is not None and not isinstance(masks, Mapping):
         raise ConfigError(f"compensate: masks must be a dict {{key: bool tensor}} as bingo.prune returns, or None (the "
                           f"masks on the model), got {describe(masks)}")
-    if evaluate is not None and not callable(evaluate):
-        raise ConfigError(f"compensate: evaluate must be a function model -> float (higher = better), got {describe(evaluate)}")
-    _check_calibration(calibration)
-    batch_size = check_positive_int("compensate", "batch_size", batch_size)
-    damping = check_fraction("", "damping", damping)
-    validation = check_fraction("", "validation", validation)
-    if reference is not None:
-        _check_reference(model, reference)
-    _check_model_takes("compensate", model, calibration)  # before anything changes: a failure leaves the model as it was
     start_time = time.perf_counter()
     broadcast_buffers(model, process_group)  # BatchNorm statistics: rank 0's on every rank, as DDP's next forward would make them
     if masks:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .compensation import Calibration, CompensationResult, compensate
+from .compensation import Calibration, CompensationResult, check_compensate_arguments, compensate
 from .errors import ConfigError
 from .masks import current_masks, masked_names
 from .pruning import prune
@@ -130,6 +130,10 @@ def prune_in_steps(
     if reference is None:
         if any(masked_names(module) for module in model.modules()):
             raise ConfigError("prune_in_steps: the model is already pruned; pass reference= (the dense network the re-fits aim at)")
+    # compensate's own checks, before the first prune: a bad solver or calibration must leave the model as it was
+    check_compensate_arguments(model, calibration, reference=reference, solver=solver, batchnorm=batchnorm,
+                               batch_size=batch_size)
+    if reference is None:
         reference = copy.deepcopy(model)
     start = time.perf_counter()
     compensations = []
