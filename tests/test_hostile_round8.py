@@ -146,3 +146,20 @@ def test_prune_in_steps_checks_what_compensate_needs_before_the_first_prune(argu
     assert bingo.model_sparsity(model) == 0.0
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("spacing", [lambda i: 1.0 + i * 1e-12, lambda i: (i + 1) * 1e-50, lambda i: (i + 1) * 1e300],
+                         ids=["closer-than-float32", "below-float32", "above-float32"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_float64_scores_are_ranked_in_float64(spacing, scope):
+    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
+    ordered = spacing(torch.arange(100, dtype=torch.float64)).reshape(10, 10)  # strictly increasing, row-major
+    masks = bingo.prune(model, {"0.weight": ordered, "2.weight": ordered.flip(1).contiguous()}, 0.5, scope=scope)
+    assert masks["0.weight"].reshape(-1).tolist() == [False] * 50 + [True] * 50
+    assert masks["2.weight"].flip(1).reshape(-1).tolist() == [False] * 50 + [True] * 50
+
+
+def test_float64_scores_keep_their_order_inside_n_m_groups():
+    model = nn.Sequential(nn.Linear(8, 1))
+    tiny = (torch.arange(1, 9, dtype=torch.float64) * 1e-50).reshape(1, 8)
+    assert bingo.prune(model, {"0.weight": tiny}, "2:4")["0.weight"].int().tolist() == [[0, 0, 1, 1, 0, 0, 1, 1]]

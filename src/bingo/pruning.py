@@ -24,7 +24,7 @@ from .coupled import prune_coupled
 from .errors import ConfigError, check_choice
 from .layers import unit_axis
 from .masks import apply_masks, check_units_left, current_masks, is_unit_mask, weight_owner
-from .selection import SCOPES, n_m_groups, parse_sparsity, select_masks, select_n_m
+from .selection import SCOPES, n_m_groups, parse_sparsity, ranking_values, select_masks, select_n_m
 
 __all__ = ["AccuracyFloorResult", "largest_passing", "prune", "prune_to_accuracy"]
 
@@ -34,7 +34,7 @@ def _effective_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict
     # sparsity target counts them.
     existing = current_masks(model, scores)
     return {
-        key: torch.where(existing[key], s.detach().float().cpu(), torch.tensor(-math.inf))
+        key: torch.where(existing[key], ranking_values(s, scores.values()), torch.tensor(-math.inf))
         for key, s in scores.items()
     }
 

@@ -76,6 +76,7 @@ __all__ = [
     "parse_sparsity",
     "prune_count",
     "pruning_order",
+    "ranking_values",
     "select_masks",
     "select_n_m",
 ]
@@ -206,12 +207,25 @@ def check_scores_finite(scores: dict[str, torch.Tensor]) -> None:
             raise ConfigError(f"scores of {key!r} contain NaN ({nans} of {values.numel()}): {NAN_CAUSES}")
 
 
+def ranking_values(scores: torch.Tensor, like: object = None) -> torch.Tensor:
+    """``scores`` on the CPU in a dtype that keeps their order: float64 when any of ``like`` (tensors; default:
+    ``scores``) is float64 or an integer type, else float32 (float16 / bfloat16 widen exactly).
+
+    Casting float64 scores to float32 would merge scores closer than float32's
+    resolution, flush tiny ones (squared gradients) to 0 and huge ones to inf:
+    a ranking by ties, decided at random.
+    """
+    tensors = [scores] if like is None else list(like)
+    wide = any(t.dtype == torch.float64 or not t.dtype.is_floating_point for t in tensors)
+    return scores.detach().cpu().to(torch.float64 if wide else torch.float32)
+
+
 def pruning_order(scores: torch.Tensor, generator: int | torch.Generator | None = None) -> torch.Tensor:
     """Flat indices of ``scores``, least significant first, ties in random order.
 
     ``scores`` may have any shape; it is read flattened. NaN scores are refused.
     """
-    flat = scores.detach().reshape(-1).float().cpu()
+    flat = ranking_values(scores.detach().reshape(-1))
     if torch.isnan(flat).any():
         raise ConfigError(f"scores contain NaN: {NAN_CAUSES}")
     shuffle = torch.randperm(flat.numel(), generator=_generator(generator))
@@ -390,7 +404,7 @@ def _select_ranked(
     pruned: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One ranking over all of ``scores`` (by LAMP score with ``lamp``), each tensor's floor last."""
-    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
+    flat = torch.cat([ranking_values(s.reshape(-1), scores.values()) for s in scores.values()])
     gone = None if pruned is None else torch.cat([pruned[key].reshape(-1) for key in scores])
     order = pruning_order(flat, gen)
     if lamp:
@@ -499,7 +513,7 @@ def select_n_m(
     masks = {}
     for key, values in scores.items():
         axis = axes.get(key, 0)
-        groups = n_m_groups(values.detach().float().cpu(), m, axis, key=key)
+        groups = n_m_groups(ranking_values(values), m, axis, key=key)
         gone = groups == -math.inf if pruned is None else n_m_groups(pruned[key], m, axis, key=key)
         shuffle = torch.rand(groups.shape, generator=gen).argsort(dim=-1)  # a random order inside each group
         # least significant first (the pruned ones before all others); ties keep the random order (stable sort)
