@@ -163,3 +163,19 @@ def test_float64_scores_keep_their_order_inside_n_m_groups():
     model = nn.Sequential(nn.Linear(8, 1))
     tiny = (torch.arange(1, 9, dtype=torch.float64) * 1e-50).reshape(1, 8)
     assert bingo.prune(model, {"0.weight": tiny}, "2:4")["0.weight"].int().tolist() == [[0, 0, 1, 1, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("min_sparsity", [0.5, 0.85], ids=["all-converted", "one-converted"])
+def test_model_sparsity_counts_the_layers_to_sparse_converted(min_sparsity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    scores = bingo.magnitude_scores(model)
+    bingo.prune(model, {"0.weight": scores["0.weight"]}, 0.9, scope="layer")
+    bingo.prune(model, {"2.weight": scores["2.weight"]}, 0.75, scope="layer")
+    before = bingo.model_sparsity(model)
+    assert before == pytest.approx((691 + 90) / (768 + 120))  # round(0.9 · 768) and 0.75 · 120
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = bingo.to_sparse(model, choose="always", min_sparsity=min_sparsity)
+    assert len(result.converted) == (2 if min_sparsity == 0.5 else 1)
+    assert bingo.model_sparsity(model) == pytest.approx(before)

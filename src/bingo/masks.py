@@ -533,10 +533,12 @@ def pruned_parameters(model: nn.Module) -> int:
 def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
     """Fraction of zero entries over the weights named by ``keys``.
 
-    Default: every masked weight of two or more dimensions; on a model with
-    no mask (pruned, then :func:`make_permanent` or loaded plain), every
-    weight of two or more dimensions of the registered layer types, so the
-    zeros a prune left still count.
+    Default: every masked weight of two or more dimensions and every sparse
+    one (a :func:`bingo.to_sparse` layer's CSR weight: its entries not
+    stored count as zeros); on a model with no mask (pruned, then
+    :func:`make_permanent` or loaded plain), every weight of two or more
+    dimensions of the registered layer types, so the zeros a prune left
+    still count.
     """
     keys = check_names("model_sparsity", "keys", keys, optional=True)
     if keys is None and not any(masked_names(m) for m in unwrap(model).modules()):
@@ -550,9 +552,11 @@ def model_sparsity(model: nn.Module, keys: list[str] | None = None) -> float:
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        if keys is None and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
+        sparse = weight.layout != torch.strided
+        if keys is None and not sparse and (not hasattr(module, f"{name}_mask") or weight.dim() < 2):
             continue  # by default: masked weight matrices and filters (not a BatchNorm's masked scale)
-        zeros += int((weight == 0).sum())
+        stored = weight.values() if sparse else weight  # a sparse tensor's entries not stored are zeros
+        zeros += weight.numel() - int(stored.count_nonzero())
         total += weight.numel()
     return zeros / total if total else 0.0
 
