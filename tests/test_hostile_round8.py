@@ -179,3 +179,44 @@ def test_model_sparsity_counts_the_layers_to_sparse_converted(min_sparsity):
         result = bingo.to_sparse(model, choose="always", min_sparsity=min_sparsity)
     assert len(result.converted) == (2 if min_sparsity == 0.5 else 1)
     assert bingo.model_sparsity(model) == pytest.approx(before)
+
+
+def _sparse_ready_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    bingo.prune(model, bingo.magnitude_scores(model), 0.8, scope="layer")
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_to_sparse_layer_in_half_precision_computes_on_the_cpu(dtype):
+    model = _sparse_ready_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bingo.to_sparse(model, choose="always")
+    reference = _sparse_ready_mlp()
+    model.to(dtype)
+    x = torch.randn(6, 32)
+    for rows in (x, x[:1]):  # the matrix product and the matrix-vector product
+        out = model(rows.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), reference(rows), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), -1.0, 0.0, "fast", None])
+def test_a_measure_that_returns_no_time_is_refused(seconds):
+    model = _sparse_ready_mlp()
+    with pytest.raises(bingo.ConfigError, match=r"^to_sparse: measure\(module, x\) must return the seconds one call takes "
+                                                r"\(a finite number > 0\), got "):
+        bingo.to_sparse(model, measure=lambda module, x: seconds)
+    assert not any(isinstance(m, bingo.SparseLinear) for m in model.modules())
+
+
+def test_shrink_of_a_to_sparse_model_says_to_shrink_first():
+    model = _sparse_ready_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bingo.to_sparse(model, choose="always")
+    with pytest.raises(bingo.ConfigError, match=r"^shrink: '0', '2' are bingo.to_sparse layers; shrink the masked model "
+                                                r"first, then call bingo.to_sparse on the result$"):
+        bingo.shrink(model, (32,))

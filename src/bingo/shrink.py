@@ -688,7 +688,12 @@ def shrink(
             stats), or ``groups`` are not the model's.
     """
     from .coupled import check_groups, _groups, _remove_zero_channels, _traced_or_explained, is_coupled
+    from .sparse import SparseLinear
 
+    converted = [name for name, module in unwrap(check_model("shrink", model)).named_modules() if isinstance(module, SparseLinear)]
+    if converted:  # their CSR weights have no rows to slice, and their forward is not one torch.fx follows
+        raise ConfigError(f"shrink: {', '.join(map(repr, converted))} {'is' if len(converted) == 1 else 'are'} "
+                          "bingo.to_sparse layers; shrink the masked model first, then call bingo.to_sparse on the result")
     if input_shape is None:
         if groups is not None and is_coupled(check_groups(unwrap(model), groups, "shrink")):
             raise ConfigError("shrink: these groups tie channels of several layers (a residual add); removing them "

@@ -69,8 +69,10 @@ class SparseLinear(nn.Module):
     neither. ``weight`` is the CSR tensor, rebuilt on each access from
     three buffers (``weight_crow_indices``, ``weight_col_indices``,
     ``weight_values``: what ``state_dict`` holds, so a copy, a pickle,
-    ``.to(device)`` and ``.double()`` behave as for any module); ``bias`` is
-    a parameter as in ``nn.Linear``. Nothing trains the weight: it is not a
+    ``.to(device)`` and ``.double()`` behave as for any module; on the CPU,
+    whose CSR kernels take no float16 / bfloat16, ``.half()`` layers compute
+    in float32 and return their own dtype); ``bias`` is a parameter as in
+    ``nn.Linear``. Nothing trains the weight: it is not a
     parameter and gets no gradient.
     """
 
@@ -111,10 +113,16 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"SparseLinear takes inputs shaped (..., {self.in_features}); got {tuple(input.shape)}")
         weight, bias = self.weight, self.bias
         rows = input.reshape(-1, self.in_features)
+        dtype = None
+        if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16):
+            # torch's CPU CSR products have no float16 / bfloat16 kernel: compute in float32, return the layer's dtype
+            dtype, weight, rows = weight.dtype, weight.to(torch.float32), rows.to(torch.float32)
+            bias = None if bias is None else bias.to(torch.float32)
         if rows.shape[0] == 1:  # a matrix-vector product: a kernel of its own
             out = (torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])).unsqueeze(0)
         else:  # W xᵀ: sparse × dense, the product the sparse kernels take
             out = (torch.mm(weight, rows.T) if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows.T)).T
+        out = out if dtype is None else out.to(dtype)
         return out.reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -180,6 +188,15 @@ class SparseResult:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: every field, plus ``converted``."""
         return {**dataclasses.asdict(self), "converted": list(self.converted)}
+
+
+def _seconds(measure: Callable[[nn.Module, torch.Tensor], float], module: nn.Module, x: torch.Tensor) -> float:
+    """``measure(module, x)`` checked to be seconds per call: a finite number > 0 (one-line :class:`ConfigError` else)."""
+    seconds = measure(module, x)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"to_sparse: measure(module, x) must return the seconds one call takes (a finite number > 0), "
+                          f"got {seconds!r}")
+    return float(seconds)
 
 
 def forward_seconds(module: nn.Module, x: torch.Tensor) -> float:
@@ -399,9 +416,9 @@ def to_sparse(
             for form_name in failed:
                 del candidates[form_name], ratios[form_name]
             for _ in range(repeats if candidates and choose == "faster" else 0):
-                base = measure(module, x)
+                base = _seconds(measure, module, x)
                 for form_name, candidate in candidates.items():
-                    ratios[form_name].append(base / max(measure(candidate, x), 1e-12))
+                    ratios[form_name].append(base / _seconds(measure, candidate, x))
         shape = tuple(x.shape)
         if not candidates:
             why = "; ".join(f"{form_name}: {message}" for form_name, message in failed.items())
