@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -220,3 +221,21 @@ def test_shrink_of_a_to_sparse_model_says_to_shrink_first():
     with pytest.raises(bingo.ConfigError, match=r"^shrink: '0', '2' are bingo.to_sparse layers; shrink the masked model "
                                                 r"first, then call bingo.to_sparse on the result$"):
         bingo.shrink(model, (32,))
+
+
+def test_a_second_compensate_after_another_prune_warns_that_its_default_reference_is_the_first_refit():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    calibration = torch.randn(1000, 16)
+    model = copy.deepcopy(dense)
+    bingo.prune(model, bingo.random_scores(model, seed=1), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first compensate after a prune: its default reference is the dense model
+        bingo.compensate(model, None, calibration)
+    bingo.prune(model, bingo.random_scores(model, seed=2), 0.8)
+    with pytest.warns(UserWarning, match=r"^compensate: '0', '2' were re-fitted by an earlier compensate, so the default "
+                                         r"reference .* is that re-fit, not the dense network; pass reference="):
+        bingo.compensate(model, None, calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bingo.compensate(model, None, calibration, reference=dense)  # told the dense model: nothing to warn about

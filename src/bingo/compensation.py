@@ -520,6 +520,10 @@ def _dense_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+#: set on a module whose weight a compensate re-fitted: its ``weight_orig`` no longer holds the dense weights
+_REFITTED = "_bingo_refitted"
+
+
 def check_compensate_arguments(model: nn.Module, calibration: Calibration, *, reference: nn.Module | None = None,
                                damping: float = 0.01, batch_size: int = 256, batchnorm: str = "keep",
                                validation: float = 0.1, evaluate: Callable[[nn.Module], float] | None = None,
@@ -635,6 +639,13 @@ def compensate(
     targets, skipped = _targets_and_skipped(model)
     if not targets and not skipped:
         raise ConfigError(f"{type(model).__name__} has no pruned layer to compensate; prune it first")
+    if reference is None:
+        refitted = [name for name, module in model.named_modules() if getattr(module, _REFITTED, False)]
+        if refitted:  # weight_orig holds that re-fit (its pruned entries zeroed), so the targets are not the dense outputs
+            warnings.warn(f"compensate: {', '.join(map(repr, refitted))} {'was' if len(refitted) == 1 else 'were'} "
+                          "re-fitted by an earlier compensate, so the default reference (the model with its masks "
+                          "lifted) is that re-fit, not the dense network; pass reference=<the dense model> "
+                          "(bingo.prune_in_steps keeps one for you)", stacklevel=3)
     score_before, pruned_state = None, None
     if evaluate is not None:
         score_before = _score(evaluate, model, "before")
@@ -649,6 +660,7 @@ def compensate(
     starts, batches = [start for start, _ in numbered], [batch for _, batch in numbered]
     calls, layer_calls, flops = 0, 0, 0.0
     fitted, before, after, unchanged, used, underdetermined = [], {}, {}, [], {}, []
+    refitted_modules: list[str] = []
     nets = [model] if reference is None else [model, reference]
     modes = [(m, m.training) for net in nets for m in net.modules()]
     mode_used = "per-layer"
@@ -679,6 +691,7 @@ def compensate(
                 return
             refresh_masked(model)
             fitted.append(target.key)
+            refitted_modules.append(target.module_name)
             if not held_out and fit["design_rows"] < fit["inputs"]:  # fewer equations than unknowns, and no check
                 underdetermined.append(f"{target.key} ({fit['design_rows']} rows for {fit['inputs']} inputs)")
             before[target.key] = fit["error"] / max(fit["rows"], 1)
@@ -750,6 +763,9 @@ def compensate(
                            "so the pruned weights were put back (the re-fit aims at the dense outputs, and this pruned "
                            "model does better than that on the data evaluate() sees)")
             after = dict(before)
+    if not undone:
+        for name in refitted_modules:  # remembered for the next compensate's default reference (above)
+            setattr(model.get_submodule(name), _REFITTED, True)
     if skipped:
         warnings.warn("compensate left some weights as they were: " + "; ".join(skipped), stacklevel=2)
     if underdetermined:  # the held-out check that would undo an overfit was off: say what it could not catch
