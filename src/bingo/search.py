@@ -141,7 +141,9 @@ def _batch(inputs_or_closure: Any, targets: Any) -> Batch:
             "first dimension is the batch; or pass a closure, search.step(lambda model: loss)"
         )
     if sizes[0] == 0:
-        raise ConfigError("search.step got an empty batch; skip the call (an empty batch has no loss to measure)")
+        raise ConfigError("search.step got an empty batch; skip the call (an empty batch has no loss to measure; under "
+                          "torch.distributed every rank must call it at every step: drop the empty batch on every rank, "
+                          "e.g. drop_last=True)")
     if sizes[0] != sizes[1]:
         raise ConfigError(
             f"search.step got {sizes[0]} inputs but {sizes[1]} targets (the first dimension of each); pass the batch just "
