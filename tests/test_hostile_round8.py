@@ -239,3 +239,29 @@ def test_a_second_compensate_after_another_prune_warns_that_its_default_referenc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bingo.compensate(model, None, calibration, reference=dense)  # told the dense model: nothing to warn about
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"gradual": 5}, r"^gradual must be \(start_step, end_step\), two whole numbers of optimizer steps, got int 5$"),
+    ({"gradual": (0, 10, 3)}, r"^gradual must be \(start_step, end_step\), .* got tuple \(0, 10, 3\)$"),
+    ({"gradual": (10, 2)}, r"^the sparsity schedule needs 0 <= start step <= end step, got 10 and 2$"),
+    ({"gradual": (0, 10), "frequency": 0}, r"^the sparsity schedule's frequency must be a whole number of steps >= 1, got 0$"),
+    ({"gradual": (0, 10), "calibration": torch.randn(8, 16)}, r"^gradual pruning compensates nothing"),
+    ({"calibration": "x_train"}, r"^compensate needs calibration inputs"),
+], ids=["int", "triple", "backwards", "frequency", "calibration-with-gradual", "calibration-str"])
+def test_the_training_session_checks_its_arguments_when_built(arguments, message):
+    from bingo.integrations.session import PruneAfterTraining
+
+    with pytest.raises(bingo.ConfigError, match=message):
+        PruneAfterTraining(0.5, **arguments)
+
+
+def test_calibration_the_model_cannot_take_is_refused_before_training():
+    from bingo.integrations.session import PruneAfterTraining
+
+    session = PruneAfterTraining(0.5, calibration=torch.randn(16, 7))
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(bingo.ConfigError, match=r"^compensate: the calibration inputs give layer '0' \(Linear\) 7 input "
+                                                r"features; it takes 16"):
+        session.start(model)
+    assert session.search is None

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compensation import CompensationResult, compensate
+from ..checks import describe
+from ..compensation import CompensationResult, _check_calibration, _check_model_takes, compensate
+from ..distributed import unwrap
 from ..errors import ConfigError, check_choice
 from ..masks import current_masks, masked_names, put_masks_from_state, refresh_masked
 from ..pruning import AccuracyFloorResult, prune, prune_to_accuracy
-from ..schedule import SparsityScheduler
+from ..schedule import SparsityScheduler, _check_steps
 from ..scoring import MAGNITUDE_WEIGHT, bingo_scores, check_magnitude_weight
 from ..search import BINGO_SEARCH, SearchConfig, TicketSearch
 from ..selection import SCOPES, parse_sparsity
@@ -87,7 +89,11 @@ class PruneAfterTraining:
             training ends before ``end_step`` (fewer steps than planned, early
             stopping), :meth:`finish` prunes the rest at once
             (:meth:`bingo.SparsityScheduler.finish`), so the model always ends at
-            ``sparsity``. Needs ``sparsity``; nothing is compensated (training adapts).
+            ``sparsity``. Needs ``sparsity``; nothing is compensated (training
+            adapts), so ``calibration`` is refused beside it.
+
+    Every argument is checked when the session is built; whether the model
+    takes ``calibration`` is checked at :meth:`start`, before training.
 
     Shaped like an optimizer: :meth:`start` with the model before training,
     :meth:`step` after every optimizer step, :meth:`finish` at the end,
@@ -123,6 +129,16 @@ class PruneAfterTraining:
             raise ConfigError(f"search must be a SearchConfig, got {type(search).__name__}")
         if gradual is not None and sparsity is None:
             raise ConfigError("gradual pruning needs the target: give sparsity= (an accuracy floor needs a prune after training)")
+        if gradual is not None:  # checked now, not when training starts
+            if not isinstance(gradual, (tuple, list)) or len(gradual) != 2:
+                raise ConfigError(f"gradual must be (start_step, end_step), two whole numbers of optimizer steps, got "
+                                  f"{describe(gradual)}")
+            _check_steps(gradual[0], gradual[1], frequency)
+            if calibration is not None:
+                raise ConfigError("gradual pruning compensates nothing (training adapts to the masks): leave out "
+                                  "calibration=, or prune once after training (no gradual=) to compensate")
+        if calibration is not None:  # its shape and values now; whether the model takes it at start()
+            _check_calibration(calibration)
         self.gradual, self.frequency = gradual, frequency
         self.scheduler: SparsityScheduler | None = None
         self.sparsity, self.min_accuracy, self.max_accuracy_drop = sparsity, min_accuracy, max_accuracy_drop
@@ -140,6 +156,8 @@ class PruneAfterTraining:
     def start(self, model: nn.Module) -> TicketSearch:
         """Attach the search to ``model`` (before its first optimizer step: θ0 is read now), or restore it."""
         if self.search is None or self.search.model is not model:
+            if self.calibration is not None:  # before training, not after it, when the prune has already happened
+                _check_model_takes("compensate", unwrap(model), self.calibration)
             self.search = TicketSearch(model, config=self.search_config)
             if self.gradual is not None:
                 start_step, end_step = self.gradual
