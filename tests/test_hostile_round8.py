@@ -265,3 +265,121 @@ def test_calibration_the_model_cannot_take_is_refused_before_training():
                                                 r"features; it takes 16"):
         session.start(model)
     assert session.search is None
+
+
+class _Transposed(nn.Module):
+    """``x @ W + b`` with ``W`` stored (in × out): its units are the columns."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def _with_layer_type(layer_type, test):
+    from bingo.layer_types import LAYER_TYPES, register_layer_type
+
+    instance = register_layer_type(layer_type())
+    try:
+        test()
+    finally:
+        LAYER_TYPES.remove(instance)
+
+
+def _transposed_net():
+    torch.manual_seed(0)
+    return nn.Sequential(_Transposed(8, 16), nn.ReLU(), _Transposed(16, 3))
+
+
+def test_a_layer_type_whose_unit_axis_is_not_an_axis_gets_a_config_error():
+    from bingo.layer_types import LayerType
+
+    class BadAxis(LayerType):
+        name, module_type = "bad-axis", _Transposed
+
+        def unit_axis(self, module, name):
+            return 5
+
+    def test():
+        for call in (lambda: bingo.TicketSearch(_transposed_net(), granularity="neuron"),
+                     lambda: bingo.magnitude_scores(_transposed_net(), granularity="neuron")):
+            with pytest.raises(bingo.ConfigError, match=r"^layer type 'bad-axis': unit_axis\(_Transposed, 'weight'\) must "
+                                                        r"be an axis of the weight, 0 to 1 \(shape \(8, 16\)\), got 5$"):
+                call()
+
+    _with_layer_type(BadAxis, test)
+
+
+def test_a_refit_design_of_the_wrong_width_names_the_layer():
+    from bingo.layer_types import LayerType, Refit
+
+    class BadDesign(LayerType):
+        name, module_type = "bad-design", _Transposed
+
+        def unit_axis(self, module, name):
+            return 1
+
+        def refits(self, module, name):
+            return [Refit(rows=slice(None), design=lambda module, args, kwargs, output: args[0][:, :3])]
+
+    def test():
+        model = _transposed_net()
+        bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+        with pytest.raises(bingo.ConfigError, match=r"^compensate: the design of '0.weight' \(layer type 'bad-design'\) "
+                                                    r"has shape \(64, 3\); a Refit's design must be \(rows, 8\)"):
+            bingo.compensate(model, None, torch.randn(64, 8))
+
+    _with_layer_type(BadDesign, test)
+
+
+def test_shrink_says_when_a_layer_type_cannot_rebuild_a_layer_with_dead_units():
+    from bingo.layer_types import LayerType
+
+    class Columns(LayerType):
+        name, module_type = "columns", _Transposed
+
+        def unit_axis(self, module, name):
+            return 1
+
+    def test():
+        model = _transposed_net()
+        scores = {key: value.abs().sum(0) for key, value in bingo.magnitude_scores(model).items()}  # one per column
+        bingo.prune(model, scores, 0.5, scope="layer")
+        with pytest.warns(UserWarning, match=r"^shrink: '0.weight', '2.weight' have whole units pruned, but no layer "
+                                             r"type rebuilds such a layer smaller"):
+            shrunk = bingo.shrink(model, (8,))
+        assert shrunk[0].weight.shape == (8, 16)
+
+    _with_layer_type(Columns, test)
+
+
+def test_an_estimator_that_scores_the_wrong_layers_or_shapes_gets_a_config_error():
+    class Partial(bingo.Estimator):
+        name = "round8-partial"
+
+        def __init__(self, scores):
+            super().__init__()
+            self.scores = scores
+
+        def observe(self, batch):
+            return {}
+
+        def raw_scores(self, rule):
+            return self.scores
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    cases = [
+        ({"0.weight": torch.rand(16, 8)}, r"must score exactly the search's layers \(0.weight, 2.weight\); missing 2.weight$"),
+        ({"0.weight": torch.rand(16, 8), "2.weight": torch.rand(3, 16), "x": torch.rand(1)}, r"not scored by the search x$"),
+        ({"0.weight": torch.rand(5), "2.weight": torch.rand(3, 16)}, r"raw_scores\['0.weight'\] must have the layer's unit "
+                                                                     r"shape \(16, 8\), got \(5,\)$"),
+    ]
+    for scores, message in cases:
+        search = bingo.TicketSearch(model, estimator=Partial(scores))
+        search.step(x, y)
+        with pytest.raises(bingo.ConfigError, match=r"^estimator 'round8-partial': .*" + message):
+            search.significance()

@@ -838,6 +838,14 @@ def _wanted(dense: nn.Module, target: _Target, designs: Designs) -> list[list[to
     dense_weight, dense_bias = _parameters(dense, target, masked=False)
     wanted = []
     for _, xs in designs:
+        for x, refit in zip(xs, target.refits):  # a layer type's own design hook, checked where a wrong one would fail
+            if x is not None and (x.dim() != 2 or x.shape[1] != dense_weight.shape[1]):
+                module = dense.get_submodule(target.module_name) if target.module_name else dense
+                kind = layer_type_of(module)
+                raise ConfigError(f"compensate: the design of {target.key!r} (layer type "
+                                  f"{kind.name if kind else type(module).__name__!r}) has shape {tuple(x.shape)}; a "
+                                  f"Refit's design must be (rows, {dense_weight.shape[1]}), one column per input of "
+                                  "the weight's unit matrix")
         wanted.append([None if x is None else _affine(x.float(), dense_weight.float(), None if dense_bias is None else dense_bias.float(), r)
                        for x, r in zip(xs, target.refits)])
     return wanted

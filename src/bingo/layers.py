@@ -290,7 +290,16 @@ def weight_of(module: nn.Module, key: str = "weight") -> torch.Tensor:
 def unit_axis(module: nn.Module, key: str = "weight") -> int:
     """The axis of weight ``key`` that indexes units (its layer type's; 0 for a module no type handles)."""
     layer_type = layer_type_of(module)
-    return 0 if layer_type is None else layer_type.unit_axis(module, parameter_name(key))
+    if layer_type is None:
+        return 0
+    axis = layer_type.unit_axis(module, parameter_name(key))
+    weight = getattr(module, parameter_name(key), None)
+    dims = weight.dim() if isinstance(weight, torch.Tensor) else None
+    if isinstance(axis, bool) or not isinstance(axis, int) or (dims is not None and not 0 <= axis < dims):
+        raise ConfigError(f"layer type {layer_type.name!r}: unit_axis({type(module).__name__}, {parameter_name(key)!r}) "
+                          f"must be an axis of the weight, 0 to {dims - 1 if dims else 0} (shape "
+                          f"{tuple(weight.shape) if dims is not None else '?'}), got {axis!r}")
+    return axis
 
 
 def has_units(module: nn.Module, key: str = "weight") -> bool:

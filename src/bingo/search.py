@@ -331,7 +331,7 @@ class TicketSearch:
                           f"value ({unprobed!r}); call search.step(x, y) after every optimizer.step()", stacklevel=2)
         for note in self.estimator.notes():
             warnings.warn(note, stacklevel=2)
-        raw = self.estimator.raw_scores(rule)
+        raw = self._checked_raw_scores(rule)
         if not self.estimator.in_unit_range(rule):
             known_values = [score[~score.isnan()] for score in raw.values()]
             values = torch.cat([v.reshape(-1).double() for v in known_values])
@@ -350,6 +350,29 @@ class TicketSearch:
                 fill = math.nan
             scores[key] = torch.where(known, score, torch.full_like(score, fill)).float()
         return scores
+
+    def _checked_raw_scores(self, rule: str) -> dict[str, torch.Tensor]:
+        """The estimator's :meth:`~bingo.Estimator.raw_scores`, checked: one tensor of :meth:`unit_shape` per scored layer.
+
+        An estimator (a user's own, typically) that leaves a layer out or
+        shapes it wrongly gets a one-line :class:`ConfigError` here, rather
+        than a prune that silently skips the layer or fails far from the cause.
+        """
+        raw = self.estimator.raw_scores(rule)
+        name = f"estimator {self.estimator.name or type(self.estimator).__name__!r}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: raw_scores must return {{layer key: tensor}}, got {type(raw).__name__}")
+        missing, extra = [k for k in self.layers if k not in raw], [k for k in raw if k not in self.layers]
+        if missing or extra:
+            raise ConfigError(f"{name}: raw_scores must score exactly the search's layers ({', '.join(self.layers)}); "
+                              + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                                           f"not scored by the search {', '.join(extra)}" if extra else "") if part))
+        for key, score in raw.items():
+            if not isinstance(score, torch.Tensor) or score.shape != self.unit_shape(key):
+                got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+                raise ConfigError(f"{name}: raw_scores[{key!r}] must have the layer's unit shape "
+                                  f"{tuple(self.unit_shape(key))}, got {got}")
+        return raw
 
     def state_dict(self) -> dict:
         """Everything needed to resume: config, θ0, step count, RNG state and the estimator's state."""

@@ -81,9 +81,9 @@ from .checks import check_model
 from .errors import BingoError, ConfigError
 from .distributed import unwrap
 from .inputs import ExampleInputs, as_shape, check_runs, example_inputs
-from .layer_types import layer_type_of
+from .layer_types import layer_type_of, unit_matrix
 from .layers import attention_inputs, unit_axis
-from .masks import masked_value, permanent_copy
+from .masks import masked_names, masked_value, permanent_copy
 
 __all__ = ["count_flops", "count_parameters", "is_shrunk", "mark_shrunk", "shrink"]
 
@@ -413,6 +413,23 @@ def _function_apply(node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda c: node.target(c, *rest, **kwargs)
 
 
+def _warn_unshrinkable(model: nn.Module) -> None:
+    """Warn about masked weights with whole units pruned whose layer type cannot be rebuilt smaller: they stay as they are."""
+    kept = []
+    for module_name, module in model.named_modules():
+        layer_type = layer_type_of(module)
+        if layer_type is None or layer_type.shrinkable:
+            continue
+        for name in masked_names(module):
+            mask = getattr(module, f"{name}_mask")
+            if mask.dim() >= 2 and not bool(unit_matrix(mask, unit_axis(module, name)).any(dim=1).all()):
+                kept.append(f"{module_name}.{name}" if module_name else name)
+    if kept:
+        warnings.warn(f"shrink: {', '.join(map(repr, kept))} {'has' if len(kept) == 1 else 'have'} whole units pruned, "
+                      "but no layer type rebuilds such a layer smaller (LayerType.shrinkable is False): it stays its "
+                      "size, masked", stacklevel=3)
+
+
 def _classify(node: fx.Node, model: nn.Module) -> _Step:
     if node.op == "call_module":
         module = model.get_submodule(node.target)
@@ -694,6 +711,7 @@ def shrink(
     if converted:  # their CSR weights have no rows to slice, and their forward is not one torch.fx follows
         raise ConfigError(f"shrink: {', '.join(map(repr, converted))} {'is' if len(converted) == 1 else 'are'} "
                           "bingo.to_sparse layers; shrink the masked model first, then call bingo.to_sparse on the result")
+    _warn_unshrinkable(unwrap(model))
     if input_shape is None:
         if groups is not None and is_coupled(check_groups(unwrap(model), groups, "shrink")):
             raise ConfigError("shrink: these groups tie channels of several layers (a residual add); removing them "
