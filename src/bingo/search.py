@@ -364,9 +364,10 @@ class TicketSearch:
             raise ConfigError(f"{name}: raw_scores must return {{layer key: tensor}}, got {type(raw).__name__}")
         missing, extra = [k for k in self.layers if k not in raw], [k for k in raw if k not in self.layers]
         if missing or extra:
+            wrong = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"not scored by the search {', '.join(extra)}"] if extra else [])
             raise ConfigError(f"{name}: raw_scores must score exactly the search's layers ({', '.join(self.layers)}); "
-                              + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
-                                                           f"not scored by the search {', '.join(extra)}" if extra else "") if part))
+                              + "; ".join(wrong))
         for key, score in raw.items():
             if not isinstance(score, torch.Tensor) or score.shape != self.unit_shape(key):
                 got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
