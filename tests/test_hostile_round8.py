@@ -383,3 +383,18 @@ def test_an_estimator_that_scores_the_wrong_layers_or_shapes_gets_a_config_error
         search.step(x, y)
         with pytest.raises(bingo.ConfigError, match=r"^estimator 'round8-partial': .*" + message):
             search.significance()
+
+
+def test_the_fake_passes_leave_the_pruning_masks_untouched():
+    # the masks are as large as their weights: copying them there and back on every step with fake passes is waste
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _RunningMax(through_data=True), nn.Linear(32, 4))
+    bingo.prune(model, bingo.magnitude_scores(model), 0.5)
+    search = bingo.TicketSearch(model, config=dataclasses.replace(bingo.BINGO_SEARCH, every=1), seed=0)
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    masks = {name: (buffer, buffer._version) for name, buffer in model.named_buffers() if name.endswith("_mask")}
+    amax = model[2].amax.clone()
+    search.step(x, y)
+    assert all(buffer._version == version for buffer, version in masks.values())
+    assert torch.equal(model[2].amax, amax)  # the observer's write still undone

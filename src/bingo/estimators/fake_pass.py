@@ -30,7 +30,7 @@ from ..checks import describe
 from ..errors import BingoError, ConfigError
 from ..distributed import average_over_ranks
 from ..layers import bias_name_of, weight_of, weight_parameter_name
-from ..masks import refresh_masked
+from ..masks import masked_names, refresh_masked
 from .reuse import PrefixReuse, shared_tensors
 
 if TYPE_CHECKING:
@@ -361,12 +361,17 @@ class _BufferSnapshot:
     Every buffer is copied back, not only those whose version counter moved:
     the fused fake-quantize kernel writes its buffers without moving it.
     Costs a copy of the buffers (usually a small fraction of the weights)
-    there and back per step with fake passes, and no host sync.
+    there and back per step with fake passes, and no host sync. The pruning
+    masks (``<name>_mask``, as large as their weights) are left out: only
+    their pruning hook reads them, and it never writes them.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.kept = [(module, name, buffer, buffer.detach().clone())
-                     for module in model.modules() for name, buffer in module._buffers.items() if buffer is not None]
+        self.kept = []
+        for module in model.modules():
+            masks = {f"{name}_mask" for name in masked_names(module)}
+            self.kept += [(module, name, buffer, buffer.detach().clone())
+                          for name, buffer in module._buffers.items() if buffer is not None and name not in masks]
 
     def restore(self) -> None:
         with torch.no_grad():
